@@ -1,0 +1,54 @@
+"""ControllerConfig: every path and knob, with the defaults of design.md."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_CNI_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
+# Pod user namespaces are handed 65536-id ranges from here; 0-65535 always stays with the host.
+DEFAULT_IDMAP_POOL_START = 1 << 20
+DEFAULT_IDMAP_POOL_SIZE = 1 << 30
+
+
+class ControllerConfig(BaseModel):
+    """Where a controller keeps its state and which runtime and network it uses.
+
+    Every path can be set, so several controllers (and the tests) can run side by side without
+    touching each other or the defaults.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state_dir: str = "/var/lib/podfsm"
+    run_dir: str = "/run/podfsm"
+    netns_dir: str = "/run/netns"
+    runtime: Literal["runc", "crun"] = "runc"
+    runtime_binary: str | None = None  # default: found on PATH
+    pause_binary: str = "/usr/bin/catatonit"
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_bin_dirs: tuple[str, ...] = DEFAULT_CNI_BIN_DIRS
+    #: used when cni_conf_dir holds no network: a shipped bridge network with these names
+    default_network_name: str = "podfsm"
+    default_bridge: str = "podfsm0"
+    default_subnet: str = "10.209.0.0/16"
+    idmap_pool_start: int = Field(default=DEFAULT_IDMAP_POOL_START, ge=65536)
+    idmap_pool_size: int = Field(default=DEFAULT_IDMAP_POOL_SIZE, ge=65536)
+    #: namespace worker subprocesses
+    workers: int = Field(default=2, ge=1, le=64)
+    #: sandboxes doing system work at once
+    max_parallel: int = Field(default=16, ge=1)
+    #: seconds an unwinding may take before it gives up (and reports what is left)
+    unwind_timeout: float = Field(default=30.0, gt=0)
+    #: seconds to wait for the pause task to exit after SIGTERM before SIGKILL
+    stop_grace: float = Field(default=2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _absolute(self) -> ControllerConfig:
+        for name in ("state_dir", "run_dir", "netns_dir", "cni_conf_dir", "pause_binary"):
+            value = getattr(self, name)
+            if not os.path.isabs(value):
+                raise ValueError(f"{name} must be an absolute path, got {value!r}")
+        return self

@@ -1,0 +1,76 @@
+"""Errors raised by podfsm. Each one names the problem in words a node operator understands."""
+
+from __future__ import annotations
+
+
+class PodfsmError(Exception):
+    """Base class of every error podfsm raises on purpose."""
+
+
+class InvalidPodConfig(PodfsmError, ValueError):
+    """The pod config was refused before anything was created on the system."""
+
+
+class NameReserved(PodfsmError):
+    """A sandbox with the same metadata name, namespace and attempt already exists."""
+
+    def __init__(self, name: str, existing_id: str) -> None:
+        super().__init__(f"pod sandbox name {name!r} is reserved for sandbox {existing_id}")
+        self.name = name
+        self.existing_id = existing_id
+
+
+class SandboxNotFound(PodfsmError, KeyError):
+    """No sandbox with that id is known to this controller."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(sandbox_id)
+        self.sandbox_id = sandbox_id
+
+    def __str__(self) -> str:
+        return f"pod sandbox {self.sandbox_id!r} not found"
+
+
+class IllegalTransition(PodfsmError):
+    """A trigger was fired in a state whose table has no such transition."""
+
+    def __init__(self, state: str, trigger: str) -> None:
+        super().__init__(f"trigger {trigger!r} is not allowed in state {state}")
+        self.state = state
+        self.trigger = trigger
+
+
+class PrerequisiteMissing(PodfsmError):
+    """Something podfsm needs on the host is missing (a binary, a plugin, root)."""
+
+
+class StepFailed(PodfsmError):
+    """A step that touches the system failed. Carries the step name and the cause's message."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.message = message
+
+
+class SandboxRunError(PodfsmError):
+    """run_sandbox failed: says which step failed and, if unwinding failed too, what is left."""
+
+    def __init__(self, step: str, cause: BaseException, leftovers: list[str]) -> None:
+        msg = f"run_sandbox failed at step {step!r}: {cause}"
+        if leftovers:
+            msg += "; unwinding failed too, left on the system: " + "; ".join(leftovers)
+        else:
+            msg += "; everything done was unwound"
+        super().__init__(msg)
+        self.step = step
+        self.cause = cause
+        self.leftovers = leftovers
+
+
+class ControllerLocked(PodfsmError):
+    """Another controller already owns this state directory."""
+
+
+class StateDirError(PodfsmError):
+    """The state directory cannot be written (missing, read-only, full)."""

@@ -1,0 +1,169 @@
+"""Records: what podfsm knows about each sandbox, persisted, and what it reports.
+
+Frozen pydantic models with no I/O. A SandboxRecord is written to the store before and after
+every step that touches the system (see `pending`), so a restart knows what may be half done.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from podfsm.core.spec import IDMapping, PodSandboxConfig
+from podfsm.core.states import State
+
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PinnedNamespaces(_Frozen):
+    """What the namespace layer created and pinned. Paths are None when not created."""
+
+    netns_path: str | None = None
+    userns_path: str | None = None
+    netns_inode: int | None = None
+    userns_inode: int | None = None
+    #: inode of the user namespace that owns the netns (NS_GET_USERNS on the pinned netns)
+    netns_owner_inode: int | None = None
+
+
+class NetworkInterface(_Frozen):
+    name: str
+    mac: str = ""
+    sandbox: str = ""
+
+
+class NetworkResult(_Frozen):
+    """What CNI ADD returned, kept so status and teardown never depend on re-running it."""
+
+    network_name: str
+    ifname: str = "eth0"
+    ip: str = ""
+    additional_ips: list[str] = Field(default_factory=list)
+    interfaces: list[NetworkInterface] = Field(default_factory=list)
+    raw: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskInfo(_Frozen):
+    """The pause task. `start_time` (clock ticks since boot, /proc/<pid>/stat field 22) tells
+    the same process from a reused pid."""
+
+    pid: int
+    start_time: int
+
+
+class HistoryEntry(_Frozen):
+    source: str
+    dest: str
+    trigger: str
+    at: datetime
+    error: str | None = None
+
+
+class TransitionEvent(_Frozen):
+    """One move of one sandbox's state machine, as streamed by Controller.events()."""
+
+    seq: int = 0
+    sandbox_id: str
+    source: str
+    dest: str
+    trigger: str
+    at: datetime
+    error: str | None = None
+
+
+class SandboxRecord(_Frozen):
+    """Everything persisted about one sandbox."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    config: PodSandboxConfig
+    state: State = State.UNKNOWN
+    created_at: datetime
+    #: the step that was about to touch the system when the record was written, if any
+    pending: str | None = None
+    runtime: str
+    uid_mapping: IDMapping | None = None
+    gid_mapping: IDMapping | None = None
+    #: True when the id range was allocated by podfsm (and must be freed on remove)
+    allocated_ids: bool = False
+    planned_netns_path: str | None = None
+    planned_userns_path: str | None = None
+    namespaces: PinnedNamespaces | None = None
+    network: NetworkResult | None = None
+    container_created: bool = False
+    bundle_path: str | None = None
+    task: TaskInfo | None = None
+    exit_status: int | None = None
+    finished_at: datetime | None = None
+    last_error: str | None = None
+    #: what a failed unwinding could not remove
+    leftovers: list[str] = Field(default_factory=list)
+    history: list[HistoryEntry] = Field(default_factory=list)
+
+    def evolve(self, **changes: Any) -> SandboxRecord:
+        """A copy with `changes` applied (validated)."""
+        data = self.model_dump()
+        data.update(changes)
+        return SandboxRecord.model_validate(data)
+
+
+class SandboxStatus(_Frozen):
+    """What status, list and the faces report about a sandbox."""
+
+    id: str
+    name: str
+    namespace: str
+    uid: str
+    attempt: int
+    state: State
+    created_at: datetime
+    runtime: str
+    pid: int | None
+    netns_path: str | None
+    userns_path: str | None
+    ip: str
+    additional_ips: list[str]
+    uid_mappings: list[IDMapping]
+    gid_mappings: list[IDMapping]
+    exit_status: int | None
+    finished_at: datetime | None
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    last_error: str | None
+    leftovers: list[str]
+    history: list[HistoryEntry]
+
+    @classmethod
+    def from_record(cls, rec: SandboxRecord) -> SandboxStatus:
+        ns = rec.namespaces
+        md = rec.config.metadata
+        return cls(
+            id=rec.id,
+            name=md.name,
+            namespace=md.namespace,
+            uid=md.uid,
+            attempt=md.attempt,
+            state=rec.state,
+            created_at=rec.created_at,
+            runtime=rec.runtime,
+            pid=rec.task.pid if rec.task else None,
+            netns_path=(ns.netns_path if ns else None) or rec.planned_netns_path,
+            userns_path=(ns.userns_path if ns else None) or rec.planned_userns_path,
+            ip=rec.network.ip if rec.network else "",
+            additional_ips=list(rec.network.additional_ips) if rec.network else [],
+            uid_mappings=[rec.uid_mapping] if rec.uid_mapping else [],
+            gid_mappings=[rec.gid_mapping] if rec.gid_mapping else [],
+            exit_status=rec.exit_status,
+            finished_at=rec.finished_at,
+            labels=dict(rec.config.labels),
+            annotations=dict(rec.config.annotations),
+            last_error=rec.last_error,
+            leftovers=list(rec.leftovers),
+            history=list(rec.history),
+        )

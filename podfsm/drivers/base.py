@@ -1,0 +1,149 @@
+"""The small interfaces between the orchestrator and the system.
+
+The orchestrator (podfsm.controller) talks to the world only through these Protocols. Real
+drivers live beside this module; fakes for unit tests live in tests/fakes.py, and a contract test
+runs the same behaviour against both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from podfsm.core.records import NetworkResult, PinnedNamespaces, SandboxRecord, TaskInfo
+from podfsm.core.spec import IDMapping, PortMapping
+
+
+@dataclass(frozen=True)
+class NamespaceRequest:
+    """What to create for one sandbox.
+
+    userns_path None: the pod stays in the host user namespace (mode NODE).
+    netns_path None: the pod uses the host network namespace (network NODE).
+    With both set, the netns is created INSIDE the new user namespace (owned by it).
+    """
+
+    sandbox_id: str
+    netns_path: str | None
+    userns_path: str | None
+    uid_mapping: IDMapping | None = None
+    gid_mapping: IDMapping | None = None
+
+
+class NamespaceDriver(Protocol):
+    async def start(self) -> None:
+        """Start the worker pool. Called once by the controller."""
+
+    async def close(self) -> None:
+        """Stop the worker pool. Pinned namespaces stay pinned."""
+
+    async def create(self, req: NamespaceRequest) -> PinnedNamespaces:
+        """Create, pin and verify. On failure nothing of this request is left pinned."""
+
+    async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
+        """Unpin both (MNT_DETACH + unlink). Idempotent: missing pins are not an error."""
+
+
+@dataclass(frozen=True)
+class NetworkRequest:
+    sandbox_id: str  # used as CNI_CONTAINERID
+    netns_path: str | None  # None or missing: DEL still releases the address
+    pod_name: str = ""
+    pod_namespace: str = ""
+    pod_uid: str = ""
+    ifname: str = "eth0"
+    port_mappings: tuple[PortMapping, ...] = ()
+
+
+@dataclass(frozen=True)
+class InterfaceInfo:
+    """An interface as read back from inside the pod's netns."""
+
+    name: str
+    mac: str
+    addresses: tuple[str, ...] = field(default_factory=tuple)  # "10.x.y.z/24"
+    up: bool = False
+
+
+class NetworkDriver(Protocol):
+    network_name: str
+
+    async def attach(self, req: NetworkRequest) -> NetworkResult:
+        """CNI ADD through the conflist's plugins, prevResult chained. Raises StepFailed with
+        the plugin's own message on failure (and has already run DEL for what it added)."""
+
+    async def check(self, req: NetworkRequest, result: NetworkResult) -> None:
+        """CNI CHECK; raises StepFailed if the attachment is not as the result says."""
+
+    async def detach(self, req: NetworkRequest, result: NetworkResult | None) -> None:
+        """CNI DEL in reverse order. Idempotent; succeeds when the netns is already gone."""
+
+    async def interfaces(self, netns_path: str) -> list[InterfaceInfo]:
+        """Read the pod's interfaces and addresses from its pinned netns (pyroute2, flags=0)."""
+
+    async def reserved_container_ids(self) -> set[str]:
+        """Container ids holding an address in this network's IPAM store (for orphan GC)."""
+
+
+@dataclass(frozen=True)
+class PauseRequest:
+    """Everything needed to generate the pause container's config.json (see core.ocispec)."""
+
+    container_id: str
+    hostname: str
+    netns_path: str | None
+    userns_path: str | None
+    uid_mapping: IDMapping | None
+    gid_mapping: IDMapping | None
+    cgroup_parent: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    sysctls: dict[str, str] = field(default_factory=dict)
+
+
+class RuntimeDriver(Protocol):
+    name: str  # "runc" or "crun"
+
+    async def start(self) -> None:
+        """Check the runtime binary, assemble the shared pause rootfs, connect to the reaper."""
+
+    async def close(self) -> None:
+        """Disconnect; containers and the reaper keep running."""
+
+    def bundle_path(self, container_id: str) -> str:
+        """Where the bundle of `container_id` lives (under run_dir)."""
+
+    async def create(self, req: PauseRequest) -> TaskInfo:
+        """Write the bundle and run `create --pid-file`; the pause process exists, not started."""
+
+    async def start_task(self, container_id: str) -> None:
+        """Run `start`."""
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        """Send `signal` to the task; no error if it is already gone."""
+
+    async def delete(self, container_id: str) -> None:
+        """`delete --force` and remove the bundle. Idempotent."""
+
+    async def state(self, container_id: str) -> str | None:
+        """The runtime's status ("created", "running", "stopped"), or None if unknown to it."""
+
+    async def list_containers(self) -> list[str]:
+        """Ids of every container under this controller's runtime root."""
+
+    async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
+        """The task's wait status decoded as a shell would (128+signal for a signal), when the
+        reaper has it within `timeout` seconds; None when it cannot be known."""
+
+
+class Store(Protocol):
+    async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
+        """Every record, and the problems with records that were set aside (corrupt ones)."""
+
+    async def save(self, rec: SandboxRecord) -> None:
+        """Atomically and durably replace the record of rec.id."""
+
+    async def delete(self, sandbox_id: str) -> None:
+        """Forget a sandbox. Idempotent."""
+
+
+JsonDict = dict[str, Any]

@@ -1,0 +1,140 @@
+"""Thin ctypes wrappers over the Linux calls Python 3.11 lacks: unshare, setns, mount, umount2,
+and the namespace ioctls. Errors are OSError with errno and the path, like os.* raises.
+
+unshare(CLONE_NEWUSER) and setns into a user namespace fail with EINVAL in a process with more
+than one thread: call those only in a single-threaded child (see nsworker).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 0x2
+
+NS_GET_USERNS = 0xB701
+NS_GET_PARENT = 0xB702
+NS_GET_NSTYPE = 0xB703
+NS_GET_OWNER_UID = 0xB704
+
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+def _check(rc: int, what: str, path: str | None = None) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        if path is None:
+            raise OSError(e, f"{what}: {os.strerror(e)}")
+        raise OSError(e, f"{what}: {os.strerror(e)}", path)
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
+          data: str | None = None) -> None:
+    _check(
+        _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
+        "mount", target,
+    )
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), flags), "umount2", target)
+
+
+def set_child_subreaper() -> None:
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def ns_inode(path: str) -> int:
+    """The inode of the namespace at `path` (a pin file or /proc/<pid>/ns/<type>)."""
+    return os.stat(path).st_ino
+
+
+def netns_owner_inode(netns_path: str) -> int:
+    """ioctl(NS_GET_USERNS): the inode of the user namespace that owns the netns at the path."""
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+        try:
+            return os.fstat(owner).st_ino
+        finally:
+            os.close(owner)
+    finally:
+        os.close(fd)
+
+
+def is_mountpoint_pin(path: str) -> bool:
+    """True when `path` is a live namespace pin (a bind mount of an nsfs inode)."""
+    try:
+        st = os.stat(path)
+        parent = os.stat(os.path.dirname(path) or ".")
+    except FileNotFoundError:
+        return False
+    # nsfs inodes live on their own device; an unmounted pin file is on the parent's device.
+    return st.st_dev != parent.st_dev
+
+
+def unpin(path: str) -> None:
+    """Detach a pin (if mounted) and unlink its file. Idempotent."""
+    try:
+        umount2(path, MNT_DETACH)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        os.rmdir(path)
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), or None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2:].split()
+    return int(rest[19])
