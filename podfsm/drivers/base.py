@@ -68,6 +68,9 @@ class InterfaceInfo:
 class NetworkDriver(Protocol):
     network_name: str
 
+    async def start(self) -> None:
+        """Load the network config and check the plugins exist. Called once."""
+
     async def attach(self, req: NetworkRequest) -> NetworkResult:
         """CNI ADD through the conflist's plugins, prevResult chained. Raises StepFailed with
         the plugin's own message on failure (and has already run DEL for what it added)."""

@@ -1,0 +1,68 @@
+"""Failpoints: `PODFSM_FAILPOINTS="name=action;..."` parsed into a plan (pure).
+
+Actions: `error` (the step raises), `crash` (the process dies at once, as if SIGKILLed),
+`delay(ms)`; each optionally counted, `2*error` firing on the first two hits only. A failpoint sits
+before and after every step that touches the system; NAMES lists them all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# The steps that touch the system, in the order a run (then a stop) meets them.
+STEPS: tuple[str, ...] = (
+    "save_record",
+    "pin_namespaces",
+    "cni_add",
+    "runtime_create",
+    "runtime_start",
+    "runtime_kill",
+    "runtime_delete",
+    "cni_del",
+    "unpin_namespaces",
+)
+NAMES: tuple[str, ...] = tuple(f"{step}.{when}" for step in STEPS for when in ("before", "after"))
+
+_ACTION = re.compile(r"^(?:(?P<count>\d+)\*)?(?P<kind>error|crash|delay\((?P<ms>\d+)\))$")
+
+
+@dataclass
+class Failpoint:
+    name: str
+    kind: str  # "error" | "crash" | "delay"
+    delay_ms: int = 0
+    remaining: int | None = None  # None: every hit
+
+    def take(self) -> bool:
+        """Count one hit; True if it fires."""
+        if self.remaining is None:
+            return True
+        if self.remaining <= 0:
+            return False
+        self.remaining -= 1
+        return True
+
+
+def parse(spec: str) -> dict[str, Failpoint]:
+    """Parse a PODFSM_FAILPOINTS value; ValueError names a bad entry or an unknown failpoint."""
+    plan: dict[str, Failpoint] = {}
+    for raw in spec.split(";"):
+        entry = raw.strip()
+        if not entry:
+            continue
+        name, sep, action = entry.partition("=")
+        name, action = name.strip(), action.strip()
+        if not sep:
+            raise ValueError(f"failpoint entry {entry!r} is not name=action")
+        if name not in NAMES:
+            raise ValueError(f"unknown failpoint {name!r} (see `podfsm debug failpoints`)")
+        m = _ACTION.match(action)
+        if m is None:
+            raise ValueError(
+                f"failpoint {name}: bad action {action!r} (error, crash, delay(ms), N*action)"
+            )
+        kind = m["kind"].split("(")[0]
+        count = int(m["count"]) if m["count"] else None
+        plan[name] = Failpoint(name, kind, int(m["ms"] or 0), count)
+    return plan

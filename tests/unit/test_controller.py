@@ -1,0 +1,226 @@
+"""The orchestrator against fake drivers: forward steps, unwinding, supervision, stop/remove,
+serialization and admission. No root needed; the pause task is a real `sleep` child."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from podfsm import (
+    Controller,
+    ControllerConfig,
+    InvalidPodConfig,
+    NameReserved,
+    SandboxRunError,
+    State,
+)
+from podfsm.core.idmap import find_overlap
+from tests.fakes import Faults, FakeNamespaces, FakeNetwork, FakeRuntime, MemoryStore
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.faults = Faults()
+        self.ns = FakeNamespaces(self.faults)
+        self.net = FakeNetwork(self.faults)
+        self.rt = FakeRuntime(self.faults)
+        self.store = MemoryStore()
+        self.cfg = ControllerConfig(state_dir=str(tmp / "state"), run_dir=str(tmp / "run"),
+                                    netns_dir=str(tmp / "netns"), stop_grace=0.5)
+
+    def controller(self, failpoints: str = "") -> Controller:
+        return Controller(self.cfg, namespaces=self.ns, network=self.net, runtime=self.rt,
+                          store=self.store, failpoints=failpoints)
+
+    def nothing_left(self) -> None:
+        assert self.ns.pinned == set()
+        assert self.net.reserved == {}
+        assert self.rt.containers == {}
+        assert self.store.records == {}
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    for proc in r.rt.containers.values():
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def pod(name: str = "web", userns: dict[str, Any] | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"metadata": {"name": name, "namespace": "default"}}
+    d["linux"] = {"security_context": {"namespace_options": {
+        "userns_options": userns if userns is not None else {"mode": "POD"}}}}
+    return d
+
+
+async def test_run_reaches_ready_through_every_forward_state(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod())
+        assert st.state is State.READY
+        assert [(h.source, h.dest) for h in st.history] == [
+            ("Unknown", "NamespacesReady"), ("NamespacesReady", "ContainerCreated"),
+            ("ContainerCreated", "TaskRunning"), ("TaskRunning", "Ready")]
+        assert st.ip == "10.99.0.2"
+        assert len(st.id) == 64 and all(c in "0123456789abcdef" for c in st.id)
+        assert st.uid_mappings[0].host_id >= 65536
+        assert st.pid is not None and os.path.exists(f"/proc/{st.pid}")
+        await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
+
+
+@pytest.mark.parametrize("step", ["ns.create", "cni.add", "runtime.create", "runtime.start",
+                                  "runtime.start.dies"])
+async def test_a_failure_at_each_step_unwinds_to_nothing(rig: Rig, step: str) -> None:
+    rig.faults.fail.add(step)
+    async with rig.controller() as ctl:
+        with pytest.raises(SandboxRunError) as info:
+            await ctl.run_sandbox(pod())
+        assert info.value.leftovers == []
+        assert "everything done was unwound" in str(info.value)
+        assert await ctl.list_sandboxes() == []
+    rig.nothing_left()
+
+
+@pytest.mark.parametrize("point", ["pin_namespaces.after", "cni_add.before", "cni_add.after",
+                                   "runtime_create.after", "runtime_start.before",
+                                   "runtime_start.after"])
+async def test_error_failpoints_unwind_and_name_the_step(rig: Rig, point: str) -> None:
+    async with rig.controller(failpoints=f"{point}=error") as ctl:
+        with pytest.raises(SandboxRunError) as info:
+            await ctl.run_sandbox(pod())
+        assert point in str(info.value)
+    rig.nothing_left()
+
+
+async def test_unwinding_that_fails_leaves_the_sandbox_listed_not_ready(rig: Rig) -> None:
+    rig.faults.fail.update({"runtime.start", "runtime.delete"})
+    async with rig.controller() as ctl:
+        with pytest.raises(SandboxRunError) as info:
+            await ctl.run_sandbox(pod())
+        assert any("runtime delete" in x for x in info.value.leftovers)
+        (st,) = await ctl.list_sandboxes()
+        assert st.state is State.NOT_READY
+        assert st.leftovers
+        rig.faults.fail.clear()
+        await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
+
+
+async def test_task_exit_is_noticed_and_the_ip_stays_reserved(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod())
+        assert st.pid is not None
+        t0 = anyio.current_time()
+        os.kill(st.pid, signal.SIGKILL)
+        while (await ctl.sandbox_status(st.id)).state is not State.NOT_READY:
+            assert anyio.current_time() - t0 < 1.0
+            await anyio.sleep(0.005)
+        after = await ctl.sandbox_status(st.id)
+        assert after.exit_status == 137
+        assert rig.net.reserved[st.id] == st.ip
+        await ctl.stop_sandbox(st.id)
+        assert st.id not in rig.net.reserved
+        await ctl.stop_sandbox(st.id)
+        await ctl.remove_sandbox(st.id)
+        await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
+
+
+async def test_stop_and_remove_of_unknown_ids_succeed(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        await ctl.stop_sandbox("nope")
+        await ctl.remove_sandbox("nope")
+
+
+async def test_same_name_namespace_attempt_is_reserved(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod("a"))
+        with pytest.raises(NameReserved):
+            await ctl.run_sandbox(pod("a"))
+        await ctl.remove_sandbox(st.id)
+        st2 = await ctl.run_sandbox(pod("a"))  # the name is free again
+        await ctl.remove_sandbox(st2.id)
+    rig.nothing_left()
+
+
+async def test_overlapping_explicit_mapping_is_refused_before_anything_is_made(rig: Rig) -> None:
+    m = [{"host_id": 2000000, "container_id": 0, "length": 65536}]
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod("a", {"mode": "POD", "uids": m, "gids": m}))
+        calls = len(rig.faults.calls)
+        m2 = [{"host_id": 2000000 + 100, "container_id": 0, "length": 10}]
+        with pytest.raises(InvalidPodConfig, match="overlap"):
+            await ctl.run_sandbox(pod("b", {"mode": "POD", "uids": m2, "gids": m2}))
+        assert len(rig.faults.calls) == calls
+        await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
+
+
+async def test_ten_concurrent_sandboxes_get_distinct_ips_and_disjoint_ranges(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        results = []
+
+        async def one(i: int) -> None:
+            results.append(await ctl.run_sandbox(pod(f"p{i}")))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(one, i)
+        assert all(s.state is State.READY for s in results)
+        assert len({s.ip for s in results}) == 10
+        maps = [s.uid_mappings[0] for s in results]
+        for i, m in enumerate(maps):
+            assert find_overlap(m, maps[:i] + maps[i + 1:]) is None
+        async with anyio.create_task_group() as tg:
+            for s in results:
+                tg.start_soon(ctl.remove_sandbox, s.id)
+    rig.nothing_left()
+
+
+async def test_events_stream_every_transition(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        seen: list[tuple[str, str]] = []
+
+        async def watch() -> None:
+            async for ev in ctl.events():
+                seen.append((ev.trigger, ev.dest))
+                if ev.trigger == "remove":
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await anyio.sleep(0.01)
+            st = await ctl.run_sandbox(pod())
+            await ctl.remove_sandbox(st.id)
+        assert seen == [("setup_namespaces", "NamespacesReady"),
+                        ("create_container", "ContainerCreated"),
+                        ("start_task", "TaskRunning"), ("mark_ready", "Ready"),
+                        ("stop", "NotReady"), ("remove", "Unknown")]
+
+
+async def test_cancelled_run_is_fully_unwound(rig: Rig) -> None:
+    async with rig.controller(failpoints="runtime_start.before=delay(300)") as ctl:
+        with anyio.move_on_after(0.1):
+            await ctl.run_sandbox(pod())
+        assert await ctl.list_sandboxes() == []
+    rig.nothing_left()
+
+
+async def test_concurrent_operations_on_one_sandbox_are_serialized(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod())
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(ctl.stop_sandbox, st.id)
+                tg.start_soon(ctl.remove_sandbox, st.id)
+        assert await ctl.list_sandboxes() == []
+    rig.nothing_left()
