@@ -55,6 +55,7 @@ from podfsm.core.spec import IDMapping, PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State, Trigger
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import (
+    InterfaceInfo,
     NamespaceDriver,
     NamespaceRequest,
     NetworkDriver,
@@ -202,6 +203,21 @@ class Controller:
         if sb is None:
             raise SandboxNotFound(sandbox_id)
         return SandboxStatus.from_record(sb.record)
+
+    async def sandbox_interfaces(self, sandbox_id: str) -> list[InterfaceInfo]:
+        """The pod's interfaces and addresses, read live from its pinned netns."""
+        status = await self.sandbox_status(sandbox_id)
+        if not status.netns_path:
+            return []
+        return await self._net.interfaces(status.netns_path)
+
+    async def runtime_containers(self) -> list[str]:
+        """Ids of the containers in this controller's own runtime root."""
+        return await self._rt.list_containers()
+
+    async def reserved_addresses(self) -> set[str]:
+        """Container ids holding an address in the pod network's IPAM store."""
+        return await self._net.reserved_container_ids()
 
     async def list_sandboxes(self) -> list[SandboxStatus]:
         """Every sandbox, oldest first."""

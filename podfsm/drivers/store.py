@@ -4,6 +4,7 @@ new one, never half of either. A lock file keeps a second controller off the sam
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -116,10 +117,8 @@ class FileStore:
             if self._dir_fd is not None:
                 await _fsync(self._dir_fd)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             what = "full" if exc.errno == errno.ENOSPC else exc.strerror
             raise StateDirError(f"cannot write record {path}: {what}") from None
 

@@ -21,7 +21,7 @@ from podfsm import (
     State,
 )
 from podfsm.core.idmap import find_overlap
-from tests.fakes import Faults, FakeNamespaces, FakeNetwork, FakeRuntime, MemoryStore
+from tests.fakes import FakeNamespaces, FakeNetwork, FakeRuntime, Faults, MemoryStore
 
 
 class Rig:

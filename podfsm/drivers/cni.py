@@ -1,0 +1,525 @@
+"""CniNetwork: the pod network, through real CNI plugins run as the CNI spec says.
+
+Each plugin is executed directly (no shell) with ``asyncio.create_subprocess_exec``, its config
+on stdin and CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_PATH and CNI_ARGS in its
+environment; ADD chains ``prevResult`` through the list, DEL runs it in reverse. What the rules
+are (which file, what each plugin is given, what the result means) lives in the pure
+:mod:`podfsm.core.cniconf`; this module only runs processes and reads the kernel.
+
+Interfaces are read with pyroute2 over a netlink socket created inside the pod's netns by a
+short-lived dedicated thread (setns is per thread), so nothing forks and a missing netns can
+never be created by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+
+from podfsm.core import cniconf
+from podfsm.core.cniconf import NetworkConfigList
+from podfsm.core.errors import PrerequisiteMissing, StepFailed
+from podfsm.core.records import NetworkResult
+from podfsm.drivers import nsutil
+from podfsm.drivers.base import InterfaceInfo, NetworkRequest
+
+STEP = "cni"
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
+DEFAULT_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
+#: Seconds one plugin run may take. ADD/DEL take ~15-20 ms here; a plugin stuck far longer
+#: (a hung IPAM daemon) must not hold a sandbox forever.
+DEFAULT_PLUGIN_TIMEOUT = 60.0
+_IFF_UP = 0x1
+_NETLINK_ROUTE = 0
+# Plugins such as portmap and firewall run iptables: they need a PATH even if we have none.
+_FALLBACK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class _PluginFailed(Exception):
+    """One plugin run failed; `message` is the plugin's own words."""
+
+    def __init__(self, plugin: str, command: str, message: str) -> None:
+        super().__init__(f"{plugin} {command} failed: {message}")
+        self.plugin = plugin
+        self.command = command
+        self.message = message
+
+
+class CniNetwork:
+    """The NetworkDriver over CNI plugins (containernetworking-plugins).
+
+    The network is the first config file of `conf_dir` by sorted name, or, when there is none,
+    the shipped default: a bridge `default_bridge` with host-local addresses from
+    `default_subnet`, then loopback, named `default_name`. ``start()`` must be called before
+    anything else; it may be called again to reload the configuration.
+    """
+
+    network_name: str
+
+    def __init__(
+        self,
+        conf_dir: str = DEFAULT_CONF_DIR,
+        bin_dirs: Sequence[str] = DEFAULT_BIN_DIRS,
+        default_name: str = "podfsm",
+        default_bridge: str = "podfsm0",
+        default_subnet: str = "10.209.0.0/16",
+        *,
+        plugin_timeout: float = DEFAULT_PLUGIN_TIMEOUT,
+    ) -> None:
+        self.conf_dir = conf_dir
+        self.bin_dirs: tuple[str, ...] = tuple(bin_dirs)
+        self.default_name = default_name
+        self.default_bridge = default_bridge
+        self.default_subnet = default_subnet
+        self.plugin_timeout = plugin_timeout
+        #: the name of the network in use (the default name until start() has loaded it)
+        self.network_name = default_name
+        self._conflist: NetworkConfigList | None = None
+        # Set when the configured chain does not bring up "lo" itself: run apart with
+        # CNI_IFNAME=lo, as containerd does.
+        self._loopback: NetworkConfigList | None = None
+        self._plugin_paths: dict[str, str] = {}
+        self._base_env: dict[str, str] = {}
+
+    # -- configuration -----------------------------------------------------------------------
+
+    @property
+    def conflist(self) -> NetworkConfigList:
+        """The network configuration list in use (after start())."""
+        if self._conflist is None:
+            raise RuntimeError("CniNetwork.start() has not been called")
+        return self._conflist
+
+    @property
+    def separate_loopback(self) -> bool:
+        """True when "lo" is brought up by a separate loopback network (the configured chain
+        has no loopback plugin)."""
+        return self._loopback is not None
+
+    @property
+    def plugin_paths(self) -> Mapping[str, str]:
+        """Plugin type -> the executable found for it at start()."""
+        return dict(self._plugin_paths)
+
+    async def start(self) -> None:
+        """Load the network config and check that every plugin it names exists.
+
+        Raises ValueError (naming the file and field) for a broken config file, and
+        PrerequisiteMissing when a plugin binary is not in any of the plugin directories.
+        """
+        files = await asyncio.to_thread(_read_conf_dir, self.conf_dir)
+        conf = cniconf.select_network(files, self.conf_dir)
+        if conf is None:
+            conf = cniconf.conflist_from_dict(
+                cniconf.default_conflist(
+                    self.default_name, self.default_bridge, self.default_subnet
+                ),
+                "<default>",
+            )
+        loopback = None if conf.has_loopback else cniconf.loopback_conflist()
+        needed = cniconf.required_plugins(conf)
+        if loopback is not None:
+            needed += [t for t in cniconf.required_plugins(loopback) if t not in needed]
+        paths = await asyncio.to_thread(self._find_plugins, needed, conf.source)
+
+        env = dict(os.environ)
+        env.setdefault("PATH", _FALLBACK_PATH)
+        env["CNI_PATH"] = ":".join(self.bin_dirs)
+        self._base_env = env
+        self._plugin_paths = paths
+        self._conflist = conf
+        self._loopback = loopback
+        self.network_name = conf.name
+
+    def _find_plugins(self, names: Sequence[str], source: str) -> dict[str, str]:
+        existing = [d for d in self.bin_dirs if os.path.isdir(d)]
+        searched = ", ".join(self.bin_dirs) or "(no directory given)"
+        if not existing:
+            raise PrerequisiteMissing(
+                f"no CNI plugin directory exists (searched {searched}): install "
+                "containernetworking-plugins (Debian: apt-get install "
+                "containernetworking-plugins) or put the plugins in /opt/cni/bin"
+            )
+        found: dict[str, str] = {}
+        for name in names:
+            for d in existing:
+                path = os.path.join(d, name)
+                if os.path.isfile(path) and os.access(path, os.X_OK):
+                    found[name] = path
+                    break
+            else:
+                raise PrerequisiteMissing(
+                    f"CNI plugin {name!r} needed by network config {source} was not found in "
+                    f"{searched}; install it (containernetworking-plugins) or fix the config"
+                )
+        return found
+
+    # -- the NetworkDriver operations --------------------------------------------------------
+
+    async def attach(self, req: NetworkRequest) -> NetworkResult:
+        """CNI ADD through every plugin, ``prevResult`` chained.
+
+        On failure, DEL is run for the plugins already run (the failing one included: a failed
+        ADD may have done part of its work) before StepFailed is raised with the plugin's own
+        message, so nothing is left behind. If the call is cancelled the running plugin is
+        killed and nothing is undone here: the caller's compensation (detach) does that.
+        """
+        conf = self.conflist
+        if not req.netns_path:
+            raise StepFailed(STEP, "ADD needs the pod's network namespace path")
+        env = self._env(req, "ADD", req.netns_path, req.ifname)
+        caps = cniconf.capability_args_for(req.port_mappings)
+
+        lo_done = False
+        if self._loopback is not None:
+            lo_env = self._env(req, "ADD", req.netns_path, "lo")
+            try:
+                await self._run(self._loopback, 0, "ADD", lo_env, None, {})
+            except _PluginFailed as exc:
+                raise StepFailed(STEP, str(exc)) from None
+            lo_done = True
+
+        prev: dict[str, Any] | None = None
+        for i, ptype in enumerate(conf.plugin_types):
+            try:
+                out = await self._run(conf, i, "ADD", env, prev, caps)
+                prev = _json_object(out, ptype)
+            except _PluginFailed as exc:
+                undo = await self._undo(req, conf, i, prev, lo_done)
+                raise StepFailed(STEP, str(exc) + undo) from None
+
+        assert prev is not None  # a conflist has at least one plugin
+        try:
+            return cniconf.parse_result(prev, conf.name, req.ifname)
+        except ValueError as exc:
+            undo = await self._undo(req, conf, len(conf.plugins) - 1, prev, lo_done)
+            raise StepFailed(STEP, f"ADD returned a result podfsm cannot read: {exc}"
+                             + undo) from None
+
+    async def _undo(
+        self,
+        req: NetworkRequest,
+        conf: NetworkConfigList,
+        last: int,
+        prev: dict[str, Any] | None,
+        lo_done: bool,
+    ) -> str:
+        """DEL plugins `last`..0 (and the loopback network); '' or what could not be undone."""
+        netns = _live_netns(req.netns_path)
+        env = self._env(req, "DEL", netns, req.ifname)
+        del_prev = prev if cniconf.passes_prev_result_on_del(conf.cni_version) else None
+        errors = await self._del_chain(conf, env, del_prev, last)
+        if lo_done and self._loopback is not None:
+            errors += await self._del_chain(
+                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0
+            )
+        if errors:
+            return "; undoing it failed too: " + "; ".join(errors)
+        return ""
+
+    async def check(self, req: NetworkRequest, result: NetworkResult) -> None:
+        """CNI CHECK of every plugin against the stored ADD result.
+
+        A list with ``disableCheck`` or a version before 0.4.0 (which has no CHECK) passes.
+        """
+        conf = self.conflist
+        if conf.disable_check or not cniconf.supports_check(conf.cni_version):
+            return
+        netns = _live_netns(req.netns_path)
+        if not netns:
+            raise StepFailed(STEP, f"CHECK: network namespace {req.netns_path!r} does not exist")
+        if not result.raw:
+            raise StepFailed(STEP, "CHECK needs the stored ADD result, and there is none")
+        env = self._env(req, "CHECK", netns, req.ifname)
+        try:
+            for i in range(len(conf.plugins)):
+                await self._run(conf, i, "CHECK", env, result.raw, {})
+            if self._loopback is not None:
+                lo_env = self._env(req, "CHECK", netns, "lo")
+                await self._run(self._loopback, 0, "CHECK", lo_env, None, {})
+        except _PluginFailed as exc:
+            raise StepFailed(STEP, str(exc)) from None
+
+    async def detach(self, req: NetworkRequest, result: NetworkResult | None) -> None:
+        """CNI DEL of every plugin in reverse order.
+
+        Idempotent. When the netns path is None, missing or no longer a namespace, CNI_NETNS is
+        passed empty: the plugins then skip the namespace and still release the address. Every
+        plugin is given its DEL even if an earlier one failed (so the address is released
+        whatever else went wrong); any failures are then raised together as StepFailed.
+        """
+        conf = self.conflist
+        netns = _live_netns(req.netns_path)
+        prev: dict[str, Any] | None = None
+        if result is not None and result.raw and cniconf.passes_prev_result_on_del(
+            conf.cni_version
+        ):
+            prev = dict(result.raw)
+        env = self._env(req, "DEL", netns, req.ifname)
+        errors = await self._del_chain(conf, env, prev, len(conf.plugins) - 1)
+        if self._loopback is not None:
+            errors += await self._del_chain(
+                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0
+            )
+        if errors:
+            raise StepFailed(STEP, "; ".join(errors))
+
+    async def _del_chain(
+        self,
+        conf: NetworkConfigList,
+        env: dict[str, str],
+        prev: dict[str, Any] | None,
+        last: int,
+    ) -> list[str]:
+        errors: list[str] = []
+        for i in range(last, -1, -1):
+            try:
+                await self._run(conf, i, "DEL", env, prev, {})
+            except _PluginFailed as exc:
+                errors.append(str(exc))
+        return errors
+
+    async def interfaces(self, netns_path: str) -> list[InterfaceInfo]:
+        """The interfaces of the netns at `netns_path`, with their addresses ("10.x.y.z/24")
+        and whether they are up. Raises StepFailed if the path is not a network namespace;
+        never creates anything at the path."""
+        sock = await _netlink_socket_in(netns_path)
+        # pyroute2 adopts the fd (and closes it); no netns= argument, so it cannot create one.
+        async with AsyncIPRoute(fileno=sock.detach()) as ipr:
+            links = [msg async for msg in await ipr.link("dump")]
+            addrs = [msg async for msg in await ipr.addr("dump")]
+        by_index: dict[int, list[str]] = {}
+        for a in addrs:
+            ip = a.get("local") or a.get("address")
+            if ip:
+                by_index.setdefault(int(a["index"]), []).append(f"{ip}/{a['prefixlen']}")
+        return [
+            InterfaceInfo(
+                name=str(link.get("ifname")),
+                mac=str(link.get("address") or ""),
+                addresses=tuple(by_index.get(int(link["index"]), ())),
+                up=bool(int(link["flags"]) & _IFF_UP),
+            )
+            for link in links
+        ]
+
+    async def reserved_container_ids(self) -> set[str]:
+        """Container ids holding an address in this network's host-local store (for orphan
+        collection). A network without host-local IPAM reserves nothing podfsm can see."""
+        dirs = cniconf.ipam_store_dirs(self.conflist)
+        return await asyncio.to_thread(_read_reservations, dirs)
+
+    # -- running plugins ---------------------------------------------------------------------
+
+    def _env(self, req: NetworkRequest, command: str, netns: str, ifname: str) -> dict[str, str]:
+        try:
+            args = cniconf.cni_args(req.pod_namespace, req.pod_name, req.sandbox_id, req.pod_uid)
+        except ValueError as exc:
+            raise StepFailed(STEP, str(exc)) from None
+        env = dict(self._base_env)
+        env.update(
+            CNI_COMMAND=command,
+            CNI_CONTAINERID=req.sandbox_id,
+            CNI_NETNS=netns,
+            CNI_IFNAME=ifname,
+            CNI_ARGS=args,
+        )
+        return env
+
+    async def _run(
+        self,
+        conf: NetworkConfigList,
+        index: int,
+        command: str,
+        env: dict[str, str],
+        prev: Mapping[str, Any] | None,
+        caps: Mapping[str, Any],
+    ) -> bytes:
+        """Run one plugin; its stdout on success, _PluginFailed otherwise."""
+        ptype = conf.plugin_types[index]
+        path = self._plugin_paths.get(ptype)
+        if path is None:  # only if start() was skipped for this config
+            raise _PluginFailed(ptype, command, "plugin was not found at start")
+        stdin = json.dumps(cniconf.plugin_config(conf, index, prev, caps)).encode()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                path,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd="/",
+            )
+        except OSError as exc:
+            raise _PluginFailed(ptype, command, f"cannot execute {path}: {exc}") from None
+        try:
+            async with asyncio.timeout(self.plugin_timeout):
+                out, err = await proc.communicate(stdin)
+        except TimeoutError:
+            await _kill(proc)
+            raise _PluginFailed(
+                ptype, command, f"no answer within {self.plugin_timeout:g} s (killed)"
+            ) from None
+        except BaseException:
+            # Cancelled: do not leave the plugin running unsupervised, nor a zombie.
+            await _kill(proc)
+            raise
+        if proc.returncode != 0:
+            raise _PluginFailed(
+                ptype, command, cniconf.plugin_error_message(out, err, proc.returncode)
+            )
+        return out
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+def _json_object(out: bytes, plugin: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(out)
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    if not isinstance(obj, dict):
+        text = out.decode("utf-8", "replace").strip()[:200]
+        raise _PluginFailed(plugin, "ADD", f"succeeded but printed no JSON result: {text!r}")
+    return obj
+
+
+def _read_conf_dir(conf_dir: str) -> dict[str, str]:
+    """File name -> text of the CNI config candidates in `conf_dir` ({} if it does not exist).
+    Directories are skipped, as libcni does."""
+    out: dict[str, str] = {}
+    try:
+        entries = list(os.scandir(conf_dir))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        if not entry.name.endswith(cniconf.CONF_EXTENSIONS) or entry.is_dir():
+            continue
+        with open(entry.path, encoding="utf-8") as f:
+            out[entry.name] = f.read()
+    return out
+
+
+def _read_reservations(dirs: Sequence[str]) -> set[str]:
+    ids: set[str] = set()
+    for d in dirs:
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if not cniconf.is_host_local_reservation(name):
+                continue
+            try:
+                with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
+                    owner = cniconf.reservation_owner(f.read(4096))
+            except FileNotFoundError:
+                continue  # released while we were listing
+            if owner:
+                ids.add(owner)
+    return ids
+
+
+def _open_netns(path: str) -> int:
+    """An O_RDONLY fd of the network namespace at `path`; StepFailed if it is not one.
+
+    Never O_CREAT: a missing pin must stay missing (pyroute2's default would create a netns).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise StepFailed(STEP, f"network namespace {path} does not exist") from None
+    except OSError as exc:
+        raise StepFailed(STEP, f"cannot open network namespace {path}: {exc}") from None
+    try:
+        nstype = fcntl.ioctl(fd, nsutil.NS_GET_NSTYPE)
+    except OSError:
+        nstype = -1
+    if nstype != nsutil.CLONE_NEWNET:
+        os.close(fd)
+        # A pin file whose mount is gone is an ordinary empty file: the namespace is gone.
+        raise StepFailed(STEP, f"{path} is not a network namespace (not pinned any more?)")
+    return fd
+
+
+def _live_netns(path: str | None) -> str:
+    """`path` if it is a network namespace now, else "" (what CNI DEL takes for 'gone').
+
+    An unmounted pin file would make bridge's DEL fail on "unknown FS magic"; an empty
+    CNI_NETNS makes every plugin skip the namespace and still release its resources.
+    """
+    if not path:
+        return ""
+    try:
+        os.close(_open_netns(path))
+    except StepFailed:
+        return ""
+    return path
+
+
+async def _netlink_socket_in(netns_path: str) -> socket.socket:
+    """A NETLINK_ROUTE socket created inside the netns at `netns_path`.
+
+    A socket belongs to the netns it was created in, and setns(CLONE_NEWNET) moves only the
+    calling thread, so a fresh thread enters the netns, creates the socket and ends: no fork
+    (unlike pyroute2's netns=, which forks a helper), and no pool thread is left inside a pod's
+    netns. Raises StepFailed if the path is not a network namespace.
+    """
+    fd = _open_netns(netns_path)
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[socket.socket] = loop.create_future()
+
+    def deliver(sock: socket.socket | None, exc: BaseException | None) -> None:
+        if fut.cancelled():
+            if sock is not None:
+                sock.close()
+        elif exc is not None:
+            fut.set_exception(exc)
+        else:
+            assert sock is not None
+            fut.set_result(sock)
+
+    def work() -> None:
+        sock: socket.socket | None = None
+        error: BaseException | None = None
+        try:
+            nsutil.setns(fd, nsutil.CLONE_NEWNET)
+            sock = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_ROUTE
+            )
+        except OSError as exc:
+            error = StepFailed(STEP, f"cannot enter network namespace {netns_path}: {exc}")
+        except Exception as exc:
+            error = exc
+        finally:
+            os.close(fd)
+        try:
+            loop.call_soon_threadsafe(deliver, sock, error)
+        except RuntimeError:  # the loop closed meanwhile
+            if sock is not None:
+                sock.close()
+
+    thread = threading.Thread(target=work, name="podfsm-netns-socket", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        os.close(fd)
+        raise
+    return await fut
+
+
+__all__ = ["DEFAULT_BIN_DIRS", "DEFAULT_CONF_DIR", "CniNetwork"]

@@ -1,0 +1,868 @@
+"""The reaper: a small helper process, one per run_dir, that runs the OCI runtime's commands and
+reaps the pause processes they leave behind.
+
+Why a separate process: the exit STATUS of a pause process can only be learned by its parent's
+waitpid. `runc create` exits while the container's init lives on, so the init is reparented to the
+nearest child subreaper. The embedding program must not become a subreaper (that would change how
+its own orphans are reaped), must not install signal handlers and must not fork without exec. This
+process may: it is single-threaded, sets PR_SET_CHILD_SUBREAPER on itself, runs every runtime
+command as its own child and reaps every child on SIGCHLD.
+
+Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request is an object with
+`op` and an optional `id`; each reply carries the same `id` plus either the result fields or
+`error` (a message). Requests on one connection may be answered out of order.
+
+- `ping` -> {pid, children, watched}
+- `run` {argv, env?, mount_workaround?, timeout?, output_file?} -> {rc, stdout, stderr}
+  `output_file`: stdout and stderr go to that file (for `create`, whose container inherits the
+  runtime's stdio and would hold a pipe open forever); its tail is returned as `stderr`.
+  A command killed at `timeout` replies {error: "timeout ..."}.
+- `watch` {pid, start_time?} -> {pid, start_time, child}: persist this process's exit status
+  to `<run_dir>/exits/<pid>-<start_time>` when it is reaped (also if it already was).
+- `wait_exit` {pid, start_time, timeout} -> {status, exited}: `status` is the shell-style exit
+  status (code, or 128+signal) as soon as it is reaped; null with exited=true when the process is
+  gone but its status cannot be known (it was never our child); null with exited=false at timeout.
+- `forget` {pid, start_time} -> {}: drop the recorded status and its file.
+- `shutdown` -> {}: exit as soon as no child is alive (pause processes are never abandoned).
+
+The process exits by itself when it has no child, no client and nothing happened for
+IDLE_EXIT_SECONDS, so nothing outlives the pods and clients that needed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from podfsm.drivers import nsutil
+
+SOCKET_NAME = "reaper.sock"
+LOCK_NAME = "reaper.lock"
+LOG_NAME = "reaper.log"
+EXITS_DIR = "exits"
+PROCESS_NAME = b"podfsm-reaper"
+IDLE_EXIT_SECONDS = 5.0
+#: Most of a command's output kept for the reply; runtime errors are in the last lines.
+MAX_OUTPUT = 64 * 1024
+#: StreamReader line limit: replies carry up to two MAX_OUTPUT blobs, JSON-escaped.
+LINE_LIMIT = 4 * 1024 * 1024
+#: Exit statuses of processes nobody asked about (the runtime's helpers), kept in case a
+#: `watch` or `wait_exit` for them arrives late.
+MAX_UNWATCHED_EXITS = 1024
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
+_PR_SET_NAME = 15
+_CGROUP2_HYBRID_MOUNT = "/sys/fs/cgroup/unified"
+
+log = logging.getLogger("podfsm.reaper")
+
+
+class ReaperError(Exception):
+    """The reaper refused or failed a request, or could not be reached."""
+
+
+def shell_status(wait_status: int) -> int:
+    """A waitpid status as a shell reports it: the exit code, or 128 + the signal number."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    if os.WIFEXITED(wait_status):
+        return os.WEXITSTATUS(wait_status)
+    return 255
+
+
+def socket_path(run_dir: str) -> str:
+    """The reaper's socket for `run_dir`; ValueError if the path is too long for a unix socket."""
+    path = os.path.join(os.path.abspath(run_dir), SOCKET_NAME)
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ValueError(
+            f"reaper socket path {path!r} is longer than {_SUN_PATH_MAX} bytes; use a shorter run_dir"
+        )
+    return path
+
+
+def exit_file(run_dir: str, pid: int, start_time: int) -> str:
+    """Where the exit status of process (pid, start_time) is persisted."""
+    return os.path.join(run_dir, EXITS_DIR, f"{pid}-{start_time}")
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[1])
+
+
+def _is_mountpoint(path: str) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False
+
+
+def _mount_workaround() -> None:
+    """preexec_fn for crun: a private mount namespace without the hybrid cgroup2 mount.
+
+    crun 1.8.1 refuses to run at all when /sys/fs/cgroup is v1 plus a cgroup2 mount whose
+    cgroup.controllers is not empty ("cgroups in hybrid mode not supported"). Hiding that mount
+    in a namespace of the command's own changes nothing for anybody else. Runs between fork and
+    exec, which is safe only because this process is single-threaded.
+    """
+    nsutil.unshare(nsutil.CLONE_NEWNS)
+    # Nothing the runtime mounts may propagate back to the host.
+    nsutil.mount(None, "/", None, nsutil.MS_REC | nsutil.MS_PRIVATE)
+    if _is_mountpoint(_CGROUP2_HYBRID_MOUNT):
+        nsutil.umount2(_CGROUP2_HYBRID_MOUNT, nsutil.MNT_DETACH)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _tail_of_file(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - MAX_OUTPUT))
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+@dataclass
+class _Run:
+    """One `run` command in flight."""
+
+    popen: subprocess.Popen[bytes]
+    future: asyncio.Future[dict[str, Any]]
+    output_file: str | None
+    buffers: dict[int, bytearray] = field(default_factory=dict)  # pipe fd -> output
+    stdout_fd: int | None = None
+    timer: asyncio.TimerHandle | None = None
+    timed_out: bool = False
+
+
+class ReaperServer:
+    """The reaper's event loop side. Create it and `await serve(server_socket_path)`."""
+
+    def __init__(self, run_dir: str, idle_exit: float = IDLE_EXIT_SECONDS) -> None:
+        self.run_dir = os.path.abspath(run_dir)
+        self.idle_exit = idle_exit
+        self._runs: dict[int, _Run] = {}
+        self._exits: dict[tuple[int, int], int] = {}
+        self._watched: set[tuple[int, int]] = set()
+        self._waiters: dict[tuple[int, int], list[asyncio.Future[int | None]]] = {}
+        self._clients = 0
+        self._last_activity = time.monotonic()
+        self._shutdown = False
+        self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        os.makedirs(os.path.join(self.run_dir, EXITS_DIR), exist_ok=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self, listen_sock: Any) -> None:
+        """Serve on the already bound and listening unix socket until idle or shut down."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        loop.add_signal_handler(signal.SIGTERM, self._request_shutdown)
+        loop.add_signal_handler(signal.SIGINT, self._request_shutdown)
+        server = await asyncio.start_unix_server(
+            self._client, sock=listen_sock, limit=LINE_LIMIT
+        )
+        self._reap()  # children that exited before the handler was installed
+        ticker = loop.call_later(0.5, self._tick)
+        try:
+            await self._done
+        finally:
+            ticker.cancel()
+            server.close()
+            log.info("reaper exiting")
+
+    def _request_shutdown(self) -> None:
+        self._shutdown = True
+        self._tick_now()
+
+    def _has_children(self) -> bool:
+        try:
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return True
+
+    def _tick_now(self) -> None:
+        if self._done is None or self._done.done():
+            return
+        if self._runs or self._has_children():
+            return
+        idle = time.monotonic() - self._last_activity >= self.idle_exit
+        if self._shutdown or (self._clients == 0 and idle):
+            # Unlink first: a client arriving now finds no socket and starts a new reaper, which
+            # waits for our lock; it never connects to a reaper that is about to vanish.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.run_dir, SOCKET_NAME))
+            self._done.set_result(None)
+
+    def _tick(self) -> None:
+        self._tick_now()
+        if self._done is not None and not self._done.done() and self._loop is not None:
+            self._loop.call_later(0.5, self._tick)
+
+    # -- reaping -----------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                # WNOWAIT first: the zombie's /proc/<pid>/stat still tells its start time, which
+                # tells this process from a later one with the same pid.
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            pid = info.si_pid
+            start_time = nsutil.proc_start_time(pid) or 0
+            try:
+                _, wait_status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                continue
+            status = shell_status(wait_status)
+            self._last_activity = time.monotonic()
+            run = self._runs.pop(pid, None)
+            if run is not None:
+                self._finish_run(run, status)
+            else:
+                log.debug("reaped pid %d (start %d): %d", pid, start_time, status)
+                self._record_exit((pid, start_time), status)
+
+    def _record_exit(self, key: tuple[int, int], status: int) -> None:
+        self._exits[key] = status
+        if key in self._watched:
+            self._persist(key, status)
+        else:
+            self._trim_unwatched()
+        for fut in self._waiters.pop(key, []):
+            if not fut.done():
+                fut.set_result(status)
+
+    def _trim_unwatched(self) -> None:
+        unwatched = [k for k in self._exits if k not in self._watched]
+        for key in unwatched[: max(0, len(unwatched) - MAX_UNWATCHED_EXITS)]:
+            del self._exits[key]
+
+    def _persist(self, key: tuple[int, int], status: int) -> None:
+        try:
+            _atomic_write(exit_file(self.run_dir, *key), f"{status}\n".encode())
+        except OSError as exc:
+            log.error("cannot persist exit status of pid %d: %s", key[0], exc)
+
+    def _read_exit_file(self, key: tuple[int, int]) -> int | None:
+        try:
+            with open(exit_file(self.run_dir, *key), "rb") as f:
+                return int(f.read().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # -- run ---------------------------------------------------------------------------------
+
+    def _start_run(self, req: Mapping[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        assert self._loop is not None
+        argv = [str(a) for a in req["argv"]]
+        if not argv:
+            raise ValueError("argv is empty")
+        env = req.get("env")
+        output_file = req.get("output_file")
+        timeout = float(req.get("timeout") or 30.0)
+        out_fd: int | None = None
+        if output_file is not None:
+            out_fd = os.open(
+                output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
+            )
+        try:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_fd if out_fd is not None else subprocess.PIPE,
+                stderr=out_fd if out_fd is not None else subprocess.PIPE,
+                env=None if env is None else {str(k): str(v) for k, v in env.items()},
+                preexec_fn=_mount_workaround if req.get("mount_workaround") else None,
+                close_fds=True,
+            )
+        finally:
+            if out_fd is not None:
+                os.close(out_fd)
+        run = _Run(popen=popen, future=self._loop.create_future(), output_file=output_file)
+        for stream in (popen.stdout, popen.stderr):
+            if stream is not None:
+                fd = stream.fileno()
+                os.set_blocking(fd, False)
+                run.buffers[fd] = bytearray()
+                self._loop.add_reader(fd, self._read_pipe, run, fd)
+        if popen.stdout is not None:
+            run.stdout_fd = popen.stdout.fileno()
+        run.timer = self._loop.call_later(timeout, self._run_timed_out, run, timeout)
+        self._runs[popen.pid] = run
+        return run.future
+
+    def _read_pipe(self, run: _Run, fd: int) -> None:
+        if self._drain(run, fd):
+            self._close_pipe(run, fd)
+
+    def _drain(self, run: _Run, fd: int) -> bool:
+        """Read what the pipe holds; True at end of file."""
+        buf = run.buffers[fd]
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not chunk:
+                return True
+            buf += chunk
+            if len(buf) > MAX_OUTPUT:
+                del buf[: len(buf) - MAX_OUTPUT]
+
+    def _close_pipe(self, run: _Run, fd: int) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+        for stream in (run.popen.stdout, run.popen.stderr):
+            if stream is not None and not stream.closed and stream.fileno() == fd:
+                stream.close()
+
+    def _run_timed_out(self, run: _Run, timeout: float) -> None:
+        run.timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            run.popen.kill()
+        log.warning("command %s timed out after %.1fs", run.popen.args, timeout)
+
+    def _finish_run(self, run: _Run, status: int) -> None:
+        # Popen must not try to reap this pid again (it would steal another child's status if
+        # the pid were reused).
+        run.popen.returncode = status
+        if run.timer is not None:
+            run.timer.cancel()
+        # A grandchild (the container) may still hold the pipes open: everything the command
+        # itself wrote is already in them, so read it now rather than wait for EOF.
+        for fd in list(run.buffers):
+            self._drain(run, fd)
+            self._close_pipe(run, fd)
+        stdout = bytes(run.buffers.get(run.stdout_fd, b"")) if run.stdout_fd is not None else b""
+        stderr = b"".join(bytes(b) for fd, b in run.buffers.items() if fd != run.stdout_fd)
+        stderr_text = stderr.decode("utf-8", "replace")
+        if run.output_file is not None:
+            stderr_text = _tail_of_file(run.output_file)
+        if run.future.done():
+            return
+        if run.timed_out:
+            run.future.set_exception(
+                ReaperError(f"timeout: {run.popen.args!r} was killed; output: {stderr_text}")
+            )
+        else:
+            run.future.set_result(
+                {"rc": status, "stdout": stdout.decode("utf-8", "replace"), "stderr": stderr_text}
+            )
+
+    # -- watch / wait_exit -------------------------------------------------------------------
+
+    def _watch(self, pid: int, start_time: int | None) -> dict[str, Any]:
+        if start_time is None:
+            start_time = nsutil.proc_start_time(pid)
+            if start_time is None:
+                # Already reaped: the most recent status recorded for that pid tells its start.
+                known = [k for k in self._exits if k[0] == pid]
+                if not known:
+                    raise ValueError(f"no process {pid} and no recorded exit for it")
+                start_time = known[-1][1]
+        key = (pid, start_time)
+        self._watched.add(key)
+        if key in self._exits:
+            self._persist(key, self._exits[key])
+        child = key in self._exits or _parent_pid(pid) == os.getpid()
+        return {"pid": pid, "start_time": start_time, "child": child}
+
+    async def _wait_exit(self, pid: int, start_time: int, timeout: float) -> dict[str, Any]:
+        assert self._loop is not None
+        key = (pid, start_time)
+        status = self._exits.get(key)
+        if status is None:
+            status = self._read_exit_file(key)
+        if status is not None:
+            return {"status": status, "exited": True}
+        if nsutil.proc_start_time(pid) != start_time:
+            # Gone (or the pid now names another process) and never reaped here: a previous
+            # reaper was its parent, or pid 1 after that reaper died.
+            return {"status": None, "exited": True}
+        if _parent_pid(pid) == os.getpid():
+            self._watched.add(key)
+            fut: asyncio.Future[int | None] = self._loop.create_future()
+            self._waiters.setdefault(key, []).append(fut)
+            try:
+                async with asyncio.timeout(timeout):
+                    got = await fut
+                return {"status": got, "exited": True}
+            except TimeoutError:
+                return {"status": None, "exited": False}
+            finally:
+                waiters = self._waiters.get(key)
+                if waiters is not None and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[key]
+        return await self._wait_foreign(pid, start_time, timeout)
+
+    async def _wait_foreign(self, pid: int, start_time: int, timeout: float) -> dict[str, Any]:
+        """A live process that is not our child: its pidfd tells when it exits, not how."""
+        assert self._loop is not None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return {"status": None, "exited": True}
+        try:
+            if nsutil.proc_start_time(pid) != start_time:
+                return {"status": None, "exited": True}
+            readable: asyncio.Future[None] = self._loop.create_future()
+            self._loop.add_reader(pidfd, lambda: readable.done() or readable.set_result(None))
+            try:
+                async with asyncio.timeout(timeout):
+                    await readable
+                return {"status": None, "exited": True}
+            except TimeoutError:
+                return {"status": None, "exited": False}
+            finally:
+                self._loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+
+    def _forget(self, pid: int, start_time: int) -> None:
+        key = (pid, start_time)
+        self._exits.pop(key, None)
+        self._watched.discard(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(exit_file(self.run_dir, pid, start_time))
+
+    # -- clients -----------------------------------------------------------------------------
+
+    async def _handle(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "ping":
+            return {"pid": os.getpid(), "runs": len(self._runs), "watched": len(self._watched)}
+        if op == "run":
+            return await self._start_run(req)
+        if op == "watch":
+            st = req.get("start_time")
+            return self._watch(int(req["pid"]), None if st is None else int(st))
+        if op == "wait_exit":
+            return await self._wait_exit(
+                int(req["pid"]), int(req["start_time"]), float(req.get("timeout") or 0.0)
+            )
+        if op == "forget":
+            self._forget(int(req["pid"]), int(req["start_time"]))
+            return {}
+        if op == "shutdown":
+            self._request_shutdown()
+            return {}
+        raise ValueError(f"unknown op {op!r}")
+
+    async def _answer(self, writer: asyncio.StreamWriter, req: dict[str, Any]) -> None:
+        reply: dict[str, Any]
+        try:
+            reply = await self._handle(req)
+        except Exception as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        reply["id"] = req.get("id")
+        self._last_activity = time.monotonic()
+        if not writer.is_closing():
+            writer.write(json.dumps(reply).encode() + b"\n")
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients += 1
+        self._last_activity = time.monotonic()
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+                    break
+                if not line:
+                    break
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ValueError("a request must be a JSON object")
+                except ValueError as exc:
+                    writer.write(json.dumps({"id": None, "error": f"bad request: {exc}"}).encode()
+                                 + b"\n")
+                    continue
+                task = asyncio.create_task(self._answer(writer, req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            # A wait_exit of a departed client is pointless; a `run` keeps going to completion
+            # (its process is reaped anyway) and only its reply is dropped.
+            for task in tasks:
+                task.cancel()
+            self._clients -= 1
+            self._last_activity = time.monotonic()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+# -- the process ------------------------------------------------------------------------------
+
+
+def _set_process_name() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
+
+
+def _acquire_lock(run_dir: str, wait: float) -> int | None:
+    """flock the run_dir's reaper lock, held for the reaper's lifetime; None if another has it."""
+    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            # The holder may be a reaper that is just exiting: give it a moment.
+            time.sleep(0.02)
+
+
+def _bind(path: str) -> Any:
+    import socket
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: we hold the lock, so no live reaper owns it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(128)
+    return sock
+
+
+def _daemon(run_dir: str, ready_fd: int | None, idle_exit: float) -> int:
+    """The reaper proper. Reports "ok" or an error on `ready_fd`, then serves."""
+
+    def report(msg: str) -> None:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, msg.encode() + b"\n")
+                os.close(ready_fd)
+
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock_fd = _acquire_lock(run_dir, wait=3.0)
+        if lock_fd is None:
+            report("running")
+            return 0
+        nsutil.set_child_subreaper()
+        _set_process_name()
+        sock = _bind(socket_path(run_dir))
+        server = ReaperServer(run_dir, idle_exit=idle_exit)
+    except Exception as exc:
+        report(f"error: {exc}")
+        return 1
+    log.info("reaper %d serving %s", os.getpid(), run_dir)
+    report("ok")
+    asyncio.run(server.serve(sock))
+    os.close(lock_fd)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m podfsm.drivers.reaper --run-dir DIR`: start the reaper of DIR in the
+    background and exit once it answers (0), or when another one already serves DIR (0)."""
+    parser = argparse.ArgumentParser(prog="python -m podfsm.drivers.reaper")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--foreground", action="store_true", help="do not fork; log to stderr")
+    parser.add_argument("--idle-exit", type=float, default=IDLE_EXIT_SECONDS)
+    args = parser.parse_args(argv)
+    run_dir = os.path.abspath(args.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    if args.foreground:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        return _daemon(run_dir, None, args.idle_exit)
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        # The launcher: wait for the daemon's word, then leave it to be adopted; the caller
+        # never has a long-lived child to reap.
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as r:
+            word = r.read().decode().strip()
+        if word in ("ok", "running"):
+            return 0
+        print(f"podfsm reaper failed to start: {word or 'no answer'}", file=sys.stderr)
+        return 1
+    os.close(read_fd)
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        log_fd = os.open(os.path.join(run_dir, LOG_NAME),
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(log_fd, 2)
+        os.close(devnull)
+        os.close(log_fd)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s reaper[%(process)d] %(levelname)s %(message)s"
+        )
+        rc = _daemon(run_dir, write_fd, args.idle_exit)
+    except BaseException:
+        logging.exception("reaper crashed")
+        rc = 1
+    # Never run the launcher's cleanup (atexit, buffered stdio) twice.
+    os._exit(rc)
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+class RunResult(NamedTuple):
+    """What a command run by the reaper produced."""
+
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class WatchResult(NamedTuple):
+    """A process the reaper now watches; `child` is False when it cannot learn its status."""
+
+    pid: int
+    start_time: int
+    child: bool
+
+
+class ReaperClient:
+    """Talks to the reaper of `run_dir`, starting it when needed.
+
+    One connection carries concurrent requests (each with its own id, answered by one reader
+    task). A lost connection fails the requests in flight with ReaperError; the next request
+    reconnects, starting a new reaper if the old one is gone.
+    """
+
+    def __init__(
+        self, run_dir: str, *, python: str = sys.executable, start_timeout: float = 10.0
+    ) -> None:
+        self.run_dir = os.path.abspath(run_dir)
+        self.socket_path = socket_path(self.run_dir)
+        self._python = python
+        self._start_timeout = start_timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._connect_lock = asyncio.Lock()
+        self.reaper_pid: int | None = None
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection to the reaper is open."""
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def connect(self) -> None:
+        """Connect, starting the reaper if its socket is missing or refuses; returns once the
+        reaper has answered a ping."""
+        async with self._connect_lock:
+            if self.connected:
+                return
+            deadline = time.monotonic() + self._start_timeout
+            started = False
+            while True:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(
+                        self.socket_path, limit=LINE_LIMIT
+                    )
+                except (FileNotFoundError, ConnectionRefusedError) as exc:
+                    if time.monotonic() >= deadline:
+                        raise ReaperError(f"cannot reach the reaper at {self.socket_path}: {exc}")
+                    if not started:
+                        await self._launch()
+                        started = True
+                    else:
+                        await asyncio.sleep(0.01)
+                    continue
+                self._reader, self._writer = reader, writer
+                self._reader_task = asyncio.create_task(self._read_replies(reader))
+                break
+        try:
+            reply = await self._request({"op": "ping"}, reconnect=False)
+        except ReaperError:
+            # It vanished between accept and ping (an idle exit): try once more from scratch.
+            await self._drop_connection()
+            await self.connect()
+            return
+        self.reaper_pid = int(reply["pid"])
+
+    async def _launch(self) -> None:
+        # The package root goes on PYTHONPATH so `-m` works whatever the caller's cwd is.
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (pkg_root, env.get("PYTHONPATH", "")) if p
+        )
+        proc = await asyncio.create_subprocess_exec(
+            self._python, "-m", "podfsm.drivers.reaper", "--run-dir", self.run_dir,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, start_new_session=True,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise ReaperError(
+                f"cannot start the reaper for {self.run_dir}: {err.decode(errors='replace').strip()}"
+            )
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                reply = json.loads(line)
+                fut = self._pending.pop(reply.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            pending, self._pending = self._pending, {}
+            for fut in pending.values():
+                if not fut.done():
+                    fut.set_exception(ReaperError("lost the connection to the reaper"))
+            if self._writer is not None:
+                self._writer.close()
+
+    async def _drop_connection(self) -> None:
+        task, writer = self._reader_task, self._writer
+        self._reader_task = self._writer = self._reader = None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _request(self, req: dict[str, Any], *, reconnect: bool = True) -> dict[str, Any]:
+        if not self.connected:
+            if not reconnect:
+                raise ReaperError("not connected to the reaper")
+            await self._drop_connection()
+            await self.connect()
+        writer = self._writer
+        assert writer is not None
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            writer.write(json.dumps({**req, "id": rid}).encode() + b"\n")
+            reply = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if "error" in reply:
+            raise ReaperError(f"reaper {req.get('op')}: {reply['error']}")
+        return reply
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        mount_workaround: bool = False,
+        timeout: float = 30.0,
+        *,
+        output_file: str | None = None,
+    ) -> RunResult:
+        """Run `argv` as the reaper's child and return (rc, stdout, stderr).
+
+        `mount_workaround` runs it in a private mount namespace without the hybrid cgroup2
+        mount (crun). With `output_file`, stdout and stderr go there and `stderr` is its tail.
+        Raises ReaperError if the command cannot be started or is killed at `timeout`.
+        """
+        req: dict[str, Any] = {
+            "op": "run", "argv": list(argv), "mount_workaround": mount_workaround,
+            "timeout": timeout,
+        }
+        if env is not None:
+            req["env"] = dict(env)
+        if output_file is not None:
+            req["output_file"] = output_file
+        reply = await self._request(req)
+        return RunResult(int(reply["rc"]), str(reply["stdout"]), str(reply["stderr"]))
+
+    async def watch(self, pid: int, start_time: int | None = None) -> WatchResult:
+        """Have the reaper persist the exit status of `pid` (started at `start_time`, or the
+        process now holding that pid, or the last one reaped with it)."""
+        req: dict[str, Any] = {"op": "watch", "pid": pid}
+        if start_time is not None:
+            req["start_time"] = start_time
+        reply = await self._request(req)
+        return WatchResult(int(reply["pid"]), int(reply["start_time"]), bool(reply["child"]))
+
+    async def wait_exit(self, pid: int, start_time: int, timeout: float) -> int | None:
+        """The shell-style exit status of (pid, start_time) once reaped, or None when it did
+        not exit within `timeout` or its status cannot be known."""
+        reply = await self._request(
+            {"op": "wait_exit", "pid": pid, "start_time": start_time, "timeout": timeout}
+        )
+        status = reply.get("status")
+        return None if status is None else int(status)
+
+    async def forget(self, pid: int, start_time: int) -> None:
+        """Drop the recorded exit status of (pid, start_time) and its file."""
+        await self._request({"op": "forget", "pid": pid, "start_time": start_time})
+
+    async def ping(self) -> dict[str, Any]:
+        """The reaper's pid and counters."""
+        return await self._request({"op": "ping"})
+
+    async def shutdown(self) -> None:
+        """Ask the reaper to exit as soon as none of its children is alive."""
+        with contextlib.suppress(ReaperError):
+            await self._request({"op": "shutdown"}, reconnect=False)
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect. The reaper keeps running while it has children."""
+        await self._drop_connection()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
