@@ -217,10 +217,11 @@ class CniNetwork:
         netns = _live_netns(req.netns_path)
         env = self._env(req, "DEL", netns, req.ifname)
         del_prev = prev if cniconf.passes_prev_result_on_del(conf.cni_version) else None
-        errors = await self._del_chain(conf, env, del_prev, last)
+        caps = cniconf.capability_args_for(req.port_mappings)
+        errors = await self._del_chain(conf, env, del_prev, last, caps)
         if lo_done and self._loopback is not None:
             errors += await self._del_chain(
-                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0
+                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0, {}
             )
         if errors:
             return "; undoing it failed too: " + "; ".join(errors)
@@ -240,9 +241,11 @@ class CniNetwork:
         if not result.raw:
             raise StepFailed(STEP, "CHECK needs the stored ADD result, and there is none")
         env = self._env(req, "CHECK", netns, req.ifname)
+        # As libcni: every command gets the runtime config, so portmap can CHECK its rules.
+        caps = cniconf.capability_args_for(req.port_mappings)
         try:
             for i in range(len(conf.plugins)):
-                await self._run(conf, i, "CHECK", env, result.raw, {})
+                await self._run(conf, i, "CHECK", env, result.raw, caps)
             if self._loopback is not None:
                 lo_env = self._env(req, "CHECK", netns, "lo")
                 await self._run(self._loopback, 0, "CHECK", lo_env, None, {})
@@ -265,10 +268,11 @@ class CniNetwork:
         ):
             prev = dict(result.raw)
         env = self._env(req, "DEL", netns, req.ifname)
-        errors = await self._del_chain(conf, env, prev, len(conf.plugins) - 1)
+        caps = cniconf.capability_args_for(req.port_mappings)
+        errors = await self._del_chain(conf, env, prev, len(conf.plugins) - 1, caps)
         if self._loopback is not None:
             errors += await self._del_chain(
-                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0
+                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0, {}
             )
         if errors:
             raise StepFailed(STEP, "; ".join(errors))
@@ -279,11 +283,13 @@ class CniNetwork:
         env: dict[str, str],
         prev: dict[str, Any] | None,
         last: int,
+        caps: Mapping[str, Any],
     ) -> list[str]:
+        """DEL plugins `last`..0, each even if a later one failed; the failures."""
         errors: list[str] = []
         for i in range(last, -1, -1):
             try:
-                await self._run(conf, i, "DEL", env, prev, {})
+                await self._run(conf, i, "DEL", env, prev, caps)
             except _PluginFailed as exc:
                 errors.append(str(exc))
         return errors
@@ -292,9 +298,15 @@ class CniNetwork:
         """The interfaces of the netns at `netns_path`, with their addresses ("10.x.y.z/24")
         and whether they are up. Raises StepFailed if the path is not a network namespace;
         never creates anything at the path."""
-        sock = await _netlink_socket_in(netns_path)
-        # pyroute2 adopts the fd (and closes it); no netns= argument, so it cannot create one.
-        async with AsyncIPRoute(fileno=sock.detach()) as ipr:
+        fd = (await _netlink_socket_in(netns_path)).detach()
+        try:
+            # pyroute2 adopts the fd and closes it. No netns= argument: that path forks a
+            # helper and, with its default flags, would create a missing netns.
+            ipr = AsyncIPRoute(fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        async with ipr:
             links = [msg async for msg in await ipr.link("dump")]
             addrs = [msg async for msg in await ipr.addr("dump")]
         by_index: dict[int, list[str]] = {}
@@ -398,10 +410,11 @@ def _json_object(out: bytes, plugin: str) -> dict[str, Any]:
     return obj
 
 
-def _read_conf_dir(conf_dir: str) -> dict[str, str]:
-    """File name -> text of the CNI config candidates in `conf_dir` ({} if it does not exist).
-    Directories are skipped, as libcni does."""
-    out: dict[str, str] = {}
+def _read_conf_dir(conf_dir: str) -> dict[str, str | bytes]:
+    """File name -> content of the CNI config candidates in `conf_dir` ({} if it does not
+    exist). Directories are skipped, as libcni does. Bytes, so that a bad encoding is reported
+    by the parser with the file's name."""
+    out: dict[str, str | bytes] = {}
     try:
         entries = list(os.scandir(conf_dir))
     except FileNotFoundError:
@@ -409,7 +422,7 @@ def _read_conf_dir(conf_dir: str) -> dict[str, str]:
     for entry in entries:
         if not entry.name.endswith(cniconf.CONF_EXTENSIONS) or entry.is_dir():
             continue
-        with open(entry.path, encoding="utf-8") as f:
+        with open(entry.path, "rb") as f:
             out[entry.name] = f.read()
     return out
 

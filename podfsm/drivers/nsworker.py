@@ -15,7 +15,7 @@ before it touches the system, so a client that sees the worker die before the ac
 request had no effect and may retry it elsewhere. Then it writes exactly one final response:
 ``{"id": I, "ok": true, "result": {...}, "ms": F}`` or
 ``{"id": I, "ok": false, "step": S, "error": E, "errno": N|null, "path": P|null,
-"exists": B, "leftovers": [..], "ms": F}``.
+"exists": B, "leftovers": [..], "leftover_paths": [..], "ms": F}``.
 
 Requests:
 
@@ -41,12 +41,14 @@ prove the failure paths; nothing sets them in normal use.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, BinaryIO, NoReturn
 
 from podfsm.drivers import nsutil
@@ -142,10 +144,8 @@ class _Helper:
         try:
             if pid is not None:
                 if self.pidfd is not None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                 else:
                     # No pidfd, but the child is unreaped, so the pid is still ours.
                     os.kill(pid, signal.SIGKILL)
@@ -166,10 +166,8 @@ def _helper_main(flags: list[int], ready_w: int, release_r: int,
         # Drop the worker's end of our pipes (so EOF reaches us when the worker dies) and its
         # stdin/stdout (so a dead worker's client sees EOF even while we linger).
         for fd in (*inherited, 0, 1):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         try:
             for flag in flags:
                 nsutil.unshare(flag)
@@ -265,7 +263,7 @@ class Worker:
             try:
                 helper.stop()
             except OSError as stop_exc:
-                leftovers.append(f"helper pid {helper_pid}: {stop_exc}")
+                leftovers.append((f"helper pid {helper_pid}", str(stop_exc)))
             return _error(step, exc, t0, leftovers)
         return {"ok": True, "result": result, "ms": _ms(t0)}
 
@@ -278,7 +276,8 @@ class Worker:
             return _error("request", exc, t0)
         failed = _unpin_all(paths)
         if failed:
-            return _error("unpin", OSError(errno.EBUSY, "; ".join(failed)), t0, failed)
+            text = "; ".join(f"{path}: {err}" for path, err in failed)
+            return _error("unpin", RuntimeError(text), t0, failed)
         return {"ok": True, "result": {}, "ms": _ms(t0)}
 
     def _verify(self, netns: str | None, userns: str | None) -> dict[str, Any]:
@@ -384,19 +383,19 @@ def _pin(source: str, target: str, dir_mode: int, pinned: list[str]) -> None:
                       target) from None
 
 
-def _unpin_all(paths: Any) -> list[str]:
-    """Unpin each path; return "path: error" for those that could not be unpinned."""
+def _unpin_all(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """Unpin each path; return (path, error) for those that could not be unpinned."""
     failed = []
     for path in paths:
         try:
             nsutil.unpin(path)
         except OSError as exc:
-            failed.append(f"{path}: {exc}")
+            failed.append((path, str(exc)))
     return failed
 
 
 def _error(step: str, exc: BaseException, t0: float,
-           leftovers: list[str] | None = None) -> dict[str, Any]:
+           leftovers: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     is_os = isinstance(exc, OSError)
     text = str(exc) if is_os or isinstance(exc, _Request) else f"{type(exc).__name__}: {exc}"
     return {
@@ -406,7 +405,9 @@ def _error(step: str, exc: BaseException, t0: float,
         "errno": exc.errno if isinstance(exc, OSError) else None,
         "path": exc.filename if isinstance(exc, OSError) else None,
         "exists": isinstance(exc, FileExistsError),
-        "leftovers": leftovers or [],
+        # what could not be undone: "what: why" for people, and the pin paths among them
+        "leftovers": [f"{what}: {why}" for what, why in leftovers or ()],
+        "leftover_paths": [what for what, _ in leftovers or () if what.startswith("/")],
         "ms": _ms(t0),
     }
 
