@@ -487,9 +487,9 @@ class Controller:
         ns = rec.namespaces
         pid = rec.task.pid
         want_user = (ns.userns_inode if ns and ns.userns_inode else
-                     nsutil.ns_inode("/proc/1/ns/user"))
+                     nsutil.ns_inode("/proc/self/ns/user"))
         want_net = (ns.netns_inode if ns and ns.netns_inode else
-                    nsutil.ns_inode("/proc/1/ns/net"))
+                    nsutil.ns_inode("/proc/self/ns/net"))
         try:
             if nsutil.proc_start_time(pid) != rec.task.start_time:
                 raise ProcessLookupError(errno.ESRCH, "pause process exited")

@@ -65,14 +65,15 @@ def sysfs_mount(req: PauseRequest) -> dict[str, Any]:
     (Linux 3.12, "sysfs: Restrict mounting sysfs"). A pod with its own user namespace but the
     host's network namespace cannot mount it, so it gets the host's /sys bound read-only, as
     containerd and CRI-O do. In every other case a fresh read-only sysfs shows only the pod's
-    own interfaces.
+    own interfaces. `rro` makes the bind's submounts, such as the host's cgroup hierarchies,
+    read-only too (plain `ro` covers only the top mount); runc 1.1 and crun 1.8 honour it.
     """
     if req.userns_path is not None and req.netns_path is None:
         return {
             "destination": "/sys",
             "type": "bind",
             "source": "/sys",
-            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+            "options": ["rbind", "ro", "rro", "nosuid", "nodev", "noexec"],
         }
     return {
         "destination": "/sys",

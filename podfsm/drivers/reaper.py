@@ -12,7 +12,7 @@ Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request 
 `op` and an optional `id`; each reply carries the same `id` plus either the result fields or
 `error` (a message). Requests on one connection may be answered out of order.
 
-- `ping` -> {pid, children, watched}
+- `ping` -> {pid, runs, watched}: the reaper's pid, commands in flight, processes watched
 - `run` {argv, env?, mount_workaround?, timeout?, output_file?} -> {rc, stdout, stderr}
   `output_file`: stdout and stderr go to that file (for `create`, whose container inherits the
   runtime's stdio and would hold a pipe open forever); its tail is returned as `stderr`.
@@ -35,13 +35,13 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import errno
 import fcntl
 import itertools
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +64,7 @@ LINE_LIMIT = 4 * 1024 * 1024
 #: Exit statuses of processes nobody asked about (the runtime's helpers), kept in case a
 #: `watch` or `wait_exit` for them arrives late.
 MAX_UNWATCHED_EXITS = 1024
+_IDEMPOTENT_OPS = frozenset({"ping", "watch", "wait_exit", "forget"})
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 _PR_SET_NAME = 15
 _CGROUP2_HYBRID_MOUNT = "/sys/fs/cgroup/unified"
@@ -73,6 +74,10 @@ log = logging.getLogger("podfsm.reaper")
 
 class ReaperError(Exception):
     """The reaper refused or failed a request, or could not be reached."""
+
+
+class ReaperConnectionLost(ReaperError):
+    """The connection to the reaper ended before the reply arrived."""
 
 
 def shell_status(wait_status: int) -> int:
@@ -89,7 +94,8 @@ def socket_path(run_dir: str) -> str:
     path = os.path.join(os.path.abspath(run_dir), SOCKET_NAME)
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise ValueError(
-            f"reaper socket path {path!r} is longer than {_SUN_PATH_MAX} bytes; use a shorter run_dir"
+            f"reaper socket path {path!r} is longer than {_SUN_PATH_MAX} bytes: "
+            "use a shorter run_dir"
         )
     return path
 
@@ -165,7 +171,7 @@ class _Run:
 
 
 class ReaperServer:
-    """The reaper's event loop side. Create it and `await serve(server_socket_path)`."""
+    """The reaper's event-loop side: create it, then `await serve(listening_socket)`."""
 
     def __init__(self, run_dir: str, idle_exit: float = IDLE_EXIT_SECONDS) -> None:
         self.run_dir = os.path.abspath(run_dir)
@@ -175,6 +181,9 @@ class ReaperServer:
         self._watched: set[tuple[int, int]] = set()
         self._waiters: dict[tuple[int, int], list[asyncio.Future[int | None]]] = {}
         self._clients = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._no_clients = asyncio.Event()
+        self._no_clients.set()
         self._last_activity = time.monotonic()
         self._shutdown = False
         self._done: asyncio.Future[None] | None = None
@@ -183,7 +192,7 @@ class ReaperServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def serve(self, listen_sock: Any) -> None:
+    async def serve(self, listen_sock: socket.socket) -> None:
         """Serve on the already bound and listening unix socket until idle or shut down."""
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -201,6 +210,13 @@ class ReaperServer:
         finally:
             ticker.cancel()
             server.close()
+            # Clients still connected (after `shutdown`) see end of file and finish by
+            # themselves, rather than being cancelled mid-read when the loop ends.
+            for writer in list(self._writers):
+                writer.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._no_clients.wait()
             log.info("reaper exiting")
 
     def _request_shutdown(self) -> None:
@@ -447,7 +463,12 @@ class ReaperServer:
             if nsutil.proc_start_time(pid) != start_time:
                 return {"status": None, "exited": True}
             readable: asyncio.Future[None] = self._loop.create_future()
-            self._loop.add_reader(pidfd, lambda: readable.done() or readable.set_result(None))
+
+            def on_exit() -> None:
+                if not readable.done():
+                    readable.set_result(None)
+
+            self._loop.add_reader(pidfd, on_exit)
             try:
                 async with asyncio.timeout(timeout):
                     await readable
@@ -502,6 +523,8 @@ class ReaperServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._clients += 1
+        self._no_clients.clear()
+        self._writers.add(writer)
         self._last_activity = time.monotonic()
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -529,6 +552,9 @@ class ReaperServer:
             for task in tasks:
                 task.cancel()
             self._clients -= 1
+            if not self._clients:
+                self._no_clients.set()
+            self._writers.discard(writer)
             self._last_activity = time.monotonic()
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -544,7 +570,8 @@ def _set_process_name() -> None:
 
 
 def _acquire_lock(run_dir: str, wait: float) -> int | None:
-    """flock the run_dir's reaper lock, held for the reaper's lifetime; None if another has it."""
+    """flock the run_dir's reaper lock, held for the reaper's lifetime; None when another
+    reaper holds it and serves."""
     fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + wait
     while True:
@@ -552,16 +579,24 @@ def _acquire_lock(run_dir: str, wait: float) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
-            if time.monotonic() >= deadline:
+            # The holder either serves (then use it) or is starting or exiting (then wait for
+            # its socket or its lock).
+            if _answers(socket_path(run_dir)) or time.monotonic() >= deadline:
                 os.close(fd)
                 return None
-            # The holder may be a reaper that is just exiting: give it a moment.
             time.sleep(0.02)
 
 
-def _bind(path: str) -> Any:
-    import socket
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
 
+
+def _bind(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # stale: we hold the lock, so no live reaper owns it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -609,12 +644,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m podfsm.drivers.reaper")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--foreground", action="store_true", help="do not fork; log to stderr")
-    parser.add_argument("--idle-exit", type=float, default=IDLE_EXIT_SECONDS)
+    parser.add_argument("--idle-exit", type=float, default=IDLE_EXIT_SECONDS,
+                        help="seconds without children, clients or requests before exiting")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG logs every reaped process")
     args = parser.parse_args(argv)
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     run_dir = os.path.abspath(args.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     if args.foreground:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        logging.basicConfig(level=level, format="%(asctime)s %(message)s")
         return _daemon(run_dir, None, args.idle_exit)
 
     read_fd, write_fd = os.pipe()
@@ -640,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         os.close(log_fd)
         logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s reaper[%(process)d] %(levelname)s %(message)s"
+            level=level, format="%(asctime)s reaper[%(process)d] %(levelname)s %(message)s"
         )
         rc = _daemon(run_dir, write_fd, args.idle_exit)
     except BaseException:
@@ -651,6 +689,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- the client -------------------------------------------------------------------------------
+
+
+#: The podfsm package directory, for the bootstrap below.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Starts `main` with `podfsm` as a bare package: podfsm/__init__.py imports the whole controller
+#: (pydantic, pyroute2, ...), about 140 ms and 15 MB this long-lived process does not need. It is
+#: `python -m podfsm.drivers.reaper` without that, and independent of the caller's cwd and
+#: PYTHONPATH.
+_BOOTSTRAP = (
+    "import sys, types\n"
+    "pkg = types.ModuleType('podfsm')\n"
+    "pkg.__path__ = [sys.argv[1]]\n"
+    "sys.modules['podfsm'] = pkg\n"
+    "from podfsm.drivers.reaper import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
 
 
 class RunResult(NamedTuple):
@@ -672,15 +726,24 @@ class WatchResult(NamedTuple):
 class ReaperClient:
     """Talks to the reaper of `run_dir`, starting it when needed.
 
+    `idle_exit` is passed to a reaper this client starts: the seconds it lingers once it has no
+    child, no client and no request.
+
     One connection carries concurrent requests (each with its own id, answered by one reader
     task). A lost connection fails the requests in flight with ReaperError; the next request
     reconnects, starting a new reaper if the old one is gone.
     """
 
     def __init__(
-        self, run_dir: str, *, python: str = sys.executable, start_timeout: float = 10.0
+        self,
+        run_dir: str,
+        *,
+        python: str = sys.executable,
+        start_timeout: float = 10.0,
+        idle_exit: float = IDLE_EXIT_SECONDS,
     ) -> None:
         self.run_dir = os.path.abspath(run_dir)
+        self.idle_exit = idle_exit
         self.socket_path = socket_path(self.run_dir)
         self._python = python
         self._start_timeout = start_timeout
@@ -699,57 +762,53 @@ class ReaperClient:
 
     async def connect(self) -> None:
         """Connect, starting the reaper if its socket is missing or refuses; returns once the
-        reaper has answered a ping."""
+        reaper has answered a ping. Raises ReaperError when it cannot be started or reached
+        within the start timeout."""
         async with self._connect_lock:
             if self.connected:
                 return
+            await self._drop_connection()  # what is left of a lost connection
             deadline = time.monotonic() + self._start_timeout
-            started = False
-            while True:
+            why: BaseException | None = None
+            while time.monotonic() < deadline:
                 try:
                     reader, writer = await asyncio.open_unix_connection(
                         self.socket_path, limit=LINE_LIMIT
                     )
-                except (FileNotFoundError, ConnectionRefusedError) as exc:
-                    if time.monotonic() >= deadline:
-                        raise ReaperError(f"cannot reach the reaper at {self.socket_path}: {exc}")
-                    if not started:
-                        await self._launch()
-                        started = True
-                    else:
-                        await asyncio.sleep(0.01)
+                except (FileNotFoundError, ConnectionError) as exc:
+                    why = exc
+                    # The launcher returns once a reaper listens, or after waiting for the lock
+                    # of one that is exiting: either way the next attempt can connect.
+                    await self._launch()
                     continue
                 self._reader, self._writer = reader, writer
-                self._reader_task = asyncio.create_task(self._read_replies(reader))
-                break
-        try:
-            reply = await self._request({"op": "ping"}, reconnect=False)
-        except ReaperError:
-            # It vanished between accept and ping (an idle exit): try once more from scratch.
-            await self._drop_connection()
-            await self.connect()
-            return
-        self.reaper_pid = int(reply["pid"])
+                self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
+                try:
+                    reply = await self._send({"op": "ping"})
+                except ReaperError as exc:
+                    # It exited (idle) between accept and ping: start over.
+                    why = exc
+                    await self._drop_connection()
+                    continue
+                self.reaper_pid = int(reply["pid"])
+                return
+            raise ReaperError(f"cannot reach the reaper at {self.socket_path}: {why}")
 
     async def _launch(self) -> None:
-        # The package root goes on PYTHONPATH so `-m` works whatever the caller's cwd is.
-        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (pkg_root, env.get("PYTHONPATH", "")) if p
-        )
         proc = await asyncio.create_subprocess_exec(
-            self._python, "-m", "podfsm.drivers.reaper", "--run-dir", self.run_dir,
+            self._python, "-I", "-c", _BOOTSTRAP, _PACKAGE_DIR, "--run-dir", self.run_dir,
+            "--idle-exit", str(self.idle_exit),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=env, start_new_session=True,
+            start_new_session=True,
         )
         _, err = await proc.communicate()
         if proc.returncode != 0:
-            raise ReaperError(
-                f"cannot start the reaper for {self.run_dir}: {err.decode(errors='replace').strip()}"
-            )
+            why = err.decode(errors="replace").strip()
+            raise ReaperError(f"cannot start the reaper for {self.run_dir}: {why}")
 
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+    async def _read_replies(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             while True:
                 line = await reader.readline()
@@ -765,9 +824,8 @@ class ReaperClient:
             pending, self._pending = self._pending, {}
             for fut in pending.values():
                 if not fut.done():
-                    fut.set_exception(ReaperError("lost the connection to the reaper"))
-            if self._writer is not None:
-                self._writer.close()
+                    fut.set_exception(ReaperConnectionLost("lost the connection to the reaper"))
+            writer.close()
 
     async def _drop_connection(self) -> None:
         task, writer = self._reader_task, self._writer
@@ -784,11 +842,21 @@ class ReaperClient:
     async def _request(self, req: dict[str, Any], *, reconnect: bool = True) -> dict[str, Any]:
         if not self.connected:
             if not reconnect:
-                raise ReaperError("not connected to the reaper")
-            await self._drop_connection()
+                raise ReaperConnectionLost("not connected to the reaper")
             await self.connect()
+        try:
+            return await self._send(req)
+        except ReaperConnectionLost:
+            # Only requests that may be repeated are: a `run` may have done its work already.
+            if not reconnect or req["op"] not in _IDEMPOTENT_OPS:
+                raise
+        await self.connect()
+        return await self._send(req)
+
+    async def _send(self, req: dict[str, Any]) -> dict[str, Any]:
         writer = self._writer
-        assert writer is not None
+        if writer is None or writer.is_closing():
+            raise ReaperConnectionLost("not connected to the reaper")
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut

@@ -62,6 +62,8 @@ def _host_network_kept(bridge: str) -> Iterator[None]:
     """The demo's own bridge goes away afterwards and ip_forward (the bridge plugin's isGateway
     turns it on) is put back, so the host is left as it was found."""
     existed = os.path.exists(f"/sys/class/net/{bridge}")
+    made = [d for d in ("/var/lib/cni", "/var/lib/cni/networks",
+                        f"/var/lib/cni/networks/{DEMO_NETWORK}") if not os.path.exists(d)]
     forward = "/proc/sys/net/ipv4/ip_forward"
     before = _read(forward)
     try:
@@ -71,6 +73,11 @@ def _host_network_kept(bridge: str) -> Iterator[None]:
             os.system(f"ip link del {bridge} 2>/dev/null")
         with open(forward, "w") as f:
             f.write(before)
+        # host-local's store for the demo network (only its lock file is left by now)
+        shutil.rmtree(f"/var/lib/cni/networks/{DEMO_NETWORK}", ignore_errors=True)
+        for d in reversed(made[:-1]):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 async def run_demo(cfg: ControllerConfig) -> int:
@@ -95,7 +102,7 @@ async def run_demo(cfg: ControllerConfig) -> int:
             owner = nsutil.netns_owner_inode(st.netns_path)
             userns = nsutil.ns_inode(st.userns_path)
             pause_user = nsutil.ns_inode(f"/proc/{pid}/ns/user")
-            host_user = nsutil.ns_inode("/proc/1/ns/user")
+            host_user = nsutil.ns_inode("/proc/self/ns/user")
             p.check(owner == userns == pause_user != host_user,
                     "netns owned by the pod's user namespace",
                     f"NS_GET_USERNS(netns) = {owner}, pinned userns = {userns}, "
@@ -134,6 +141,7 @@ async def run_demo(cfg: ControllerConfig) -> int:
 def main(args: argparse.Namespace) -> int:
     """Entry point of `podfsm demo`. Uses its own directories and CNI network unless told."""
     tmp = tempfile.mkdtemp(prefix="podfsm-demo-")
+    os.chmod(tmp, 0o711)  # the pod's mapped root must reach the pause rootfs below it
     try:
         conf_dir = args.cni_conf_dir or os.path.join(tmp, "net.d")
         os.makedirs(conf_dir, exist_ok=True)

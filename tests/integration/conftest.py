@@ -1,0 +1,186 @@
+"""Fixtures for the integration tests: real kernel namespaces, real runc AND crun, real CNI
+plugins, real catatonit, as root. Every test gets its own state, run and netns directories and
+its own CNI network, bridge and subnet, and everything is cleaned up even when the test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+
+from podfsm import Controller, ControllerConfig, State
+from podfsm.drivers import nsutil
+
+pytestmark = pytest.mark.integration
+
+_subnets = itertools.count(1)
+CNI_STORE = "/var/lib/cni/networks"
+
+
+@dataclass
+class Env:
+    """One test's private world."""
+
+    tmp: str
+    cfg: ControllerConfig
+    network: str
+    bridge: str
+    subnet: str
+
+    def controller(self, **kw: Any) -> Controller:
+        return Controller(self.cfg.model_copy(update=kw) if kw else self.cfg)
+
+    @property
+    def runtime_root(self) -> str:
+        return os.path.join(self.cfg.run_dir, "runtime", self.cfg.runtime)
+
+    def reservations(self) -> list[str]:
+        d = os.path.join(CNI_STORE, self.network)
+        if not os.path.isdir(d):
+            return []
+        return [f for f in os.listdir(d) if f != "lock" and not f.startswith("last_reserved_ip")]
+
+    def mounts(self) -> list[str]:
+        with open("/proc/self/mountinfo") as f:
+            return [line.split()[4] for line in f if self.tmp in line.split()[4]]
+
+    def pause_processes(self) -> list[int]:
+        """Live processes whose root is inside our pause rootfs."""
+        rootfs = os.path.join(self.cfg.run_dir, "pause-rootfs")
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/root") == rootfs:
+                    pids.append(int(pid))
+        return pids
+
+    def containers(self) -> list[str]:
+        if not os.path.isdir(self.runtime_root):
+            return []
+        out = subprocess.run([self.cfg.runtime, "--root", self.runtime_root, "list", "-q"],
+                             capture_output=True, text=True, check=False).stdout
+        return out.split()
+
+    def leftovers(self) -> dict[str, list[Any]]:
+        """Everything a finished sandbox must not leave; empty lists when clean."""
+        pins = [os.path.join(self.cfg.netns_dir, n) for n in os.listdir(self.cfg.netns_dir)]
+        sandboxes = os.path.join(self.cfg.run_dir, "sandboxes")
+        userns = os.listdir(sandboxes) if os.path.isdir(sandboxes) else []
+        bundles_dir = os.path.join(self.cfg.run_dir, "bundles")
+        bundles = os.listdir(bundles_dir) if os.path.isdir(bundles_dir) else []
+        records_dir = os.path.join(self.cfg.state_dir, "sandboxes")
+        records = os.listdir(records_dir) if os.path.isdir(records_dir) else []
+        found = {
+            "netns pins": pins, "userns pin dirs": userns, "mounts": self.mounts(),
+            "reservations": self.reservations(), "containers": self.containers(),
+            "pause processes": self.pause_processes(), "bundles": bundles, "records": records,
+        }
+        return {k: v for k, v in found.items() if v}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _keep_ip_forward() -> Iterator[None]:
+    """The bridge plugin's isGateway turns on ip_forward: put the host's value back."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    with open(path) as f:
+        before = f.read()
+    made = [d for d in ("/var/lib/cni", CNI_STORE) if not os.path.exists(d)]
+    yield
+    with open(path, "w") as f:
+        f.write(before)
+    for d in reversed(made):  # only if empty: another user may have come meanwhile
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+def make_env(runtime: str, **overrides: Any) -> Env:
+    n = next(_subnets) + (os.getpid() % 50) * 4
+    tmp = tempfile.mkdtemp(prefix="pfsm-")  # short: the reaper's socket path must fit
+    os.chmod(tmp, 0o711)  # the pod's root (a high host uid) must walk down to the rootfs
+    network = f"pfsm-it-{os.getpid()}-{n}"
+    bridge = f"pfsmit{n}"
+    subnet = f"10.240.{n % 250}.0/24"
+    conf = os.path.join(tmp, "net.d")
+    os.makedirs(conf)
+    cfg = ControllerConfig(
+        state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(tmp, "run"),
+        netns_dir=os.path.join(tmp, "netns"), runtime=runtime, cni_conf_dir=conf,
+        default_network_name=network, default_bridge=bridge, default_subnet=subnet,
+        stop_grace=1.0, **overrides,
+    )
+    return Env(tmp, cfg, network, bridge, subnet)
+
+
+def destroy_env(env: Env) -> None:
+    """Remove whatever a failed test may have left, then the env itself."""
+    for cid in env.containers():
+        subprocess.run([env.cfg.runtime, "--root", env.runtime_root, "delete", "-f", cid],
+                       capture_output=True, check=False)
+    for pid in env.pause_processes():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    # the network is this test's own: its whole IPAM store goes
+    shutil.rmtree(os.path.join(CNI_STORE, env.network), ignore_errors=True)
+    for m in sorted(env.mounts(), key=len, reverse=True):
+        nsutil.unpin(m)
+    subprocess.run(["ip", "link", "del", env.bridge], capture_output=True, check=False)
+    shutil.rmtree(env.tmp, ignore_errors=True)
+
+
+@pytest.fixture(params=["runc", "crun"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def env(runtime: str) -> Iterator[Env]:
+    e = make_env(runtime)
+    try:
+        yield e
+    finally:
+        destroy_env(e)
+
+
+@contextlib.asynccontextmanager
+async def running(env: Env, **kw: Any) -> AsyncIterator[Controller]:
+    """A controller on the env that removes whatever sandboxes a failing test left.
+
+    (Not a fixture: the Controller's task group must be entered and left in one task, and
+    pytest-asyncio runs a fixture's setup and teardown in different tasks.)"""
+    async with env.controller(**kw) as c:
+        try:
+            yield c
+        finally:
+            for st in await c.list_sandboxes():
+                with contextlib.suppress(Exception):
+                    await c.remove_sandbox(st.id)
+
+
+def pod(name: str = "pod", userns: dict[str, Any] | None = None,
+        network: str = "POD") -> dict[str, Any]:
+    """A crictl pod config; userns None means mode POD with allocated ids."""
+    return {
+        "metadata": {"name": name, "namespace": "podfsm-test", "uid": f"uid-{name}"},
+        "linux": {"security_context": {"namespace_options": {
+            "network": network,
+            "userns_options": userns if userns is not None else {"mode": "POD"},
+        }}},
+    }
+
+
+async def wait_for_state(ctl: Controller, sandbox_id: str, state: State, within: float) -> float:
+    """Wait until the sandbox is in `state`; the seconds it took (5 ms resolution)."""
+    t0 = anyio.current_time()
+    with anyio.fail_after(within):
+        while (await ctl.sandbox_status(sandbox_id)).state is not state:  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+    return anyio.current_time() - t0
