@@ -42,8 +42,9 @@ class ControllerConfig(BaseModel):
     max_parallel: int = Field(default=16, ge=1)
     #: seconds an unwinding may take before it gives up (and reports what is left)
     unwind_timeout: float = Field(default=30.0, gt=0)
-    #: seconds to wait for the pause task to exit after SIGTERM before SIGKILL
-    stop_grace: float = Field(default=2.0, ge=0)
+    #: seconds to wait for the pause task to exit after SIGTERM before SIGKILL; 0 (the default,
+    #: as containerd does for the pause container) sends SIGKILL at once
+    stop_grace: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _absolute(self) -> ControllerConfig:

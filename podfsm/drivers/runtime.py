@@ -481,8 +481,9 @@ def _read_pid(path: str) -> int:
 
 def _write_json(path: str, data: Any) -> None:
     tmp = f"{path}.tmp"
+    # json.dumps without indent runs the C encoder; json.dump(f) would run the Python one
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
+        f.write(json.dumps(data, separators=(",", ":")))
     os.replace(tmp, path)
 
 

@@ -115,7 +115,7 @@ def make_env(runtime: str, **overrides: Any) -> Env:
         state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(tmp, "run"),
         netns_dir=os.path.join(tmp, "netns"), runtime=runtime, cni_conf_dir=conf,
         default_network_name=network, default_bridge=bridge, default_subnet=subnet,
-        stop_grace=1.0, **overrides,
+        **overrides,
     )
     return Env(tmp, cfg, network, bridge, subnet)
 

@@ -1,0 +1,476 @@
+"""`podfsm bench`: podfsm against the raw system steps, on its own directories and CNI network.
+
+For each runtime and concurrency level it runs N sandboxes through run, stop and remove with an
+embedded Controller, and the same system steps driven directly with no controller (the raw
+baseline: namespaces made by the same worker pool, the CNI plugins, runtime create and start,
+kill, runtime delete, CNI DEL, unpin — no records, no state machine, no events). It prints
+per-operation p50/p95/p99 latency, lifecycle throughput, podfsm's figures as ratios of the raw
+ones, the CPU time of podfsm's own processes (controller, namespace workers, reaper; not the
+runtime or CNI binaries) per lifecycle, their peak memory, and how fast an external kill -9 of a
+pause process is noticed. `--ready N` also holds N sandboxes Ready to measure memory and the
+time a restart takes to recover them; `--soak N` runs N lifecycles back to back and checks open
+fds and memory stay flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from podfsm.config import ControllerConfig
+from podfsm.controller import Controller
+from podfsm.core.errors import PodfsmError
+from podfsm.core.records import TaskInfo
+from podfsm.core.spec import IDMapping
+from podfsm.core.states import State
+from podfsm.drivers.base import NamespaceRequest, NetworkRequest, PauseRequest
+
+BENCH_NETWORK = "podfsm-bench"
+BENCH_BRIDGE = "podfsm-bench0"
+BENCH_SUBNET = "10.209.248.0/22"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def pod(i: int, tag: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"bench-{tag}-{i}", "namespace": "podfsm-bench", "uid": f"{tag}{i}"},
+        "linux": {"security_context": {"namespace_options": {
+            "network": "POD", "userns_options": {"mode": "POD"}}}},
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+@dataclass
+class Level:
+    """The figures of one (runtime, mode, concurrency) level. Times in ms."""
+
+    mode: str
+    concurrency: int
+    count: int
+    run: list[float] = field(default_factory=list)
+    teardown: list[float] = field(default_factory=list)  # stop + remove
+    wall: float = 0.0
+    cpu_ms: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        def stats(v: list[float]) -> dict[str, float]:
+            return {"p50": pct(v, 50), "p95": pct(v, 95), "p99": pct(v, 99)}
+
+        return {
+            "mode": self.mode, "concurrency": self.concurrency, "count": self.count,
+            "run_ms": stats(self.run), "stop_remove_ms": stats(self.teardown),
+            "cycles_per_s": self.count / self.wall if self.wall else 0.0,
+            "cpu_ms_per_cycle": self.cpu_ms / self.count if self.count else 0.0,
+        }
+
+
+# ---------------------------------------------------------------- our own processes
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def podfsm_pids(run_dir: str) -> list[int]:
+    """This process, its namespace workers (its python children) and the reaper of run_dir."""
+    me = os.getpid()
+    pids = [me]
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        if pid == me:
+            continue
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        argv = _cmdline(pid)
+        is_python = bool(argv) and "python" in os.path.basename(argv[0])
+        if (int(fields[1]) == me and is_python) or (is_python and run_dir in argv):
+            pids.append(pid)
+    return pids
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime + stime, not children's
+    return total
+
+
+def memory_kb(pids: list[int], key: str) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+    return total
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ---------------------------------------------------------------- the bench world
+
+
+@contextlib.contextmanager
+def bench_world(runtime: str) -> Iterator[ControllerConfig]:
+    """Own directories and CNI network; the host is put back as it was afterwards."""
+    tmp = tempfile.mkdtemp(prefix="podfsm-bench-")
+    os.chmod(tmp, 0o711)
+    conf = os.path.join(tmp, "net.d")
+    os.makedirs(conf)
+    forward = "/proc/sys/net/ipv4/ip_forward"
+    with open(forward) as f:
+        before = f.read()
+    bridge_existed = os.path.exists(f"/sys/class/net/{BENCH_BRIDGE}")
+    made = [d for d in ("/var/lib/cni", "/var/lib/cni/networks") if not os.path.exists(d)]
+    try:
+        yield ControllerConfig(
+            state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(tmp, "run"),
+            netns_dir=os.path.join(tmp, "netns"), runtime=runtime,  # type: ignore[arg-type]
+            cni_conf_dir=conf, default_network_name=BENCH_NETWORK,
+            default_bridge=BENCH_BRIDGE, default_subnet=BENCH_SUBNET,
+        )
+    finally:
+        if not bridge_existed:
+            os.system(f"ip link del {BENCH_BRIDGE} 2>/dev/null")
+        with open(forward, "w") as f:
+            f.write(before)
+        shutil.rmtree(f"/var/lib/cni/networks/{BENCH_NETWORK}", ignore_errors=True)
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _pool(count: int, concurrency: int, one: Callable[[int], Awaitable[None]],
+                progress: Callable[[int], None]) -> float:
+    """Run one(i) for i in range(count), `concurrency` at a time; wall seconds."""
+    it = iter(range(count))
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        for i in it:
+            await one(i)
+            done += 1
+            progress(done)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0
+
+
+def _progress(label: str, count: int, quiet: bool) -> Callable[[int], None]:
+    def show(done: int) -> None:
+        if not quiet:
+            end = "\n" if done == count else ""
+            print(f"\r  {label}: {done}/{count}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+# ---------------------------------------------------------------- raw baseline
+
+
+async def raw_level(cfg: ControllerConfig, count: int, concurrency: int, quiet: bool) -> Level:
+    """The system steps driven directly through the drivers: no controller around them."""
+    from podfsm.drivers.cni import CniNetwork
+    from podfsm.drivers.namespaces import WorkerPoolNamespaces
+    from podfsm.drivers.runtime import OciRuntime
+
+    ns = WorkerPoolNamespaces(workers=cfg.workers)
+    net = CniNetwork(cfg.cni_conf_dir, cfg.cni_bin_dirs, cfg.default_network_name,
+                     cfg.default_bridge, cfg.default_subnet)
+    rt = OciRuntime(cfg.runtime, cfg.run_dir, pause_binary=cfg.pause_binary)
+    await ns.start()
+    await rt.start()
+    await net.start()
+    level = Level("raw", concurrency, count)
+    os.makedirs(cfg.netns_dir, exist_ok=True)
+    try:
+        async def one(i: int) -> None:
+            sid = f"{os.urandom(32).hex()}"
+            netns = os.path.join(cfg.netns_dir, f"raw-{sid[:16]}")
+            userns = os.path.join(cfg.run_dir, "raw", sid, "userns")
+            m = IDMapping(container_id=0, host_id=(1 << 21) + i * 65536, length=65536)
+            t0 = time.perf_counter()
+            pinned = await ns.create(NamespaceRequest(sid, netns, userns, m, m))
+            nreq = NetworkRequest(sid, netns, f"raw{i}", "podfsm-bench", f"raw{i}")
+            result = await net.attach(nreq)
+            task = await rt.create(PauseRequest(sid, "raw", pinned.netns_path,
+                                                pinned.userns_path, m, m))
+            await rt.start_task(sid)
+            t1 = time.perf_counter()
+            await _kill_wait(task, 10.0)
+            await rt.wait_exit_status(task, 1.0)
+            await rt.delete(sid)
+            await net.detach(nreq, result)
+            await ns.destroy(netns, userns)
+            shutil.rmtree(os.path.dirname(userns), ignore_errors=True)
+            t2 = time.perf_counter()
+            level.run.append((t1 - t0) * 1000)
+            level.teardown.append((t2 - t1) * 1000)
+
+        pids = podfsm_pids(cfg.run_dir)
+        c0 = cpu_ticks(pids)
+        level.wall = await _pool(count, concurrency, one,
+                                 _progress(f"{cfg.runtime} raw    c={concurrency}", count, quiet))
+        level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
+    finally:
+        await rt.close()
+        await ns.close()
+    return level
+
+
+async def _kill_wait(task: TaskInfo, grace: float) -> None:
+    fd = os.pidfd_open(task.pid)
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        def exited() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, exited)
+        try:
+            await asyncio.wait_for(done, grace)
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- podfsm
+
+
+async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int, concurrency: int,
+                       quiet: bool) -> Level:
+    level = Level("podfsm", concurrency, count)
+    tag = f"c{concurrency}x"
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        st = await ctl.run_sandbox(pod(i, tag))
+        t1 = time.perf_counter()
+        await ctl.stop_sandbox(st.id)
+        await ctl.remove_sandbox(st.id)
+        t2 = time.perf_counter()
+        level.run.append((t1 - t0) * 1000)
+        level.teardown.append((t2 - t1) * 1000)
+
+    pids = podfsm_pids(cfg.run_dir)
+    c0 = cpu_ticks(pids)
+    level.wall = await _pool(count, concurrency, one,
+                             _progress(f"{cfg.runtime} podfsm c={concurrency}", count, quiet))
+    level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
+    return level
+
+
+async def exit_latency(ctl: Controller, samples: int, quiet: bool) -> list[float]:
+    """ms from an external kill -9 of the pause process to the task_exit event."""
+    out: list[float] = []
+    show = _progress("kill -9 noticed", samples, quiet)
+    for i in range(samples):
+        st = await ctl.run_sandbox(pod(i, "exit"))
+        assert st.pid is not None
+        seen = asyncio.Event()
+
+        async def watch(sid: str = st.id, ev: asyncio.Event = seen) -> None:
+            async for e in ctl.events():
+                if e.sandbox_id == sid and e.trigger == "task_exit":
+                    ev.set()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0)  # let the watcher subscribe
+        t0 = time.perf_counter()
+        os.kill(st.pid, signal.SIGKILL)
+        await asyncio.wait_for(seen.wait(), 5)
+        out.append((time.perf_counter() - t0) * 1000)
+        watcher.cancel()
+        await ctl.remove_sandbox(st.id)
+        show(i + 1)
+    return out
+
+
+async def hold_ready(cfg: ControllerConfig, n: int, quiet: bool) -> dict[str, Any]:
+    """N sandboxes Ready: memory of podfsm's processes, then restart-recovery time."""
+    show = _progress(f"{cfg.runtime} {n} Ready", n, quiet)
+    ids: list[str] = []
+    async with Controller(cfg) as ctl:
+        async def one(i: int) -> None:
+            ids.append((await ctl.run_sandbox(pod(i, "ready"))).id)
+
+        await _pool(n, 8, one, show)
+        pids = podfsm_pids(cfg.run_dir)
+        rss_kb = memory_kb(pids, "VmRSS")
+        self_kb = memory_kb([os.getpid()], "VmRSS")
+    t0 = time.perf_counter()
+    async with Controller(cfg) as ctl:
+        recover_s = time.perf_counter() - t0
+        states = [s.state for s in await ctl.list_sandboxes()]
+        ready = sum(1 for s in states if s is State.READY)
+        await _pool(len(ids), 8, lambda i: ctl.remove_sandbox(ids[i]),
+                    _progress("removing", len(ids), quiet))
+    return {"sandboxes": n, "rss_mb_all": rss_kb / 1024, "rss_mb_controller": self_kb / 1024,
+            "processes": len(pids), "recover_s": recover_s, "ready_after_restart": ready}
+
+
+async def soak(ctl: Controller, n: int, quiet: bool) -> dict[str, Any]:
+    """N lifecycles back to back: fds and RSS after the first 100 vs at the end."""
+    show = _progress("soak", n, quiet)
+    marks: dict[int, tuple[int, int]] = {}
+    for i in range(n):
+        st = await ctl.run_sandbox(pod(i, "soak"))
+        await ctl.stop_sandbox(st.id)
+        await ctl.remove_sandbox(st.id)
+        if i + 1 in (min(100, n), n):
+            pids = podfsm_pids(ctl.config.run_dir)
+            marks[i + 1] = (open_fds(), memory_kb(pids, "VmRSS"))
+        show(i + 1)
+    first, last = marks[min(100, n)], marks[n]
+    return {"lifecycles": n, "fds_at_100": first[0], "fds_at_end": last[0],
+            "rss_kb_at_100": first[1], "rss_kb_at_end": last[1],
+            "rss_growth_pct": 100 * (last[1] - first[1]) / max(first[1], 1),
+            "left": await ctl.list_sandboxes() != []}
+
+
+# ---------------------------------------------------------------- driver
+
+
+async def bench_runtime(runtime: str, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"runtime": runtime, "levels": []}
+    with bench_world(runtime) as cfg:
+        for c in args.concurrency:
+            raw = await raw_level(cfg, args.count, c, args.json)
+            async with Controller(cfg) as ctl:
+                mine = await podfsm_level(ctl, cfg, args.count, c, args.json)
+                if c == args.concurrency[0]:
+                    out["exit_ms"] = await exit_latency(ctl, args.exit_samples, args.json)
+                out["peak_rss_mb"] = max(out.get("peak_rss_mb", 0.0), memory_kb(
+                    podfsm_pids(cfg.run_dir), "VmHWM") / 1024)
+            out["levels"].append({"raw": raw.summary(), "podfsm": mine.summary()})
+        if args.ready:
+            out["ready"] = await hold_ready(cfg, args.ready, args.json)
+        if args.soak:
+            async with Controller(cfg) as ctl:
+                out["soak"] = await soak(ctl, args.soak, args.json)
+    return out
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"\n== {r['runtime']} ==")
+        lines.append(f"{'level':<14}{'run p50/p95/p99 ms':>24}{'stop+rm p50/p95/p99 ms':>27}"
+                     f"{'cycles/s':>10}{'cpu ms/cyc':>12}")
+        seq_raw_rate = None
+        for lv in r["levels"]:
+            for mode in ("raw", "podfsm"):
+                s = lv[mode]
+                run, td = s["run_ms"], s["stop_remove_ms"]
+                lines.append(
+                    f"{mode + ' c=' + str(s['concurrency']):<14}"
+                    f"{run['p50']:>10.1f}{run['p95']:>7.1f}{run['p99']:>7.1f}"
+                    f"{td['p50']:>13.1f}{td['p95']:>7.1f}{td['p99']:>7.1f}"
+                    f"{s['cycles_per_s']:>10.1f}{s['cpu_ms_per_cycle']:>12.2f}")
+            raw, mine = lv["raw"], lv["podfsm"]
+            if seq_raw_rate is None:
+                seq_raw_rate = raw["cycles_per_s"]
+            lines.append(
+                f"{'  ratio':<14}{_ratio(mine['run_ms']['p50'], raw['run_ms']['p50']):>10}"
+                f"{'':>14}{_ratio(mine['stop_remove_ms']['p50'], raw['stop_remove_ms']['p50']):>13}"
+                f"{'':>14}{_ratio(mine['cycles_per_s'], raw['cycles_per_s']):>10}"
+                f"   (vs raw sequential: "
+                f"{_ratio(mine['cycles_per_s'], seq_raw_rate)})")
+        ex = r.get("exit_ms") or []
+        if ex:
+            lines.append(f"kill -9 noticed: p50 {pct(ex, 50):.2f} ms, p99 {pct(ex, 99):.2f} ms "
+                         f"({len(ex)} samples)")
+        lines.append(f"peak RSS of podfsm's processes: {r.get('peak_rss_mb', 0):.1f} MB")
+        if "ready" in r:
+            rd = r["ready"]
+            lines.append(f"{rd['sandboxes']} Ready: {rd['rss_mb_all']:.1f} MB resident in "
+                         f"{rd['processes']} podfsm processes "
+                         f"(controller {rd['rss_mb_controller']:.1f} MB); restart recovered "
+                         f"{rd['ready_after_restart']} Ready in {rd['recover_s']:.2f} s")
+        if "soak" in r:
+            sk = r["soak"]
+            lines.append(f"soak {sk['lifecycles']}: fds {sk['fds_at_100']} -> {sk['fds_at_end']}, "
+                         f"RSS {sk['rss_kb_at_100']} -> {sk['rss_kb_at_end']} kB "
+                         f"({sk['rss_growth_pct']:+.1f}%)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `podfsm bench`."""
+    runtimes = _split(args.runtime, str) or ["runc", "crun"]
+    args.concurrency = _split(args.concurrency, int) or [1, 4, 16]
+    args.exit_samples = getattr(args, "exit_samples", None) or 20
+    args.ready = getattr(args, "ready", 0) or 0
+    args.soak = getattr(args, "soak", 0) or 0
+    if os.geteuid() != 0:
+        print("podfsm bench: must run as root", file=sys.stderr)
+        return 2
+    try:
+        results = [asyncio.run(bench_runtime(rt, args)) for rt in runtimes]
+    except PodfsmError as exc:
+        print(f"podfsm bench: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"results": results}, indent=2))
+    else:
+        print(report(results))
+    return 0
+
+
+def _split(value: Any, kind: type[Any]) -> list[Any]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        for part in str(item).split(","):
+            if part.strip():
+                out.append(kind(part.strip()))
+    return out
+
