@@ -23,8 +23,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
-
 from podfsm.core import cniconf
 from podfsm.core.cniconf import NetworkConfigList
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
@@ -298,6 +296,9 @@ class CniNetwork:
         """The interfaces of the netns at `netns_path`, with their addresses ("10.x.y.z/24")
         and whether they are up. Raises StepFailed if the path is not a network namespace;
         never creates anything at the path."""
+        # imported here: pyroute2 costs ~12 MB of resident memory, and only status reads need it
+        from pyroute2 import AsyncIPRoute
+
         fd = (await _netlink_socket_in(netns_path)).detach()
         try:
             # pyroute2 adopts the fd and closes it. No netns= argument: that path forks a

@@ -1,0 +1,185 @@
+"""A small async client of `podfsm serve` over its unix socket; the CLI verbs use it.
+
+    async with Client("/run/podfsm/podfsm.sock") as c:
+        st = await c.run_sandbox(pod_json)
+        async for ev in c.events(since=0): ...
+
+Failures are two kinds: DaemonUnreachable (nothing answers on the socket, or the connection
+broke) and ApiError (the daemon answered with an error; `status`, `kind` and `message` are its).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio
+import httpx
+
+from podfsm.core.errors import PodfsmError
+from podfsm.core.records import SandboxStatus, TransitionEvent
+
+DEFAULT_SOCKET = "/run/podfsm/podfsm.sock"
+SOCKET_ENV = "PODFSM_SOCKET"
+_FULL_ID_LEN = 64
+
+
+def resolve_socket(explicit: str | None = None) -> str:
+    """The daemon's socket: `explicit` (--socket), else $PODFSM_SOCKET, else the default."""
+    return explicit or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class DaemonUnreachable(PodfsmError):
+    """Nothing answers on the socket (or the connection broke)."""
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        super().__init__(f"no podfsm daemon answers on {socket_path} ({reason}): "
+                         "start one with `podfsm serve`")
+        self.socket_path = socket_path
+        self.reason = reason
+
+
+class ApiError(PodfsmError):
+    """The daemon answered with an error."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+class Client:
+    """The HTTP API of `podfsm serve`, over its unix socket.
+
+    While the daemon answers 503 (it is starting or recovering), requests are retried for up
+    to `wait_ready` seconds; nothing was done by a request that got 503, so this is safe.
+    """
+
+    def __init__(self, socket_path: str | None = None, *, timeout: float = 120.0,
+                 wait_ready: float = 10.0) -> None:
+        self.socket_path = resolve_socket(socket_path)
+        self._wait_ready = wait_ready
+        self._http = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=self.socket_path),
+            base_url="http://podfsm",
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ the API
+
+    async def run_sandbox(self, pod: Mapping[str, Any]) -> SandboxStatus:
+        """Run a sandbox from a pod config (decoded JSON) and return its status (Ready)."""
+        resp = await self._send("POST", "/v1/sandboxes", json=dict(pod))
+        return SandboxStatus.model_validate_json(resp.content)
+
+    async def list_sandboxes(self) -> list[SandboxStatus]:
+        resp = await self._send("GET", "/v1/sandboxes")
+        return [SandboxStatus.model_validate(item) for item in resp.json()["items"]]
+
+    async def sandbox_status(self, sandbox_id: str) -> SandboxStatus:
+        resp = await self._send("GET", f"/v1/sandboxes/{sandbox_id}")
+        return SandboxStatus.model_validate_json(resp.content)
+
+    async def stop_sandbox(self, sandbox_id: str) -> SandboxStatus:
+        resp = await self._send("POST", f"/v1/sandboxes/{sandbox_id}/stop")
+        return SandboxStatus.model_validate_json(resp.content)
+
+    async def remove_sandbox(self, sandbox_id: str) -> None:
+        await self._send("DELETE", f"/v1/sandboxes/{sandbox_id}")
+
+    async def graph(self, fmt: str, sandbox_id: str | None = None) -> bytes:
+        """The machine's diagram, or the sandbox's, in `fmt` (mmd, dot, svg or png)."""
+        path = "/v1/graph" if sandbox_id is None else f"/v1/sandboxes/{sandbox_id}/graph"
+        resp = await self._send("GET", path, params={"format": fmt})
+        return resp.content
+
+    async def events(self, since: int | None = None) -> AsyncIterator[TransitionEvent]:
+        """Every transition from now on (after seq `since`, when given), until the daemon
+        ends the stream."""
+        params = {} if since is None else {"since": str(since)}
+        await self._ready()
+        try:
+            async with self._http.stream("GET", "/v1/events", params=params,
+                                         timeout=httpx.Timeout(None, connect=5.0)) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise _api_error(resp)
+                data: list[str] = []
+                async for line in resp.aiter_lines():
+                    if line:
+                        name, _, value = line.partition(":")
+                        if name == "data":
+                            data.append(value.removeprefix(" "))
+                    elif data:
+                        yield TransitionEvent.model_validate_json("\n".join(data))
+                        data = []
+        except httpx.TransportError as exc:
+            raise DaemonUnreachable(self.socket_path, _reason(exc)) from None
+
+    async def resolve_id(self, id_or_prefix: str) -> str:
+        """A full sandbox id from a unique prefix of one (as crictl takes them)."""
+        if len(id_or_prefix) == _FULL_ID_LEN or not id_or_prefix:
+            return id_or_prefix
+        matches = [st.id for st in await self.list_sandboxes() if st.id.startswith(id_or_prefix)]
+        if not matches:
+            raise ApiError(404, "SandboxNotFound", f"pod sandbox {id_or_prefix!r} not found")
+        if len(matches) > 1:
+            raise ApiError(409, "AmbiguousId",
+                           f"{id_or_prefix!r} is the start of {len(matches)} sandbox ids")
+        return matches[0]
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _ready(self) -> None:
+        """Wait while the daemon answers 503 (starting, recovering)."""
+        await self._send("GET", "/healthz")
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        deadline = anyio.current_time() + self._wait_ready
+        while True:
+            try:
+                resp = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise DaemonUnreachable(self.socket_path, _reason(exc)) from None
+            if resp.is_success:
+                return resp
+            if resp.status_code != 503 or anyio.current_time() >= deadline:
+                raise _api_error(resp)
+            await anyio.sleep(_retry_after(resp))
+
+
+def _api_error(resp: httpx.Response) -> ApiError:
+    try:
+        body = resp.json()
+        return ApiError(resp.status_code, str(body["kind"]), str(body["error"]))
+    except (ValueError, KeyError, TypeError):
+        text = resp.text.strip() or resp.reason_phrase
+        return ApiError(resp.status_code, "HTTPError", f"HTTP {resp.status_code}: {text}")
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    value = resp.headers.get("retry-after", "")
+    return min(float(value), 1.0) if value.isdigit() else 0.2
+
+
+def _reason(exc: httpx.TransportError) -> str:
+    """The OS's words for a failed connection (e.g. "No such file or directory")."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__

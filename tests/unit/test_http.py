@@ -1,0 +1,785 @@
+"""The HTTP shim on a real uvicorn server on a unix socket, over a Controller with the fake
+drivers: every endpoint and error status, the event stream and its resumption, the socket's
+mode, no TCP unless asked, graceful shutdown that leaves sandboxes running, and a fuzz of the API
+from its OpenAPI document. No root needed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from starlette.routing import Route
+
+from podfsm import Controller, ControllerConfig, PrerequisiteMissing, SandboxStatus
+from podfsm.core.records import TransitionEvent
+from podfsm.core.spec import NamespaceMode, Protocol
+from podfsm.faces import graph
+from podfsm.faces.http import (
+    PAGE,
+    Daemon,
+    DaemonError,
+    ErrorBody,
+    Health,
+    SandboxList,
+    Shim,
+    create_app,
+    openapi_document,
+)
+from tests.fakes import FakeNamespaces, FakeNetwork, FakeRuntime, Faults, MemoryStore, live_children
+
+
+class Rig:
+    """Fake drivers and a config in a temporary directory."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.faults = Faults()
+        self.ns = FakeNamespaces(self.faults)
+        self.net = FakeNetwork(self.faults)
+        self.rt = FakeRuntime(self.faults)
+        self.store = MemoryStore()
+        self.cfg = ControllerConfig(state_dir=str(tmp / "state"), run_dir=str(tmp / "run"),
+                                    netns_dir=str(tmp / "netns"), stop_grace=0.5)
+
+    def controller(self) -> Controller:
+        return Controller(self.cfg, namespaces=self.ns, network=self.net, runtime=self.rt,
+                          store=self.store, failpoints="")
+
+    def nothing_left(self) -> None:
+        assert self.ns.pinned == set()
+        assert self.net.reserved == {}
+        assert self.rt.containers == {}
+        assert self.store.records == {}
+        deadline = time.monotonic() + 5
+        while live_children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert live_children() == []
+
+
+class Served:
+    """`podfsm serve` (the real Daemon) over the fakes, in a thread with its own event loop."""
+
+    def __init__(self, rig: Rig, sock_dir: str, *, port: int | None = None) -> None:
+        self.rig = rig
+        self.ctl = rig.controller()
+        self.socket = os.path.join(sock_dir, "podfsm.sock")
+        self.daemon = Daemon(rig.cfg, self.socket, port=port, controller=self.ctl,
+                             heartbeat=0.2, graceful_timeout=5)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="podfsm-serve", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.daemon.run())
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> Served:
+        self._thread.start()
+        assert self.daemon.listening.wait(10), self.error
+        with self.client() as c:
+            deadline = time.monotonic() + 10
+            while c.get("/healthz").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        return self
+
+    def client(self, timeout: float = 10.0) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket),
+                            base_url="http://podfsm", timeout=timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, *, cleanup: bool = True) -> None:
+        """Remove every sandbox through the API (unless told not to), then shut the daemon
+        down."""
+        if cleanup and self.running:
+            self.rig.faults.fail.clear()
+            self.ctl.recovering = False
+            with self.client() as c:
+                for item in c.get("/v1/sandboxes").json()["items"]:
+                    assert c.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
+        self.daemon.request_exit()
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the daemon did not shut down"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # pytest's tmp_path can be too long for a unix socket path (107 bytes)
+    d = tempfile.mkdtemp(prefix="podfsm-test-")
+    yield d
+    leftovers = os.listdir(d)
+    shutil.rmtree(d)
+    assert leftovers == [], "the daemon left its socket behind"
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path)
+
+
+@pytest.fixture
+def served(rig: Rig, sock_dir: str) -> Iterator[Served]:
+    s = Served(rig, sock_dir).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+    rig.nothing_left()
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[httpx.Client]:
+    with served.client() as c:
+        yield c
+
+
+def pod(name: str = "web", **extra: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "default"},
+            "linux": {"security_context": {"namespace_options": {
+                "userns_options": {"mode": "POD"}}}}, **extra}
+
+
+def error_of(resp: httpx.Response) -> ErrorBody:
+    assert resp.headers["content-type"] == "application/json"
+    return ErrorBody.model_validate_json(resp.content)
+
+
+# ---------------------------------------------------------------------- sandboxes
+
+def test_run_get_list_stop_remove(client: httpx.Client, served: Served) -> None:
+    resp = client.post("/v1/sandboxes", json=pod())
+    assert resp.status_code == 201
+    st = SandboxStatus.model_validate_json(resp.content)
+    assert st.state == "Ready" and st.name == "web" and st.ip == "10.99.0.2"
+    assert resp.headers["location"] == f"/v1/sandboxes/{st.id}"
+    assert [h.dest for h in st.history] == ["NamespacesReady", "ContainerCreated",
+                                            "TaskRunning", "Ready"]
+
+    listed = SandboxList.model_validate_json(client.get("/v1/sandboxes").content)
+    assert [s.id for s in listed.items] == [st.id]
+    assert listed.last_event_seq == served.ctl.last_event_seq == 4
+
+    got = client.get(f"/v1/sandboxes/{st.id}")
+    assert got.status_code == 200
+    assert SandboxStatus.model_validate_json(got.content) == st
+
+    stopped = client.post(f"/v1/sandboxes/{st.id}/stop")
+    assert stopped.status_code == 200
+    assert stopped.json()["state"] == "NotReady"
+    assert client.post(f"/v1/sandboxes/{st.id}/stop").json()["state"] == "NotReady"
+
+    assert client.delete(f"/v1/sandboxes/{st.id}").status_code == 204
+    assert client.get("/v1/sandboxes").json()["items"] == []
+
+
+def test_inspect_json_carries_the_design_fields(client: httpx.Client) -> None:
+    body = client.post("/v1/sandboxes", json=pod()).json()
+    for key in ("id", "name", "namespace", "uid", "state", "created_at", "pid", "netns_path",
+                "userns_path", "ip", "additional_ips", "uid_mappings", "gid_mappings",
+                "exit_status", "history"):
+        assert key in body, key
+    assert set(body["history"][0]) == {"source", "dest", "trigger", "at", "error"}
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/sandboxes/{}"), ("POST", "/v1/sandboxes/{}/stop"),
+    ("DELETE", "/v1/sandboxes/{}"), ("GET", "/v1/sandboxes/{}/graph"),
+])
+def test_an_unknown_sandbox_is_404(client: httpx.Client, method: str, path: str) -> None:
+    resp = client.request(method, path.format("f" * 64))
+    assert resp.status_code == 404
+    err = error_of(resp)
+    assert err.kind == "SandboxNotFound"
+    assert "f" * 64 in err.error
+
+
+def test_a_reserved_name_is_409(client: httpx.Client) -> None:
+    first = client.post("/v1/sandboxes", json=pod()).json()
+    resp = client.post("/v1/sandboxes", json=pod())
+    assert resp.status_code == 409
+    err = error_of(resp)
+    assert err.kind == "NameReserved" and first["id"] in err.error
+    # another attempt of the same pod is another name
+    assert client.post("/v1/sandboxes", json={**pod(), "metadata": {
+        "name": "web", "namespace": "default", "attempt": 1}}).status_code == 201
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    (b"{not json", "not a JSON pod config"),
+    (b"", "not a JSON pod config"),
+    (b"\xff\xfe", "not a JSON pod config"),
+    (b"[" * 100_000, "not a JSON pod config"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"{}", "metadata"),
+    (json.dumps({"metadata": {"name": "Not_A_DNS_Name"}}).encode(), "DNS-1123"),
+    (json.dumps(pod(linux={"security_context": {"namespace_options": {
+        "userns_options": {"mode": "CONTAINER"}}}})).encode(), "CONTAINER is not supported"),
+    (json.dumps(pod(linux={"security_context": {"namespace_options": {"userns_options": {
+        "mode": "POD", "uids": [{"host_id": 100000, "container_id": 1, "length": 10}],
+        "gids": [{"host_id": 100000, "container_id": 0, "length": 10}]}}}})).encode(),
+     "container_id must be 0"),
+])
+def test_an_invalid_pod_config_is_422_and_creates_nothing(
+    client: httpx.Client, rig: Rig, body: bytes, says: str,
+) -> None:
+    resp = client.post("/v1/sandboxes", content=body)
+    assert resp.status_code == 422
+    err = error_of(resp)
+    assert err.kind == "InvalidPodConfig"
+    assert says in err.error
+    assert rig.store.records == {} and rig.ns.pinned == set()
+
+
+def test_a_body_over_a_mebibyte_is_413(client: httpx.Client) -> None:
+    resp = client.post("/v1/sandboxes", content=b" " * ((1 << 20) + 1))
+    assert resp.status_code == 413
+    assert error_of(resp).kind == "PayloadTooLarge"
+
+
+def test_a_failed_run_is_500_naming_the_step_and_leaves_nothing(
+    client: httpx.Client, rig: Rig,
+) -> None:
+    rig.faults.fail.add("runtime.start")
+    resp = client.post("/v1/sandboxes", json=pod())
+    assert resp.status_code == 500
+    err = error_of(resp)
+    assert err.kind == "SandboxRunError" and err.step == "start_task"
+    assert "everything done was unwound" in err.error and err.leftovers == []
+    assert client.get("/v1/sandboxes").json()["items"] == []
+
+
+def test_a_run_whose_unwinding_fails_stays_listed_and_its_diagram_shows_the_path(
+    client: httpx.Client, rig: Rig,
+) -> None:
+    # the pause task dies at start, so the ready check fails; undoing the create fails too
+    rig.faults.fail.update({"runtime.start.dies", "runtime.delete"})
+    resp = client.post("/v1/sandboxes", json=pod())
+    assert resp.status_code == 500
+    err = error_of(resp)
+    assert err.step == "mark_ready" and any("runtime delete" in x for x in err.leftovers)
+    (item,) = client.get("/v1/sandboxes").json()["items"]
+    assert item["state"] == "NotReady" and item["leftovers"]
+    mmd = client.get(f"/v1/sandboxes/{item['id']}/graph", params={"format": "mmd"}).text
+    assert "ContainerCreated --> TaskRunning : start_task (3)" in mmd
+    assert "TaskRunning --> ContainerCreated : kill_task (4 error)" in mmd
+    assert "ContainerCreated --> NotReady : fail (5 error) / stop" in mmd
+    assert "class NotReady current" in mmd
+    rig.faults.fail.clear()
+    assert client.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
+
+
+# ---------------------------------------------------------------------- availability
+
+def test_503_while_recovering(client: httpx.Client, served: Served) -> None:
+    served.ctl.recovering = True
+    try:
+        for method, path in [("GET", "/v1/sandboxes"), ("POST", "/v1/sandboxes"),
+                             ("GET", "/v1/sandboxes/x"), ("POST", "/v1/sandboxes/x/stop"),
+                             ("DELETE", "/v1/sandboxes/x"), ("GET", "/v1/sandboxes/x/graph"),
+                             ("GET", "/v1/events")]:
+            resp = client.request(method, path, json=pod() if method == "POST" else None)
+            assert resp.status_code == 503, path
+            assert error_of(resp).kind == "ServiceUnavailable"
+            assert resp.headers["retry-after"] == "1"
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        assert Health.model_validate_json(health.content).status == "recovering"
+        assert client.get("/v1/graph").status_code == 200  # needs no controller
+        assert client.get("/").status_code == 200
+    finally:
+        served.ctl.recovering = False
+    assert client.get("/v1/sandboxes").status_code == 200
+    assert client.get("/healthz").json() == {"status": "ok", "sandboxes": 0,
+                                              "recovery_problems": []}
+
+
+async def test_503_while_the_controller_is_starting(rig: Rig) -> None:
+    shim = Shim(rig.controller(), ready=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(shim.app),
+                                 base_url="http://podfsm") as c:
+        resp = await c.get("/v1/sandboxes")
+        assert resp.status_code == 503
+        assert "starting" in error_of(resp).error
+        assert (await c.get("/healthz")).json()["status"] == "starting"
+
+
+async def test_create_app_serves_an_entered_controller(rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        app = create_app(ctl)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                     base_url="http://podfsm") as c:
+            st = (await c.post("/v1/sandboxes", json=pod())).json()
+            assert st["state"] == "Ready"
+            assert (await c.delete(f"/v1/sandboxes/{st['id']}")).status_code == 204
+    rig.nothing_left()
+
+
+async def test_a_bug_answers_500_in_json_too(rig: Rig) -> None:
+    class Buggy(Controller):
+        async def list_sandboxes(self) -> list[SandboxStatus]:
+            raise RuntimeError("oops")
+
+    app = Shim(Buggy(rig.cfg, namespaces=rig.ns, network=rig.net, runtime=rig.rt,
+                     store=rig.store)).app
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app, raise_app_exceptions=False),
+                                 base_url="http://podfsm") as c:
+        resp = await c.get("/v1/sandboxes")
+    assert resp.status_code == 500
+    assert error_of(resp) == ErrorBody(error="internal error: RuntimeError: oops",
+                                       kind="InternalError")
+
+
+def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
+    resp = client.get("/nope")
+    assert resp.status_code == 404 and error_of(resp).kind == "NotFound"
+    resp = client.delete("/v1/graph")
+    assert resp.status_code == 405 and error_of(resp).kind == "MethodNotAllowed"
+
+
+# ---------------------------------------------------------------------- diagrams, docs, page
+
+@pytest.mark.parametrize("fmt", graph.FORMATS)
+def test_the_machine_diagram_in_every_format(client: httpx.Client, fmt: str) -> None:
+    resp = client.get("/v1/graph", params={"format": fmt})
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == graph.MEDIA_TYPES[fmt]
+    assert resp.content == graph.render(fmt)
+
+
+def test_a_sandbox_diagram_highlights_its_state(client: httpx.Client) -> None:
+    st = client.post("/v1/sandboxes", json=pod()).json()
+    svg = client.get(f"/v1/sandboxes/{st['id']}/graph").text  # svg by default
+    assert svg.lstrip().startswith("<?xml") and 'class="node state current"' in svg
+    dot = client.get(f"/v1/sandboxes/{st['id']}/graph", params={"format": "dot"}).text
+    assert '"Ready" [id="state-Ready", tooltip="Ready", fillcolor="#ffd54f"' in dot
+    assert 'label="mark_ready (4)"' in dot
+
+
+def test_an_unknown_diagram_format_is_400(client: httpx.Client) -> None:
+    resp = client.get("/v1/graph", params={"format": "gif"})
+    assert resp.status_code == 400
+    assert error_of(resp).kind == "BadRequest"
+
+
+def test_the_openapi_document_describes_every_route(client: httpx.Client, rig: Rig) -> None:
+    doc = client.get("/openapi.json").json()
+    assert doc == json.loads(json.dumps(openapi_document()))
+    assert doc["openapi"].startswith("3.")
+    documented = {(path, m.upper()) for path, item in doc["paths"].items()
+                  for m in item if m != "parameters"}
+    routes = {(r.path, m) for r in Shim(rig.controller()).app.routes
+              if isinstance(r, Route) for m in (r.methods or set()) - {"HEAD"}}
+    assert routes - {("/", "GET"), ("/openapi.json", "GET")} == documented
+    for name in ("PodSandboxConfig", "SandboxStatus", "TransitionEvent", "ErrorBody",
+                 "SandboxList", "Health"):
+        assert name in doc["components"]["schemas"]
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "$ref":
+                    yield v
+                else:
+                    yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    for ref in refs(doc):
+        assert ref.removeprefix("#/components/schemas/") in doc["components"]["schemas"], ref
+
+
+def test_the_page_is_self_contained_and_follows_the_event_stream(client: httpx.Client) -> None:
+    resp = client.get("/")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    assert resp.text == PAGE
+    assert "new EventSource(" in PAGE and "/v1/events" in PAGE
+    assert "/graph?format=svg" in PAGE
+    for external in ("http://", "https://", "src=", "href=", "@import"):
+        assert external not in PAGE
+
+
+# ---------------------------------------------------------------------- events
+
+def read_events(lines: Iterator[str], n: int, *,
+                heartbeats: int = 25) -> list[tuple[int, TransitionEvent]]:
+    """The next `n` events of an SSE stream, or fewer if `heartbeats` heartbeats come first."""
+    events: list[tuple[int, TransitionEvent]] = []
+    ident, data = -1, []
+    for line in lines:
+        if line.startswith(":"):
+            heartbeats -= 1
+            if heartbeats <= 0:
+                break
+        elif line.startswith("id: "):
+            ident = int(line.removeprefix("id: "))
+        elif line.startswith("data: "):
+            data.append(line.removeprefix("data: "))
+        elif not line and data:
+            events.append((ident, TransitionEvent.model_validate_json("\n".join(data))))
+            data = []
+            if len(events) == n:
+                break
+    return events
+
+
+def test_events_stream_with_ids_and_resume_after_last_event_id(client: httpx.Client) -> None:
+    with client.stream("GET", "/v1/events") as live:
+        assert live.headers["content-type"].startswith("text/event-stream")
+        lines = live.iter_lines()
+        st = client.post("/v1/sandboxes", json=pod()).json()
+        got = read_events(lines, 4)
+    assert [i for i, _ in got] == [1, 2, 3, 4] == [ev.seq for _, ev in got]
+    assert [(ev.source, ev.dest, ev.trigger) for _, ev in got] == [
+        (h["source"], h["dest"], h["trigger"]) for h in st["history"]]
+    assert {ev.sandbox_id for _, ev in got} == {st["id"]}
+
+    # a reconnecting EventSource sends the last id it saw: it gets what came after
+    with client.stream("GET", "/v1/events", headers={"Last-Event-ID": "2"}) as resumed:
+        lines = resumed.iter_lines()
+        assert [i for i, _ in read_events(lines, 2)] == [3, 4]
+        client.post(f"/v1/sandboxes/{st['id']}/stop")
+        (stop,) = read_events(lines, 1)
+        assert stop[0] == 5 and stop[1].trigger == "stop" and stop[1].dest == "NotReady"
+
+    # ?since= does the same for a first connection; the header wins when both are given
+    with client.stream("GET", "/v1/events", params={"since": "3"},
+                       headers={"Last-Event-ID": "4"}) as both:
+        assert [i for i, _ in read_events(both.iter_lines(), 1)] == [5]
+    with client.stream("GET", "/v1/events", params={"since": "4"}) as since:
+        assert [i for i, _ in read_events(since.iter_lines(), 1)] == [5]
+
+
+def test_a_fresh_stream_replays_nothing_and_beats_its_heart(client: httpx.Client) -> None:
+    client.post("/v1/sandboxes", json=pod())
+    with client.stream("GET", "/v1/events") as resp:
+        assert read_events(resp.iter_lines(), 1, heartbeats=2) == []
+
+
+def test_a_last_event_id_from_before_a_restart_starts_afresh(client: httpx.Client) -> None:
+    # the daemon's seq restarts at 0: an id it has not reached must not hide new events
+    with client.stream("GET", "/v1/events", headers={"Last-Event-ID": "9999"}) as resp:
+        lines = resp.iter_lines()
+        client.post("/v1/sandboxes", json=pod())
+        assert [i for i, _ in read_events(lines, 4)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("since", ["abc", "-1", "\u00b2", "1" * 40])
+def test_a_malformed_since_is_400(client: httpx.Client, since: str) -> None:
+    resp = client.get("/v1/events", params={"since": since})
+    assert resp.status_code == 400 and error_of(resp).kind == "BadRequest"
+
+
+def test_a_malformed_last_event_id_is_ignored(client: httpx.Client) -> None:
+    client.post("/v1/sandboxes", json=pod())
+    with client.stream("GET", "/v1/events", params={"since": "3"},
+                       headers={b"Last-Event-ID": "\u00b2".encode("latin-1")}) as resp:
+        assert [i for i, _ in read_events(resp.iter_lines(), 1)] == [4]
+
+
+def test_shutdown_ends_open_event_streams_at_once(served: Served) -> None:
+    with served.client() as c, c.stream("GET", "/v1/events") as resp:
+        lines = resp.iter_lines()
+        assert read_events(lines, 1, heartbeats=1) == []
+        started = time.monotonic()
+        served.daemon.request_exit()
+        rest = list(lines)  # returns once the daemon ends the stream
+    assert all(x.startswith(":") or not x for x in rest)
+    served.stop(cleanup=False)
+    assert time.monotonic() - started < 3  # not the 5 s graceful timeout
+
+
+# ---------------------------------------------------------------------- listening
+
+def _socket_inodes() -> set[int]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def tcp_listeners() -> set[tuple[str, int]]:
+    """The TCP sockets this process listens on, as (address, port)."""
+    ours = _socket_inodes()
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                local, state, inode = cols[1], cols[3], int(cols[9])
+                if state == "0A" and inode in ours:
+                    addr, port = local.split(":")
+                    raw = bytes.fromhex(addr)
+                    if len(raw) == 4:
+                        host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+                    else:
+                        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                        host = socket.inet_ntop(socket.AF_INET6, words)
+                    found.add((host, int(port, 16)))
+    return found
+
+
+def test_the_socket_is_0660_and_nothing_listens_on_tcp(served: Served) -> None:
+    st = os.stat(served.socket)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_uid == os.geteuid()
+    assert tcp_listeners() == set()
+    assert served.daemon.tcp_address is None
+
+
+def test_a_port_listens_on_loopback_only(rig: Rig, sock_dir: str) -> None:
+    served = Served(rig, sock_dir, port=0).start()
+    try:
+        assert served.daemon.tcp_address is not None
+        _, port = served.daemon.tcp_address
+        assert tcp_listeners() == {("127.0.0.1", port)}
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
+        assert stat.S_IMODE(os.stat(served.socket).st_mode) == 0o660
+    finally:
+        served.stop()
+    assert tcp_listeners() == set()
+
+
+def test_a_host_without_a_port_is_refused(rig: Rig) -> None:
+    with pytest.raises(DaemonError, match="port"):
+        Daemon(rig.cfg, "/tmp/x.sock", host="0.0.0.0")
+
+
+def test_a_stale_socket_is_replaced(rig: Rig, sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "podfsm.sock")
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(path)  # bound, never listened, closed: nothing answers
+    served = Served(rig, sock_dir).start()
+    served.stop()
+
+
+def test_a_live_socket_or_another_file_is_never_replaced(served: Served, sock_dir: str,
+                                                         rig: Rig) -> None:
+    second = Daemon(rig.cfg, served.socket, controller=rig.controller())
+    with pytest.raises(DaemonError, match="already answers"):
+        asyncio.run(second.run())
+    with served.client() as c:
+        assert c.get("/healthz").status_code == 200
+    other = os.path.join(sock_dir, "file")
+    Path(other).write_text("precious")
+    try:
+        with pytest.raises(DaemonError, match="not a socket"):
+            asyncio.run(Daemon(rig.cfg, other, controller=rig.controller()).run())
+        assert Path(other).read_text() == "precious"
+    finally:
+        os.unlink(other)
+
+
+class _BrokenNamespaces(FakeNamespaces):
+    async def start(self) -> None:
+        raise PrerequisiteMissing("no namespace workers today")
+
+
+def test_a_controller_that_cannot_start_stops_the_daemon(rig: Rig, sock_dir: str) -> None:
+    ctl = Controller(rig.cfg, namespaces=_BrokenNamespaces(rig.faults), network=rig.net,
+                     runtime=rig.rt, store=rig.store, failpoints="")
+    daemon = Daemon(rig.cfg, os.path.join(sock_dir, "podfsm.sock"), controller=ctl)
+    with pytest.raises(PrerequisiteMissing, match="no namespace workers"):
+        asyncio.run(daemon.run())
+
+
+async def _wait_healthy(c: httpx.AsyncClient) -> None:
+    with anyio.fail_after(10):
+        while True:
+            try:
+                if (await c.get("/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.01)
+
+
+def _aclient(path: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path),
+                             base_url="http://podfsm", timeout=10)
+
+
+async def test_sigterm_shuts_down_gracefully_leaves_sandboxes_and_a_restart_reattaches(
+    rig: Rig, sock_dir: str,
+) -> None:
+    path = os.path.join(sock_dir, "podfsm.sock")
+    first = Daemon(rig.cfg, path, controller=rig.controller(), heartbeat=0.2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.run)
+        async with _aclient(path) as c:
+            await _wait_healthy(c)
+            st = (await c.post("/v1/sandboxes", json=pod())).json()
+            async with c.stream("GET", "/v1/events") as events:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the daemon, not fatal
+                with anyio.fail_after(5):
+                    async for _ in events.aiter_lines():
+                        pass  # the stream ends when the daemon shuts down
+    assert not os.path.exists(path)
+    assert os.path.exists(f"/proc/{st['pid']}")  # the sandbox keeps running
+    assert rig.store.records[st["id"]].state == "Ready"
+
+    second = Daemon(rig.cfg, path, controller=rig.controller(), heartbeat=0.2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second.run)
+        async with _aclient(path) as c:
+            await _wait_healthy(c)
+            again = (await c.get(f"/v1/sandboxes/{st['id']}")).json()
+            assert again["state"] == "Ready" and again["pid"] == st["pid"]
+            assert (await c.delete(f"/v1/sandboxes/{st['id']}")).status_code == 204
+        second.request_exit()
+    rig.nothing_left()
+
+
+# ---------------------------------------------------------------------- fuzz
+
+_DOC = openapi_document()
+_SCHEMAS: dict[str, Any] = _DOC["components"]["schemas"]
+_ENUM_NAMES = {e.__name__: [m.name.lower() if m.value % 2 else m.name for m in e]
+               for e in (NamespaceMode, Protocol)}
+_DNS = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                  max_size=3),
+    max_leaves=10,
+)
+
+
+def from_schema(schema: dict[str, Any], depth: int = 0) -> st.SearchStrategy[Any]:
+    """Values that mostly fit `schema` (a pydantic JSON schema), often not quite."""
+    if "$ref" in schema:
+        return from_schema(_SCHEMAS[schema["$ref"].rsplit("/", 1)[1]], depth)
+    if "anyOf" in schema:
+        return st.one_of([from_schema(s, depth) for s in schema["anyOf"]])
+    if "enum" in schema:
+        names = _ENUM_NAMES.get(schema.get("title", ""), [])
+        return st.sampled_from(schema["enum"]) | st.sampled_from(names) | st.integers(-1, 5)
+    kind = schema.get("type")
+    if kind == "object" and depth < 6:
+        props = {k: from_schema(v, depth + 1) for k, v in schema.get("properties", {}).items()}
+        required = set(schema.get("required", ()))
+        base = st.fixed_dictionaries(
+            {k: s for k, s in props.items() if k in required},
+            optional={k: s for k, s in props.items() if k not in required})
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            return st.dictionaries(st.text(max_size=10) | _DNS, from_schema(extra, depth + 1),
+                                   max_size=3)
+        return base | st.dictionaries(st.text(max_size=6), _JSON, max_size=2)
+    if kind == "array" and depth < 6:
+        return st.lists(from_schema(schema.get("items", {}), depth + 1), max_size=3)
+    if kind == "string":
+        return _DNS | st.text(max_size=12)
+    if kind == "integer":
+        lo, hi = schema.get("minimum", -(2**33)), schema.get("maximum", 2**33)
+        return st.integers(lo, hi) | st.integers()
+    if kind == "boolean":
+        return st.booleans()
+    return _JSON
+
+
+# the event stream never ends: it is asked with HEAD, which answers as GET would, sans body
+_OPERATIONS = [(path, "head" if path == "/v1/events" else method, op)
+               for path, item in _DOC["paths"].items()
+               for method, op in item.items() if method != "parameters"]
+_NUMBERS = st.integers(0, 10).map(str) | st.text(max_size=6)
+_HEADER_VALUES = st.integers(0, 10).map(str) | st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=6)
+_MAPPING = st.integers(65536, 2**31).map(
+    lambda h: [{"host_id": h, "container_id": 0, "length": 65536}])
+# pod configs the controller accepts (bar clashes with sandboxes already running)
+_VALID_PODS = st.fixed_dictionaries(
+    {"metadata": st.fixed_dictionaries({"name": _DNS}, optional={
+        "namespace": _DNS, "uid": _DNS, "attempt": st.integers(0, 3)})},
+    optional={
+        "hostname": _DNS,
+        "labels": st.dictionaries(_DNS, st.text(max_size=8), max_size=2),
+        "port_mappings": st.lists(from_schema(_SCHEMAS["PortMapping"]), max_size=2),
+        "linux": st.fixed_dictionaries({"security_context": st.fixed_dictionaries({
+            "namespace_options": st.fixed_dictionaries({}, optional={
+                "network": st.sampled_from(["POD", "NODE", 0, 2]),
+                "userns_options": st.one_of(
+                    st.fixed_dictionaries({"mode": st.sampled_from(["POD", "NODE", 0, 2])}),
+                    _MAPPING.map(lambda m: {"mode": "POD", "uids": m, "gids": m})),
+            })})}),
+    })
+_BODIES = st.one_of(
+    _VALID_PODS, from_schema(_SCHEMAS["PodSandboxConfig"]), _JSON,
+).map(lambda v: json.dumps(v).encode()) | st.binary(max_size=64)
+_IDS = st.text(min_size=1, max_size=70).filter(lambda s: s not in (".", ".."))
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_the_api_from_its_openapi_document(client: httpx.Client, rig: Rig,
+                                                data: st.DataObject) -> None:
+    """Random requests to every documented operation: only documented statuses, never a 5xx
+    (the fakes never fail a run), well-formed bodies, and nothing left afterwards."""
+    created: list[str] = []
+    try:
+        for _ in range(data.draw(st.integers(1, 6), label="requests")):
+            path, method, op = data.draw(st.sampled_from(_OPERATIONS), label="operation")
+            if "{sandbox_id}" in path:
+                # mostly a sandbox of this example, once there is one
+                known = st.sampled_from(created)
+                sid = data.draw(st.one_of(known, known, _IDS) if created else _IDS, label="id")
+                path = path.replace("{sandbox_id}", urllib.parse.quote(sid, safe=""))
+            params, headers = {}, {}
+            for param in op.get("parameters", []):
+                name, where = param["name"], param["in"]
+                if name == "format":
+                    params[name] = data.draw(st.sampled_from(graph.FORMATS) | st.text(max_size=5),
+                                             label=name)
+                elif where == "query" and data.draw(st.booleans(), label=f"send {name}"):
+                    params[name] = data.draw(_NUMBERS, label=name)
+                elif where == "header" and data.draw(st.booleans(), label=f"send {name}"):
+                    value = data.draw(_HEADER_VALUES, label=name)
+                    headers[name.encode()] = value.encode("latin-1").strip()
+            body = data.draw(_BODIES, label="body") if "requestBody" in op else None
+            resp = client.request(method.upper(), path, params=params, headers=headers,
+                                  content=body)
+            event(f"{op['operationId']} {resp.status_code}")
+            assert resp.status_code < 500, resp.text
+            assert str(resp.status_code) in op["responses"], (method, path, resp.status_code)
+            if method == "head":
+                assert resp.content == b""
+            elif resp.status_code >= 400:
+                error_of(resp)
+            elif resp.status_code == 201:
+                created.append(SandboxStatus.model_validate_json(resp.content).id)
+            elif resp.headers.get("content-type") == "application/json":
+                json.loads(resp.content)
+    finally:
+        for item in client.get("/v1/sandboxes").json()["items"]:
+            assert client.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
+    assert rig.store.records == {} and rig.ns.pinned == set() and rig.net.reserved == {}
+
