@@ -6,6 +6,19 @@ cancellation and bounded by its own timeout, and the error says which step faile
 anything) could not be undone. The record is written before each step that touches the system
 (`pending` names it), so a restart knows what may be half done and can finish or unwind it.
 
+Durability, in short (see _recover_one and _collect_orphans):
+- a crash anywhere leaves every sandbox Ready (re-attached to supervision), NotReady (an
+  interrupted run keeps what it made, its netns and address, until stop/remove, as containerd
+  does), or gone (an interrupted remove is finished; so is an interrupted stop);
+- a sandbox has a run directory (<run_dir>/sandboxes/<id>) from before its first system step
+  until after its record is gone, so what a lost or corrupt record leaves is still known by id
+  and collected on the next start; nothing outside our own directories, runtime root, netns pin
+  tag and those ids is ever touched;
+- a cancelled caller never leaves a half-made sandbox: steps whose work goes on in another
+  process (namespace worker, reaper) and record writes are shielded, so cancellation lands
+  between steps, and then the unwinding (shielded too) undoes exactly what was done; a stop or
+  remove, once begun, is finished.
+
 One sandbox's operations are serialized by its lock; different sandboxes run in parallel, at most
 `max_parallel` doing system work at once. The embedding program's process never unshares, never
 forks without exec, installs no signal handlers and never becomes a subreaper: namespaces are made
@@ -16,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -36,12 +51,14 @@ from podfsm.config import ControllerConfig
 from podfsm.core import failpoints as fp
 from podfsm.core import idmap
 from podfsm.core.errors import (
+    ControllerLocked,
     InvalidPodConfig,
     NameReserved,
     PodfsmError,
     PrerequisiteMissing,
     SandboxNotFound,
     SandboxRunError,
+    StateDirError,
     StepFailed,
 )
 from podfsm.core.records import (
@@ -69,6 +86,8 @@ from podfsm.engine import SandboxMachine
 log = logging.getLogger(__name__)
 
 _EVENT_BACKLOG = 1024
+#: What a sandbox id looks like (secrets.token_hex(32)); only such names are collected as ours.
+_SANDBOX_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _now() -> datetime:
@@ -86,6 +105,8 @@ class _Sandbox:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     supervisor: anyio.CancelScope | None = None
     removed: bool = False
+    #: transitions not yet published (see Controller._save)
+    unpublished: list[HistoryEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -124,7 +145,6 @@ class Controller:
         self._failpoints = fp.parse(spec)
         self._sandboxes: dict[str, _Sandbox] = {}
         self._names: dict[str, str] = {}  # reserved name -> sandbox id
-        self._admission = anyio.Lock()  # names and id ranges are handed out under it
         self._limiter = anyio.CapacityLimiter(cfg.max_parallel)
         self._tg: TaskGroup | None = None
         self._exit_stack = contextlib.AsyncExitStack()
@@ -154,6 +174,9 @@ class Controller:
                 self._store = fs
             for d in (cfg.run_dir, cfg.netns_dir):
                 os.makedirs(d, mode=0o755, exist_ok=True)
+            # run_dir holds our runtime root and sandbox directories: a second controller on
+            # it (even with another state_dir) would collect our sandboxes as its orphans.
+            stack.callback(os.close, _lock_dir(cfg.run_dir, "run dir"))
             await self._ns.start()
             stack.push_async_callback(self._ns.close)
             await self._rt.start()
@@ -192,10 +215,16 @@ class Controller:
         """Create a sandbox and bring it to Ready. On failure everything done is unwound and
         SandboxRunError says which step failed (and what is left, if unwinding failed too)."""
         pod = config if isinstance(config, PodSandboxConfig) else parse_pod_config(config)
-        sb = await self._admit(pod)
-        async with self._limiter, sb.lock:
-            await self._run(sb)
-            return SandboxStatus.from_record(sb.record)
+        async with self._limiter:
+            # The sandbox is published with its lock already held, and nothing awaits between
+            # admission and the run's own clean-up: a concurrent stop/remove/status waits for
+            # the run, and a cancellation can never leave an admitted sandbox that never ran.
+            sb = self._admit(pod)
+            try:
+                await self._run(sb)
+                return SandboxStatus.from_record(sb.record)
+            finally:
+                sb.lock.release()
 
     async def sandbox_status(self, sandbox_id: str) -> SandboxStatus:
         """The sandbox's status. Raises SandboxNotFound for an unknown id."""
@@ -231,7 +260,8 @@ class Controller:
             return
         async with self._limiter, sb.lock:
             if not sb.removed:
-                await self._stop(sb)
+                with anyio.CancelScope(shield=True):  # once begun, a stop is finished
+                    await self._stop(sb)
 
     async def remove_sandbox(self, sandbox_id: str) -> None:
         """Stop if needed, delete everything; the sandbox disappears. Idempotent."""
@@ -240,7 +270,8 @@ class Controller:
             return
         async with self._limiter, sb.lock:
             if not sb.removed:
-                await self._remove(sb)
+                with anyio.CancelScope(shield=True):
+                    await self._remove(sb)
 
     async def events(self, since: int | None = None) -> AsyncIterator[TransitionEvent]:
         """Every transition of every sandbox from now on (after `since`, a seq number, when
@@ -277,34 +308,32 @@ class Controller:
     def userns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")
 
-    async def _admit(self, pod: PodSandboxConfig) -> _Sandbox:
-        """Reserve the name and the id range and write the first record. Nothing on the system
-        is touched before this returns; every refusal leaves nothing behind."""
-        async with self._admission:
-            existing = self._names.get(pod.reserved_name)
-            if existing is not None:
-                raise NameReserved(pod.reserved_name, existing)
-            uid_map, gid_map, allocated = self._id_ranges(pod)
-            sandbox_id = secrets.token_hex(32)
-            rec = SandboxRecord(
-                id=sandbox_id,
-                config=pod,
-                created_at=_now(),
-                runtime=self._rt.name,
-                uid_mapping=uid_map,
-                gid_mapping=gid_map,
-                allocated_ids=allocated,
-                planned_netns_path=self.netns_pin_path(sandbox_id) if pod.pod_netns else None,
-                planned_userns_path=self.userns_pin_path(sandbox_id) if pod.pod_userns else None,
-                pending=Trigger.SETUP_NAMESPACES.value,
-            )
-            await self._hit("save_record.before")
-            await self.store.save(rec)
-            await self._hit("save_record.after")
-            sb = _Sandbox(rec, SandboxMachine())
-            self._sandboxes[sandbox_id] = sb
-            self._names[pod.reserved_name] = sandbox_id
-            return sb
+    def _admit(self, pod: PodSandboxConfig) -> _Sandbox:
+        """Reserve the name and the id range and publish the sandbox, its lock held by the
+        caller. Synchronous, so reservations are atomic without a lock; nothing is written or
+        touched on the system here (the run writes the first record)."""
+        existing = self._names.get(pod.reserved_name)
+        if existing is not None:
+            raise NameReserved(pod.reserved_name, existing)
+        uid_map, gid_map, allocated = self._id_ranges(pod)
+        sandbox_id = secrets.token_hex(32)
+        rec = SandboxRecord(
+            id=sandbox_id,
+            config=pod,
+            created_at=_now(),
+            runtime=self._rt.name,
+            uid_mapping=uid_map,
+            gid_mapping=gid_map,
+            allocated_ids=allocated,
+            planned_netns_path=self.netns_pin_path(sandbox_id) if pod.pod_netns else None,
+            planned_userns_path=self.userns_pin_path(sandbox_id) if pod.pod_userns else None,
+            pending=Trigger.SETUP_NAMESPACES.value,
+        )
+        sb = _Sandbox(rec, SandboxMachine())
+        sb.lock.acquire_nowait()
+        self._sandboxes[sandbox_id] = sb
+        self._names[pod.reserved_name] = sandbox_id
+        return sb
 
     def _id_ranges(self, pod: PodSandboxConfig) -> tuple[IDMapping | None, IDMapping | None, bool]:
         if not pod.pod_userns:
@@ -336,7 +365,11 @@ class Controller:
     async def _save(self, sb: _Sandbox, *triggers: Trigger, error: str | None = None,
                     **changes: Any) -> None:
         """Apply `changes`, fire `triggers` (in order) on the machine, write the record once,
-        then publish one event per trigger."""
+        then publish one event per trigger (also when the write fails: the machine moved).
+
+        A move back to Unknown (remove, or the last step of an unwinding) means the sandbox is
+        about to disappear: its events are held until it is gone from status and list (see
+        _forget), so whoever reacts to an event by asking for the status sees it gone."""
         events: list[HistoryEntry] = []
         for trig in triggers:
             source = sb.machine.current
@@ -347,9 +380,31 @@ class Controller:
             changes["state"] = sb.machine.current
             changes["history"] = [*sb.record.history, *events]
         sb.record = sb.record.evolve(**changes)
-        await self.store.save(sb.record)
+        sb.unpublished.extend(events)
+        try:
+            await self._store_save(sb.record)
+        finally:
+            if sb.machine.current is not State.UNKNOWN:
+                self._flush(sb)
+
+    def _flush(self, sb: _Sandbox) -> None:
+        events, sb.unpublished = sb.unpublished, []
         for h in events:
             self._publish(sb.record.id, h)
+
+    async def _store_save(self, rec: SandboxRecord) -> None:
+        # Never abandoned halfway: a cancelled write would go on in its thread.
+        with anyio.CancelScope(shield=True):
+            await self.store.save(rec)
+
+    async def _save_or_log(self, sb: _Sandbox, *triggers: Trigger, error: str | None = None,
+                           **changes: Any) -> None:
+        """_save for the unwinding: the change is kept in memory (and so reported) even when
+        the record cannot be written."""
+        try:
+            await self._save(sb, *triggers, error=error, **changes)
+        except PodfsmError as exc:
+            log.error("sandbox %s: %s", sb.record.id, exc)
 
     def _publish(self, sandbox_id: str, h: HistoryEntry) -> None:
         self._seq += 1
@@ -377,6 +432,7 @@ class Controller:
         undo: list[_Undo] = []
         step = Trigger.SETUP_NAMESPACES
         try:
+            await self._first_save(sb)
             await self._setup_namespaces(sb, undo)
             step = Trigger.CREATE_CONTAINER
             await self._create_container(sb, undo)
@@ -387,6 +443,8 @@ class Controller:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 leftovers = await self._unwind(sb, undo, exc)
+            if isinstance(exc, StateDirError) and not undo:
+                raise  # nothing was touched: the store's own error says it all
             if isinstance(exc, Exception):
                 cause = exc.cause if isinstance(exc, SandboxRunError) else exc
                 raise SandboxRunError(step.value, cause, leftovers) from exc
@@ -406,15 +464,31 @@ class Controller:
                     leftovers.append(f"{u.label}: {_describe(exc)}")
                     continue
                 if u.trigger is not None and sb.machine.may(u.trigger):
-                    await self._save(sb, u.trigger, error=message)
+                    # The step is undone on the system: a record that cannot be written now
+                    # must not stop the rest of the unwinding.
+                    await self._save_or_log(sb, u.trigger, error=message)
         if scope.cancelled_caught:
             leftovers.append(f"unwinding timed out after {self.config.unwind_timeout}s")
+        if not leftovers:
+            try:
+                await self._forget(sb)
+            except PodfsmError as exc:
+                leftovers.append(f"record: {_describe(exc)}")
         if leftovers:
-            await self._save(sb, Trigger.FAIL, error=message, pending=None,
-                             last_error=message, leftovers=leftovers)
-        else:
-            await self._forget(sb)
+            trig = (Trigger.FAIL,) if sb.machine.may(Trigger.FAIL) else ()
+            await self._save_or_log(sb, *trig, error=message, pending=None,
+                                    last_error=message, leftovers=leftovers)
         return leftovers
+
+    async def _first_save(self, sb: _Sandbox) -> None:
+        """Write the first record (it says the namespaces are about to be made), then the
+        sandbox's run directory: both exist before anything else of it does, so a crash at
+        any later point leaves either a record to recover or a directory that names an orphan.
+        """
+        await self._hit("save_record.before")
+        await self._store_save(sb.record)
+        await self._hit("save_record.after")
+        os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o700, exist_ok=True)
 
     async def _setup_namespaces(self, sb: _Sandbox, undo: list[_Undo]) -> None:
         rec = sb.record
@@ -423,13 +497,16 @@ class Controller:
                           Trigger.TEARDOWN_NAMESPACES))
         if rec.planned_netns_path or rec.planned_userns_path:
             await self._hit("pin_namespaces.before")
-            pinned = await self._ns.create(NamespaceRequest(
-                sandbox_id=rec.id,
-                netns_path=rec.planned_netns_path,
-                userns_path=rec.planned_userns_path,
-                uid_mapping=rec.uid_mapping,
-                gid_mapping=rec.gid_mapping,
-            ))
+            # Shielded, as every step whose work goes on in another process once begun: a
+            # cancellation takes effect after it, and the unwinding then knows what exists.
+            with anyio.CancelScope(shield=True):
+                pinned = await self._ns.create(NamespaceRequest(
+                    sandbox_id=rec.id,
+                    netns_path=rec.planned_netns_path,
+                    userns_path=rec.planned_userns_path,
+                    uid_mapping=rec.uid_mapping,
+                    gid_mapping=rec.gid_mapping,
+                ))
             sb.record = rec = rec.evolve(namespaces=pinned)
             await self._hit("pin_namespaces.after")
             if pinned.userns_path and pinned.netns_path and (
@@ -442,6 +519,8 @@ class Controller:
         if pod.pod_netns:
             undo.append(_Undo("CNI DEL", lambda: self._teardown_network(sb), None))
             await self._hit("cni_add.before")
+            # Not shielded: a cancelled ADD kills the running plugin, and CNI DEL (registered
+            # above) releases whatever it had done.
             result = await self._net.attach(self._net_request(rec))
             sb.record = rec.evolve(network=result)
             await self._hit("cni_add.after")
@@ -454,17 +533,18 @@ class Controller:
                           Trigger.DELETE_CONTAINER))
         await self._hit("runtime_create.before")
         ns = rec.namespaces
-        task = await self._rt.create(PauseRequest(
-            container_id=rec.id,
-            hostname=rec.config.effective_hostname,
-            netns_path=ns.netns_path if ns else None,
-            userns_path=ns.userns_path if ns else None,
-            uid_mapping=rec.uid_mapping,
-            gid_mapping=rec.gid_mapping,
-            cgroup_parent=rec.config.linux.cgroup_parent,
-            annotations=dict(rec.config.annotations),
-            sysctls=dict(rec.config.linux.sysctls),
-        ))
+        with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
+            task = await self._rt.create(PauseRequest(
+                container_id=rec.id,
+                hostname=rec.config.effective_hostname,
+                netns_path=ns.netns_path if ns else None,
+                userns_path=ns.userns_path if ns else None,
+                uid_mapping=rec.uid_mapping,
+                gid_mapping=rec.gid_mapping,
+                cgroup_parent=rec.config.linux.cgroup_parent,
+                annotations=dict(rec.config.annotations),
+                sysctls=dict(rec.config.linux.sysctls),
+            ))
         sb.record = rec.evolve(container_created=True, task=task,
                                bundle_path=self._rt.bundle_path(rec.id))
         await self._hit("runtime_create.after")
@@ -475,14 +555,22 @@ class Controller:
         self._check_netns_owner(rec)
         undo.append(_Undo("kill task", lambda: self._teardown_task(sb), Trigger.KILL_TASK))
         await self._hit("runtime_start.before")
-        await self._rt.start_task(rec.id)
+        with anyio.CancelScope(shield=True):  # so does `start`
+            await self._rt.start_task(rec.id)
         await self._hit("runtime_start.after")
         await self._save(sb, Trigger.START_TASK, pending=Trigger.MARK_READY.value)
         assert sb.record.task is not None
         self._supervise(sb, sb.record.task)
 
     async def _mark_ready(self, sb: _Sandbox) -> None:
-        rec = sb.record
+        problem = self._task_problem(sb.record)
+        if problem is not None:
+            raise StepFailed("verify task", problem)
+        await self._save(sb, Trigger.MARK_READY, pending=None)
+
+    def _task_problem(self, rec: SandboxRecord) -> str | None:
+        """None when the recorded pause process is alive, the same process (not a reuse of
+        its pid), and in the pinned user and net namespaces; else what is wrong."""
         assert rec.task is not None
         ns = rec.namespaces
         pid = rec.task.pid
@@ -496,14 +584,11 @@ class Controller:
             got_user = nsutil.ns_inode(f"/proc/{pid}/ns/user")
             got_net = nsutil.ns_inode(f"/proc/{pid}/ns/net")
         except OSError as exc:
-            raise StepFailed("verify task", f"pause pid {pid} is gone: {exc.strerror}") from None
+            return f"pause pid {pid} is gone: {exc.strerror}"
         if got_user != want_user or got_net != want_net:
-            raise StepFailed(
-                "verify task",
-                f"pause pid {pid} is in user ns {got_user} / net ns {got_net}, "
-                f"expected {want_user} / {want_net}",
-            )
-        await self._save(sb, Trigger.MARK_READY, pending=None)
+            return (f"pause pid {pid} is in user ns {got_user} / net ns {got_net}, "
+                    f"expected {want_user} / {want_net}")
+        return None
 
     def _check_netns_owner(self, rec: SandboxRecord) -> None:
         """Refuse to let the runtime near a netns that the pod's user namespace does not own:
@@ -545,9 +630,9 @@ class Controller:
             return
         await self._hit("runtime_kill.before")
         status = await self._kill_and_wait(task)
-        changes: dict[str, Any] = {}
+        changes: dict[str, Any] = {"task": None}
         if sb.record.exit_status is None and status is not None:
-            changes = {"exit_status": status, "finished_at": _now()}
+            changes.update(exit_status=status, finished_at=_now())
         sb.record = sb.record.evolve(**changes)
         await self._hit("runtime_kill.after")
 
@@ -555,11 +640,13 @@ class Controller:
         try:
             pidfd = os.pidfd_open(task.pid)
         except ProcessLookupError:
-            return await self._rt.wait_exit_status(task, 0.05)
+            return await self._exit_status(task, 0.05)
         try:
             if nsutil.proc_start_time(task.pid) != task.start_time:
                 return None  # not our process any more: it exited long ago
-            for sig, wait in ((signal.SIGTERM, self.config.stop_grace), (signal.SIGKILL, 10.0)):
+            grace = self.config.stop_grace
+            steps = ((signal.SIGTERM, grace),) if grace > 0 else ()
+            for sig, wait in (*steps, (signal.SIGKILL, 10.0)):
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, sig)
                 with anyio.move_on_after(wait):
@@ -569,13 +656,22 @@ class Controller:
                 raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
         finally:
             os.close(pidfd)
-        return await self._rt.wait_exit_status(task, 1.0)
+        return await self._exit_status(task, 1.0)
+
+    async def _exit_status(self, task: TaskInfo, timeout: float) -> int | None:
+        """The task's exit status from the reaper, or None when it cannot be learned (the
+        task's end is known either way)."""
+        try:
+            return await self._rt.wait_exit_status(task, timeout)
+        except PodfsmError as exc:
+            log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
+            return None
 
     async def _teardown_container(self, sb: _Sandbox) -> None:
         rec = sb.record
         await self._hit("runtime_delete.before")
         await self._rt.delete(rec.id)
-        sb.record = rec.evolve(container_created=False, bundle_path=None)
+        sb.record = sb.record.evolve(container_created=False, bundle_path=None)
         await self._hit("runtime_delete.after")
 
     async def _teardown_network(self, sb: _Sandbox) -> None:
@@ -584,7 +680,7 @@ class Controller:
             return
         await self._hit("cni_del.before")
         await self._net.detach(self._net_request(rec), rec.network)
-        sb.record = rec.evolve(network=None)
+        sb.record = sb.record.evolve(network=None)
         await self._hit("cni_del.after")
 
     async def _teardown_namespaces(self, sb: _Sandbox) -> None:
@@ -595,22 +691,25 @@ class Controller:
             (ns.netns_path if ns else None) or rec.planned_netns_path,
             (ns.userns_path if ns else None) or rec.planned_userns_path,
         )
-        shutil.rmtree(self.sandbox_run_dir(rec.id), ignore_errors=True)
-        sb.record = rec.evolve(namespaces=None)
+        # The sandbox's run directory stays until the record goes (see _forget).
+        sb.record = sb.record.evolve(namespaces=None)
         await self._hit("unpin_namespaces.after")
 
     # ------------------------------------------------------------------ stop, remove, forget
 
-    async def _stop(self, sb: _Sandbox) -> None:
-        """Tear down everything on the system, keep the record: NotReady. Collects failures and
-        reports them all at the end, after trying every piece."""
+    def _nothing_left(self, sb: _Sandbox) -> bool:
         rec = sb.record
-        nothing_left = (rec.task is None and not rec.container_created and rec.network is None
-                        and rec.namespaces is None and rec.pending is None
-                        and not _pins_exist(rec))
-        if nothing_left and sb.machine.current is State.NOT_READY:
+        return (sb.machine.current is State.NOT_READY and rec.task is None
+                and not rec.container_created and rec.network is None
+                and rec.namespaces is None and rec.pending is None and not _pins_exist(rec))
+
+    async def _stop(self, sb: _Sandbox, intent: str = "stop") -> None:
+        """Tear down everything on the system, keep the record: NotReady. Tries every piece,
+        then reports all failures together. The record says `pending=intent` until it is done
+        (and, for a remove, until the record is gone), so a restart finishes it."""
+        if self._nothing_left(sb) and intent == "stop":
             return
-        await self._save(sb, pending="stop")
+        await self._save(sb, pending=intent)
         errors: list[str] = []
         for label, piece in (("kill task", self._teardown_task),
                              ("runtime delete", self._teardown_container),
@@ -622,26 +721,32 @@ class Controller:
                 errors.append(f"{label}: {_describe(exc)}")
         trig = (Trigger.STOP,) if sb.machine.may(Trigger.STOP) else ()
         error = "; ".join(errors) or None
-        await self._save(sb, *trig, error=error, pending=None if not errors else "stop",
-                         task=None, leftovers=errors)
+        pending = None if intent == "stop" and not errors else intent
+        await self._save(sb, *trig, error=error, pending=pending, leftovers=errors)
         if errors:
             raise StepFailed("stop", error or "")
 
     async def _remove(self, sb: _Sandbox) -> None:
-        await self._stop(sb)
+        if not self._nothing_left(sb):
+            await self._stop(sb, intent="remove")
         await self._save(sb, Trigger.REMOVE, pending="remove")
         await self._forget(sb)
 
     async def _forget(self, sb: _Sandbox) -> None:
-        """Drop the record and the name and id reservations."""
-        sb.removed = True
+        """Drop the record, then the run directory and the name and id reservations."""
         if sb.supervisor is not None:
             sb.supervisor.cancel()
             sb.supervisor = None
-        await self.store.delete(sb.record.id)
-        self._sandboxes.pop(sb.record.id, None)
-        if self._names.get(sb.record.config.reserved_name) == sb.record.id:
-            del self._names[sb.record.config.reserved_name]
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.store.delete(sb.record.id)
+            sb.removed = True
+            self._sandboxes.pop(sb.record.id, None)
+            if self._names.get(sb.record.config.reserved_name) == sb.record.id:
+                del self._names[sb.record.config.reserved_name]
+        finally:
+            self._flush(sb)
+        shutil.rmtree(self.sandbox_run_dir(sb.record.id), ignore_errors=True)
 
     # ------------------------------------------------------------------ supervision
 
@@ -665,7 +770,7 @@ class Controller:
             with scope:
                 if pidfd >= 0:
                     await anyio.wait_readable(pidfd)
-                status = await self._rt.wait_exit_status(task, 1.0)
+                status = await self._exit_status(task, 1.0)
                 async with sb.lock:
                     if sb.removed or sb.record.task != task or sb.supervisor is not scope:
                         return
@@ -694,61 +799,122 @@ class Controller:
         await self._collect_orphans()
 
     async def _recover_one(self, sb: _Sandbox) -> None:
+        """Reconcile one record with the system.
+
+        - a stop or remove that was under way is finished;
+        - a Ready sandbox whose pause process is alive (the same process, in the pinned
+          namespaces, its network checked with CNI CHECK) is supervised again; one whose
+          task died meanwhile goes NotReady (TASK_EXIT, with the status the reaper kept);
+        - an interrupted run goes NotReady (FAIL) keeping what it made (its netns path, its
+          address) until stop/remove, as containerd does.
+        Nothing is ever left in between: every record ends Ready, NotReady, or removed.
+        """
         async with self._limiter, sb.lock:
             rec = sb.record
             try:
                 if rec.pending == "remove":
                     await self._remove(sb)
-                    return
-                alive = rec.task is not None and _same_process(rec.task)
-                if rec.state is State.READY and rec.pending is None:
-                    if alive:
-                        assert rec.task is not None
-                        self._supervise(sb, rec.task)
-                        return
-                    assert rec.task is not None
-                    status = await self._rt.wait_exit_status(rec.task, 0.2)
-                    await self._save(sb, Trigger.TASK_EXIT, exit_status=status,
-                                     finished_at=rec.finished_at or _now(),
-                                     error="task exited while podfsm was down")
+                elif rec.pending == "stop":
+                    await self._stop(sb)
+                elif rec.state is State.READY and rec.pending is None:
+                    await self._reattach(sb)
                 elif rec.state is not State.NOT_READY:
                     what = rec.pending or rec.state.value
                     msg = f"interrupted by a controller restart during {what}"
-                    await self._save(sb, Trigger.FAIL, error=msg, last_error=msg)
+                    await self._save(sb, Trigger.FAIL, error=msg, last_error=msg, pending=None)
             except Exception as exc:
                 log.error("sandbox %s: recovery failed: %s", rec.id, exc)
                 self.recovery_problems.append(f"sandbox {rec.id}: {_describe(exc)}")
 
+    async def _reattach(self, sb: _Sandbox) -> None:
+        rec = sb.record
+        task = rec.task
+        if task is None or not _same_process(task):
+            status = await self._exit_status(task, 0.2) if task is not None else None
+            msg = "task exited while podfsm was down"
+            await self._save(sb, Trigger.TASK_EXIT, exit_status=status,
+                             finished_at=rec.finished_at or _now(), error=msg)
+            return
+        problem = self._task_problem(rec) or _pin_problem(rec)
+        if problem is None:
+            try:
+                rt_state = await self._rt.state(rec.id)
+            except PodfsmError as exc:
+                rt_state = f"unknown ({_describe(exc)})"
+            if rt_state != "running":
+                problem = f"the runtime says the container is {rt_state or 'gone'}"
+        if problem is None and rec.network is not None:
+            try:
+                await self._net.check(self._net_request(rec), rec.network)
+            except PodfsmError as exc:
+                problem = f"pod network check failed: {_describe(exc)}"
+        if problem is not None:
+            msg = f"found broken after a controller restart: {problem}"
+            await self._save(sb, Trigger.FAIL, error=msg, last_error=msg)
+            return
+        self._supervise(sb, task)
+
     async def _collect_orphans(self) -> None:
-        """Remove what this controller made but has no record of: containers in its own runtime
-        root, pins under its run_dir, and netns pins carrying its tag. Nothing else is touched."""
+        """Remove what this controller made but has no record of; nothing else is touched.
+
+        What is ours: containers in our own runtime root, sandbox run directories and bundles
+        under our run_dir (every sandbox has a run directory from before its first system
+        step until after its record is gone), ids of records set aside as corrupt, and netns
+        pins carrying our tag. For each such id: runtime delete, CNI DEL, unpin, directory.
+        """
         known = set(self._sandboxes)
+        ids: set[str] = set()
         try:
-            for cid in await self._rt.list_containers():
-                if cid not in known:
-                    log.warning("deleting orphan container %s", cid)
-                    await self._rt.delete(cid)
+            ids.update(await self._rt.list_containers())
         except PodfsmError as exc:
             self.recovery_problems.append(f"orphan containers: {exc}")
-        sandboxes_dir = os.path.join(self.config.run_dir, "sandboxes")
-        with contextlib.suppress(FileNotFoundError):
-            for sid in os.listdir(sandboxes_dir):
-                if sid not in known:
-                    d = os.path.join(sandboxes_dir, sid)
-                    await self._ns.destroy(None, os.path.join(d, "userns"))
-                    shutil.rmtree(d, ignore_errors=True)
+        bundles_dir = os.path.dirname(self._rt.bundle_path("0" * 64))
+        for d in (os.path.join(self.config.run_dir, "sandboxes"), bundles_dir):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                ids.update(n for n in os.listdir(d) if _SANDBOX_ID.match(n))
+        ids.update(self._corrupt_ids)
+        for sid in sorted(ids - known):
+            await self._collect_orphan(sid)
         prefix = f"podfsm-{self._tag}-"
         known_prefixes = {sid[:16] for sid in known}
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self.config.netns_dir):
                 if name.startswith(prefix) and name[len(prefix):] not in known_prefixes:
-                    await self._ns.destroy(os.path.join(self.config.netns_dir, name), None)
-        for problem in list(self.recovery_problems):
-            # a corrupt record's id is its file name: release its address too
-            sid = problem.split("corrupt record ", 1)[-1].split(".json", 1)[0]
-            if len(sid) == 64 and sid not in known:
-                with contextlib.suppress(PodfsmError):
-                    await self._net.detach(NetworkRequest(sandbox_id=sid, netns_path=None), None)
+                    log.warning("unpinning orphan netns %s", name)
+                    try:
+                        await self._ns.destroy(os.path.join(self.config.netns_dir, name), None)
+                    except PodfsmError as exc:
+                        self.recovery_problems.append(f"orphan netns pin {name}: {exc}")
+
+    async def _collect_orphan(self, sid: str) -> None:
+        log.warning("collecting orphan sandbox %s (no record of it)", sid)
+        netns = self.netns_pin_path(sid)
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("runtime delete", lambda: self._rt.delete(sid)),
+            ("CNI DEL", lambda: self._net.detach(
+                NetworkRequest(sandbox_id=sid,
+                               netns_path=netns if os.path.lexists(netns) else None), None)),
+            ("unpin", lambda: self._ns.destroy(netns, self.userns_pin_path(sid))),
+        ]
+        failed = False
+        for label, action in steps:
+            try:
+                await action()
+            except Exception as exc:
+                failed = True
+                self.recovery_problems.append(f"orphan {sid}: {label}: {_describe(exc)}")
+        if not failed:
+            shutil.rmtree(self.sandbox_run_dir(sid), ignore_errors=True)
+
+    @property
+    def _corrupt_ids(self) -> set[str]:
+        """Ids of the records set aside as corrupt this time (their file names)."""
+        out = set()
+        for problem in self.recovery_problems:
+            name = problem.split("corrupt record ", 1)[-1].split(".json", 1)[0]
+            if _SANDBOX_ID.match(name):
+                out.add(name)
+        return out
 
 
 class _Subscriber:
@@ -782,8 +948,38 @@ class _Subscriber:
             return None
 
 
+def _lock_dir(path: str, what: str) -> int:
+    """Take the controller lock of directory `path` (non-blocking); the fd holds it."""
+    fd = os.open(os.path.join(path, "controller.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ControllerLocked(f"another podfsm controller is using {what} {path}") from None
+    return fd
+
+
 def _same_process(task: TaskInfo) -> bool:
     return nsutil.proc_start_time(task.pid) == task.start_time
+
+
+def _pin_problem(rec: SandboxRecord) -> str | None:
+    """None when the recorded pins still hold the recorded namespaces."""
+    ns = rec.namespaces
+    if ns is None:
+        return None
+    for kind, path, inode in (("netns", ns.netns_path, ns.netns_inode),
+                              ("userns", ns.userns_path, ns.userns_inode)):
+        if not path or not inode:
+            continue
+        try:
+            ok = nsutil.ns_inode(path) == inode
+        except OSError:
+            ok = False
+        if not ok:
+            return f"the {kind} pin {path} no longer holds the pod's namespace"
+    return None
 
 
 def _pins_exist(rec: SandboxRecord) -> bool:

@@ -23,6 +23,10 @@ STEPS: tuple[str, ...] = (
     "unpin_namespaces",
 )
 NAMES: tuple[str, ...] = tuple(f"{step}.{when}" for step in STEPS for when in ("before", "after"))
+#: The steps a successful run meets (the first record write, then the forward steps) and the
+#: ones only a stop, a remove or an unwinding meets (the compensating steps).
+RUN_STEPS: tuple[str, ...] = STEPS[:5]
+STOP_STEPS: tuple[str, ...] = STEPS[5:]
 
 _ACTION = re.compile(r"^(?:(?P<count>\d+)\*)?(?P<kind>error|crash|delay\((?P<ms>\d+)\))$")
 

@@ -85,7 +85,9 @@ class SandboxRecord(_Frozen):
     config: PodSandboxConfig
     state: State = State.UNKNOWN
     created_at: datetime
-    #: the step that was about to touch the system when the record was written, if any
+    #: what was under way when the record was written, if anything: the trigger name of the
+    #: forward step about to touch the system (a restart turns that run NotReady), or "stop" /
+    #: "remove" (a restart finishes them)
     pending: str | None = None
     runtime: str
     uid_mapping: IDMapping | None = None

@@ -1,19 +1,28 @@
 """The record store: one JSON file per sandbox under <state_dir>/sandboxes, written atomically
 (temporary file, fsync, rename, fsync of the directory) so a crash leaves the old record or the
-new one, never half of either. A lock file keeps a second controller off the same state_dir."""
+new one, never half of either. A lock file keeps a second controller off the same state_dir.
+
+Records carry `schema_version`; `migrate` brings an older record up to date step by step. A
+record that cannot be read is set aside in <state_dir>/corrupt (with a logged error) so every
+other sandbox still recovers; a record written by a NEWER podfsm stops the start instead (its
+sandbox must not be taken for an orphan and torn down by an older podfsm).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiofiles
 import aiofiles.os
+import anyio
 from pydantic import ValidationError
 
 from podfsm.core.errors import ControllerLocked, StateDirError
@@ -23,15 +32,38 @@ log = logging.getLogger(__name__)
 
 _fsync = aiofiles.os.wrap(os.fsync)
 
+Migration = Callable[[dict[str, Any]], dict[str, Any]]
 
-def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring a decoded record up to SCHEMA_VERSION. Version 1 is the first; later versions add
-    their step here, so a record written by any older podfsm still loads."""
+#: MIGRATIONS[n] turns a version-n record (decoded JSON) into a version n+1 one. Version 1 is
+#: the first; a change to SandboxRecord that old records do not satisfy bumps SCHEMA_VERSION
+#: and adds its step here, so a record written by any older podfsm still loads.
+MIGRATIONS: dict[int, Migration] = {}
+
+
+class RecordTooNew(ValueError):
+    """The record was written by a newer podfsm than this one."""
+
+
+def migrate(
+    data: dict[str, Any],
+    *,
+    target: int = SCHEMA_VERSION,
+    steps: Mapping[int, Migration] = MIGRATIONS,
+) -> dict[str, Any]:
+    """Bring a decoded record up to schema version `target` (ValueError if it cannot be)."""
     version = data.get("schema_version", 1)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ValueError(f"record schema version {version!r} is newer than this podfsm's "
-                         f"({SCHEMA_VERSION})")
-    data["schema_version"] = SCHEMA_VERSION
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"record schema version {version!r} is not a version")
+    if version > target:
+        raise RecordTooNew(f"record schema version {version} is newer than this podfsm's "
+                           f"({target}): upgrade podfsm")
+    while version < target:
+        step = steps.get(version)
+        if step is None:
+            raise ValueError(f"no migration from record schema version {version}")
+        data = step(dict(data))
+        version += 1
+        data["schema_version"] = version
     return data
 
 
@@ -44,23 +76,28 @@ class FileStore:
         self.quarantine = os.path.join(state_dir, "corrupt")
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None
+        self._tmp_names = itertools.count()
 
     def open(self) -> None:
-        """Create the directories and take the controller lock (non-blocking)."""
+        """Create the directories and take the controller lock (non-blocking). Raises
+        ControllerLocked when another controller holds it, StateDirError when the state dir
+        cannot be used (missing and not creatable, read-only)."""
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(os.path.join(self.state_dir, "lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StateDirError(f"state dir {self.state_dir}: {exc.strerror}") from None
+            raise StateDirError(f"state dir {self.state_dir}: {_why(exc)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise ControllerLocked(
-                f"another podfsm controller is using state dir {self.state_dir}"
+                f"another podfsm controller is using state dir {self.state_dir} "
+                "(it holds the lock on its 'lock' file)"
             ) from None
         self._lock_fd = fd
-        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if not os.access(self.dir, os.W_OK):
             self.close()
             raise StateDirError(f"state dir {self.dir} is not writable")
@@ -75,57 +112,86 @@ class FileStore:
         return os.path.join(self.dir, f"{sandbox_id}.json")
 
     async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
+        """Every readable record, and a problem line for each one set aside as corrupt.
+        Temporary files of writes a crash interrupted are removed (the old record stands)."""
         records: list[SandboxRecord] = []
         problems: list[str] = []
         for name in sorted(os.listdir(self.dir)):
             path = os.path.join(self.dir, name)
             if name.endswith(".tmp"):
-                # a write that a crash interrupted before its rename: the old record stands
-                await aiofiles.os.remove(path)
+                try:
+                    await aiofiles.os.remove(path)
+                except OSError as exc:
+                    raise StateDirError(f"cannot remove {path}: {_why(exc)}") from None
                 continue
             if not name.endswith(".json"):
                 continue
             try:
                 async with aiofiles.open(path, "rb") as f:
                     data = json.loads(await f.read())
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
                 rec = SandboxRecord.model_validate(migrate(data))
                 if f"{rec.id}.json" != name:
                     raise ValueError(f"record id {rec.id!r} does not match its file name")
                 records.append(rec)
-            except (ValueError, ValidationError, UnicodeDecodeError) as exc:
+            except RecordTooNew as exc:
+                raise StateDirError(f"record {path}: {exc}") from None
+            except (ValueError, ValidationError, UnicodeDecodeError, OSError) as exc:
                 problem = self._set_aside(name, exc)
                 log.error(problem)
                 problems.append(problem)
         return records, problems
 
     def _set_aside(self, name: str, exc: Exception) -> str:
-        os.makedirs(self.quarantine, mode=0o700, exist_ok=True)
-        os.replace(os.path.join(self.dir, name), os.path.join(self.quarantine, name))
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        try:
+            os.makedirs(self.quarantine, mode=0o700, exist_ok=True)
+            os.replace(os.path.join(self.dir, name), os.path.join(self.quarantine, name))
+        except OSError as move:
+            return f"corrupt record {name} (cannot set it aside: {_why(move)}): {first}"
         return f"corrupt record {name} set aside in {self.quarantine}: {first}"
 
     async def save(self, rec: SandboxRecord) -> None:
+        """Atomically and durably replace the record of rec.id. On failure (StateDirError)
+        the previous record stands and no temporary file is left."""
         path = self._path(rec.id)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}-{next(self._tmp_names)}.tmp"
         data = rec.model_dump_json().encode()
-        try:
-            async with aiofiles.open(tmp, "wb") as f:
-                await f.write(data)
-                await f.flush()
-                await _fsync(f.fileno())
-            await aiofiles.os.replace(tmp, path)
-            if self._dir_fd is not None:
-                await _fsync(self._dir_fd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            what = "full" if exc.errno == errno.ENOSPC else exc.strerror
-            raise StateDirError(f"cannot write record {path}: {what}") from None
+        # Shielded: a cancelled write would go on in aiofiles' thread after we gave up on it.
+        with anyio.CancelScope(shield=True):
+            try:
+                async with aiofiles.open(tmp, "wb") as f:
+                    await f.write(data)
+                    await f.flush()
+                    await _fsync(f.fileno())
+                await aiofiles.os.replace(tmp, path)
+                if self._dir_fd is not None:
+                    await _fsync(self._dir_fd)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise StateDirError(f"cannot write record {path}: {_why(exc)}") from None
 
     async def delete(self, sandbox_id: str) -> None:
-        try:
-            await aiofiles.os.remove(self._path(sandbox_id))
-        except FileNotFoundError:
-            return
-        if self._dir_fd is not None:
-            await _fsync(self._dir_fd)
+        """Forget a sandbox. Idempotent."""
+        path = self._path(sandbox_id)
+        if not os.path.lexists(path):
+            return  # (unlink would say EROFS rather than ENOENT on a read-only state dir)
+        with anyio.CancelScope(shield=True):
+            try:
+                await aiofiles.os.remove(path)
+                if self._dir_fd is not None:
+                    await _fsync(self._dir_fd)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise StateDirError(f"cannot delete record {path}: {_why(exc)}") from None
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the state dir is full (no space left on the device)"
+    if exc.errno == errno.EROFS:
+        return "the state dir is read-only (read-only file system)"
+    return exc.strerror or str(exc)
