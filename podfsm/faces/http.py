@@ -184,6 +184,8 @@ class Shim:
                 Exception: self._on_crash,  # a bug: answer JSON too (uvicorn logs the trace)
             },
         )
+        # "/v1/sandboxes/%2F" and the like are unknown sandboxes (404), not redirects
+        self.app.router.redirect_slashes = False
 
     # ------------------------------------------------------------------ plumbing
 
