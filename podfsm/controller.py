@@ -363,9 +363,11 @@ class Controller:
     # ------------------------------------------------------------------ records and events
 
     async def _save(self, sb: _Sandbox, *triggers: Trigger, error: str | None = None,
-                    **changes: Any) -> None:
+                    persist: bool = True, **changes: Any) -> None:
         """Apply `changes`, fire `triggers` (in order) on the machine, write the record once,
         then publish one event per trigger (also when the write fails: the machine moved).
+        persist=False skips the write where the next write (or the record's deletion) follows
+        before anything else touches the system, so a crash in between changes nothing.
 
         A move back to Unknown (remove, or the last step of an unwinding) means the sandbox is
         about to disappear: its events are held until it is gone from status and list (see
@@ -382,7 +384,8 @@ class Controller:
         sb.record = sb.record.evolve(**changes)
         sb.unpublished.extend(events)
         try:
-            await self._store_save(sb.record)
+            if persist:
+                await self._store_save(sb.record)
         finally:
             if sb.machine.current is not State.UNKNOWN:
                 self._flush(sb)
@@ -558,7 +561,9 @@ class Controller:
         with anyio.CancelScope(shield=True):  # so does `start`
             await self._rt.start_task(rec.id)
         await self._hit("runtime_start.after")
-        await self._save(sb, Trigger.START_TASK, pending=Trigger.MARK_READY.value)
+        # Written together with mark_ready: the check in between touches nothing, and a crash
+        # there leaves `pending=start_task`, which recovery treats the same way.
+        await self._save(sb, Trigger.START_TASK, persist=False)
         assert sb.record.task is not None
         self._supervise(sb, sb.record.task)
 
@@ -729,7 +734,9 @@ class Controller:
     async def _remove(self, sb: _Sandbox) -> None:
         if not self._nothing_left(sb):
             await self._stop(sb, intent="remove")
-        await self._save(sb, Trigger.REMOVE, pending="remove")
+        # not written: the record is deleted next (a crash before that leaves the record of the
+        # stop, which a remove finishes)
+        await self._save(sb, Trigger.REMOVE, pending="remove", persist=False)
         await self._forget(sb)
 
     async def _forget(self, sb: _Sandbox) -> None:

@@ -62,10 +62,11 @@ async def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(
     old = record(1)
     await store.save(old)
 
-    async def no_space(fd: int) -> None:
+    def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "_fsync", no_space)
+    # the temporary file is written, then its fsync fails as on a full disk
+    monkeypatch.setattr(store_mod.os, "fsync", no_space)
     with pytest.raises(StateDirError, match="full"):
         await store.save(old.evolve(state=State.NOT_READY))
     assert files(store) == [f"{old.id}.json"]
