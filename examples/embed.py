@@ -11,9 +11,7 @@ import _world
 import podfsm
 
 
-async def main(runtime: str) -> None:
-    with open(_world.pod_file("userns-allocated.json")) as f:
-        pod = podfsm.PodSandboxConfig.model_validate(json.load(f))
+async def main(runtime: str, pod: podfsm.PodSandboxConfig) -> None:
     async with podfsm.Controller(_world.config(runtime)) as ctl:
         st = await ctl.run_sandbox(pod)
         print(f"{st.name}: {st.state} ip={st.ip} pid={st.pid}")
@@ -26,4 +24,6 @@ async def main(runtime: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(_world.runtime_arg()))
+    with open(_world.pod_file("userns-allocated.json")) as f:
+        config = podfsm.PodSandboxConfig.model_validate(json.load(f))
+    asyncio.run(main(_world.runtime_arg(), config))

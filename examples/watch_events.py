@@ -11,7 +11,7 @@ import _world
 import podfsm
 
 
-async def main(runtime: str) -> None:
+async def main(runtime: str, pod: dict[str, object]) -> None:
     async with podfsm.Controller(_world.config(runtime)) as ctl:
 
         async def watch() -> None:
@@ -24,11 +24,12 @@ async def main(runtime: str) -> None:
 
         watcher = asyncio.create_task(watch())
         await asyncio.sleep(0)  # let the watcher subscribe before anything happens
-        with open(_world.pod_file("userns-allocated.json")) as f:
-            st = await ctl.run_sandbox(json.load(f))
+        st = await ctl.run_sandbox(pod)
         await ctl.remove_sandbox(st.id)
         await watcher
 
 
 if __name__ == "__main__":
-    asyncio.run(main(_world.runtime_arg()))
+    with open(_world.pod_file("userns-allocated.json")) as f:
+        config = json.load(f)
+    asyncio.run(main(_world.runtime_arg(), config))

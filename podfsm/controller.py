@@ -182,6 +182,7 @@ class Controller:
             await self._rt.start()
             stack.push_async_callback(self._rt.close)
             await self._net.start()
+            stack.push_async_callback(self._net.close)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._tg.cancel_scope.cancel)
             self.recovering = True
@@ -315,6 +316,7 @@ class Controller:
         existing = self._names.get(pod.reserved_name)
         if existing is not None:
             raise NameReserved(pod.reserved_name, existing)
+        self._check_host_support(pod)
         uid_map, gid_map, allocated = self._id_ranges(pod)
         sandbox_id = secrets.token_hex(32)
         rec = SandboxRecord(
@@ -334,6 +336,13 @@ class Controller:
         self._sandboxes[sandbox_id] = sb
         self._names[pod.reserved_name] = sandbox_id
         return sb
+
+    @staticmethod
+    def _check_host_support(pod: PodSandboxConfig) -> None:
+        """Refusals that need a look at this host: a sysctl the kernel does not have."""
+        for name in pod.linux.sysctls:
+            if not os.path.exists("/proc/sys/" + name.replace(".", "/")):
+                raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
 
     def _id_ranges(self, pod: PodSandboxConfig) -> tuple[IDMapping | None, IDMapping | None, bool]:
         if not pod.pod_userns:
@@ -1015,6 +1024,7 @@ def _real_network(cfg: ControllerConfig) -> NetworkDriver:
         default_name=cfg.default_network_name,
         default_bridge=cfg.default_bridge,
         default_subnet=cfg.default_subnet,
+        reaper_run_dir=cfg.run_dir,
     )
 
 

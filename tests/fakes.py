@@ -88,6 +88,9 @@ class FakeNetwork:
     async def start(self) -> None:
         pass
 
+    async def close(self) -> None:
+        pass
+
     async def attach(self, req: NetworkRequest) -> NetworkResult:
         self.faults.check("cni.add")
         ip = f"10.99.0.{self._next}"

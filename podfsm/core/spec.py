@@ -113,12 +113,42 @@ class LinuxSandboxSecurityContext(_Model):
     namespace_options: NamespaceOption = Field(default_factory=NamespaceOption)
 
 
+# Sysctls a pod may set: the ones namespaced by the kernel (ipc and net), as runc accepts them
+# for a container with its own ipc and network namespaces.
+_SYSCTL_NAME = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
+_IPC_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
+                "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced")
+
+
 class LinuxPodSandboxConfig(_Model):
     cgroup_parent: str = ""
     security_context: LinuxSandboxSecurityContext = Field(
         default_factory=LinuxSandboxSecurityContext
     )
     sysctls: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("cgroup_parent")
+    @classmethod
+    def _cgroup_parent(cls, v: str) -> str:
+        parts = v.split("/")
+        if ".." in parts or "\0" in v or len(v) > 1024:
+            raise ValueError(f"linux.cgroup_parent {v!r} must not contain '..' components")
+        return v
+
+    @field_validator("sysctls")
+    @classmethod
+    def _sysctls(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _SYSCTL_NAME.match(name):
+                raise ValueError(f"sysctl {name!r} is not a sysctl name")
+            if not (name in _IPC_SYSCTLS or name.startswith(("fs.mqueue.", "net."))):
+                raise ValueError(
+                    f"sysctl {name!r} is not namespaced (allowed: net.*, fs.mqueue.*, "
+                    "kernel.shm*/msg*/sem)"
+                )
+            if "\n" in value or "\0" in value:
+                raise ValueError(f"sysctl {name!r} value has a newline or NUL")
+        return v
 
 
 class PodSandboxMetadata(_Model):
@@ -227,7 +257,8 @@ class PodSandboxConfig(_Model):
                 )
             if m.length <= 0:
                 raise ValueError(f"userns_options.{kind}[0].length must be > 0")
-            if m.host_end > ID_SPACE:
+            # 4294967295 is (uid_t)-1, "no id": the kernel refuses to map it
+            if m.host_end > ID_SPACE - 1:
                 raise ValueError(f"userns_options.{kind}[0] runs past the last id")
             if m.host_id == 0:
                 raise ValueError(

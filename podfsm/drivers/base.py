@@ -71,6 +71,9 @@ class NetworkDriver(Protocol):
     async def start(self) -> None:
         """Load the network config and check the plugins exist. Called once."""
 
+    async def close(self) -> None:
+        """Release what start() took; attachments stay as they are."""
+
     async def attach(self, req: NetworkRequest) -> NetworkResult:
         """CNI ADD through the conflist's plugins, prevResult chained. Raises StepFailed with
         the plugin's own message on failure (and has already run DEL for what it added)."""

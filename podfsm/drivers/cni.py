@@ -29,6 +29,7 @@ from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.records import NetworkResult
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import InterfaceInfo, NetworkRequest
+from podfsm.drivers.reaper import ReaperClient, ReaperError
 
 STEP = "cni"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
@@ -72,8 +73,13 @@ class CniNetwork:
         default_subnet: str = "10.209.0.0/16",
         *,
         plugin_timeout: float = DEFAULT_PLUGIN_TIMEOUT,
+        reaper_run_dir: str | None = None,
     ) -> None:
         self.conf_dir = conf_dir
+        # With a run_dir, plugins are run by that run_dir's reaper process: the caller's
+        # process then never forks for them (asyncio's child watcher would start a thread per
+        # plugin run, the largest CPU cost the controller had).
+        self._reaper = ReaperClient(reaper_run_dir) if reaper_run_dir else None
         self.bin_dirs: tuple[str, ...] = tuple(bin_dirs)
         self.default_name = default_name
         self.default_bridge = default_bridge
@@ -114,6 +120,8 @@ class CniNetwork:
         Raises ValueError (naming the file and field) for a broken config file, and
         PrerequisiteMissing when a plugin binary is not in any of the plugin directories.
         """
+        if self._reaper is not None and not self._reaper.connected:
+            await self._reaper.connect()
         files = await asyncio.to_thread(_read_conf_dir, self.conf_dir)
         conf = cniconf.select_network(files, self.conf_dir)
         if conf is None:
@@ -363,6 +371,8 @@ class CniNetwork:
         if path is None:  # only if start() was skipped for this config
             raise _PluginFailed(ptype, command, "plugin was not found at start")
         stdin = json.dumps(cniconf.plugin_config(conf, index, prev, caps)).encode()
+        if self._reaper is not None:
+            return await self._run_by_reaper(ptype, path, command, env, stdin)
         try:
             proc = await asyncio.create_subprocess_exec(
                 path,
@@ -391,6 +401,27 @@ class CniNetwork:
                 ptype, command, cniconf.plugin_error_message(out, err, proc.returncode)
             )
         return out
+
+
+    async def _run_by_reaper(self, ptype: str, path: str, command: str, env: dict[str, str],
+                             stdin: bytes) -> bytes:
+        assert self._reaper is not None
+        try:
+            res = await self._reaper.run([path], env=env, timeout=self.plugin_timeout,
+                                         input=stdin.decode(), cwd="/")
+        except ReaperError as exc:
+            raise _PluginFailed(ptype, command, str(exc)) from None
+        out = res.stdout.encode()
+        if res.rc != 0:
+            raise _PluginFailed(
+                ptype, command, cniconf.plugin_error_message(out, res.stderr.encode(), res.rc)
+            )
+        return out
+
+    async def close(self) -> None:
+        """Disconnect from the reaper, if plugins run there."""
+        if self._reaper is not None:
+            await self._reaper.close()
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

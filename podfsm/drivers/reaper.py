@@ -312,6 +312,13 @@ class ReaperServer:
             raise ValueError("argv is empty")
         env = req.get("env")
         output_file = req.get("output_file")
+        stdin_data = req.get("input")
+        stdin: int = subprocess.DEVNULL
+        if stdin_data is not None:
+            # a memfd, not a pipe: the whole input is there at once and nothing can block
+            stdin = os.memfd_create("podfsm-stdin", os.MFD_CLOEXEC)
+            os.write(stdin, str(stdin_data).encode())
+            os.lseek(stdin, 0, os.SEEK_SET)
         timeout = float(req.get("timeout") or 30.0)
         out_fd: int | None = None
         if output_file is not None:
@@ -321,7 +328,8 @@ class ReaperServer:
         try:
             popen = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
+                cwd=req.get("cwd"),
                 stdout=out_fd if out_fd is not None else subprocess.PIPE,
                 stderr=out_fd if out_fd is not None else subprocess.PIPE,
                 env=None if env is None else {str(k): str(v) for k, v in env.items()},
@@ -331,6 +339,8 @@ class ReaperServer:
         finally:
             if out_fd is not None:
                 os.close(out_fd)
+            if stdin_data is not None:
+                os.close(stdin)
         run = _Run(popen=popen, future=self._loop.create_future(), output_file=output_file)
         for stream in (popen.stdout, popen.stderr):
             if stream is not None:
@@ -877,6 +887,8 @@ class ReaperClient:
         timeout: float = 30.0,
         *,
         output_file: str | None = None,
+        input: str | None = None,
+        cwd: str | None = None,
     ) -> RunResult:
         """Run `argv` as the reaper's child and return (rc, stdout, stderr).
 
@@ -892,6 +904,10 @@ class ReaperClient:
             req["env"] = dict(env)
         if output_file is not None:
             req["output_file"] = output_file
+        if input is not None:
+            req["input"] = input
+        if cwd is not None:
+            req["cwd"] = cwd
         reply = await self._request(req)
         return RunResult(int(reply["rc"]), str(reply["stdout"]), str(reply["stderr"]))
 

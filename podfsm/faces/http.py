@@ -782,7 +782,10 @@ function card(id) {
   return el;
 }
 
+const gone = new Set();  // removed sandboxes: an answer still in flight must not bring one back
+
 function show(st) {
+  if (gone.has(st.id)) return;
   let p = pods.get(st.id);
   if (!p) {
     p = {el: card(st.id), drawn: "", ticket: 0};
@@ -809,9 +812,12 @@ function show(st) {
 }
 
 async function draw(el, url) {
+  // answers may come back out of order: only the latest drawing asked for is shown
+  const ticket = el.drawTicket = (el.drawTicket || 0) + 1;
   const r = await fetch(url);
   if (!r.ok) return;
   const text = await r.text();
+  if (el.drawTicket !== ticket) return;
   el.innerHTML = text.slice(text.indexOf("<svg"));
 }
 
@@ -864,7 +870,13 @@ function live(on, text) {
 function connect() {
   source = new EventSource("/v1/events" + (since === null ? "" : "?since=" + since));
   source.onopen = () => { live(true, "live"); refresh(); };
-  source.onmessage = (m) => { const ev = JSON.parse(m.data); note(ev); update(ev.sandbox_id); };
+  source.onmessage = (m) => {
+    const ev = JSON.parse(m.data);
+    note(ev);
+    // gone for good: the record may outlive its remove event for a moment, so do not fetch it
+    if (ev.trigger === "remove") { gone.add(ev.sandbox_id); drop(ev.sandbox_id); counts(); }
+    else update(ev.sandbox_id);
+  };
   source.onerror = () => {
     live(false, "reconnecting");
     if (source.readyState === EventSource.CLOSED) { source.close(); setTimeout(start, 2000); }

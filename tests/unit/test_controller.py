@@ -224,3 +224,13 @@ async def test_concurrent_operations_on_one_sandbox_are_serialized(rig: Rig) -> 
                 tg.start_soon(ctl.remove_sandbox, st.id)
         assert await ctl.list_sandboxes() == []
     rig.nothing_left()
+
+
+async def test_a_sysctl_this_host_lacks_is_refused_before_anything_is_made(rig: Rig) -> None:
+    data = pod()
+    data["linux"]["sysctls"] = {"net.ipv4.no_such_knob": "1"}
+    async with rig.controller() as ctl:
+        with pytest.raises(InvalidPodConfig, match="does not exist on this host"):
+            await ctl.run_sandbox(data)
+        assert rig.faults.calls == []
+    rig.nothing_left()

@@ -86,6 +86,11 @@ REFUSALS = {
     "mapping past the id space": (pod({"mode": "POD", "uids": [
         {"host_id": 4294967000, "container_id": 0, "length": 1000}], "gids": ONE}), "past"),
     "not an object": ([1, 2], "JSON object"),
+    "mapping of id 4294967295": (pod({"mode": "POD", "uids": [
+        {"host_id": 4294967295, "container_id": 0, "length": 1}], "gids": ONE}), "past"),
+    "host sysctl": (dict(pod(), linux={"sysctls": {"kernel.nope": "1"}}), "not namespaced"),
+    "empty sysctl": (dict(pod(), linux={"sysctls": {"": ""}}), "not a sysctl name"),
+    "cgroup parent escaping": (dict(pod(), linux={"cgroup_parent": "../../../x"}), "'..'"),
 }
 
 
@@ -105,3 +110,10 @@ def test_model_validate_is_the_library_entry_point() -> None:
     cfg = PodSandboxConfig.model_validate(pod({"mode": "POD"}))
     assert cfg.reserved_name == "web_default_u1_0"
     assert cfg.effective_hostname == "web"
+
+
+def test_namespaced_sysctls_and_a_cgroup_parent_are_accepted() -> None:
+    cfg = parse_pod_config(dict(pod(), linux={
+        "cgroup_parent": "/kubepods/besteffort",
+        "sysctls": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "1024"}}))
+    assert cfg.linux.sysctls["kernel.shmmax"] == "1024"

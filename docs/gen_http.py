@@ -1,0 +1,246 @@
+"""Writes docs/http.md from the OpenAPI document that `podfsm serve` serves at /openapi.json.
+
+    python docs/gen_http.py            # rewrite docs/http.md
+    python docs/gen_http.py --check    # exit 1 if docs/http.md is not what this makes now
+
+tests/unit/test_docs.py runs the check, so the page cannot drift from the code. The document is
+taken from a real Shim (the app `serve` runs) over a stand-in controller, through the app's own
+GET /openapi.json (in process, over httpx's ASGI transport), so the page shows exactly what a
+client fetches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from podfsm.core import spec
+from podfsm.faces.http import Shim
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "http.md"
+SCHEMAS = "#/components/schemas/"
+METHODS = ("get", "post", "put", "patch", "delete")
+
+
+class _NoController:
+    """Enough of a Controller for the app to be built and to serve its OpenAPI document."""
+
+    recovering = False
+    recovery_problems: tuple[str, ...] = ()
+    last_event_seq = 0
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document, as GET /openapi.json serves it."""
+    shim = Shim(_NoController(), ready=False)  # type: ignore[arg-type]
+
+    async def fetch() -> dict[str, Any]:
+        transport = httpx.ASGITransport(app=shim.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://podfsm") as client:
+            resp = await client.get("/openapi.json")
+            resp.raise_for_status()
+            doc: dict[str, Any] = resp.json()
+            return doc
+
+    return asyncio.run(fetch())
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def _anchor(heading: str) -> str:
+    """The id GitHub gives a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-")
+
+
+def _type(schema: dict[str, Any]) -> str:
+    """A schema in a few words, with links to the named ones."""
+    if "$ref" in schema:
+        name = schema["$ref"].removeprefix(SCHEMAS)
+        return f"[{name}](#{_anchor(name)})"
+    if "anyOf" in schema:
+        parts = [s for s in schema["anyOf"] if s.get("type") != "null"]
+        nullable = len(parts) < len(schema["anyOf"])
+        text = " or ".join(_type(s) for s in parts)
+        return f"{text} or null" if nullable else text
+    if "enum" in schema:
+        return "one of " + ", ".join(f"`{json.dumps(v)}`" for v in schema["enum"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"list of {_type(schema.get('items', {}))}"
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"map of string to {_type(schema['additionalProperties'])}"
+    if kind == "string" and "format" in schema:
+        return f"string ({schema['format']})"
+    return str(kind)
+
+
+def _constraints(schema: dict[str, Any]) -> str:
+    words = []
+    for key, text in (("minimum", ">= {}"), ("exclusiveMinimum", "> {}"),
+                      ("maximum", "<= {}"), ("exclusiveMaximum", "< {}"),
+                      ("minLength", "length >= {}"), ("maxLength", "length <= {}")):
+        if key in schema:
+            words.append(text.format(schema[key]))
+    return ", ".join(words)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _media(content: dict[str, Any]) -> str:
+    return ", ".join(f"`{m}`" + (f" {_type(c['schema'])}" if "$ref" in c.get("schema", {})
+                                 else "") for m, c in content.items())
+
+
+def _operation(path: str, method: str, op: dict[str, Any], shared: list[Any]) -> list[str]:
+    summary = op.get("summary", "")
+    out = [f"### `{method.upper()} {path}`", "",
+           summary + ("" if summary.endswith((".", "?", "!")) else "."), "",
+           f"Operation id: `{op['operationId']}`.", ""]
+    params = [*shared, *op.get("parameters", [])]
+    if params:
+        out += ["| parameter | in | required | type | description |",
+                "| --- | --- | --- | --- | --- |"]
+        for p in params:
+            schema = p.get("schema", {})
+            kind = _type(schema)
+            if "default" in schema:
+                kind += f", default `{schema['default']}`"
+            if _constraints(schema):
+                kind += f", {_constraints(schema)}"
+            out.append(f"| `{p['name']}` | {p['in']} | {'yes' if p.get('required') else 'no'} "
+                       f"| {_cell(kind)} | {_cell(p.get('description', ''))} |")
+        out.append("")
+    body = op.get("requestBody")
+    if body:
+        about = f": {body['description']}" if body.get("description") else ""
+        out += [f"Request body ({'required' if body.get('required') else 'optional'}): "
+                f"{_media(body['content'])}{about}.", ""]
+    out += ["| status | meaning | body |", "| --- | --- | --- |"]
+    for status, resp in op["responses"].items():
+        out.append(f"| {status} | {_cell(resp.get('description', ''))} | "
+                   f"{_media(resp.get('content', {})) or '-'} |")
+    out.append("")
+    return out
+
+
+def _schema(name: str, schema: dict[str, Any]) -> list[str]:
+    out = [f"### {name}", ""]
+    if schema.get("description"):
+        out += [_cell(schema["description"]), ""]
+    if "enum" in schema:
+        names = getattr(spec, name, None)
+        if isinstance(names, type) and issubclass(names, enum.IntEnum):
+            # pod configs may give the name instead of the number, as protobuf JSON allows
+            values = ", ".join(f"`{m.value}` ({m.name})" for m in names)
+            out += [f"{schema.get('type', 'any')}, or its name: one of {values}.", ""]
+        else:
+            out += [f"{_type({'type': schema.get('type', 'any')})}: {_type(schema)}.", ""]
+        return out
+    props = schema.get("properties", {})
+    if not props:
+        return [*out, f"{_type(schema)}.", ""]
+    required = set(schema.get("required", []))
+    out += ["| field | type | required | default | constraints |",
+            "| --- | --- | --- | --- | --- |"]
+    for field, sub in props.items():
+        default = f"`{json.dumps(sub['default'])}`" if "default" in sub else ""
+        out.append(f"| `{field}` | {_cell(_type(sub))} | {'yes' if field in required else 'no'} "
+                   f"| {default} | {_constraints(sub)} |")
+    if schema.get("additionalProperties") is False:
+        out += ["", "No other fields."]
+    out.append("")
+    return out
+
+
+def render(doc: dict[str, Any] | None = None) -> str:
+    """docs/http.md."""
+    doc = doc if doc is not None else document()
+    info = doc["info"]
+    ops = [(path, method, item[method], item.get("parameters", []))
+           for path, item in doc["paths"].items() for method in METHODS if method in item]
+    out = [
+        "# The HTTP API",
+        "",
+        "<!-- Generated by docs/gen_http.py from the OpenAPI document; do not edit by hand. -->",
+        "",
+        f"{info['description']} OpenAPI {doc['openapi']}, podfsm {info['version']}.",
+        "",
+        "`podfsm serve` listens on a unix socket (default `/run/podfsm/podfsm.sock`, mode 0660),",
+        "and on TCP only when given `--port` (on 127.0.0.1 unless `--host` says otherwise).",
+        "The document itself is served at `GET /openapi.json`; the live web page at `GET /`.",
+        "For example, with curl:",
+        "",
+        "```sh",
+        "curl --unix-socket /run/podfsm/podfsm.sock http://podfsm/v1/sandboxes",
+        "curl --unix-socket /run/podfsm/podfsm.sock -X POST -H 'content-type: application/json' \\",
+        "     --data-binary @examples/pods/userns-allocated.json http://podfsm/v1/sandboxes",
+        "curl -N --unix-socket /run/podfsm/podfsm.sock http://podfsm/v1/events",
+        "```",
+        "",
+        "examples/curl.sh runs a whole session this way.",
+        "",
+        "## Errors",
+        "",
+        "Every error is a JSON [ErrorBody](#errorbody): `error` says what went wrong in words,",
+        "`kind` names it (`SandboxNotFound`, `NameReserved`, `InvalidPodConfig`, `BadRequest`,",
+        "`SandboxRunError`, ...); a failed run adds `step` (the step that failed) and `leftovers`",
+        "(what unwinding could not remove; empty when everything was unwound). 404 unknown",
+        "sandbox, 409 name reserved, 422 invalid pod config (nothing was created), 400 a",
+        "malformed parameter, 413 a body over 1 MiB, 500 a run that failed, 503 while the",
+        "controller starts or recovers (with `Retry-After`; nothing was done, so retrying is",
+        "safe).",
+        "",
+        "## Events",
+        "",
+        "`GET /v1/events` is a Server-Sent Events stream: each transition is one event whose",
+        "`id:` is its sequence number and whose `data:` is a [TransitionEvent](#transitionevent);",
+        "a comment line is sent as a heartbeat. A client that reconnects with `Last-Event-ID`",
+        "(browsers' EventSource does) or `?since=N` first gets the transitions after that number",
+        "that the daemon still holds. The stream ends when the daemon shuts down.",
+        "",
+        "## Endpoints",
+        "",
+        "| method | path | summary |",
+        "| --- | --- | --- |",
+        *(f"| {m.upper()} | [`{p}`](#{_anchor(f'{m} {p}')}) | "
+          f"{_cell(o.get('summary', ''))} |" for p, m, o, _ in ops),
+        "",
+    ]
+    for path, method, op, shared in ops:
+        out += _operation(path, method, op, shared)
+    out += ["## Schemas", ""]
+    for name, schema in sorted(doc["components"]["schemas"].items()):
+        out += _schema(name, schema)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write docs/http.md from the OpenAPI document.")
+    parser.add_argument("--check", action="store_true",
+                        help="only compare: exit 1 if docs/http.md is out of date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is out of date: run python docs/gen_http.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

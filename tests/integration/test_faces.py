@@ -1,0 +1,803 @@
+"""`podfsm serve` as its users run it: a real daemon subprocess on a unix socket in a temporary
+directory, its HTTP API and every CLI verb against real sandboxes (runc and crun), a graceful
+SIGTERM that leaves the sandboxes running and a new daemon that re-attaches them, and a bounded
+fuzz of the API from its OpenAPI document.
+
+Each test has its own directories, CNI network, bridge and subnet (make_env) and leaves nothing
+behind, also when it fails: the daemon is stopped (or killed) in a finally, then destroy_env.
+The helpers here (serving, podfsm, ...) are shared with test_browser.py and test_examples.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import string
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from podfsm.core import cniconf
+from podfsm.core.records import SandboxStatus
+from podfsm.core.states import STATES, TRANSITIONS
+from tests.integration.conftest import Env, destroy_env, make_env
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PODS = ROOT / "examples" / "pods"
+EXAMPLE_PODS = sorted(PODS.glob("*.json"))
+PYTHON = sys.executable
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+FORWARD = ["NamespacesReady", "ContainerCreated", "TaskRunning", "Ready"]
+# design.md: what `inspectp -o json` carries at least
+INSPECT_FIELDS = {"id", "name", "namespace", "uid", "state", "created_at", "pid", "netns_path",
+                  "userns_path", "ip", "additional_ips", "uid_mappings", "gid_mappings",
+                  "exit_status", "history"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_logs = itertools.count(1)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def use_env_network(env: Env) -> None:
+    """`serve` has no options for its default network's names, so give it the env's network as
+    a CNI config file, as an operator would."""
+    conf = cniconf.default_conflist(env.network, env.bridge, env.subnet)
+    Path(env.cfg.cni_conf_dir, "10-podfsm-test.conflist").write_text(json.dumps(conf))
+
+
+def serve_argv(env: Env, socket_path: str, *extra: str) -> list[str]:
+    c = env.cfg
+    return [PYTHON, "-m", "podfsm", "serve", "--socket", socket_path, "--state-dir", c.state_dir,
+            "--run-dir", c.run_dir, "--netns-dir", c.netns_dir, "--runtime", c.runtime,
+            "--cni-conf-dir", c.cni_conf_dir, *extra]
+
+
+@dataclass
+class Daemon:
+    """A `podfsm serve` subprocess."""
+
+    env: Env
+    socket: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    tcp_port: int | None = None
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket),
+                            base_url="http://podfsm", timeout=timeout, trust_env=False)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, as an init system stops it; its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        """However the test went: remove what is left through the API, stop, kill if need be."""
+        if self.alive():
+            with contextlib.suppress(Exception), self.client(timeout=30) as c:
+                for item in c.get("/v1/sandboxes").json()["items"]:
+                    c.delete(f"/v1/sandboxes/{item['id']}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.terminate(timeout=15)
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
+
+def start_daemon(env: Env, *, port: int | None = None, host: str | None = None,
+                 socket_path: str | None = None) -> Daemon:
+    """Start `podfsm serve` on the env and wait until /healthz answers 200."""
+    sock = socket_path or os.path.join(env.tmp, "podfsm.sock")
+    extra = ([] if port is None else ["--port", str(port)]) + ([] if host is None
+                                                               else ["--host", host])
+    log = Path(env.tmp, f"serve-{next(_logs)}.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(serve_argv(env, sock, *extra), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    d = Daemon(env, sock, proc, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        with d.client(timeout=5) as c:
+            while True:
+                if not d.alive():
+                    raise AssertionError(f"serve exited {proc.returncode}:\n{d.log_text()}")
+                # probe with a plain socket first: httpx leaks one when connect() fails
+                if _accepts(sock) and c.get("/healthz").status_code == 200:
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"serve did not come up:\n{d.log_text()}")
+                time.sleep(0.05)
+        if port is not None:
+            m = re.search(r"and on http://\[?([^\s\]]+)\]?:(\d+)/", d.log_text())
+            assert m, d.log_text()
+            d.tcp_port = int(m.group(2))
+    except BaseException:
+        d.close()
+        raise
+    return d
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def serving(env: Env, **kw: Any) -> Iterator[Daemon]:
+    """A running daemon that is stopped, or killed, however the block ends."""
+    d = start_daemon(env, **kw)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def podfsm_argv(sock: str | None, *args: str) -> list[str]:
+    return [PYTHON, "-m", "podfsm", *(["--socket", sock] if sock else []), *args]
+
+
+def podfsm(sock: str | None, *args: str, environ: dict[str, str] | None = None,
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the podfsm command line against the daemon on `sock`."""
+    return subprocess.run(podfsm_argv(sock, *args), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=environ, stdin=subprocess.DEVNULL,
+                          check=False)
+
+
+def podfsm_all(sock: str | None, *argvs: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Several podfsm commands at once (each is a Python start-up: run them side by side)."""
+    procs = [subprocess.Popen(podfsm_argv(sock, *a), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                              cwd=ROOT) for a in argvs]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def tcp_listeners(pid: int) -> list[tuple[str, int]]:
+    """The (address, port) of every listening TCP socket process `pid` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
+            if m:
+                inodes.add(m.group(1))
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # TCP_LISTEN
+                addr, port = fields[1].split(":")
+                raw = bytes.fromhex(addr)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((str(ipaddress.ip_address(words)), int(port, 16)))
+    return found
+
+
+def svg_current(svg: bytes) -> list[str]:
+    """The ids of the nodes drawn as the current state."""
+    root = ET.fromstring(svg)
+    return [g.get("id", "") for g in root.iter("{http://www.w3.org/2000/svg}g")
+            if "current" in g.get("class", "").split()]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_for_state(c: httpx.Client, sandbox_id: str, state: str, within: float) -> SandboxStatus:
+    deadline = time.monotonic() + within
+    while True:
+        st = SandboxStatus.model_validate_json(c.get(f"/v1/sandboxes/{sandbox_id}").content)
+        if st.state == state:
+            return st
+        assert time.monotonic() < deadline, f"still {st.state} after {within}s"
+        time.sleep(0.01)
+
+
+def read_sse(c: httpx.Client, count: int, **kw: Any) -> list[tuple[int, dict[str, Any]]]:
+    """The first `count` events of GET /v1/events as (id, data)."""
+    found: list[tuple[int, dict[str, Any]]] = []
+    with c.stream("GET", "/v1/events", timeout=httpx.Timeout(10.0), **kw) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event: dict[str, str] = {}
+        for line in r.iter_lines():
+            if line:
+                name, _, value = line.partition(":")
+                event[name] = value.removeprefix(" ")
+            elif "data" in event:
+                found.append((int(event["id"]), json.loads(event["data"])))
+                if len(found) == count:
+                    break
+                event = {}
+            else:
+                event = {}
+    return found
+
+
+class Streaming:
+    """A long-running podfsm command (`events`) whose output is read line by line, each read
+    with a deadline. (Not through Popen's text wrappers: communicate() would skip what they
+    buffered.)"""
+
+    def __init__(self, sock: str, *args: str) -> None:
+        self.proc = subprocess.Popen(podfsm_argv(sock, *args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+        self._buf = b""
+        self._eof = False
+
+    def _fill(self, deadline: float) -> None:
+        assert self.proc.stdout is not None
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no output in time; so far: {self._buf!r}"
+        ready, _, _ = select.select([self.proc.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            self._buf += chunk
+            self._eof = not chunk
+
+    def lines(self, count: int, timeout: float = 15) -> list[str]:
+        """The next `count` lines."""
+        deadline = time.monotonic() + timeout
+        while self._buf.count(b"\n") < count:
+            assert not self._eof, f"output ended early: {self._buf!r}"
+            self._fill(deadline)
+        *lines, self._buf = self._buf.split(b"\n", count)
+        return [line.decode() + "\n" for line in lines]
+
+    def finish(self, timeout: float = 15) -> tuple[int, str, str]:
+        """Wait for the end: exit status, the output not read yet, and stderr."""
+        deadline = time.monotonic() + timeout
+        while not self._eof:
+            self._fill(deadline)
+        assert self.proc.stderr is not None
+        rc = self.proc.wait(max(0.1, deadline - time.monotonic()))
+        rest, self._buf = self._buf.decode(), b""
+        return rc, rest, self.proc.stderr.read().decode()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+def check_error(r: httpx.Response, status: int, kind: str) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["kind"] == kind, body
+    assert isinstance(body["error"], str) and body["error"]
+    return str(body["error"])
+
+
+# ---------------------------------------------------------------------- the main flow
+
+
+def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path) -> None:
+    use_env_network(env)
+    subnet = ipaddress.ip_network(env.subnet)
+    with serving(env) as d, d.client() as c:
+        # the socket: a socket, root's, mode 0660; and no TCP listener unless asked
+        sst = os.stat(d.socket)
+        assert stat.S_ISSOCK(sst.st_mode) and stat.S_IMODE(sst.st_mode) == 0o660
+        assert sst.st_uid == 0
+        assert tcp_listeners(d.proc.pid) == []
+
+        health = c.get("/healthz")
+        assert health.status_code == 200
+        assert health.json() == {"status": "ok", "sandboxes": 0, "recovery_problems": []}
+        doc = c.get("/openapi.json").json()
+        assert doc["openapi"].startswith("3.")
+        assert set(doc["paths"]) == {
+            "/healthz", "/v1/sandboxes", "/v1/sandboxes/{sandbox_id}",
+            "/v1/sandboxes/{sandbox_id}/stop", "/v1/sandboxes/{sandbox_id}/graph",
+            "/v1/graph", "/v1/events"}
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'id="conn"' in page.text and 'id="log"' in page.text
+
+        # `podfsm events` from the start, until the daemon stops
+        events = Streaming(d.socket, "events", "--since", "0", "-o", "json")
+        try:
+            # runp: every sample pod config of examples/pods, side by side
+            runs = podfsm_all(d.socket, *[("runp", str(p)) for p in EXAMPLE_PODS])
+            for p, r in zip(EXAMPLE_PODS, runs, strict=True):
+                assert r.returncode == 0, (p.name, r.stderr)
+                assert re.fullmatch(r"[0-9a-f]{64}\n", r.stdout)
+            ids = {p.stem: r.stdout.strip() for p, r in zip(EXAMPLE_PODS, runs, strict=True)}
+            assert set(ids) == {"host-network", "node-userns", "userns-allocated",
+                                "userns-mappings"}
+
+            # pods: the table, -q, -o json, filters; the --socket after the verb too
+            table, quiet, listing, by_name = podfsm_all(
+                None, ("pods", "--socket", d.socket), ("--socket", d.socket, "pods", "-q"),
+                ("--socket", d.socket, "pods", "-o", "json"),
+                ("--socket", d.socket, "pods", "--name", "mapp", "-q"))
+            assert table.returncode == quiet.returncode == listing.returncode == 0
+            lines = table.stdout.splitlines()
+            assert lines[0].split()[:3] == ["POD", "ID", "CREATED"]
+            assert len(lines) == 5 and all(" Ready " in line for line in lines[1:])
+            for sandbox_id in ids.values():
+                assert sandbox_id[:13] in table.stdout
+            assert set(quiet.stdout.split()) == set(ids.values())
+            assert {i["id"] for i in json.loads(listing.stdout)["items"]} == set(ids.values())
+            assert by_name.stdout.split() == [ids["userns-mappings"]]
+
+            # inspectp -o json: design.md's fields, the same as GET /v1/sandboxes/{id}
+            inspected = podfsm_all(d.socket, *[("inspectp", "-o", "json", i)
+                                               for i in ids.values()])
+            status = {}
+            for (stem, sandbox_id), r in zip(ids.items(), inspected, strict=True):
+                assert r.returncode == 0, r.stderr
+                data = json.loads(r.stdout)
+                assert set(data) >= INSPECT_FIELDS, INSPECT_FIELDS - set(data)
+                assert data == c.get(f"/v1/sandboxes/{sandbox_id}").json()
+                assert data["id"] == sandbox_id and data["state"] == "Ready"
+                assert [h["dest"] for h in data["history"]] == FORWARD
+                assert all(set(h) == {"source", "dest", "trigger", "at", "error"}
+                           for h in data["history"])
+                assert data["exit_status"] is None and pid_alive(data["pid"])
+                status[stem] = data
+            web, mapped = status["userns-allocated"], status["userns-mappings"]
+            assert (web["name"], web["namespace"], web["uid"]) == ("web", "default", "web-1")
+            for s in (web, mapped):
+                assert s["userns_path"] and s["netns_path"]
+                assert ipaddress.ip_address(s["ip"]) in subnet
+                assert s["gid_mappings"] == s["uid_mappings"]
+            alloc = web["uid_mappings"][0]
+            assert alloc["container_id"] == 0 and alloc["length"] == 65536
+            assert alloc["host_id"] >= 65536
+            assert mapped["uid_mappings"] == [{"host_id": 3000000, "container_id": 0,
+                                               "length": 65536}]
+            plain, hostnet = status["node-userns"], status["host-network"]
+            assert plain["userns_path"] is None and plain["netns_path"]
+            assert ipaddress.ip_address(plain["ip"]) in subnet
+            assert hostnet["netns_path"] is None and hostnet["ip"] == ""
+            assert len({s["ip"] for s in (web, mapped, plain)}) == 3
+
+            # inspectp for people, by a unique prefix
+            human = podfsm(d.socket, "inspectp", ids["userns-allocated"][:10])
+            assert human.returncode == 0, human.stderr
+            assert re.search(r"^State:\s+Ready$", human.stdout, re.MULTILINE)
+            assert "History:" in human.stdout and "mark_ready" in human.stdout
+
+            # graph ID -o FILE: .svg, .png, .mmd
+            files = {ext: tmp_path / f"x.{ext}" for ext in ("svg", "png", "mmd")}
+            drawn = podfsm_all(d.socket, *[("graph", ids["userns-allocated"], "-o", str(f))
+                                           for f in files.values()])
+            assert [r.returncode for r in drawn] == [0, 0, 0], [r.stderr for r in drawn]
+            assert svg_current(files["svg"].read_bytes()) == ["state-Ready"]
+            assert files["png"].read_bytes().startswith(PNG_MAGIC)
+            mmd = files["mmd"].read_text()
+            assert "    class Ready current" in mmd
+            assert "TaskRunning --> Ready : mark_ready (4)" in mmd
+
+            # the diagrams over HTTP
+            for fmt, media in (("svg", "image/svg+xml"), ("png", "image/png"),
+                               ("mmd", "text/vnd.mermaid"), ("dot", "text/vnd.graphviz")):
+                r = c.get("/v1/graph", params={"format": fmt})
+                assert r.status_code == 200 and r.headers["content-type"].startswith(media)
+            machine = c.get("/v1/graph", params={"format": "mmd"}).text
+            for state in STATES:
+                assert state.value in machine
+            for t in TRANSITIONS:
+                assert re.search(rf"^\s+{t.source} --> {t.dest} : .*\b{t.trigger}\b", machine,
+                                 re.MULTILINE), t
+            assert svg_current(c.get("/v1/graph").content) == []
+            one = c.get(f"/v1/sandboxes/{ids['userns-mappings']}/graph")
+            assert one.status_code == 200 and svg_current(one.content) == ["state-Ready"]
+
+            # errors: 404 unknown sandbox
+            unknown = "0" * 64
+            for method, path in (("GET", ""), ("POST", "/stop"), ("DELETE", ""),
+                                 ("GET", "/graph")):
+                r = c.request(method, f"/v1/sandboxes/{unknown}{path}")
+                assert unknown in check_error(r, 404, "SandboxNotFound")
+            check_error(c.get("/v1/nothing-here"), 404, "NotFound")
+            # 409: the name is reserved
+            again = c.post("/v1/sandboxes", content=(PODS / "userns-allocated.json").read_bytes(),
+                           headers={"content-type": "application/json"})
+            assert ids["userns-allocated"] in check_error(again, 409, "NameReserved")
+            # 422: refused pod configs, before anything is created
+            bad_pods: list[bytes] = [
+                json.dumps({"metadata": {"name": "bad"}, "linux": {"security_context": {
+                    "namespace_options": {"userns_options": {"mode": "CONTAINER"}}}}}).encode(),
+                json.dumps({"metadata": {"name": "bad"}, "linux": {"security_context": {
+                    "namespace_options": {"userns_options": {
+                        "mode": "POD", "uids": [{"host_id": 2000000, "container_id": 1,
+                                                 "length": 10}],
+                        "gids": [{"host_id": 2000000, "container_id": 0,
+                                  "length": 10}]}}}}}).encode(),
+                json.dumps({"metadata": {"name": "Not A Name"}}).encode(),
+                b"{}", b"[]", b"not json", b"",
+            ]
+            for body in bad_pods:
+                check_error(c.post("/v1/sandboxes", content=body), 422, "InvalidPodConfig")
+            # 400: a malformed parameter
+            check_error(c.get("/v1/graph", params={"format": "gif"}), 400, "BadRequest")
+            check_error(c.get("/v1/events", params={"since": "yesterday"}), 400, "BadRequest")
+            assert len(c.get("/v1/sandboxes").json()["items"]) == 4
+
+            # the CLI's exit status 1: the daemon's error, or a bad input file
+            bad_file = tmp_path / "bad.json"
+            bad_file.write_text('{"metadata": {"name": "x"}, "linux": {"security_context": '
+                                '{"namespace_options": {"userns_options": {"mode": "TARGET"}}}}}')
+            failed = podfsm_all(d.socket, ("runp", str(PODS / "userns-allocated.json")),
+                                ("runp", str(bad_file)), ("runp", str(tmp_path / "missing.json")),
+                                ("inspectp", unknown), ("stopp", unknown), ("rmp", unknown),
+                                ("graph", unknown, "-o", str(tmp_path / "u.svg")))
+            assert [r.returncode for r in failed] == [1] * 7, [r.stderr for r in failed]
+            assert "reserved" in failed[0].stderr
+            assert "invalid pod config" in failed[1].stderr and "TARGET" in failed[1].stderr
+            assert "missing.json" in failed[2].stderr
+            assert all("not found" in r.stderr for r in failed[3:])
+
+            # SSE: `id:` is the seq; Last-Event-ID and ?since= resume after it
+            seq = c.get("/v1/sandboxes").json()["last_event_seq"]
+            assert seq == 16
+            resumed = read_sse(c, 3, headers={"Last-Event-ID": str(seq - 3)})
+            assert [i for i, _ in resumed] == [seq - 2, seq - 1, seq]
+            assert all(ev["seq"] == i for i, ev in resumed)
+            assert [i for i, _ in read_sse(c, 2, params={"since": seq - 2})] == [seq - 1, seq]
+
+            # stop: with the CLI and over HTTP; idempotent; then NotReady
+            stopped = podfsm(d.socket, "stopp", ids["node-userns"])
+            assert stopped.returncode == 0, stopped.stderr
+            assert stopped.stdout == f"Stopped sandbox {ids['node-userns']}\n"
+            for _ in range(2):
+                r = c.post(f"/v1/sandboxes/{ids['host-network']}/stop")
+                assert r.status_code == 200 and r.json()["state"] == "NotReady"
+                assert r.json()["history"][-1]["trigger"] == "stop"
+            assert not pid_alive(status["host-network"]["pid"])
+            not_ready = podfsm(d.socket, "pods", "--state", "NotReady", "-q")
+            assert set(not_ready.stdout.split()) == {ids["node-userns"], ids["host-network"]}
+            one = c.get(f"/v1/sandboxes/{ids['node-userns']}/graph", params={"format": "svg"})
+            assert svg_current(one.content) == ["state-NotReady"]
+
+            # remove: rmp (one of them still Ready), DELETE; then 404
+            removed = podfsm(d.socket, "rmp", ids["node-userns"], ids["userns-allocated"])
+            assert removed.returncode == 0, removed.stderr
+            assert removed.stdout.count("Removed sandbox") == 2
+            for stem in ("host-network", "userns-mappings"):
+                assert c.delete(f"/v1/sandboxes/{ids[stem]}").status_code == 204
+                check_error(c.delete(f"/v1/sandboxes/{ids[stem]}"), 404, "SandboxNotFound")
+            listing = c.get("/v1/sandboxes").json()
+            assert listing["items"] == []
+            assert c.get("/healthz").json()["sandboxes"] == 0
+            assert podfsm(d.socket, "pods", "-q").stdout == ""
+
+            # SIGTERM: a clean exit 0, the socket gone, and `events` ends with 0 too
+            out = "".join(events.lines(listing["last_event_seq"]))
+            assert d.terminate() == 0, d.log_text()
+            assert not os.path.exists(d.socket)
+            rc, rest, err = events.finish()
+            assert (rc, rest) == (0, ""), err
+        finally:
+            events.close()
+        seen = [json.loads(line) for line in out.splitlines()]
+        assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+        for stem, sandbox_id in ids.items():
+            dests = [e["dest"] for e in seen if e["sandbox_id"] == sandbox_id]
+            assert dests[:4] == FORWARD, stem
+            assert dests[-2:] == ["NotReady", "Unknown"], stem
+        assert "Traceback" not in d.log_text()
+    assert env.leftovers() == {}
+
+
+def test_exit_codes_without_a_daemon_and_usage_errors(tmp_path: Path) -> None:
+    missing = str(tmp_path / "none.sock")
+    no_daemon = podfsm_all(missing, ("pods",), ("inspectp", "abc"),
+                           ("runp", str(PODS / "node-userns.json")), ("stopp", "abc"),
+                           ("rmp", "abc"), ("events",),
+                           ("graph", "abc", "-o", str(tmp_path / "g.svg")))
+    for r in no_daemon:
+        assert r.returncode == 2, (r.args, r.stderr)
+        assert f"no podfsm daemon answers on {missing}" in r.stderr
+    via_env = podfsm(None, "pods", environ={**os.environ, "PODFSM_SOCKET": missing})
+    assert via_env.returncode == 2 and missing in via_env.stderr
+
+    usage = podfsm_all(None, (), ("frobnicate",), ("graph", "-o", str(tmp_path / "g.gif")),
+                       ("pods", "-o", "yaml"), ("serve", "--host", "127.0.0.1"),
+                       ("stopp",), ("serve", "--runtime", "youki"))
+    assert [r.returncode for r in usage] == [2] * 7, [r.stderr for r in usage]
+    assert all("usage: podfsm" in r.stderr for r in usage)
+
+    # the verbs that need no daemon
+    machine, names, version = podfsm_all(None, ("graph",), ("debug", "failpoints"),
+                                         ("--version",))
+    assert machine.returncode == names.returncode == version.returncode == 0
+    assert machine.stdout.startswith("stateDiagram-v2\n")
+    for t in TRANSITIONS:
+        assert f"{t.source} --> {t.dest} : " in machine.stdout
+    assert len(names.stdout.split()) > 10
+    assert version.stdout.startswith("podfsm ")
+
+
+def test_tcp_listener_only_when_asked_and_on_loopback() -> None:
+    env = make_env("runc")
+    try:
+        use_env_network(env)
+        with serving(env, port=0) as d:
+            assert d.tcp_port is not None
+            assert tcp_listeners(d.proc.pid) == [("127.0.0.1", d.tcp_port)]
+            with httpx.Client(base_url=f"http://127.0.0.1:{d.tcp_port}", trust_env=False,
+                              timeout=10) as tcp:
+                assert tcp.get("/healthz").json()["status"] == "ok"
+                assert tcp.get("/").headers["content-type"].startswith("text/html")
+            assert d.terminate() == 0
+        assert env.leftovers() == {}
+    finally:
+        destroy_env(env)
+
+
+# ---------------------------------------------------------------------- SIGTERM and restart
+
+
+def test_sigterm_leaves_the_sandbox_running_and_a_new_daemon_reattaches(env: Env) -> None:
+    use_env_network(env)
+    with serving(env) as first, first.client() as c:
+        r = c.post("/v1/sandboxes", content=(PODS / "userns-allocated.json").read_bytes())
+        assert r.status_code == 201 and r.headers["location"].startswith("/v1/sandboxes/")
+        st = SandboxStatus.model_validate_json(r.content)
+        assert st.state == "Ready" and st.pid is not None
+        events = Streaming(first.socket, "events", "--since", "0")
+        try:
+            # the stream replays the run; then the daemon goes, and so does the stream
+            out = "".join(events.lines(4))
+            assert first.terminate() == 0, first.log_text()
+            rc, rest, err = events.finish()
+            assert (rc, rest) == (0, ""), err
+        finally:
+            events.close()
+        assert f"{st.id[:13]} Unknown -> NamespacesReady (setup_namespaces)" in out
+        assert f"{st.id[:13]} TaskRunning -> Ready (mark_ready)" in out
+        assert "sandboxes keep running" in first.log_text()
+    assert not os.path.exists(first.socket)
+    assert pid_alive(st.pid)
+    assert len(env.containers()) == 1
+    gone = podfsm(first.socket, "pods")
+    assert gone.returncode == 2 and "no podfsm daemon answers" in gone.stderr
+
+    with serving(env) as second, second.client() as c:
+        again = SandboxStatus.model_validate_json(c.get(f"/v1/sandboxes/{st.id}").content)
+        assert again.state == "Ready"
+        assert (again.pid, again.ip, again.created_at) == (st.pid, st.ip, st.created_at)
+        assert (again.uid_mappings, again.netns_path, again.userns_path, again.history) == (
+            st.uid_mappings, st.netns_path, st.userns_path, st.history)
+        assert "1 sandbox(es) recovered" in second.log_text()
+        # supervision is re-armed: a kill -9 of the pause process is noticed
+        os.kill(st.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        dead = wait_for_state(c, st.id, "NotReady", within=5.0)
+        noticed = time.monotonic() - t0
+        assert dead.exit_status == 137 and dead.ip == st.ip
+        assert dead.history[-1].trigger == "task_exit"
+        assert noticed < 2.0
+        assert c.delete(f"/v1/sandboxes/{st.id}").status_code == 204
+        assert c.get("/v1/sandboxes").json()["items"] == []
+        assert second.terminate() == 0, second.log_text()
+    assert env.leftovers() == {}
+
+
+# ---------------------------------------------------------------------- fuzzing
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids,
+                                                                max_size=3),
+    max_leaves=10)
+
+
+def from_schema(schema: dict[str, Any], defs: dict[str, Any],
+                depth: int = 0) -> st.SearchStrategy[Any]:
+    """Values of a JSON schema (the subset pydantic writes into the OpenAPI document)."""
+    if "$ref" in schema:
+        return from_schema(defs[schema["$ref"].rsplit("/", 1)[1]], defs, depth)
+    if "anyOf" in schema:
+        return st.one_of([from_schema(s, defs, depth) for s in schema["anyOf"]])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind == "object" and depth < 6:
+        props = schema.get("properties", {})
+        if props:
+            required = set(schema.get("required", []))
+            return st.fixed_dictionaries(
+                {k: from_schema(v, defs, depth + 1) for k, v in props.items() if k in required},
+                optional={k: from_schema(v, defs, depth + 1) for k, v in props.items()
+                          if k not in required})
+        extra = schema.get("additionalProperties")
+        values = from_schema(extra, defs, depth + 1) if isinstance(extra, dict) else _JSON
+        return st.dictionaries(st.text(max_size=12), values, max_size=3)
+    if kind == "array" and depth < 6:
+        return st.lists(from_schema(schema.get("items", {}), defs, depth + 1), max_size=3)
+    if kind == "string":
+        return st.text(max_size=24)
+    if kind == "integer":
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -(2**63)))
+        high = schema.get("maximum", schema.get("exclusiveMaximum", 2**63))
+        high -= 1 if "exclusiveMaximum" in schema else 0
+        return st.integers(low, high)
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "null":
+        return st.none()
+    return _JSON
+
+
+def _mapping() -> st.SearchStrategy[dict[str, int]]:
+    return st.fixed_dictionaries({
+        "host_id": st.one_of(st.integers(0, 2**32), st.sampled_from(
+            [0, 1, 65535, 65536, 4_000_000, 2**32 - 65536, 2**32 - 1])),
+        "container_id": st.sampled_from([0, 0, 0, 1]),
+        "length": st.sampled_from([0, 1, 1000, 65536, 2**32]),
+    })
+
+
+def plausible_pods() -> st.SearchStrategy[dict[str, Any]]:
+    """Pod configs near the valid ones: many of them really run."""
+    modes = st.sampled_from(["POD", "POD", "NODE", "pod", 0, 2, 1, "CONTAINER", "TARGET", "x"])
+    userns = st.one_of(
+        st.none(),
+        st.fixed_dictionaries({"mode": modes}),
+        st.fixed_dictionaries({"mode": modes, "uids": st.lists(_mapping(), max_size=2),
+                               "gids": st.lists(_mapping(), max_size=2)}))
+
+    def build(name: str, network: Any, us: Any, hostname: str, labels: dict[str, str],
+              sysctls: dict[str, str], camel: bool) -> dict[str, Any]:
+        opts: dict[str, Any] = {"network": network}
+        if us is not None:
+            opts["usernsOptions" if camel else "userns_options"] = us
+        sc = {"namespaceOptions" if camel else "namespace_options": opts}
+        return {"metadata": {"name": name, "namespace": "fuzz", "uid": f"u-{name}"},
+                "hostname": hostname, "labels": labels,
+                "linux": {"securityContext" if camel else "security_context": sc,
+                          "sysctls": sysctls}}
+
+    return st.builds(
+        build, st.from_regex(r"[a-z][a-z0-9]{0,5}", fullmatch=True),
+        st.sampled_from(["POD", "POD", "NODE", 0, 2, "CONTAINER"]), userns,
+        st.sampled_from(["", "", "web", "Not-A-Label"]),
+        st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=2),
+        st.sampled_from([{}, {}, {}, {"net.ipv4.ip_unprivileged_port_start": "0"},
+                         {"kernel.nope": "1"}]),
+        st.booleans())
+
+
+_HEADER_TEXT = st.text(alphabet=string.ascii_letters + string.digits + " -_.", max_size=12)
+
+
+def test_fuzz_the_http_api_from_its_openapi_document() -> None:
+    env = make_env("runc")
+    try:
+        use_env_network(env)
+        with serving(env) as d, d.client() as c:
+            doc = c.get("/openapi.json").json()
+            defs = doc["components"]["schemas"]
+            ops = [(path, method, op) for path, item in sorted(doc["paths"].items())
+                   for method, op in sorted(item.items()) if method != "parameters"]
+            # runSandbox is where the system is touched: a third of the requests
+            ops += [o for o in ops if o[2]["operationId"] == "runSandbox"] * (len(ops) // 2)
+            near_valid = plausible_pods().map(lambda p: json.dumps(p).encode())
+            bodies = st.one_of(
+                near_valid, near_valid, near_valid,
+                from_schema(defs["PodSandboxConfig"], defs).map(lambda p: json.dumps(p).encode()),
+                _JSON.map(lambda v: json.dumps(v).encode()),
+                st.binary(max_size=64))
+            known: list[str] = []
+            seen: dict[str, set[int]] = {}
+
+            @settings(max_examples=60, deadline=None, database=None,
+                      phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(data=st.data())
+            def fuzz(data: st.DataObject) -> None:
+                path, method, op = data.draw(st.sampled_from(ops), label="operation")
+                params = [*doc["paths"][path].get("parameters", []), *op.get("parameters", [])]
+                url, query, headers = path, {}, {}
+                for p in params:
+                    if p["in"] == "path":
+                        # what is drawn must not depend on what exists: draw both, then pick
+                        pick = data.draw(st.integers(0, 2), label="existing id?")
+                        nth = data.draw(st.integers(0, 99), label="which")
+                        # "", "." and ".." are not ids but path syntax (redirects, dot segments)
+                        value = data.draw(st.one_of(st.just("0" * 64), st.text(
+                            max_size=70).filter(lambda s: s not in ("", ".", ".."))),
+                            label=p["name"])
+                        if pick and known:
+                            value = known[nth % len(known)]
+                        url = url.replace("{" + p["name"] + "}", quote(value, safe=""))
+                    elif p["in"] == "query" and data.draw(st.booleans()):
+                        value = data.draw(st.one_of(from_schema(p["schema"], defs),
+                                                    _HEADER_TEXT), label=p["name"])
+                        query[p["name"]] = str(value)
+                    elif p["in"] == "header" and data.draw(st.booleans()):
+                        value = data.draw(st.one_of(st.integers(-5, 100), _HEADER_TEXT),
+                                          label=p["name"])
+                        headers[p["name"]] = str(value)
+                body = data.draw(bodies, label="body") if "requestBody" in op else None
+                if path == "/v1/events":
+                    with c.stream(method.upper(), url, params=query, headers=headers) as r:
+                        status = r.status_code
+                        if status == 200:
+                            next(r.iter_lines())  # the stream starts; then the client leaves
+                        else:
+                            r.read()
+                else:
+                    r = c.request(method.upper(), url, params=query, headers=headers,
+                                  content=body)
+                    status = r.status_code
+                seen.setdefault(op["operationId"], set()).add(status)
+                assert status < 500, (method, url, query, body, r.text)
+                assert str(status) in op["responses"] or status == 404, (method, url, status)
+                if status >= 400:
+                    assert r.headers["content-type"] == "application/json"
+                    assert set(r.json()) >= {"error", "kind"}
+                elif op["operationId"] in ("runSandbox", "sandboxStatus", "stopSandbox"):
+                    sandbox = SandboxStatus.model_validate_json(r.content)
+                    if status == 201:
+                        assert sandbox.state == "Ready"
+                        known.append(sandbox.id)
+
+            fuzz()
+            assert d.alive() and c.get("/healthz").json()["status"] == "ok"
+            for item in c.get("/v1/sandboxes").json()["items"]:
+                assert c.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
+            assert d.terminate() == 0
+            assert "Traceback" not in d.log_text() and "InternalError" not in d.log_text()
+            assert "runSandbox" in seen, seen
+        assert env.leftovers() == {}
+    finally:
+        destroy_env(env)
