@@ -55,3 +55,12 @@ def test_cli_md_names_every_verb_and_exit_status() -> None:
         assert f"podfsm {verb}" in text, verb
     for code in (cli.EXIT_OK, cli.EXIT_FAILED, cli.EXIT_NO_DAEMON):
         assert f"| {code} |" in text
+
+
+def test_the_state_diagram_in_how_it_works_is_the_table_now() -> None:
+    from podfsm.faces.graph import mermaid
+
+    text = (DOCS / "how-it-works.md").read_text()
+    block = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    assert block == mermaid().rstrip("\n") + "\n", \
+        "regenerate the block with `podfsm graph` (docs/how-it-works.md, States)"
