@@ -195,10 +195,18 @@ async def _pool(count: int, concurrency: int, one: Callable[[int], Awaitable[Non
 
 
 def _progress(label: str, count: int, quiet: bool) -> Callable[[int], None]:
+    """Progress on stderr (stdout stays clean for --json): a live counter on a terminal, one
+    line per finished level elsewhere."""
+    live = sys.stderr.isatty()
+
     def show(done: int) -> None:
-        if not quiet:
+        if quiet:
+            return
+        if live:
             end = "\n" if done == count else ""
             print(f"\r  {label}: {done}/{count}", end=end, file=sys.stderr, flush=True)
+        elif done == count:
+            print(f"  {label}: {done}/{count} done", file=sys.stderr, flush=True)
 
     return show
 
@@ -214,7 +222,7 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int, quiet: 
 
     ns = WorkerPoolNamespaces(workers=cfg.workers)
     net = CniNetwork(cfg.cni_conf_dir, cfg.cni_bin_dirs, cfg.default_network_name,
-                     cfg.default_bridge, cfg.default_subnet)
+                     cfg.default_bridge, cfg.default_subnet, reaper_run_dir=cfg.run_dir)
     rt = OciRuntime(cfg.runtime, cfg.run_dir, pause_binary=cfg.pause_binary)
     await ns.start()
     await rt.start()
@@ -251,6 +259,7 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int, quiet: 
                                  _progress(f"{cfg.runtime} raw    c={concurrency}", count, quiet))
         level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
     finally:
+        await net.close()
         await rt.close()
         await ns.close()
     return level
@@ -377,19 +386,19 @@ async def bench_runtime(runtime: str, args: argparse.Namespace) -> dict[str, Any
     out: dict[str, Any] = {"runtime": runtime, "levels": []}
     with bench_world(runtime) as cfg:
         for c in args.concurrency:
-            raw = await raw_level(cfg, args.count, c, args.json)
+            raw = await raw_level(cfg, args.count, c, False)
             async with Controller(cfg) as ctl:
-                mine = await podfsm_level(ctl, cfg, args.count, c, args.json)
+                mine = await podfsm_level(ctl, cfg, args.count, c, False)
                 if c == args.concurrency[0]:
-                    out["exit_ms"] = await exit_latency(ctl, args.exit_samples, args.json)
+                    out["exit_ms"] = await exit_latency(ctl, args.exit_samples, False)
                 out["peak_rss_mb"] = max(out.get("peak_rss_mb", 0.0), memory_kb(
                     podfsm_pids(cfg.run_dir), "VmHWM") / 1024)
             out["levels"].append({"raw": raw.summary(), "podfsm": mine.summary()})
         if args.ready:
-            out["ready"] = await hold_ready(cfg, args.ready, args.json)
+            out["ready"] = await hold_ready(cfg, args.ready, False)
         if args.soak:
             async with Controller(cfg) as ctl:
-                out["soak"] = await soak(ctl, args.soak, args.json)
+                out["soak"] = await soak(ctl, args.soak, False)
     return out
 
 
