@@ -13,8 +13,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from podfsm.config import ControllerConfig
+from podfsm.controller import Controller
 from podfsm.core.errors import StepFailed
 from podfsm.core.records import NetworkResult, PinnedNamespaces, SandboxRecord, TaskInfo
 from podfsm.drivers import nsutil
@@ -207,3 +211,30 @@ def live_children() -> list[int]:
         except FileNotFoundError:
             continue
     return out
+
+
+class Rig:
+    """Fake drivers and a config in a temporary directory: one test's world."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.faults = Faults()
+        self.ns = FakeNamespaces(self.faults)
+        self.net = FakeNetwork(self.faults)
+        self.rt = FakeRuntime(self.faults)
+        self.store = MemoryStore()
+        self.cfg = ControllerConfig(state_dir=str(tmp / "state"), run_dir=str(tmp / "run"),
+                                    netns_dir=str(tmp / "netns"), stop_grace=0.5)
+
+    def controller(self, failpoints: str = "") -> Controller:
+        return Controller(self.cfg, namespaces=self.ns, network=self.net, runtime=self.rt,
+                          store=self.store, failpoints=failpoints)
+
+    def nothing_left(self) -> None:
+        assert self.ns.pinned == set()
+        assert self.net.reserved == {}
+        assert self.rt.containers == {}
+        assert self.store.records == {}
+        deadline = time.monotonic() + 5
+        while live_children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert live_children() == []

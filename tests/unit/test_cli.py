@@ -8,16 +8,14 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,36 +24,13 @@ from podfsm.core import failpoints
 from podfsm.faces import graph
 from podfsm.faces.cli import build_parser, main
 from podfsm.faces.client import ApiError, Client
-from tests.unit.test_http import Rig, Served, pod
+from tests.fakes import Rig
+from tests.unit.test_http import Served, pod
 
 DESIGN_FIELDS = ("id", "name", "namespace", "uid", "state", "created_at", "pid", "netns_path",
                  "userns_path", "ip", "additional_ips", "uid_mappings", "gid_mappings",
                  "exit_status", "history")
 Cli = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="podfsm-test-")
-    yield d
-    leftovers = os.listdir(d)
-    shutil.rmtree(d)
-    assert leftovers == [], "the daemon left its socket behind"
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Rig:
-    return Rig(tmp_path)
-
-
-@pytest.fixture
-def served(rig: Rig, sock_dir: str) -> Iterator[Served]:
-    s = Served(rig, sock_dir).start()
-    try:
-        yield s
-    finally:
-        s.stop()
-    rig.nothing_left()
 
 
 @pytest.fixture

@@ -13,36 +13,13 @@ import anyio
 import pytest
 
 from podfsm import (
-    Controller,
-    ControllerConfig,
     InvalidPodConfig,
     NameReserved,
     SandboxRunError,
     State,
 )
 from podfsm.core.idmap import find_overlap
-from tests.fakes import FakeNamespaces, FakeNetwork, FakeRuntime, Faults, MemoryStore
-
-
-class Rig:
-    def __init__(self, tmp: Path) -> None:
-        self.faults = Faults()
-        self.ns = FakeNamespaces(self.faults)
-        self.net = FakeNetwork(self.faults)
-        self.rt = FakeRuntime(self.faults)
-        self.store = MemoryStore()
-        self.cfg = ControllerConfig(state_dir=str(tmp / "state"), run_dir=str(tmp / "run"),
-                                    netns_dir=str(tmp / "netns"), stop_grace=0.5)
-
-    def controller(self, failpoints: str = "") -> Controller:
-        return Controller(self.cfg, namespaces=self.ns, network=self.net, runtime=self.rt,
-                          store=self.store, failpoints=failpoints)
-
-    def nothing_left(self) -> None:
-        assert self.ns.pinned == set()
-        assert self.net.reserved == {}
-        assert self.rt.containers == {}
-        assert self.store.records == {}
+from tests.fakes import Rig
 
 
 @pytest.fixture

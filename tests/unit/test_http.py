@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -27,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Route
 
-from podfsm import Controller, ControllerConfig, PrerequisiteMissing, SandboxStatus
+from podfsm import Controller, PrerequisiteMissing, SandboxStatus
 from podfsm.core.records import TransitionEvent
 from podfsm.core.spec import NamespaceMode, Protocol
 from podfsm.faces import graph
@@ -42,34 +40,7 @@ from podfsm.faces.http import (
     create_app,
     openapi_document,
 )
-from tests.fakes import FakeNamespaces, FakeNetwork, FakeRuntime, Faults, MemoryStore, live_children
-
-
-class Rig:
-    """Fake drivers and a config in a temporary directory."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.faults = Faults()
-        self.ns = FakeNamespaces(self.faults)
-        self.net = FakeNetwork(self.faults)
-        self.rt = FakeRuntime(self.faults)
-        self.store = MemoryStore()
-        self.cfg = ControllerConfig(state_dir=str(tmp / "state"), run_dir=str(tmp / "run"),
-                                    netns_dir=str(tmp / "netns"), stop_grace=0.5)
-
-    def controller(self) -> Controller:
-        return Controller(self.cfg, namespaces=self.ns, network=self.net, runtime=self.rt,
-                          store=self.store, failpoints="")
-
-    def nothing_left(self) -> None:
-        assert self.ns.pinned == set()
-        assert self.net.reserved == {}
-        assert self.rt.containers == {}
-        assert self.store.records == {}
-        deadline = time.monotonic() + 5
-        while live_children() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert live_children() == []
+from tests.fakes import FakeNamespaces, Rig
 
 
 class Served:
@@ -122,31 +93,6 @@ class Served:
         assert not self._thread.is_alive(), "the daemon did not shut down"
         if self.error is not None:
             raise self.error
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    # pytest's tmp_path can be too long for a unix socket path (107 bytes)
-    d = tempfile.mkdtemp(prefix="podfsm-test-")
-    yield d
-    leftovers = os.listdir(d)
-    shutil.rmtree(d)
-    assert leftovers == [], "the daemon left its socket behind"
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Rig:
-    return Rig(tmp_path)
-
-
-@pytest.fixture
-def served(rig: Rig, sock_dir: str) -> Iterator[Served]:
-    s = Served(rig, sock_dir).start()
-    try:
-        yield s
-    finally:
-        s.stop()
-    rig.nothing_left()
 
 
 @pytest.fixture

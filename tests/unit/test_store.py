@@ -18,7 +18,6 @@ from podfsm.core.errors import ControllerLocked, StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
 from podfsm.core.spec import parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import store as store_mod
 from podfsm.drivers.store import FileStore, RecordTooNew, migrate
 
 
@@ -66,7 +65,7 @@ async def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     # the temporary file is written, then its fsync fails as on a full disk
-    monkeypatch.setattr(store_mod.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(StateDirError, match="full"):
         await store.save(old.evolve(state=State.NOT_READY))
     assert files(store) == [f"{old.id}.json"]
