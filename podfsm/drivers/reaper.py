@@ -168,6 +168,8 @@ class _Run:
     stdout_fd: int | None = None
     timer: asyncio.TimerHandle | None = None
     timed_out: bool = False
+    #: pipe fds still open; a closed one's number may already belong to another run's pipe
+    open_fds: set[int] = field(default_factory=set)
 
 
 class ReaperServer:
@@ -347,6 +349,7 @@ class ReaperServer:
                 fd = stream.fileno()
                 os.set_blocking(fd, False)
                 run.buffers[fd] = bytearray()
+                run.open_fds.add(fd)
                 self._loop.add_reader(fd, self._read_pipe, run, fd)
         if popen.stdout is not None:
             run.stdout_fd = popen.stdout.fileno()
@@ -376,6 +379,9 @@ class ReaperServer:
 
     def _close_pipe(self, run: _Run, fd: int) -> None:
         assert self._loop is not None
+        if fd not in run.open_fds:
+            return
+        run.open_fds.discard(fd)
         self._loop.remove_reader(fd)
         for stream in (run.popen.stdout, run.popen.stderr):
             if stream is not None and not stream.closed and stream.fileno() == fd:
@@ -395,7 +401,7 @@ class ReaperServer:
             run.timer.cancel()
         # A grandchild (the container) may still hold the pipes open: everything the command
         # itself wrote is already in them, so read it now rather than wait for EOF.
-        for fd in list(run.buffers):
+        for fd in list(run.open_fds):
             self._drain(run, fd)
             self._close_pipe(run, fd)
         stdout = bytes(run.buffers.get(run.stdout_fd, b"")) if run.stdout_fd is not None else b""
