@@ -809,17 +809,22 @@ class Controller:
             sb = _Sandbox(rec, SandboxMachine(rec.state))
             self._sandboxes[rec.id] = sb
             self._names[rec.config.reserved_name] = rec.id
+        # What the runtime and the IPAM store say, asked once for all sandboxes: one
+        # `runtime list` and one directory read instead of a runtime call and a CNI CHECK per
+        # sandbox (which made a restart with 250 sandboxes take 3 s).
+        world = _World(await self._rt.states(), await self._net.reserved_container_ids())
         async with anyio.create_task_group() as tg:
             for sb in list(self._sandboxes.values()):
-                tg.start_soon(self._recover_one, sb)
+                tg.start_soon(self._recover_one, sb, world)
         await self._collect_orphans()
 
-    async def _recover_one(self, sb: _Sandbox) -> None:
+    async def _recover_one(self, sb: _Sandbox, world: _World) -> None:
         """Reconcile one record with the system.
 
         - a stop or remove that was under way is finished;
         - a Ready sandbox whose pause process is alive (the same process, in the pinned
-          namespaces, its network checked with CNI CHECK) is supervised again; one whose
+          namespaces, running for the runtime, its address still reserved) is supervised
+          again; one whose
           task died meanwhile goes NotReady (TASK_EXIT, with the status the reaper kept);
         - an interrupted run goes NotReady (FAIL) keeping what it made (its netns path, its
           address) until stop/remove, as containerd does.
@@ -833,7 +838,7 @@ class Controller:
                 elif rec.pending == "stop":
                     await self._stop(sb)
                 elif rec.state is State.READY and rec.pending is None:
-                    await self._reattach(sb)
+                    await self._reattach(sb, world)
                 elif rec.state is not State.NOT_READY:
                     what = rec.pending or rec.state.value
                     msg = f"interrupted by a controller restart during {what}"
@@ -842,7 +847,7 @@ class Controller:
                 log.error("sandbox %s: recovery failed: %s", rec.id, exc)
                 self.recovery_problems.append(f"sandbox {rec.id}: {_describe(exc)}")
 
-    async def _reattach(self, sb: _Sandbox) -> None:
+    async def _reattach(self, sb: _Sandbox, world: _World) -> None:
         rec = sb.record
         task = rec.task
         if task is None or not _same_process(task):
@@ -852,18 +857,11 @@ class Controller:
                              finished_at=rec.finished_at or _now(), error=msg)
             return
         problem = self._task_problem(rec) or _pin_problem(rec)
-        if problem is None:
-            try:
-                rt_state = await self._rt.state(rec.id)
-            except PodfsmError as exc:
-                rt_state = f"unknown ({_describe(exc)})"
-            if rt_state != "running":
-                problem = f"the runtime says the container is {rt_state or 'gone'}"
-        if problem is None and rec.network is not None:
-            try:
-                await self._net.check(self._net_request(rec), rec.network)
-            except PodfsmError as exc:
-                problem = f"pod network check failed: {_describe(exc)}"
+        if problem is None and world.runtime_states.get(rec.id) != "running":
+            problem = (f"the runtime says the container is "
+                       f"{world.runtime_states.get(rec.id) or 'gone'}")
+        if problem is None and rec.network is not None and rec.id not in world.reserved:
+            problem = "pod network check failed: its address is no longer reserved"
         if problem is not None:
             msg = f"found broken after a controller restart: {problem}"
             await self._save(sb, Trigger.FAIL, error=msg, last_error=msg)
@@ -931,6 +929,14 @@ class Controller:
             if _SANDBOX_ID.match(name):
                 out.add(name)
         return out
+
+
+@dataclass(frozen=True)
+class _World:
+    """What the drivers report once, at recovery."""
+
+    runtime_states: dict[str, str]
+    reserved: set[str]
 
 
 class _Subscriber:

@@ -174,6 +174,9 @@ class FakeRuntime:
     async def list_containers(self) -> list[str]:
         return list(self.containers)
 
+    async def states(self) -> dict[str, str]:
+        return {cid: s for cid in self.containers if (s := await self.state(cid)) is not None}
+
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         for proc in self.containers.values():
             if proc.pid == task.pid:

@@ -136,6 +136,9 @@ class RuntimeDriver(Protocol):
     async def list_containers(self) -> list[str]:
         """Ids of every container under this controller's runtime root."""
 
+    async def states(self) -> dict[str, str]:
+        """The status of every container under this controller's runtime root, in one call."""
+
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         """The task's wait status decoded as a shell would (128+signal for a signal), when the
         reaper has it within `timeout` seconds; None when it cannot be known."""

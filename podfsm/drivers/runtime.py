@@ -381,6 +381,20 @@ class OciRuntime:
             return []
         return sorted(n for n in names if os.path.isdir(os.path.join(self.root, n)))
 
+    async def states(self) -> dict[str, str]:
+        """`<runtime> list --format json`: every container's status in one process."""
+        if not await self.list_containers():
+            return {}
+        rc, out, err = await self._run("list", ["--format", "json"])
+        if rc != 0:
+            raise self._failed("list", err)
+        try:
+            entries = json.loads(out) or []
+            return {str(e["id"]): str(e["status"]) for e in entries}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StepFailed(STEP, f"{self.name} list gave unreadable output: {out[:200]!r}") \
+                from exc
+
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         """The task's exit status as a shell reports it (128+signal for a signal), once the
         reaper has reaped it within `timeout` seconds; None when it cannot be known."""

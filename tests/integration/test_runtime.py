@@ -353,6 +353,16 @@ async def test_create_refuses_an_existing_id_and_keeps_that_container(
     assert nsutil.proc_start_time(task.pid) == task.start_time
 
 
+async def test_states_reports_every_container_in_one_call(oci: OciRuntime, pins: Pins) -> None:
+    assert await oci.states() == {}
+    await oci.create(pause_request(pins))
+    assert await oci.states() == {"pause0": "created"}
+    await oci.start_task("pause0")
+    assert await oci.states() == {"pause0": "running"}
+    await oci.delete("pause0")
+    assert await oci.states() == {}
+
+
 async def test_unknown_container(oci: OciRuntime) -> None:
     assert await oci.state("nope") is None
     await oci.kill("nope", signal.SIGKILL)
