@@ -23,6 +23,7 @@ import shutil
 import signal
 import stat
 import struct
+import tempfile
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -385,7 +386,15 @@ class OciRuntime:
         """`<runtime> list --format json`: every container's status in one process."""
         if not await self.list_containers():
             return {}
-        rc, out, err = await self._run("list", ["--format", "json"])
+        # through a file: with hundreds of containers the listing outgrows what the reaper
+        # keeps of a command's output
+        fd, path = tempfile.mkstemp(prefix="list-", suffix=".json", dir=self.run_dir)
+        os.close(fd)
+        try:
+            rc, _, err = await self._run("list", ["--format", "json"], output_file=path)
+            out = await asyncio.to_thread(_read_text, path)
+        finally:
+            os.unlink(path)
         if rc != 0:
             raise self._failed("list", err)
         try:
@@ -491,6 +500,11 @@ def _gone(stderr: str) -> bool:
 def _read_pid(path: str) -> int:
     with open(path, "rb") as f:
         return int(f.read().strip())
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 def _write_json(path: str, data: Any) -> None:

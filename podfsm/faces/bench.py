@@ -129,9 +129,13 @@ def cpu_ticks(pids: list[int]) -> int:
 
 
 def memory_kb(pids: list[int], key: str) -> int:
+    """Sum of a /proc/<pid>/status field (VmRSS, VmHWM) or, for "Pss", of the proportional set
+    size from smaps_rollup: pages the processes share (the interpreter, libraries) counted
+    once between them rather than once per process."""
     total = 0
+    source = "smaps_rollup" if key == "Pss" else "status"
     for pid in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/{source}") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     total += int(line.split()[1])
@@ -348,6 +352,7 @@ async def hold_ready(cfg: ControllerConfig, n: int, quiet: bool) -> dict[str, An
         await _pool(n, 8, one, show)
         pids = podfsm_pids(cfg.run_dir)
         rss_kb = memory_kb(pids, "VmRSS")
+        pss_kb = memory_kb(pids, "Pss")
         self_kb = memory_kb([os.getpid()], "VmRSS")
     t0 = time.perf_counter()
     async with Controller(cfg) as ctl:
@@ -356,7 +361,8 @@ async def hold_ready(cfg: ControllerConfig, n: int, quiet: bool) -> dict[str, An
         ready = sum(1 for s in states if s is State.READY)
         await _pool(len(ids), 8, lambda i: ctl.remove_sandbox(ids[i]),
                     _progress("removing", len(ids), quiet))
-    return {"sandboxes": n, "rss_mb_all": rss_kb / 1024, "rss_mb_controller": self_kb / 1024,
+    return {"sandboxes": n, "rss_mb_all": rss_kb / 1024, "pss_mb_all": pss_kb / 1024,
+            "rss_mb_controller": self_kb / 1024,
             "processes": len(pids), "recover_s": recover_s, "ready_after_restart": ready}
 
 
@@ -438,7 +444,8 @@ def report(results: list[dict[str, Any]]) -> str:
         lines.append(f"peak RSS of podfsm's processes: {r.get('peak_rss_mb', 0):.1f} MB")
         if "ready" in r:
             rd = r["ready"]
-            lines.append(f"{rd['sandboxes']} Ready: {rd['rss_mb_all']:.1f} MB resident in "
+            lines.append(f"{rd['sandboxes']} Ready: {rd['rss_mb_all']:.1f} MB resident "
+                         f"(PSS {rd['pss_mb_all']:.1f} MB) in "
                          f"{rd['processes']} podfsm processes "
                          f"(controller {rd['rss_mb_controller']:.1f} MB); restart recovered "
                          f"{rd['ready_after_restart']} Ready in {rd['recover_s']:.2f} s")
