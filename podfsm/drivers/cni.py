@@ -23,6 +23,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import anyio
+
 from podfsm.core import cniconf
 from podfsm.core.cniconf import NetworkConfigList
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
@@ -407,8 +409,12 @@ class CniNetwork:
                              stdin: bytes) -> bytes:
         assert self._reaper is not None
         try:
-            res = await self._reaper.run([path], env=env, timeout=self.plugin_timeout,
-                                         input=stdin.decode(), cwd="/")
+            # Shielded: a cancelled caller would not stop the plugin in the reaper, and the
+            # caller's compensating DEL could then run before this ADD reserves its address
+            # (a leak). The plugin is bounded by plugin_timeout; cancellation lands after it.
+            with anyio.CancelScope(shield=True):
+                res = await self._reaper.run([path], env=env, timeout=self.plugin_timeout,
+                                             input=stdin.decode(), cwd="/")
         except ReaperError as exc:
             raise _PluginFailed(ptype, command, str(exc)) from None
         out = res.stdout.encode()
