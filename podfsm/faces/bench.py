@@ -198,14 +198,12 @@ async def _pool(count: int, concurrency: int, one: Callable[[int], Awaitable[Non
     return time.perf_counter() - t0
 
 
-def _progress(label: str, count: int, quiet: bool) -> Callable[[int], None]:
+def _progress(label: str, count: int) -> Callable[[int], None]:
     """Progress on stderr (stdout stays clean for --json): a live counter on a terminal, one
     line per finished level elsewhere."""
     live = sys.stderr.isatty()
 
     def show(done: int) -> None:
-        if quiet:
-            return
         if live:
             end = "\n" if done == count else ""
             print(f"\r  {label}: {done}/{count}", end=end, file=sys.stderr, flush=True)
@@ -218,7 +216,7 @@ def _progress(label: str, count: int, quiet: bool) -> Callable[[int], None]:
 # ---------------------------------------------------------------- raw baseline
 
 
-async def raw_level(cfg: ControllerConfig, count: int, concurrency: int, quiet: bool) -> Level:
+async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Level:
     """The system steps driven directly through the drivers: no controller around them."""
     from podfsm.drivers.cni import CniNetwork
     from podfsm.drivers.namespaces import WorkerPoolNamespaces
@@ -260,7 +258,7 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int, quiet: 
         pids = podfsm_pids(cfg.run_dir)
         c0 = cpu_ticks(pids)
         level.wall = await _pool(count, concurrency, one,
-                                 _progress(f"{cfg.runtime} raw    c={concurrency}", count, quiet))
+                                 _progress(f"{cfg.runtime} raw    c={concurrency}", count))
         level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
     finally:
         await net.close()
@@ -291,8 +289,7 @@ async def _kill_wait(task: TaskInfo, grace: float) -> None:
 # ---------------------------------------------------------------- podfsm
 
 
-async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int, concurrency: int,
-                       quiet: bool) -> Level:
+async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int, concurrency: int) -> Level:
     level = Level("podfsm", concurrency, count)
     tag = f"c{concurrency}x"
 
@@ -309,15 +306,15 @@ async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int, concu
     pids = podfsm_pids(cfg.run_dir)
     c0 = cpu_ticks(pids)
     level.wall = await _pool(count, concurrency, one,
-                             _progress(f"{cfg.runtime} podfsm c={concurrency}", count, quiet))
+                             _progress(f"{cfg.runtime} podfsm c={concurrency}", count))
     level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
     return level
 
 
-async def exit_latency(ctl: Controller, samples: int, quiet: bool) -> list[float]:
+async def exit_latency(ctl: Controller, samples: int) -> list[float]:
     """ms from an external kill -9 of the pause process to the task_exit event."""
     out: list[float] = []
-    show = _progress("kill -9 noticed", samples, quiet)
+    show = _progress("kill -9 noticed", samples)
     for i in range(samples):
         st = await ctl.run_sandbox(pod(i, "exit"))
         assert st.pid is not None
@@ -341,9 +338,9 @@ async def exit_latency(ctl: Controller, samples: int, quiet: bool) -> list[float
     return out
 
 
-async def hold_ready(cfg: ControllerConfig, n: int, quiet: bool) -> dict[str, Any]:
+async def hold_ready(cfg: ControllerConfig, n: int) -> dict[str, Any]:
     """N sandboxes Ready: memory of podfsm's processes, then restart-recovery time."""
-    show = _progress(f"{cfg.runtime} {n} Ready", n, quiet)
+    show = _progress(f"{cfg.runtime} {n} Ready", n)
     ids: list[str] = []
     async with Controller(cfg) as ctl:
         async def one(i: int) -> None:
@@ -360,15 +357,15 @@ async def hold_ready(cfg: ControllerConfig, n: int, quiet: bool) -> dict[str, An
         states = [s.state for s in await ctl.list_sandboxes()]
         ready = sum(1 for s in states if s is State.READY)
         await _pool(len(ids), 8, lambda i: ctl.remove_sandbox(ids[i]),
-                    _progress("removing", len(ids), quiet))
+                    _progress("removing", len(ids)))
     return {"sandboxes": n, "rss_mb_all": rss_kb / 1024, "pss_mb_all": pss_kb / 1024,
             "rss_mb_controller": self_kb / 1024,
             "processes": len(pids), "recover_s": recover_s, "ready_after_restart": ready}
 
 
-async def soak(ctl: Controller, n: int, quiet: bool) -> dict[str, Any]:
+async def soak(ctl: Controller, n: int) -> dict[str, Any]:
     """N lifecycles back to back: fds and RSS after the first 100 vs at the end."""
-    show = _progress("soak", n, quiet)
+    show = _progress("soak", n)
     marks: dict[int, tuple[int, int]] = {}
     for i in range(n):
         st = await ctl.run_sandbox(pod(i, "soak"))
@@ -392,19 +389,19 @@ async def bench_runtime(runtime: str, args: argparse.Namespace) -> dict[str, Any
     out: dict[str, Any] = {"runtime": runtime, "levels": []}
     with bench_world(runtime) as cfg:
         for c in args.concurrency:
-            raw = await raw_level(cfg, args.count, c, False)
+            raw = await raw_level(cfg, args.count, c)
             async with Controller(cfg) as ctl:
-                mine = await podfsm_level(ctl, cfg, args.count, c, False)
+                mine = await podfsm_level(ctl, cfg, args.count, c)
                 if c == args.concurrency[0]:
-                    out["exit_ms"] = await exit_latency(ctl, args.exit_samples, False)
+                    out["exit_ms"] = await exit_latency(ctl, args.exit_samples)
                 out["peak_rss_mb"] = max(out.get("peak_rss_mb", 0.0), memory_kb(
                     podfsm_pids(cfg.run_dir), "VmHWM") / 1024)
             out["levels"].append({"raw": raw.summary(), "podfsm": mine.summary()})
         if args.ready:
-            out["ready"] = await hold_ready(cfg, args.ready, False)
+            out["ready"] = await hold_ready(cfg, args.ready)
         if args.soak:
             async with Controller(cfg) as ctl:
-                out["soak"] = await soak(ctl, args.soak, False)
+                out["soak"] = await soak(ctl, args.soak)
     return out
 
 
