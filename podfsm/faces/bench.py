@@ -289,7 +289,8 @@ async def _kill_wait(task: TaskInfo, grace: float) -> None:
 # ---------------------------------------------------------------- podfsm
 
 
-async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int, concurrency: int) -> Level:
+async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int,
+                       concurrency: int) -> Level:
     level = Level("podfsm", concurrency, count)
     tag = f"c{concurrency}x"
 
