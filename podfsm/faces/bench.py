@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +29,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import TaskInfo
 from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
+from podfsm.drivers import nsutil
 from podfsm.drivers.base import NamespaceRequest, NetworkRequest, PauseRequest
 
 BENCH_NETWORK = "podfsm-bench"
@@ -169,6 +173,7 @@ def bench_world(runtime: str) -> Iterator[ControllerConfig]:
             default_bridge=BENCH_BRIDGE, default_subnet=BENCH_SUBNET,
         )
     finally:
+        scrub(tmp, runtime)
         if not bridge_existed:
             os.system(f"ip link del {BENCH_BRIDGE} 2>/dev/null")
         with open(forward, "w") as f:
@@ -178,6 +183,30 @@ def bench_world(runtime: str) -> Iterator[ControllerConfig]:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def scrub(tmp: str, runtime: str) -> None:
+    """Remove whatever a failed or interrupted bench left under `tmp`, records or not (the raw
+    baseline keeps none): pause processes, containers (and so their cgroups), pinned
+    namespaces. A no-op after a clean run."""
+    rootfs = os.path.join(tmp, "run", "pause-rootfs")
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/root") == rootfs:
+                os.kill(pid, signal.SIGKILL)
+    root = os.path.join(tmp, "run", "runtime", runtime)
+    with contextlib.suppress(FileNotFoundError):
+        for cid in os.listdir(root):
+            # crun 1.8.1 refuses hybrid cgroups unless the cgroup2 mount is out of its view
+            cmd = (f"umount -l /sys/fs/cgroup/unified 2>/dev/null; "
+                   f"exec {runtime} --root {root} delete -f {cid}")
+            subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", cmd],
+                           capture_output=True, check=False, timeout=30)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for target in sorted((m for m in mounts if m.startswith(tmp + "/")), reverse=True):
+        with contextlib.suppress(OSError):
+            nsutil.umount2(target, nsutil.MNT_DETACH)
 
 
 async def _pool(count: int, concurrency: int, one: Callable[[int], Awaitable[None]],
@@ -194,7 +223,11 @@ async def _pool(count: int, concurrency: int, one: Callable[[int], Awaitable[Non
             progress(done)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    # a task group, not gather: when one fails the others are cancelled (and unwind) rather
+    # than left running behind the failure
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
     return time.perf_counter() - t0
 
 
