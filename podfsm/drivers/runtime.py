@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
-from podfsm.core.ocispec import pause_spec
+from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, pause_spec
 from podfsm.core.records import TaskInfo
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import PauseRequest
@@ -500,6 +501,22 @@ def _gone(stderr: str) -> bool:
 def _read_pid(path: str) -> int:
     with open(path, "rb") as f:
         return int(f.read().strip())
+
+
+def cgroup_parent_dirs(parent: str = DEFAULT_CGROUP_PARENT) -> set[str]:
+    """The directories of the default cgroup parent in every mounted hierarchy. The runtime
+    creates them with the first pod and leaves them; tools and tests that must leave the host
+    as they found it remove the ones that were not there before (see remove_new_dirs)."""
+    name = parent.strip("/")
+    return {d for d in glob.glob(f"/sys/fs/cgroup/*/{name}") + glob.glob(f"/sys/fs/cgroup/{name}")
+            if os.path.isdir(d)}
+
+
+def remove_new_dirs(before: set[str]) -> None:
+    """rmdir the cgroup parent dirs that appeared since `before` (only empty ones go)."""
+    for d in sorted(cgroup_parent_dirs() - before, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 def _read_text(path: str) -> str:

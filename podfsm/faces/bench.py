@@ -39,6 +39,7 @@ from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import NamespaceRequest, NetworkRequest, PauseRequest
+from podfsm.drivers.runtime import cgroup_parent_dirs, remove_new_dirs
 
 BENCH_NETWORK = "podfsm-bench"
 BENCH_BRIDGE = "podfsm-bench0"
@@ -165,6 +166,7 @@ def bench_world(runtime: str) -> Iterator[ControllerConfig]:
         before = f.read()
     bridge_existed = os.path.exists(f"/sys/class/net/{BENCH_BRIDGE}")
     made = [d for d in ("/var/lib/cni", "/var/lib/cni/networks") if not os.path.exists(d)]
+    cgroups = cgroup_parent_dirs()
     try:
         yield ControllerConfig(
             state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(tmp, "run"),
@@ -174,6 +176,7 @@ def bench_world(runtime: str) -> Iterator[ControllerConfig]:
         )
     finally:
         scrub(tmp, runtime)
+        remove_new_dirs(cgroups)
         if not bridge_existed:
             os.system(f"ip link del {BENCH_BRIDGE} 2>/dev/null")
         with open(forward, "w") as f:
@@ -197,11 +200,14 @@ def scrub(tmp: str, runtime: str) -> None:
     root = os.path.join(tmp, "run", "runtime", runtime)
     with contextlib.suppress(FileNotFoundError):
         for cid in os.listdir(root):
-            # crun 1.8.1 refuses hybrid cgroups unless the cgroup2 mount is out of its view
-            cmd = (f"umount -l /sys/fs/cgroup/unified 2>/dev/null; "
-                   f"exec {runtime} --root {root} delete -f {cid}")
-            subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", cmd],
-                           capture_output=True, check=False, timeout=30)
+            argv = [runtime, "--root", root, "delete", "-f", cid]
+            if runtime == "crun":
+                # crun 1.8.1 refuses hybrid cgroups unless the cgroup2 mount is out of its
+                # view (runc needs it in view, to remove its cgroup there)
+                cmd = "umount -l /sys/fs/cgroup/unified 2>/dev/null; exec \"$@\""
+                argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", cmd, "sh",
+                        *argv]
+            subprocess.run(argv, capture_output=True, check=False, timeout=30)
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f]
     for target in sorted((m for m in mounts if m.startswith(tmp + "/")), reverse=True):

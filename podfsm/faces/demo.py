@@ -16,6 +16,7 @@ from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
 from podfsm.drivers import nsutil
+from podfsm.drivers.runtime import cgroup_parent_dirs, remove_new_dirs
 
 DEMO_NETWORK = "podfsm-demo"
 DEMO_BRIDGE = "podfsm-demo0"
@@ -64,6 +65,7 @@ def _host_network_kept(bridge: str) -> Iterator[None]:
     existed = os.path.exists(f"/sys/class/net/{bridge}")
     made = [d for d in ("/var/lib/cni", "/var/lib/cni/networks",
                         f"/var/lib/cni/networks/{DEMO_NETWORK}") if not os.path.exists(d)]
+    cgroups = cgroup_parent_dirs()
     forward = "/proc/sys/net/ipv4/ip_forward"
     before = _read(forward)
     try:
@@ -78,6 +80,7 @@ def _host_network_kept(bridge: str) -> Iterator[None]:
         for d in reversed(made[:-1]):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+        remove_new_dirs(cgroups)
 
 
 async def run_demo(cfg: ControllerConfig) -> int:

@@ -19,6 +19,7 @@ import pytest
 
 from podfsm import Controller, ControllerConfig, State
 from podfsm.drivers import nsutil
+from podfsm.drivers.runtime import cgroup_parent_dirs, remove_new_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -88,13 +89,16 @@ class Env:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _keep_ip_forward() -> Iterator[None]:
-    """The bridge plugin's isGateway turns on ip_forward: put the host's value back."""
+def _leave_host_as_found() -> Iterator[None]:
+    """Put back what the runs change on the host: ip_forward (the bridge plugin's isGateway
+    turns it on), the CNI store directories and the runtime's cgroup parent directories."""
     path = "/proc/sys/net/ipv4/ip_forward"
     with open(path) as f:
         before = f.read()
     made = [d for d in ("/var/lib/cni", CNI_STORE) if not os.path.exists(d)]
+    cgroups = cgroup_parent_dirs()
     yield
+    remove_new_dirs(cgroups)
     with open(path, "w") as f:
         f.write(before)
     for d in reversed(made):  # only if empty: another user may have come meanwhile
