@@ -75,6 +75,11 @@ class Level:
     wall: float = 0.0
     cpu_ms: float = 0.0
 
+    def add(self, t0: float, t1: float, t2: float) -> None:
+        """One lifecycle: run from t0 to t1, stop + remove from t1 to t2 (perf_counter)."""
+        self.run.append((t1 - t0) * 1000)
+        self.teardown.append((t2 - t1) * 1000)
+
     def summary(self) -> dict[str, Any]:
         def stats(v: list[float]) -> dict[str, float]:
             return {"p50": pct(v, 50), "p95": pct(v, 95), "p99": pct(v, 99)}
@@ -215,6 +220,17 @@ def scrub(tmp: str, runtime: str) -> None:
             nsutil.umount2(target, nsutil.MNT_DETACH)
 
 
+async def _measure(level: Level, cfg: ControllerConfig,
+                   one: Callable[[int], Awaitable[None]]) -> Level:
+    """Run the level's lifecycles; wall time and the CPU of podfsm's processes go in it."""
+    pids = podfsm_pids(cfg.run_dir)
+    c0 = cpu_ticks(pids)
+    label = f"{cfg.runtime} {level.mode:<6} c={level.concurrency}"
+    level.wall = await _pool(level.count, level.concurrency, one, _progress(label, level.count))
+    level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
+    return level
+
+
 async def _pool(count: int, concurrency: int, one: Callable[[int], Awaitable[None]],
                 progress: Callable[[int], None]) -> float:
     """Run one(i) for i in range(count), `concurrency` at a time; wall seconds."""
@@ -290,15 +306,9 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Leve
             await net.detach(nreq, result)
             await ns.destroy(netns, userns)
             shutil.rmtree(os.path.dirname(userns), ignore_errors=True)
-            t2 = time.perf_counter()
-            level.run.append((t1 - t0) * 1000)
-            level.teardown.append((t2 - t1) * 1000)
+            level.add(t0, t1, time.perf_counter())
 
-        pids = podfsm_pids(cfg.run_dir)
-        c0 = cpu_ticks(pids)
-        level.wall = await _pool(count, concurrency, one,
-                                 _progress(f"{cfg.runtime} raw    c={concurrency}", count))
-        level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
+        await _measure(level, cfg, one)
     finally:
         await net.close()
         await rt.close()
@@ -339,16 +349,9 @@ async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int,
         t1 = time.perf_counter()
         await ctl.stop_sandbox(st.id)
         await ctl.remove_sandbox(st.id)
-        t2 = time.perf_counter()
-        level.run.append((t1 - t0) * 1000)
-        level.teardown.append((t2 - t1) * 1000)
+        level.add(t0, t1, time.perf_counter())
 
-    pids = podfsm_pids(cfg.run_dir)
-    c0 = cpu_ticks(pids)
-    level.wall = await _pool(count, concurrency, one,
-                             _progress(f"{cfg.runtime} podfsm c={concurrency}", count))
-    level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
-    return level
+    return await _measure(level, cfg, one)
 
 
 async def exit_latency(ctl: Controller, samples: int) -> list[float]:
