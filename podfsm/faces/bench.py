@@ -394,6 +394,9 @@ async def hold_ready(cfg: ControllerConfig, n: int) -> dict[str, Any]:
         rss_kb = memory_kb(pids, "VmRSS")
         pss_kb = memory_kb(pids, "Pss")
         self_kb = memory_kb([os.getpid()], "VmRSS")
+        # the controller and its namespace workers, without the reaper (the runtime's helper)
+        workers = [p for p in pids if p != os.getpid() and cfg.run_dir not in _cmdline(p)]
+        ctl_workers_kb = self_kb + memory_kb(workers, "VmRSS")
     t0 = time.perf_counter()
     async with Controller(cfg) as ctl:
         recover_s = time.perf_counter() - t0
@@ -403,6 +406,7 @@ async def hold_ready(cfg: ControllerConfig, n: int) -> dict[str, Any]:
                     _progress("removing", len(ids)))
     return {"sandboxes": n, "rss_mb_all": rss_kb / 1024, "pss_mb_all": pss_kb / 1024,
             "rss_mb_controller": self_kb / 1024,
+            "rss_mb_controller_and_workers": ctl_workers_kb / 1024,
             "processes": len(pids), "recover_s": recover_s, "ready_after_restart": ready}
 
 
@@ -487,7 +491,9 @@ def report(results: list[dict[str, Any]]) -> str:
             lines.append(f"{rd['sandboxes']} Ready: {rd['rss_mb_all']:.1f} MB resident "
                          f"(PSS {rd['pss_mb_all']:.1f} MB) in "
                          f"{rd['processes']} podfsm processes "
-                         f"(controller {rd['rss_mb_controller']:.1f} MB); restart recovered "
+                         f"(controller {rd['rss_mb_controller']:.1f} MB, with its namespace "
+                         f"workers {rd['rss_mb_controller_and_workers']:.1f} MB); restart "
+                         f"recovered "
                          f"{rd['ready_after_restart']} Ready in {rd['recover_s']:.2f} s")
         if "soak" in r:
             sk = r["soak"]
