@@ -762,7 +762,8 @@ class Controller:
                 del self._names[sb.record.config.reserved_name]
         finally:
             self._flush(sb)
-        shutil.rmtree(self.sandbox_run_dir(sb.record.id), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            nsutil.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
 
     # ------------------------------------------------------------------ supervision
 

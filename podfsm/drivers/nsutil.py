@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import shutil
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -138,3 +139,21 @@ def proc_start_time(pid: int) -> int | None:
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(b")") + 2:].split()
     return int(rest[19])
+
+
+def remove_flat_dir(path: str) -> None:
+    """Remove a directory that holds only files (a bundle, a sandbox's run directory): a
+    listdir, an unlink per file and an rmdir, against shutil.rmtree's fd-safe walk that costs
+    several times the system calls. Missing is fine; anything unexpected falls back to rmtree."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    try:
+        for name in names:
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(path)

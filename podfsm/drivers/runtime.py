@@ -328,9 +328,7 @@ class OciRuntime:
             with contextlib.suppress(ReaperError):
                 await self._reaper.forget(task.pid, task.start_time)
         try:
-            shutil.rmtree(bundle)
-        except FileNotFoundError:
-            pass
+            nsutil.remove_flat_dir(bundle)
         except OSError as exc:
             raise StepFailed(STEP, f"cannot remove the bundle {bundle}: {exc}") from exc
 
