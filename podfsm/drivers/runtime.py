@@ -501,6 +501,18 @@ def _read_pid(path: str) -> int:
         return int(f.read().strip())
 
 
+def pause_pids(run_dir: str) -> list[int]:
+    """Live processes whose root is the pause rootfs of `run_dir`: the pause processes of that
+    controller, whatever its records say (for tools and tests that must leave nothing)."""
+    rootfs = os.path.join(run_dir, "pause-rootfs")
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/root") == rootfs:
+                pids.append(int(pid))
+    return pids
+
+
 def cgroup_parent_dirs(parent: str = DEFAULT_CGROUP_PARENT) -> set[str]:
     """The directories of the default cgroup parent in every mounted hierarchy. The runtime
     creates them with the first pod and leaves them; tools and tests that must leave the host

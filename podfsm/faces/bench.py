@@ -39,7 +39,8 @@ from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import NamespaceRequest, NetworkRequest, PauseRequest
-from podfsm.drivers.runtime import cgroup_parent_dirs, remove_new_dirs
+from podfsm.drivers.runtime import pause_pids
+from podfsm.faces.hostcare import host_left_as_found
 
 BENCH_NETWORK = "podfsm-bench"
 BENCH_BRIDGE = "podfsm-bench0"
@@ -162,46 +163,30 @@ def open_fds() -> int:
 @contextlib.contextmanager
 def bench_world(runtime: str) -> Iterator[ControllerConfig]:
     """Own directories and CNI network; the host is put back as it was afterwards."""
-    tmp = tempfile.mkdtemp(prefix="podfsm-bench-")
-    os.chmod(tmp, 0o711)
-    conf = os.path.join(tmp, "net.d")
-    os.makedirs(conf)
-    forward = "/proc/sys/net/ipv4/ip_forward"
-    with open(forward) as f:
-        before = f.read()
-    bridge_existed = os.path.exists(f"/sys/class/net/{BENCH_BRIDGE}")
-    made = [d for d in ("/var/lib/cni", "/var/lib/cni/networks") if not os.path.exists(d)]
-    cgroups = cgroup_parent_dirs()
-    try:
-        yield ControllerConfig(
-            state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(tmp, "run"),
-            netns_dir=os.path.join(tmp, "netns"), runtime=runtime,  # type: ignore[arg-type]
-            cni_conf_dir=conf, default_network_name=BENCH_NETWORK,
-            default_bridge=BENCH_BRIDGE, default_subnet=BENCH_SUBNET,
-        )
-    finally:
-        scrub(tmp, runtime)
-        remove_new_dirs(cgroups)
-        if not bridge_existed:
-            os.system(f"ip link del {BENCH_BRIDGE} 2>/dev/null")
-        with open(forward, "w") as f:
-            f.write(before)
-        shutil.rmtree(f"/var/lib/cni/networks/{BENCH_NETWORK}", ignore_errors=True)
-        for d in reversed(made):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with host_left_as_found(BENCH_NETWORK, BENCH_BRIDGE):
+        tmp = tempfile.mkdtemp(prefix="podfsm-bench-")
+        os.chmod(tmp, 0o711)
+        conf = os.path.join(tmp, "net.d")
+        os.makedirs(conf)
+        try:
+            yield ControllerConfig(
+                state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(tmp, "run"),
+                netns_dir=os.path.join(tmp, "netns"), runtime=runtime,  # type: ignore[arg-type]
+                cni_conf_dir=conf, default_network_name=BENCH_NETWORK,
+                default_bridge=BENCH_BRIDGE, default_subnet=BENCH_SUBNET,
+            )
+        finally:
+            scrub(tmp, runtime)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def scrub(tmp: str, runtime: str) -> None:
     """Remove whatever a failed or interrupted bench left under `tmp`, records or not (the raw
     baseline keeps none): pause processes, containers (and so their cgroups), pinned
     namespaces. A no-op after a clean run."""
-    rootfs = os.path.join(tmp, "run", "pause-rootfs")
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/root") == rootfs:
-                os.kill(pid, signal.SIGKILL)
+    for pid in pause_pids(os.path.join(tmp, "run")):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     root = os.path.join(tmp, "run", "runtime", runtime)
     with contextlib.suppress(FileNotFoundError):
         for cid in os.listdir(root):

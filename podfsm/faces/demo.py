@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 
 from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
 from podfsm.drivers import nsutil
-from podfsm.drivers.runtime import cgroup_parent_dirs, remove_new_dirs
+from podfsm.faces.hostcare import host_left_as_found
 
 DEMO_NETWORK = "podfsm-demo"
 DEMO_BRIDGE = "podfsm-demo0"
@@ -56,31 +54,6 @@ async def _ping(ip: str) -> bool:
         "ping", "-c", "1", "-W", "1", ip,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     return await proc.wait() == 0
-
-
-@contextlib.contextmanager
-def _host_network_kept(bridge: str) -> Iterator[None]:
-    """The demo's own bridge goes away afterwards and ip_forward (the bridge plugin's isGateway
-    turns it on) is put back, so the host is left as it was found."""
-    existed = os.path.exists(f"/sys/class/net/{bridge}")
-    made = [d for d in ("/var/lib/cni", "/var/lib/cni/networks",
-                        f"/var/lib/cni/networks/{DEMO_NETWORK}") if not os.path.exists(d)]
-    cgroups = cgroup_parent_dirs()
-    forward = "/proc/sys/net/ipv4/ip_forward"
-    before = _read(forward)
-    try:
-        yield
-    finally:
-        if not existed and os.path.exists(f"/sys/class/net/{bridge}"):
-            os.system(f"ip link del {bridge} 2>/dev/null")
-        with open(forward, "w") as f:
-            f.write(before)
-        # host-local's store for the demo network (only its lock file is left by now)
-        shutil.rmtree(f"/var/lib/cni/networks/{DEMO_NETWORK}", ignore_errors=True)
-        for d in reversed(made[:-1]):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        remove_new_dirs(cgroups)
 
 
 async def run_demo(cfg: ControllerConfig) -> int:
@@ -158,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
             default_bridge=DEMO_BRIDGE,
             default_subnet=DEMO_SUBNET,
         )
-        with _host_network_kept(DEMO_BRIDGE):
+        with host_left_as_found(DEMO_NETWORK, DEMO_BRIDGE):
             return asyncio.run(run_demo(cfg))
     except PodfsmError as exc:
         print(f"podfsm demo: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ import pytest
 
 from podfsm import Controller, ControllerConfig, State
 from podfsm.drivers import nsutil
-from podfsm.drivers.runtime import cgroup_parent_dirs, remove_new_dirs
+from podfsm.drivers.runtime import cgroup_parent_dirs, pause_pids, remove_new_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +56,7 @@ class Env:
 
     def pause_processes(self) -> list[int]:
         """Live processes whose root is inside our pause rootfs."""
-        rootfs = os.path.join(self.cfg.run_dir, "pause-rootfs")
-        pids = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/root") == rootfs:
-                    pids.append(int(pid))
-        return pids
+        return pause_pids(self.cfg.run_dir)
 
     def containers(self) -> list[str]:
         if not os.path.isdir(self.runtime_root):

@@ -25,7 +25,7 @@ from podfsm.core.spec import IDMapping
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import PauseRequest
 from podfsm.drivers.reaper import ReaperClient, exit_file
-from podfsm.drivers.runtime import OciRuntime
+from podfsm.drivers.runtime import OciRuntime, pause_pids
 
 pytestmark = pytest.mark.integration
 
@@ -166,16 +166,6 @@ def _reaper_pids(run_dir: str) -> list[int]:
     return found
 
 
-def _pause_pids(run_dir: str) -> list[int]:
-    rootfs = os.path.join(run_dir, "pause-rootfs")
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/root") == rootfs:
-                pids.append(int(pid))
-    return pids
-
-
 def _kill_pause_processes(run_dir: str) -> None:
     for name in RUNTIMES:
         root = os.path.join(run_dir, "runtime", name)
@@ -183,7 +173,7 @@ def _kill_pause_processes(run_dir: str) -> None:
             for cid in os.listdir(root):
                 subprocess.run([name, "--root", root, "delete", "--force", cid],
                                capture_output=True, check=False)
-    for pid in _pause_pids(run_dir):
+    for pid in pause_pids(run_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -201,10 +191,10 @@ def _assert_reaper_gone(run_dir: str, within: float = 8.0) -> None:
     # The reaper is adopted by pid 1 once its launcher exits; this VM's pid 1 takes up to ~1.5 s
     # to collect an exited orphan.
     deadline = time.monotonic() + within
-    while _reaper_pids(run_dir) or _pause_pids(run_dir):
+    while _reaper_pids(run_dir) or pause_pids(run_dir):
         if time.monotonic() > deadline:
             pytest.fail(f"left running for {run_dir}: reapers {_reaper_pids(run_dir)}, "
-                        f"pause processes {_pause_pids(run_dir)}")
+                        f"pause processes {pause_pids(run_dir)}")
         time.sleep(0.1)
 
 
@@ -382,7 +372,7 @@ async def test_failed_create_names_the_runtime_and_leaves_nothing(
     assert err.value.step == "runtime"
     assert await oci.list_containers() == []
     assert not os.path.exists(oci.bundle_path("bad0"))
-    assert _pause_pids(oci.run_dir) == []
+    assert pause_pids(oci.run_dir) == []
 
 
 async def test_a_netns_not_owned_by_the_pods_userns_is_refused_before_the_runtime_runs(
