@@ -284,14 +284,21 @@ class OciRuntime:
                 raise StepFailed(
                     STEP, f"{self.name} create left no usable pid file {pid_file}: {exc}"
                 ) from exc
+            task_file = os.path.join(bundle, "task.json")
+            # None when the pause already died: the reaper then knows its start time.
+            start_time = nsutil.proc_start_time(pid)
+            if start_time is not None:
+                # Written before the reaper persists anything for it: a crash in between
+                # leaves a task.json that delete() uses to make the reaper forget it.
+                _write_json(task_file, TaskInfo(pid=pid, start_time=start_time).model_dump())
             try:
-                # None when the pause already died: the reaper then knows its start time.
-                watched = await self._reaper.watch(pid, nsutil.proc_start_time(pid))
+                watched = await self._reaper.watch(pid, start_time)
             except ReaperError as exc:
                 raise StepFailed(STEP, f"cannot supervise the pause process {pid}: {exc}") from exc
             task = TaskInfo(pid=watched.pid, start_time=watched.start_time)
+            if start_time is None:
+                _write_json(task_file, task.model_dump())
             _check_joined(self.name, req, task.pid)
-            _write_json(os.path.join(bundle, "task.json"), task.model_dump())
             return task
         except BaseException:
             with contextlib.suppress(Exception):
