@@ -404,10 +404,10 @@ class Controller:
         for h in events:
             self._publish(sb.record.id, h)
 
-    async def _store_save(self, rec: SandboxRecord) -> None:
+    async def _store_save(self, rec: SandboxRecord, durable: bool = False) -> None:
         # Never abandoned halfway: a cancelled write would go on in its thread.
         with anyio.CancelScope(shield=True):
-            await self.store.save(rec)
+            await self.store.save(rec, durable=durable)
 
     async def _save_or_log(self, sb: _Sandbox, *triggers: Trigger, error: str | None = None,
                            **changes: Any) -> None:
@@ -498,7 +498,9 @@ class Controller:
         any later point leaves either a record to recover or a directory that names an orphan.
         """
         await self._hit("save_record.before")
-        await self._store_save(sb.record)
+        # Durable (fsync): it precedes the CNI ADD, whose address reservation outlives a reboot
+        # on disk; later writes need not be (see podfsm.drivers.store).
+        await self._store_save(sb.record, durable=True)
         await self._hit("save_record.after")
         os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o700, exist_ok=True)
 

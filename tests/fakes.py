@@ -192,12 +192,14 @@ class MemoryStore:
     def __init__(self) -> None:
         self.records: dict[str, SandboxRecord] = {}
         self.writes = 0
+        self.durable_writes = 0
 
     async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
         return list(self.records.values()), []
 
-    async def save(self, rec: SandboxRecord) -> None:
+    async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
         self.writes += 1
+        self.durable_writes += durable
         self.records[rec.id] = rec
 
     async def delete(self, sandbox_id: str) -> None:

@@ -148,8 +148,9 @@ class Store(Protocol):
     async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
         """Every record, and the problems with records that were set aside (corrupt ones)."""
 
-    async def save(self, rec: SandboxRecord) -> None:
-        """Atomically and durably replace the record of rec.id."""
+    async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
+        """Atomically replace the record of rec.id (a crash of the controller leaves the old
+        record or the new one); `durable`: and so does a crash of the machine."""
 
     async def delete(self, sandbox_id: str) -> None:
         """Forget a sandbox. Idempotent."""

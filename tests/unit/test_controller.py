@@ -211,3 +211,26 @@ async def test_a_sysctl_this_host_lacks_is_refused_before_anything_is_made(rig: 
             await ctl.run_sandbox(data)
         assert rig.faults.calls == []
     rig.nothing_left()
+
+
+async def test_the_record_is_made_durable_once_before_the_first_system_step(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync is paid where a reboot needs it: before anything (above all the CNI address
+    reservation, which outlives a reboot) is made; the later writes of a lifecycle are not."""
+    real_save = rig.store.save
+
+    async def save(rec: Any, *, durable: bool = False) -> None:
+        rig.faults.calls.append(f"save durable={durable} {rec.state.value}")
+        await real_save(rec, durable=durable)
+
+    monkeypatch.setattr(rig.store, "save", save)
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod("a"))
+        await ctl.stop_sandbox(st.id)
+        await ctl.remove_sandbox(st.id)
+    saves = [c for c in rig.faults.calls if c.startswith("save")]
+    assert rig.faults.calls[0] == "save durable=True Unknown"
+    assert rig.faults.calls[1] == "ns.create"
+    assert saves[1:] and all("durable=False" in c for c in saves[1:])
+    rig.nothing_left()

@@ -55,30 +55,65 @@ async def test_save_and_load_round_trip(store: FileStore) -> None:
     assert written["schema_version"] == SCHEMA_VERSION
 
 
+@pytest.mark.parametrize("durable", [True, False])
 async def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, durable: bool
 ) -> None:
     old = record(1)
     await store.save(old)
+    real_write = os.write
 
-    def no_space(fd: int) -> None:
+    def no_space(fd: int, data: Any = b"") -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    # the temporary file is written, then its fsync fails as on a full disk
-    monkeypatch.setattr(os, "fsync", no_space)
+    def write_then_full(fd: int, data: Any) -> int:
+        real_write(fd, data[:10])  # a torn temporary file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # durable: the temporary file is written, then its fsync fails as on a full disk;
+    # not durable: the write itself fails halfway
+    if durable:
+        monkeypatch.setattr(os, "fsync", no_space)
+    else:
+        monkeypatch.setattr(os, "write", write_then_full)
     with pytest.raises(StateDirError, match="full"):
-        await store.save(old.evolve(state=State.NOT_READY))
-    assert files(store) == [f"{old.id}.json"]
+        await store.save(old.evolve(state=State.NOT_READY), durable=durable)
     monkeypatch.undo()
+    assert files(store) == [f"{old.id}.json"]
     (loaded,), _ = await store.load_all()
     assert loaded == old
+
+
+async def test_only_a_durable_write_pays_for_fsync_of_file_and_directory(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    rec = record(1)
+    await store.save(rec)
+    await store.save(rec.evolve(state=State.READY))
+    await store.delete(rec.id)
+    assert synced == []
+    await store.save(rec, durable=True)
+    assert len(synced) == 2
+    assert synced[0].startswith(os.path.join(store.dir, f"{rec.id}.json."))
+    assert synced[0].endswith(".tmp")
+    assert synced[1] == store.dir
+    (loaded,), _ = await store.load_all()
+    assert loaded == rec
 
 
 async def test_a_write_is_never_abandoned_halfway_by_a_cancellation(store: FileStore) -> None:
     rec = record(1)
     with anyio.CancelScope() as scope:
         scope.cancel()
-        await store.save(rec)  # shielded inside: it completes
+        await store.save(rec, durable=True)  # shielded inside: it completes
     (loaded,), _ = await store.load_all()
     assert loaded == rec
     assert files(store) == [f"{rec.id}.json"]
