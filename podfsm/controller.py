@@ -88,6 +88,7 @@ log = logging.getLogger(__name__)
 _EVENT_BACKLOG = 1024
 #: What a sandbox id looks like (secrets.token_hex(32)); only such names are collected as ours.
 _SANDBOX_ID = re.compile(r"^[0-9a-f]{64}$")
+_CORRUPT_RECORD = re.compile(r"^corrupt record ([0-9a-f]{64})\b")
 
 
 def _now() -> datetime:
@@ -925,13 +926,9 @@ class Controller:
 
     @property
     def _corrupt_ids(self) -> set[str]:
-        """Ids of the records set aside as corrupt this time (their file names)."""
-        out = set()
-        for problem in self.recovery_problems:
-            name = problem.split("corrupt record ", 1)[-1].split(".json", 1)[0]
-            if _SANDBOX_ID.match(name):
-                out.add(name)
-        return out
+        """Ids of the records set aside as corrupt this time (named in the store's problems)."""
+        return {m.group(1) for p in self.recovery_problems
+                if (m := _CORRUPT_RECORD.match(p)) is not None}
 
 
 @dataclass(frozen=True)

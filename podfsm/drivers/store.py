@@ -1,15 +1,23 @@
-"""The record store: one JSON file per sandbox under <state_dir>/sandboxes, written atomically
-(temporary file, rename) so a crash leaves the old record or the new one, never half of either.
-A lock file keeps a second controller off the same state_dir.
+"""The record store: each sandbox's record lives in two slot files under
+<state_dir>/sandboxes, `<id>.0.rec` and `<id>.1.rec`. A write goes to the slot that does NOT
+hold the newest record, in place: a header line (sequence number, length, CRC-32) and the
+record as one line of JSON. A load takes the newest slot whose header checks out, so a write
+torn by a crash (of the controller or of the machine) leaves the previous record standing,
+never half of either. A lock file keeps a second controller off the same state_dir.
+(`sed 1d <id>.0.rec | jq .` shows a slot.)
+
+Why slots and not a temporary file renamed over the record: on ext4 that create + rename
+costs ~40-280 us of kernel CPU per write (inode allocation, the rename's forced flush of the
+new data), an in-place overwrite of an existing file ~3 us, and a lifecycle writes six records.
 
 Durability against a crash of the MACHINE is paid for only where it is needed. After a reboot
 the namespaces, mounts, processes and run_dir are gone whatever the records say; what outlives
 them is the CNI plugins' IPAM store on disk. So the write that precedes the first system step
-(before any address can be reserved) is `durable`: fsync of the file and of the directory, in a
-worker thread. Later writes are not fsynced: a controller crash loses nothing (the page cache
+(before any address can be reserved) is `durable`: fsync of the slot and of the directory, in
+a worker thread. Later writes are not fsynced: a controller crash loses nothing (the page cache
 stays), and after a power loss an older record is recovered to NotReady all the same and its
-removal still runs CNI DEL. Those writes go to the page cache inline (~40 us of CPU), which is
-cheaper than a trip to a thread (~100 us of CPU each).
+removal still runs CNI DEL. Those writes go to the page cache inline, which is cheaper than a
+trip to a thread (~100 us of CPU each).
 
 Records carry `schema_version`; `migrate` brings an older record up to date step by step. A
 record that cannot be read is set aside in <state_dir>/corrupt (with a logged error) so every
@@ -22,10 +30,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -77,13 +85,16 @@ def migrate(
 class FileStore:
     """Store implementation on the local filesystem."""
 
+    SLOTS = (".0.rec", ".1.rec")
+
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
         self.dir = os.path.join(state_dir, "sandboxes")
         self.quarantine = os.path.join(state_dir, "corrupt")
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None
-        self._tmp_names = itertools.count()
+        #: the sequence number of each sandbox's newest record
+        self._seq: dict[str, int] = {}
 
     def open(self) -> None:
         """Create the directories and take the controller lock (non-blocking). Raises
@@ -115,103 +126,143 @@ class FileStore:
                 os.close(fd)
         self._dir_fd = self._lock_fd = None
 
-    def _path(self, sandbox_id: str) -> str:
-        return os.path.join(self.dir, f"{sandbox_id}.json")
+    def paths(self, sandbox_id: str) -> list[str]:
+        """The slot files of a sandbox's record (either may not exist)."""
+        return [os.path.join(self.dir, f"{sandbox_id}{slot}") for slot in self.SLOTS]
 
     async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
-        """Every readable record, and a problem line for each one set aside as corrupt.
-        Temporary files of writes a crash interrupted are removed (the old record stands)."""
+        """Every readable record, and a problem line for each one set aside as corrupt."""
+        return await anyio.to_thread.run_sync(self._load_all_sync)
+
+    def _load_all_sync(self) -> tuple[list[SandboxRecord], list[str]]:
         records: list[SandboxRecord] = []
         problems: list[str] = []
-        for name in sorted(os.listdir(self.dir)):
-            path = os.path.join(self.dir, name)
-            if name.endswith(".tmp"):
-                try:
-                    await aiofiles.os.remove(path)
-                except OSError as exc:
-                    raise StateDirError(f"cannot remove {path}: {_why(exc)}") from None
-                continue
-            if not name.endswith(".json"):
-                continue
+        ids = sorted({name[: -len(self.SLOTS[0])] for name in os.listdir(self.dir)
+                      if name.endswith(self.SLOTS)})
+        for sid in ids:
             try:
-                async with aiofiles.open(path, "rb") as f:
-                    data = json.loads(await f.read())
-                if not isinstance(data, dict):
-                    raise ValueError("not a JSON object")
-                rec = SandboxRecord.model_validate(migrate(data))
-                if f"{rec.id}.json" != name:
-                    raise ValueError(f"record id {rec.id!r} does not match its file name")
-                records.append(rec)
+                rec, seq = self._load_one(sid)
             except RecordTooNew as exc:
-                raise StateDirError(f"record {path}: {exc}") from None
+                raise StateDirError(f"record {sid}: {exc}") from None
             except (ValueError, ValidationError, UnicodeDecodeError, OSError) as exc:
-                problem = self._set_aside(name, exc)
+                problem = self._set_aside(sid, exc)
                 log.error(problem)
                 problems.append(problem)
+                continue
+            self._seq[sid] = seq
+            records.append(rec)
         return records, problems
 
-    def _set_aside(self, name: str, exc: Exception) -> str:
+    def _load_one(self, sid: str) -> tuple[SandboxRecord, int]:
+        """The newest intact slot of `sid` (ValueError naming the problem when none is)."""
+        best: tuple[int, bytes] | None = None
+        why = "no slot file"
+        for path in self.paths(sid):
+            try:
+                with open(path, "rb") as f:
+                    seq, body = _unframe(f.read())
+            except FileNotFoundError:
+                continue
+            except ValueError as exc:
+                why = str(exc)
+                continue
+            if best is None or seq > best[0]:
+                best = (seq, body)
+        if best is None:
+            raise ValueError(why)
+        data = json.loads(best[1])
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        rec = SandboxRecord.model_validate(migrate(data))
+        if rec.id != sid:
+            raise ValueError(f"record id {rec.id!r} does not match its file name")
+        return rec, best[0]
+
+    def _set_aside(self, sid: str, exc: Exception) -> str:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         try:
             os.makedirs(self.quarantine, mode=0o700, exist_ok=True)
-            os.replace(os.path.join(self.dir, name), os.path.join(self.quarantine, name))
+            for path in self.paths(sid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, os.path.join(self.quarantine, os.path.basename(path)))
         except OSError as move:
-            return f"corrupt record {name} (cannot set it aside: {_why(move)}): {first}"
-        return f"corrupt record {name} set aside in {self.quarantine}: {first}"
+            return f"corrupt record {sid} (cannot set it aside: {_why(move)}): {first}"
+        return f"corrupt record {sid} set aside in {self.quarantine}: {first}"
 
     async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
-        """Atomically replace the record of rec.id; `durable` also survives a power loss (see
-        the module's doc). On failure (StateDirError) the previous record stands and no
-        temporary file is left."""
-        path = self._path(rec.id)
-        tmp = f"{path}.{os.getpid()}-{next(self._tmp_names)}.tmp"
-        data = rec.model_dump_json().encode()
+        """Replace the record of rec.id (see the module's doc); `durable` also survives a
+        power loss. On failure (StateDirError) the previous record stands."""
+        seq = self._seq.get(rec.id, -1) + 1
+        path = self.paths(rec.id)[seq % 2]
+        data = _frame(seq, rec.model_dump_json().encode())
         try:
             if durable:
                 # One trip to aiofiles' thread pool for the whole write. Shielded: a cancelled
                 # write would go on in that thread anyway.
                 with anyio.CancelScope(shield=True):
-                    await _write_atomic(tmp, path, data, self._dir_fd)
+                    await _write_slot(path, data, self._dir_fd)
             else:
-                _write_atomic_sync(tmp, path, data, None, sync=False)
+                _write_slot_sync(path, data, None)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if seq <= 1:  # the slot was new: leave no file that holds no record
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise StateDirError(f"cannot write record {path}: {_why(exc)}") from None
+        self._seq[rec.id] = seq
 
     async def delete(self, sandbox_id: str) -> None:
         """Forget a sandbox. Idempotent. Not fsynced: a record that a power loss brings back
         is recovered NotReady and removed again (every step of a removal is idempotent)."""
-        path = self._path(sandbox_id)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno == errno.EROFS and not os.path.lexists(path):
-                return  # a read-only state dir says EROFS rather than ENOENT
-            raise StateDirError(f"cannot delete record {path}: {_why(exc)}") from None
+        for path in self.paths(sandbox_id):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EROFS and not os.path.lexists(path):
+                    continue  # a read-only state dir says EROFS rather than ENOENT
+                raise StateDirError(f"cannot delete record {path}: {_why(exc)}") from None
+        self._seq.pop(sandbox_id, None)
 
 
-def _write_atomic_sync(tmp: str, path: str, data: bytes, dir_fd: int | None,
-                       sync: bool = True) -> None:
-    """Temporary file, (fsync), rename, (fsync of the directory): the old record or the new
-    one survives a crash, never a mix."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+_MAGIC = b"podfsm-record"
+
+
+def _frame(seq: int, body: bytes) -> bytes:
+    return b"%s %d %d %08x\n%s\n" % (_MAGIC, seq, len(body), zlib.crc32(body), body)
+
+
+def _unframe(data: bytes) -> tuple[int, bytes]:
+    """(sequence number, record JSON) of a slot's content; ValueError when it is torn."""
+    header, sep, rest = data.partition(b"\n")
+    parts = header.split()
+    if not sep or len(parts) != 4 or parts[0] != _MAGIC:
+        raise ValueError("not a podfsm record (bad header)")
+    seq, length, crc = int(parts[1]), int(parts[2]), int(parts[3], 16)
+    body = rest[:length]
+    if len(body) != length or rest[length:] != b"\n" or zlib.crc32(body) != crc:
+        raise ValueError("torn record (length or checksum mismatch)")
+    return seq, body
+
+
+def _write_slot_sync(path: str, data: bytes, dir_fd: int | None) -> None:
+    """Overwrite the slot in place (truncated to the new length); with dir_fd, fsync the
+    slot and then the directory (which holds a new slot's name)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if sync:
+        view, offset = memoryview(data), 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        os.ftruncate(fd, len(data))
+        if dir_fd is not None:
             os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    if sync and dir_fd is not None:
+    if dir_fd is not None:
         os.fsync(dir_fd)
 
 
-_write_atomic = aiofiles.os.wrap(_write_atomic_sync)
+_write_slot = aiofiles.os.wrap(_write_slot_sync)
 
 
 def _why(exc: OSError) -> str:

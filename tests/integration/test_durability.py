@@ -33,6 +33,7 @@ from podfsm.core.errors import ControllerLocked, StateDirError, StepFailed
 from podfsm.core.idmap import find_overlap
 from podfsm.core.states import TRANSITIONS
 from podfsm.drivers import nsutil
+from podfsm.drivers.store import FileStore
 from tests.integration.conftest import (
     Env,
     destroy_env,
@@ -515,6 +516,15 @@ def _umount(path: str) -> None:
     subprocess.run(["umount", "-l", path], check=False, capture_output=True)
 
 
+def record_files(env: Env, sid: str, in_dir: str = "sandboxes") -> list[str]:
+    """The slot files that hold a sandbox's record (see podfsm.drivers.store)."""
+    d = os.path.join(env.cfg.state_dir, in_dir)
+    found = [os.path.join(d, f"{sid}{slot}") for slot in FileStore.SLOTS]
+    found = [p for p in found if os.path.exists(p)]
+    assert found, f"no record of {sid} in {d}"
+    return found
+
+
 def _records(env: Env) -> list[str]:
     return sorted(os.listdir(os.path.join(env.cfg.state_dir, "sandboxes")))
 
@@ -571,14 +581,15 @@ async def test_full_state_dir_is_refused_cleanly() -> None:
         records = os.path.join(env.cfg.state_dir, "sandboxes")
         _mount_tmpfs(records, "size=256k,mode=0700")
         try:
-            async with with_failpoints(env, "runtime_create.after=1*delay(300)") as ctl:
+            async with with_failpoints(env, "cni_add.after=1*delay(300)") as ctl:
                 filler = _fill(records)
                 with pytest.raises(StateDirError, match="full"):
                     await ctl.run_sandbox(pod())
                 assert _records(env) == ["filler"]  # no record, no .tmp file
                 assert await ctl.list_sandboxes() == []
                 os.unlink(filler)
-                # the disk fills in the middle of a run: it unwinds all the same
+                # the disk fills in the middle of a run, before the write that needs the
+                # record's second slot file: it unwinds all the same
 
                 async def fill_soon() -> None:
                     await anyio.sleep(0.15)
@@ -607,14 +618,15 @@ async def test_corrupt_record_is_set_aside_and_the_others_recover(
         async with env.controller() as ctl:
             sts = [await ctl.run_sandbox(pod(f"p{i}")) for i in range(3)]
         bad = sts[1]
-        path = os.path.join(env.cfg.state_dir, "sandboxes", f"{bad.id}.json")
-        os.truncate(path, 100)  # a torn write
+        for path in record_files(env, bad.id):
+            os.truncate(path, 100)  # both slots torn: nothing of the record can be read
         caplog.set_level(logging.ERROR)
         async with running(env) as ctl:
             assert any("corrupt record" in r.getMessage() and bad.id in r.getMessage()
                        for r in caplog.records)
             assert any(bad.id in p for p in ctl.recovery_problems)
-            assert os.path.exists(os.path.join(env.cfg.state_dir, "corrupt", f"{bad.id}.json"))
+            assert sorted(os.listdir(os.path.join(env.cfg.state_dir, "corrupt"))) == sorted(
+                os.path.basename(p) for p in record_files(env, bad.id, in_dir="corrupt"))
             good = {s.id: s for s in await ctl.list_sandboxes()}
             assert set(good) == {sts[0].id, sts[2].id}
             assert all(s.state is State.READY for s in good.values())
@@ -657,7 +669,8 @@ async def test_what_has_no_record_is_collected_on_start(runtime: str) -> None:
             lost = await ctl.run_sandbox(pod("lost"))
             host_net = await ctl.run_sandbox(pod("hostnet", network="NODE"))
         for st in (lost, host_net):
-            os.unlink(os.path.join(env.cfg.state_dir, "sandboxes", f"{st.id}.json"))
+            for path in record_files(env, st.id):
+                os.unlink(path)
         assert len(env.containers()) == 3 and len(env.reservations()) == 2
         async with running(env) as ctl:
             (only,) = await ctl.list_sandboxes()
@@ -682,7 +695,8 @@ async def test_another_controllers_pins_are_never_touched() -> None:
         # an orphan pin of ours beside it, as a crash before the first record could leave
         async with mine.controller() as ctl:
             ours = await ctl.run_sandbox(pod("ours"))
-        os.unlink(os.path.join(mine.cfg.state_dir, "sandboxes", f"{ours.id}.json"))
+        for path in record_files(mine, ours.id):
+            os.unlink(path)
         async with running(mine) as ctl:
             assert await ctl.list_sandboxes() == []
             assert ours.netns_path and not os.path.lexists(ours.netns_path)

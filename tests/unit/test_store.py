@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,45 +44,103 @@ def files(s: FileStore) -> list[str]:
     return sorted(os.listdir(s.dir))
 
 
+def slots(rec: SandboxRecord | str) -> list[str]:
+    sid = rec if isinstance(rec, str) else rec.id
+    return [f"{sid}.0.rec", f"{sid}.1.rec"]
+
+
+def framed(body: bytes, seq: int = 0) -> bytes:
+    return b"podfsm-record %d %d %08x\n%s\n" % (seq, len(body), zlib.crc32(body), body)
+
+
 async def test_save_and_load_round_trip(store: FileStore) -> None:
     a, b = record(1), record(2, state=State.READY, pending=None)
-    await store.save(a)
+    await store.save(a, durable=True)
     await store.save(b)
-    assert files(store) == [f"{a.id}.json", f"{b.id}.json"]  # no temporary file left
+    assert files(store) == [slots(a)[0], slots(b)[0]]
     loaded, problems = await store.load_all()
     assert problems == []
     assert {r.id: r for r in loaded} == {a.id: a, b.id: b}
-    written = json.loads(Path(store.dir, f"{a.id}.json").read_text())
-    assert written["schema_version"] == SCHEMA_VERSION
+    header, body = Path(store.dir, slots(a)[0]).read_bytes().split(b"\n", 1)
+    assert header.split()[:2] == [b"podfsm-record", b"0"]
+    assert json.loads(body)["schema_version"] == SCHEMA_VERSION
+
+
+async def test_writes_alternate_between_the_two_slots_and_the_newest_wins(
+    store: FileStore, tmp_path: Path
+) -> None:
+    rec = record(1)
+    versions = [rec.evolve(state=s) for s in (State.UNKNOWN, State.NAMESPACES_READY,
+                                               State.CONTAINER_CREATED, State.READY)]
+    for i, v in enumerate(versions):
+        await store.save(v, durable=i == 0)
+        assert files(store) == slots(rec)[: min(i + 1, 2)]
+        fresh = FileStore(str(tmp_path / "state"))  # a restarted controller reads it back
+        (loaded,), problems = await fresh.load_all()
+        assert loaded == v and problems == []
+    # the older slot holds the previous version: a write torn by a crash falls back to it
+    newest = Path(store.dir, slots(rec)[1])  # versions[3] went to slot 1
+    newest.write_bytes(newest.read_bytes()[:100])
+    (loaded,), problems = await store.load_all()
+    assert loaded == versions[2] and problems == []
+    await store.save(versions[3])  # the torn slot is the one written next
+    (loaded,), _ = await store.load_all()
+    assert loaded == versions[3]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "old tail left", "bit flip", "no header"])
+async def test_a_torn_slot_is_never_taken_for_a_record(store: FileStore, damage: str) -> None:
+    rec = record(1)
+    await store.save(rec, durable=True)
+    good = rec.evolve(state=State.READY)
+    await store.save(good)
+    assert [r for r in (await store.load_all())[0]] == [good]
+    # slot 0 gets a newer sequence number but its content did not all reach the disk
+    newer = framed(rec.evolve(state=State.NOT_READY).model_dump_json().encode(), seq=9)
+    broken = {
+        "truncated": newer[:-40],
+        "old tail left": newer[:-1] + b" trailing bytes of the slot's previous content\n",
+        "bit flip": newer[:60] + bytes([newer[60] ^ 1]) + newer[61:],
+        "no header": newer.split(b"\n", 1)[1],
+    }[damage]
+    Path(store.dir, slots(rec)[0]).write_bytes(broken)
+    loaded, problems = await store.load_all()
+    assert loaded == [good] and problems == []
 
 
 @pytest.mark.parametrize("durable", [True, False])
-async def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(
+async def test_a_failed_write_leaves_the_old_record_and_no_new_file(
     store: FileStore, monkeypatch: pytest.MonkeyPatch, durable: bool
 ) -> None:
     old = record(1)
     await store.save(old)
-    real_write = os.write
+    real_pwrite = os.pwrite
 
-    def no_space(fd: int, data: Any = b"") -> int:
+    def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def write_then_full(fd: int, data: Any) -> int:
-        real_write(fd, data[:10])  # a torn temporary file, then the disk is full
+    def write_then_full(fd: int, data: Any, offset: int) -> int:
+        real_pwrite(fd, data[:10], offset)  # a torn slot, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    # durable: the temporary file is written, then its fsync fails as on a full disk;
+    # durable: the slot is written, then its fsync fails as on a full disk;
     # not durable: the write itself fails halfway
     if durable:
         monkeypatch.setattr(os, "fsync", no_space)
     else:
-        monkeypatch.setattr(os, "write", write_then_full)
+        monkeypatch.setattr(os, "pwrite", write_then_full)
     with pytest.raises(StateDirError, match="full"):
         await store.save(old.evolve(state=State.NOT_READY), durable=durable)
     monkeypatch.undo()
-    assert files(store) == [f"{old.id}.json"]
+    assert files(store) == [slots(old)[0]]  # the new slot went again
     (loaded,), _ = await store.load_all()
     assert loaded == old
+    # a failed first write leaves no file at all
+    with pytest.raises(StateDirError, match="full"):
+        monkeypatch.setattr(os, "pwrite", write_then_full)
+        await store.save(record(2), durable=durable)
+    monkeypatch.undo()
+    assert files(store) == [slots(old)[0]]
 
 
 async def test_only_a_durable_write_pays_for_fsync_of_file_and_directory(
@@ -101,10 +160,7 @@ async def test_only_a_durable_write_pays_for_fsync_of_file_and_directory(
     await store.delete(rec.id)
     assert synced == []
     await store.save(rec, durable=True)
-    assert len(synced) == 2
-    assert synced[0].startswith(os.path.join(store.dir, f"{rec.id}.json."))
-    assert synced[0].endswith(".tmp")
-    assert synced[1] == store.dir
+    assert synced == [os.path.join(store.dir, slots(rec)[0]), store.dir]
     (loaded,), _ = await store.load_all()
     assert loaded == rec
 
@@ -116,24 +172,14 @@ async def test_a_write_is_never_abandoned_halfway_by_a_cancellation(store: FileS
         await store.save(rec, durable=True)  # shielded inside: it completes
     (loaded,), _ = await store.load_all()
     assert loaded == rec
-    assert files(store) == [f"{rec.id}.json"]
-
-
-async def test_a_temporary_file_left_by_a_crash_is_removed_and_the_old_record_stands(
-    store: FileStore,
-) -> None:
-    rec = record(1)
-    await store.save(rec)
-    torn = os.path.join(store.dir, f"{rec.id}.json.1234-0.tmp")
-    Path(torn).write_text('{"schema_version": 1, "id": "')  # the crash came mid-write
-    loaded, problems = await store.load_all()
-    assert loaded == [rec] and problems == []
-    assert files(store) == [f"{rec.id}.json"]
+    assert files(store) == [slots(rec)[0]]
 
 
 async def test_delete_is_idempotent(store: FileStore) -> None:
     rec = record(1)
     await store.save(rec)
+    await store.save(rec)
+    assert files(store) == slots(rec)
     await store.delete(rec.id)
     await store.delete(rec.id)
     await store.delete("never-there")
@@ -164,28 +210,31 @@ def test_an_unusable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
     b'{"schema_version": "one"}',
     b"",
 ])
+@pytest.mark.parametrize("frame", [True, False])
 async def test_a_corrupt_record_is_set_aside_and_the_others_load(
-    store: FileStore, caplog: pytest.LogCaptureFixture, content: bytes
+    store: FileStore, caplog: pytest.LogCaptureFixture, content: bytes, frame: bool
 ) -> None:
     good = [record(1), record(3)]
     for r in good:
         await store.save(r)
-    bad_name = f"{2:064x}.json"
-    Path(store.dir, bad_name).write_bytes(content)
+    bad = f"{2:064x}"
+    # both slots bad: framed garbage (a podfsm bug) or a file that is not a slot at all
+    for name in slots(bad):
+        Path(store.dir, name).write_bytes(framed(content) if frame else content)
     caplog.set_level(logging.ERROR)
     loaded, problems = await store.load_all()
     assert sorted(r.id for r in loaded) == [r.id for r in good]
-    assert len(problems) == 1 and bad_name in problems[0] and "set aside" in problems[0]
-    assert any(bad_name in r.getMessage() for r in caplog.records)
-    assert os.listdir(store.quarantine) == [bad_name]
-    assert bad_name not in files(store)
+    assert len(problems) == 1 and bad in problems[0] and "set aside" in problems[0]
+    assert any(bad in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(store.quarantine)) == slots(bad)
+    assert not set(slots(bad)) & set(files(store))
     again, problems = await store.load_all()  # set aside once, not again
     assert len(again) == 2 and problems == []
 
 
 async def test_a_record_under_another_sandboxs_name_is_set_aside(store: FileStore) -> None:
     rec = record(1)
-    Path(store.dir, f"{9:064x}.json").write_text(rec.model_dump_json())
+    Path(store.dir, slots(f"{9:064x}")[0]).write_bytes(framed(rec.model_dump_json().encode()))
     loaded, problems = await store.load_all()
     assert loaded == [] and "does not match its file name" in problems[0]
 
@@ -195,8 +244,8 @@ async def test_a_record_from_a_newer_podfsm_stops_the_start_and_is_kept(
 ) -> None:
     data = json.loads(record(1).model_dump_json())
     data["schema_version"] = SCHEMA_VERSION + 1
-    path = os.path.join(store.dir, f"{data['id']}.json")
-    Path(path).write_text(json.dumps(data))
+    path = os.path.join(store.dir, slots(data["id"])[0])
+    Path(path).write_bytes(framed(json.dumps(data).encode()))
     with pytest.raises(StateDirError, match="newer than this podfsm"):
         await store.load_all()
     assert os.path.exists(path)  # not set aside: its sandbox must not be taken for an orphan
