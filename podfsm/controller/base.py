@@ -1,0 +1,335 @@
+"""What every part of the Controller shares: the sandboxes and their locks, record writes and
+events, failpoints, pin paths and the checks of a pause process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import signal
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from podfsm.config import ControllerConfig
+from podfsm.core import failpoints as fp
+from podfsm.core.errors import ControllerLocked, PodfsmError, SandboxRunError, StepFailed
+from podfsm.core.records import HistoryEntry, SandboxRecord, TaskInfo, TransitionEvent
+from podfsm.core.states import State, Trigger
+from podfsm.drivers import nsutil
+from podfsm.drivers.base import NamespaceDriver, NetworkDriver, NetworkRequest, RuntimeDriver, Store
+from podfsm.engine import SandboxMachine
+
+log = logging.getLogger(__name__)
+
+#: how many past events a late subscriber can still ask for (events(since=...))
+EVENT_BACKLOG = 1024
+#: What a sandbox id looks like (secrets.token_hex(32)); only such names are collected as ours.
+SANDBOX_ID = re.compile(r"^[0-9a-f]{64}$")
+#: the store's problem line for a record it set aside (the id's leftovers are orphans)
+CORRUPT_RECORD = re.compile(r"^corrupt record ([0-9a-f]{64})\b")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class FailpointError(StepFailed):
+    """Raised by an `error` failpoint."""
+
+
+@dataclass
+class Sandbox:
+    record: SandboxRecord
+    machine: SandboxMachine
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    supervisor: anyio.CancelScope | None = None
+    removed: bool = False
+    #: transitions not yet published (see Controller._save)
+    unpublished: list[HistoryEntry] = field(default_factory=list)
+
+
+@dataclass
+class Undo:
+    label: str
+    action: Callable[[], Awaitable[None]]
+    trigger: Trigger | None
+
+
+class ControllerBase:
+    """State and helpers shared by the run, teardown, recovery and API layers."""
+
+    def __init__(
+        self,
+        config: ControllerConfig | None = None,
+        *,
+        namespaces: NamespaceDriver | None = None,
+        network: NetworkDriver | None = None,
+        runtime: RuntimeDriver | None = None,
+        store: Store | None = None,
+        failpoints: str | None = None,
+    ) -> None:
+        self.config = cfg = config or ControllerConfig()
+        self._real = namespaces is None and network is None and runtime is None
+        self._ns = namespaces or _real_namespaces(cfg)
+        self._net = network or _real_network(cfg)
+        self._rt = runtime or _real_runtime(cfg)
+        self._store_given = store
+        self._store: Store | None = store
+        spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
+        self._failpoints = fp.parse(spec)
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._names: dict[str, str] = {}  # reserved name -> sandbox id
+        self._limiter = anyio.CapacityLimiter(cfg.max_parallel)
+        self._tg: TaskGroup | None = None
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._subscribers: set[Subscriber] = set()
+        self._backlog: deque[TransitionEvent] = deque(maxlen=EVENT_BACKLOG)
+        self._seq = 0
+        self._tag = hashlib.sha256(os.path.realpath(cfg.state_dir).encode()).hexdigest()[:8]
+        self.recovery_problems: list[str] = []
+        self.recovering = False
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "use the Controller as an async context manager"
+        return self._store
+
+    def netns_pin_path(self, sandbox_id: str) -> str:
+        return os.path.join(self.config.netns_dir, f"podfsm-{self._tag}-{sandbox_id[:16]}")
+
+    def sandbox_run_dir(self, sandbox_id: str) -> str:
+        return os.path.join(self.config.run_dir, "sandboxes", sandbox_id)
+
+    def userns_pin_path(self, sandbox_id: str) -> str:
+        return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")
+
+    async def _save(self, sb: Sandbox, *triggers: Trigger, error: str | None = None,
+                    persist: bool = True, **changes: Any) -> None:
+        """Apply `changes`, fire `triggers` (in order) on the machine, write the record once,
+        then publish one event per trigger (also when the write fails: the machine moved).
+        persist=False skips the write where the next write (or the record's deletion) follows
+        before anything else touches the system, so a crash in between changes nothing.
+
+        A move back to Unknown (remove, or the last step of an unwinding) means the sandbox is
+        about to disappear: its events are held until it is gone from status and list (see
+        _forget), so whoever reacts to an event by asking for the status sees it gone."""
+        events: list[HistoryEntry] = []
+        for trig in triggers:
+            source = sb.machine.current
+            dest = sb.machine.fire(trig)
+            events.append(HistoryEntry(source=source.value, dest=dest.value,
+                                       trigger=trig.value, at=now(), error=error))
+        if events:
+            changes["state"] = sb.machine.current
+            changes["history"] = [*sb.record.history, *events]
+        sb.record = sb.record.evolve(**changes)
+        sb.unpublished.extend(events)
+        try:
+            if persist:
+                await self._store_save(sb.record)
+        finally:
+            if sb.machine.current is not State.UNKNOWN:
+                self._flush(sb)
+
+    def _flush(self, sb: Sandbox) -> None:
+        events, sb.unpublished = sb.unpublished, []
+        for h in events:
+            self._publish(sb.record.id, h)
+
+    async def _store_save(self, rec: SandboxRecord, durable: bool = False) -> None:
+        # Never abandoned halfway: a cancelled write would go on in its thread.
+        with anyio.CancelScope(shield=True):
+            await self.store.save(rec, durable=durable)
+
+    async def _save_or_log(self, sb: Sandbox, *triggers: Trigger, error: str | None = None,
+                           **changes: Any) -> None:
+        """_save for the unwinding: the change is kept in memory (and so reported) even when
+        the record cannot be written."""
+        try:
+            await self._save(sb, *triggers, error=error, **changes)
+        except PodfsmError as exc:
+            log.error("sandbox %s: %s", sb.record.id, exc)
+
+    def _publish(self, sandbox_id: str, h: HistoryEntry) -> None:
+        self._seq += 1
+        ev = TransitionEvent(seq=self._seq, sandbox_id=sandbox_id, source=h.source, dest=h.dest,
+                             trigger=h.trigger, at=h.at, error=h.error)
+        self._backlog.append(ev)
+        for sub in list(self._subscribers):
+            sub.put(ev)
+
+    async def _hit(self, name: str) -> None:
+        point = self._failpoints.get(name)
+        if point is None or not point.take():
+            return
+        if point.kind == "crash":
+            log.warning("failpoint %s: crashing", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif point.kind == "delay":
+            await anyio.sleep(point.delay_ms / 1000)
+        else:
+            raise FailpointError(name, "injected failure")
+
+    def _task_problem(self, rec: SandboxRecord) -> str | None:
+        """None when the recorded pause process is alive, the same process (not a reuse of
+        its pid), and in the pinned user and net namespaces; else what is wrong."""
+        assert rec.task is not None
+        ns = rec.namespaces
+        pid = rec.task.pid
+        want_user = (ns.userns_inode if ns and ns.userns_inode else
+                     nsutil.ns_inode("/proc/self/ns/user"))
+        want_net = (ns.netns_inode if ns and ns.netns_inode else
+                    nsutil.ns_inode("/proc/self/ns/net"))
+        try:
+            if nsutil.proc_start_time(pid) != rec.task.start_time:
+                raise ProcessLookupError(errno.ESRCH, "pause process exited")
+            got_user = nsutil.ns_inode(f"/proc/{pid}/ns/user")
+            got_net = nsutil.ns_inode(f"/proc/{pid}/ns/net")
+        except OSError as exc:
+            return f"pause pid {pid} is gone: {exc.strerror}"
+        if got_user != want_user or got_net != want_net:
+            return (f"pause pid {pid} is in user ns {got_user} / net ns {got_net}, "
+                    f"expected {want_user} / {want_net}")
+        return None
+
+    def _check_netns_owner(self, rec: SandboxRecord) -> None:
+        """Refuse to let the runtime near a netns that the pod's user namespace does not own:
+        crun would silently bind the host's /sys if mounting sysfs failed."""
+        ns = rec.namespaces
+        if ns is None or not ns.netns_path or not ns.userns_path:
+            return
+        try:
+            owner = nsutil.netns_owner_inode(ns.netns_path)
+            userns = nsutil.ns_inode(ns.userns_path)
+        except OSError as exc:
+            raise StepFailed("verify namespaces", f"pinned namespaces unusable: {exc}") from None
+        if owner != userns or userns != ns.userns_inode:
+            raise StepFailed("verify namespaces",
+                             f"netns {ns.netns_path} is owned by user namespace {owner}, "
+                             f"not the pod's {ns.userns_inode}")
+
+    def _net_request(self, rec: SandboxRecord) -> NetworkRequest:
+        md = rec.config.metadata
+        ns = rec.namespaces
+        return NetworkRequest(
+            sandbox_id=rec.id,
+            netns_path=(ns.netns_path if ns else None) or rec.planned_netns_path,
+            pod_name=md.name,
+            pod_namespace=md.namespace,
+            pod_uid=md.uid,
+            port_mappings=tuple(rec.config.port_mappings),
+        )
+
+
+class Subscriber:
+    """One events() consumer: an unbounded-but-capped queue that never blocks the publisher."""
+
+    _CAP = 10_000
+
+    def __init__(self) -> None:
+        send, recv = anyio.create_memory_object_stream[TransitionEvent | None](self._CAP)
+        self._send = send
+        self._recv = recv
+
+    def put(self, ev: TransitionEvent) -> None:
+        with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError,
+                                 anyio.ClosedResourceError):
+            self._send.send_nowait(ev)
+
+    def close(self) -> None:
+        with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError,
+                                 anyio.ClosedResourceError):
+            self._send.send_nowait(None)
+
+    def dispose(self) -> None:
+        self._send.close()
+        self._recv.close()
+
+    async def get(self) -> TransitionEvent | None:
+        try:
+            return await self._recv.receive()
+        except anyio.EndOfStream:
+            return None
+
+
+def lock_dir(path: str, what: str) -> int:
+    """Take the controller lock of directory `path` (non-blocking); the fd holds it."""
+    fd = os.open(os.path.join(path, "controller.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ControllerLocked(f"another podfsm controller is using {what} {path}") from None
+    return fd
+
+
+def same_process(task: TaskInfo) -> bool:
+    return nsutil.proc_start_time(task.pid) == task.start_time
+
+
+def pin_problem(rec: SandboxRecord) -> str | None:
+    """None when the recorded pins still hold the recorded namespaces."""
+    ns = rec.namespaces
+    if ns is None:
+        return None
+    for kind, path, inode in (("netns", ns.netns_path, ns.netns_inode),
+                              ("userns", ns.userns_path, ns.userns_inode)):
+        if not path or not inode:
+            continue
+        try:
+            ok = nsutil.ns_inode(path) == inode
+        except OSError:
+            ok = False
+        if not ok:
+            return f"the {kind} pin {path} no longer holds the pod's namespace"
+    return None
+
+
+def pins_exist(rec: SandboxRecord) -> bool:
+    return any(p and os.path.lexists(p) for p in (rec.planned_netns_path, rec.planned_userns_path))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, SandboxRunError):
+        return describe(exc.cause)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, PodfsmError) else text
+
+
+def _real_namespaces(cfg: ControllerConfig) -> NamespaceDriver:
+    from podfsm.drivers.namespaces import WorkerPoolNamespaces
+
+    return WorkerPoolNamespaces(workers=cfg.workers)
+
+
+def _real_network(cfg: ControllerConfig) -> NetworkDriver:
+    from podfsm.drivers.cni import CniNetwork
+
+    return CniNetwork(
+        conf_dir=cfg.cni_conf_dir,
+        bin_dirs=cfg.cni_bin_dirs,
+        default_name=cfg.default_network_name,
+        default_bridge=cfg.default_bridge,
+        default_subnet=cfg.default_subnet,
+        reaper_run_dir=cfg.run_dir,
+    )
+
+
+def _real_runtime(cfg: ControllerConfig) -> RuntimeDriver:
+    from podfsm.drivers.runtime import OciRuntime
+
+    return OciRuntime(cfg.runtime, cfg.run_dir, binary=cfg.runtime_binary,
+                      pause_binary=cfg.pause_binary)
+

@@ -1,0 +1,239 @@
+"""Admission and RunPodSandbox: each forward step registers its compensating step first; a
+failure unwinds them LIFO.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+import anyio
+
+from podfsm.controller.base import Sandbox, Undo, describe, now
+from podfsm.controller.teardown import Teardown
+from podfsm.core import idmap
+from podfsm.core.errors import (
+    InvalidPodConfig,
+    NameReserved,
+    PodfsmError,
+    SandboxRunError,
+    StateDirError,
+    StepFailed,
+)
+from podfsm.core.records import SandboxRecord
+from podfsm.core.spec import IDMapping, PodSandboxConfig
+from podfsm.core.states import Trigger
+from podfsm.drivers.base import NamespaceRequest, PauseRequest
+from podfsm.engine import SandboxMachine
+
+log = logging.getLogger(__name__)
+
+
+class Run(Teardown):
+    """Admission (name, id ranges) and the forward steps with their unwinding."""
+
+    def _admit(self, pod: PodSandboxConfig) -> Sandbox:
+        """Reserve the name and the id range and publish the sandbox, its lock held by the
+        caller. Synchronous, so reservations are atomic without a lock; nothing is written or
+        touched on the system here (the run writes the first record)."""
+        existing = self._names.get(pod.reserved_name)
+        if existing is not None:
+            raise NameReserved(pod.reserved_name, existing)
+        self._check_host_support(pod)
+        uid_map, gid_map, allocated = self._id_ranges(pod)
+        sandbox_id = secrets.token_hex(32)
+        rec = SandboxRecord(
+            id=sandbox_id,
+            config=pod,
+            created_at=now(),
+            runtime=self._rt.name,
+            uid_mapping=uid_map,
+            gid_mapping=gid_map,
+            allocated_ids=allocated,
+            planned_netns_path=self.netns_pin_path(sandbox_id) if pod.pod_netns else None,
+            planned_userns_path=self.userns_pin_path(sandbox_id) if pod.pod_userns else None,
+            pending=Trigger.SETUP_NAMESPACES.value,
+        )
+        sb = Sandbox(rec, SandboxMachine())
+        sb.lock.acquire_nowait()
+        self._sandboxes[sandbox_id] = sb
+        self._names[pod.reserved_name] = sandbox_id
+        return sb
+
+    @staticmethod
+    def _check_host_support(pod: PodSandboxConfig) -> None:
+        """Refusals that need a look at this host: a sysctl the kernel does not have."""
+        for name in pod.linux.sysctls:
+            if not os.path.exists("/proc/sys/" + name.replace(".", "/")):
+                raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
+
+    def _id_ranges(self, pod: PodSandboxConfig) -> tuple[IDMapping | None, IDMapping | None, bool]:
+        if not pod.pod_userns:
+            return None, None, False
+        cfg = self.config
+        uids_in_use = [sb.record.uid_mapping for sb in self._sandboxes.values()
+                       if sb.record.uid_mapping is not None]
+        gids_in_use = [sb.record.gid_mapping for sb in self._sandboxes.values()
+                       if sb.record.gid_mapping is not None]
+        uid_map, gid_map = pod.requested_uid_mapping, pod.requested_gid_mapping
+        if uid_map is None or gid_map is None:
+            try:
+                uid_map = idmap.allocate(uids_in_use + gids_in_use, cfg.idmap_pool_start,
+                                         cfg.idmap_pool_size)
+            except ValueError as exc:
+                raise InvalidPodConfig(str(exc)) from None
+            return uid_map, uid_map, True
+        for kind, want, used in (("uid", uid_map, uids_in_use), ("gid", gid_map, gids_in_use)):
+            clash = idmap.find_overlap(want, used)
+            if clash is not None:
+                raise InvalidPodConfig(
+                    f"{kind} mapping host ids {want.host_id}-{want.host_end - 1} overlap another "
+                    f"sandbox's {clash.host_id}-{clash.host_end - 1}"
+                )
+        return uid_map, gid_map, False
+
+    async def _run(self, sb: Sandbox) -> None:
+        undo: list[Undo] = []
+        step = Trigger.SETUP_NAMESPACES
+        try:
+            await self._first_save(sb)
+            await self._setup_namespaces(sb, undo)
+            step = Trigger.CREATE_CONTAINER
+            await self._create_container(sb, undo)
+            step = Trigger.START_TASK
+            await self._start_task(sb, undo)
+            step = Trigger.MARK_READY
+            await self._mark_ready(sb)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                leftovers = await self._unwind(sb, undo, exc)
+            if isinstance(exc, StateDirError) and not undo:
+                raise  # nothing was touched: the store's own error says it all
+            if isinstance(exc, Exception):
+                cause = exc.cause if isinstance(exc, SandboxRunError) else exc
+                raise SandboxRunError(step.value, cause, leftovers) from exc
+            raise
+
+    async def _unwind(self, sb: Sandbox, undo: list[Undo], cause: BaseException) -> list[str]:
+        """Run the compensating steps LIFO. Fully unwound: the sandbox is forgotten. Otherwise
+        it stays listed NotReady with what is left. Returns what is left."""
+        leftovers: list[str] = []
+        message = describe(cause)
+        with anyio.move_on_after(self.config.unwind_timeout) as scope:
+            for u in reversed(undo):
+                try:
+                    await u.action()
+                except Exception as exc:
+                    log.error("sandbox %s: undo %s failed: %s", sb.record.id, u.label, exc)
+                    leftovers.append(f"{u.label}: {describe(exc)}")
+                    continue
+                if u.trigger is not None and sb.machine.may(u.trigger):
+                    # The step is undone on the system: a record that cannot be written now
+                    # must not stop the rest of the unwinding.
+                    await self._save_or_log(sb, u.trigger, error=message)
+        if scope.cancelled_caught:
+            leftovers.append(f"unwinding timed out after {self.config.unwind_timeout}s")
+        if not leftovers:
+            try:
+                await self._forget(sb)
+            except PodfsmError as exc:
+                leftovers.append(f"record: {describe(exc)}")
+        if leftovers:
+            trig = (Trigger.FAIL,) if sb.machine.may(Trigger.FAIL) else ()
+            await self._save_or_log(sb, *trig, error=message, pending=None,
+                                    last_error=message, leftovers=leftovers)
+        return leftovers
+
+    async def _first_save(self, sb: Sandbox) -> None:
+        """Write the first record (it says the namespaces are about to be made), then the
+        sandbox's run directory: both exist before anything else of it does, so a crash at
+        any later point leaves either a record to recover or a directory that names an orphan.
+        """
+        await self._hit("save_record.before")
+        # Durable (fsync): it precedes the CNI ADD, whose address reservation outlives a reboot
+        # on disk; later writes need not be (see podfsm.drivers.store).
+        await self._store_save(sb.record, durable=True)
+        await self._hit("save_record.after")
+        os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o700, exist_ok=True)
+
+    async def _setup_namespaces(self, sb: Sandbox, undo: list[Undo]) -> None:
+        rec = sb.record
+        pod = rec.config
+        undo.append(Undo("unpin namespaces", lambda: self._teardown_namespaces(sb),
+                          Trigger.TEARDOWN_NAMESPACES))
+        if rec.planned_netns_path or rec.planned_userns_path:
+            await self._hit("pin_namespaces.before")
+            # Shielded, as every step whose work goes on in another process once begun: a
+            # cancellation takes effect after it, and the unwinding then knows what exists.
+            with anyio.CancelScope(shield=True):
+                pinned = await self._ns.create(NamespaceRequest(
+                    sandbox_id=rec.id,
+                    netns_path=rec.planned_netns_path,
+                    userns_path=rec.planned_userns_path,
+                    uid_mapping=rec.uid_mapping,
+                    gid_mapping=rec.gid_mapping,
+                ))
+            sb.record = rec = rec.evolve(namespaces=pinned)
+            await self._hit("pin_namespaces.after")
+            if pinned.userns_path and pinned.netns_path and (
+                pinned.netns_owner_inode != pinned.userns_inode
+            ):
+                raise StepFailed("verify namespaces",
+                                 f"netns {pinned.netns_path} is owned by user namespace inode "
+                                 f"{pinned.netns_owner_inode}, not the pod's "
+                                 f"{pinned.userns_inode}")
+        if pod.pod_netns:
+            undo.append(Undo("CNI DEL", lambda: self._teardown_network(sb), None))
+            await self._hit("cni_add.before")
+            # Not shielded: a cancelled ADD kills the running plugin, and CNI DEL (registered
+            # above) releases whatever it had done.
+            result = await self._net.attach(self._net_request(rec))
+            sb.record = rec.evolve(network=result)
+            await self._hit("cni_add.after")
+        await self._save(sb, Trigger.SETUP_NAMESPACES, pending=Trigger.CREATE_CONTAINER.value)
+
+    async def _create_container(self, sb: Sandbox, undo: list[Undo]) -> None:
+        rec = sb.record
+        self._check_netns_owner(rec)
+        undo.append(Undo("runtime delete", lambda: self._teardown_container(sb),
+                          Trigger.DELETE_CONTAINER))
+        await self._hit("runtime_create.before")
+        ns = rec.namespaces
+        with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
+            task = await self._rt.create(PauseRequest(
+                container_id=rec.id,
+                hostname=rec.config.effective_hostname,
+                netns_path=ns.netns_path if ns else None,
+                userns_path=ns.userns_path if ns else None,
+                uid_mapping=rec.uid_mapping,
+                gid_mapping=rec.gid_mapping,
+                cgroup_parent=rec.config.linux.cgroup_parent,
+                annotations=dict(rec.config.annotations),
+                sysctls=dict(rec.config.linux.sysctls),
+            ))
+        sb.record = rec.evolve(container_created=True, task=task,
+                               bundle_path=self._rt.bundle_path(rec.id))
+        await self._hit("runtime_create.after")
+        await self._save(sb, Trigger.CREATE_CONTAINER, pending=Trigger.START_TASK.value)
+
+    async def _start_task(self, sb: Sandbox, undo: list[Undo]) -> None:
+        rec = sb.record
+        self._check_netns_owner(rec)
+        undo.append(Undo("kill task", lambda: self._teardown_task(sb), Trigger.KILL_TASK))
+        await self._hit("runtime_start.before")
+        with anyio.CancelScope(shield=True):  # so does `start`
+            await self._rt.start_task(rec.id)
+        await self._hit("runtime_start.after")
+        # Written together with mark_ready: the check in between touches nothing, and a crash
+        # there leaves `pending=start_task`, which recovery treats the same way.
+        await self._save(sb, Trigger.START_TASK, persist=False)
+        assert sb.record.task is not None
+        self._supervise(sb, sb.record.task)
+
+    async def _mark_ready(self, sb: Sandbox) -> None:
+        problem = self._task_problem(sb.record)
+        if problem is not None:
+            raise StepFailed("verify task", problem)
+        await self._save(sb, Trigger.MARK_READY, pending=None)
+

@@ -1,0 +1,187 @@
+"""Tearing down: the compensating steps, stop, remove, and supervision of the pause task's exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+import anyio
+
+from podfsm.controller.base import ControllerBase, Sandbox, describe, now, pins_exist
+from podfsm.core.errors import PodfsmError, StepFailed
+from podfsm.core.records import TaskInfo
+from podfsm.core.states import State, Trigger
+from podfsm.drivers import nsutil
+
+log = logging.getLogger(__name__)
+
+
+class Teardown(ControllerBase):
+    """The compensating steps and what is built on them: stop, remove, forget, supervision."""
+
+    async def _teardown_task(self, sb: Sandbox) -> None:
+        """Kill the pause task (TERM, then KILL after the grace) and wait until it is gone."""
+        task = sb.record.task
+        if sb.supervisor is not None:
+            sb.supervisor.cancel()
+            sb.supervisor = None
+        if task is None:
+            return
+        await self._hit("runtime_kill.before")
+        status = await self._kill_and_wait(task)
+        changes: dict[str, Any] = {"task": None}
+        if sb.record.exit_status is None and status is not None:
+            changes.update(exit_status=status, finished_at=now())
+        sb.record = sb.record.evolve(**changes)
+        await self._hit("runtime_kill.after")
+
+    async def _kill_and_wait(self, task: TaskInfo) -> int | None:
+        try:
+            pidfd = os.pidfd_open(task.pid)
+        except ProcessLookupError:
+            return await self._exit_status(task, 0.05)
+        try:
+            if nsutil.proc_start_time(task.pid) != task.start_time:
+                return None  # not our process any more: it exited long ago
+            grace = self.config.stop_grace
+            steps = ((signal.SIGTERM, grace),) if grace > 0 else ()
+            for sig, wait in (*steps, (signal.SIGKILL, 10.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, sig)
+                with anyio.move_on_after(wait):
+                    await anyio.wait_readable(pidfd)
+                    break
+            else:
+                raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
+        finally:
+            os.close(pidfd)
+        return await self._exit_status(task, 1.0)
+
+    async def _exit_status(self, task: TaskInfo, timeout: float) -> int | None:
+        """The task's exit status from the reaper, or None when it cannot be learned (the
+        task's end is known either way)."""
+        try:
+            return await self._rt.wait_exit_status(task, timeout)
+        except PodfsmError as exc:
+            log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
+            return None
+
+    async def _teardown_container(self, sb: Sandbox) -> None:
+        rec = sb.record
+        await self._hit("runtime_delete.before")
+        await self._rt.delete(rec.id)
+        sb.record = sb.record.evolve(container_created=False, bundle_path=None)
+        await self._hit("runtime_delete.after")
+
+    async def _teardown_network(self, sb: Sandbox) -> None:
+        rec = sb.record
+        if not rec.config.pod_netns:
+            return
+        await self._hit("cni_del.before")
+        await self._net.detach(self._net_request(rec), rec.network)
+        sb.record = sb.record.evolve(network=None)
+        await self._hit("cni_del.after")
+
+    async def _teardown_namespaces(self, sb: Sandbox) -> None:
+        rec = sb.record
+        await self._hit("unpin_namespaces.before")
+        ns = rec.namespaces
+        await self._ns.destroy(
+            (ns.netns_path if ns else None) or rec.planned_netns_path,
+            (ns.userns_path if ns else None) or rec.planned_userns_path,
+        )
+        # The sandbox's run directory stays until the record goes (see _forget).
+        sb.record = sb.record.evolve(namespaces=None)
+        await self._hit("unpin_namespaces.after")
+
+    def _nothing_left(self, sb: Sandbox) -> bool:
+        rec = sb.record
+        return (sb.machine.current is State.NOT_READY and rec.task is None
+                and not rec.container_created and rec.network is None
+                and rec.namespaces is None and rec.pending is None and not pins_exist(rec))
+
+    async def _stop(self, sb: Sandbox, intent: str = "stop") -> None:
+        """Tear down everything on the system, keep the record: NotReady. Tries every piece,
+        then reports all failures together. The record says `pending=intent` until it is done
+        (and, for a remove, until the record is gone), so a restart finishes it."""
+        if self._nothing_left(sb) and intent == "stop":
+            return
+        await self._save(sb, pending=intent)
+        errors: list[str] = []
+        for label, piece in (("kill task", self._teardown_task),
+                             ("runtime delete", self._teardown_container),
+                             ("CNI DEL", self._teardown_network),
+                             ("unpin namespaces", self._teardown_namespaces)):
+            try:
+                await piece(sb)
+            except Exception as exc:
+                errors.append(f"{label}: {describe(exc)}")
+        trig = (Trigger.STOP,) if sb.machine.may(Trigger.STOP) else ()
+        error = "; ".join(errors) or None
+        pending = None if intent == "stop" and not errors else intent
+        await self._save(sb, *trig, error=error, pending=pending, leftovers=errors)
+        if errors:
+            raise StepFailed("stop", error or "")
+
+    async def _remove(self, sb: Sandbox) -> None:
+        if not self._nothing_left(sb):
+            await self._stop(sb, intent="remove")
+        # not written: the record is deleted next (a crash before that leaves the record of the
+        # stop, which a remove finishes)
+        await self._save(sb, Trigger.REMOVE, pending="remove", persist=False)
+        await self._forget(sb)
+
+    async def _forget(self, sb: Sandbox) -> None:
+        """Drop the record, then the run directory and the name and id reservations."""
+        if sb.supervisor is not None:
+            sb.supervisor.cancel()
+            sb.supervisor = None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.store.delete(sb.record.id)
+            sb.removed = True
+            self._sandboxes.pop(sb.record.id, None)
+            if self._names.get(sb.record.config.reserved_name) == sb.record.id:
+                del self._names[sb.record.config.reserved_name]
+        finally:
+            self._flush(sb)
+        with contextlib.suppress(OSError):
+            nsutil.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
+
+    def _supervise(self, sb: Sandbox, task: TaskInfo) -> None:
+        """Watch the pause task through a pidfd: readable the moment it exits, no polling."""
+        assert self._tg is not None
+        try:
+            pidfd = os.pidfd_open(task.pid)
+        except ProcessLookupError:
+            pidfd = -1
+        if pidfd >= 0 and nsutil.proc_start_time(task.pid) != task.start_time:
+            os.close(pidfd)
+            pidfd = -1
+        scope = anyio.CancelScope()
+        sb.supervisor = scope
+        self._tg.start_soon(self._watch, sb, task, pidfd, scope)
+
+    async def _watch(self, sb: Sandbox, task: TaskInfo, pidfd: int,
+                     scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                if pidfd >= 0:
+                    await anyio.wait_readable(pidfd)
+                status = await self._exit_status(task, 1.0)
+                async with sb.lock:
+                    if sb.removed or sb.record.task != task or sb.supervisor is not scope:
+                        return
+                    sb.supervisor = None
+                    if sb.machine.may(Trigger.TASK_EXIT):
+                        await self._save(sb, Trigger.TASK_EXIT, exit_status=status,
+                                         finished_at=now())
+        except Exception:
+            log.exception("sandbox %s: supervising pid %d failed", sb.record.id, task.pid)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
