@@ -136,6 +136,8 @@ class FakeRuntime:
         return f"/nonexistent/bundles/{container_id}"
 
     async def create(self, req: PauseRequest) -> TaskInfo:
+        if req.container_id in self.containers:
+            raise StepFailed("runtime", f"container {req.container_id} already exists")
         self.faults.check("runtime.create")
         proc = await asyncio.create_subprocess_exec("sleep", "1000")
         self.containers[req.container_id] = proc

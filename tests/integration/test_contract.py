@@ -1,0 +1,241 @@
+"""The contract between the orchestrator and its drivers, run against the fakes of the unit
+tests (tests/fakes.py) AND the real drivers, so a fake cannot drift from what it stands for.
+
+Each test body is written once and knows nothing of which side it runs on: the same calls, the
+same assertions. What a fake cannot do for real (a fake "pin" is a symlink to this process's own
+namespace, a fake "pause" is a `sleep` child) is outside the contract; what the orchestrator
+relies on (paths, inodes, refusals, idempotent teardown, reservations, task states and exit
+statuses) is inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from podfsm.core.errors import PodfsmError, StepFailed
+from podfsm.core.records import SandboxRecord
+from podfsm.core.spec import IDMapping, parse_pod_config
+from podfsm.core.states import State
+from podfsm.drivers import nsutil
+from podfsm.drivers.base import (
+    NamespaceDriver,
+    NamespaceRequest,
+    NetworkDriver,
+    NetworkRequest,
+    PauseRequest,
+    RuntimeDriver,
+    Store,
+)
+from podfsm.drivers.cni import CniNetwork
+from podfsm.drivers.namespaces import WorkerPoolNamespaces
+from podfsm.drivers.runtime import OciRuntime
+from podfsm.drivers.store import FileStore
+from tests.fakes import FakeNamespaces, FakeNetwork, FakeRuntime, Faults, MemoryStore
+from tests.integration.conftest import destroy_env, make_env
+
+pytestmark = pytest.mark.integration
+
+MAPPING = IDMapping(container_id=0, host_id=(1 << 22) + 65536 * 7, length=65536)
+
+
+@dataclass
+class Side:
+    """One side of the contract: the fakes, or the real drivers on a private world."""
+
+    name: str
+    ns: NamespaceDriver
+    net: NetworkDriver
+    rt: RuntimeDriver
+    netns_dir: str
+    run_dir: str
+
+    def ns_request(self, sid: str, userns: bool = True) -> NamespaceRequest:
+        userns_path = os.path.join(self.run_dir, "sandboxes", sid, "userns") if userns else None
+        if userns_path:
+            os.makedirs(os.path.dirname(userns_path), mode=0o700, exist_ok=True)
+        return NamespaceRequest(sandbox_id=sid,
+                                netns_path=os.path.join(self.netns_dir, f"c-{sid[:12]}"),
+                                userns_path=userns_path,
+                                uid_mapping=MAPPING if userns else None,
+                                gid_mapping=MAPPING if userns else None)
+
+
+@contextlib.asynccontextmanager
+async def open_side(kind: str) -> AsyncIterator[Side]:
+    """kind: "fake", or a real runtime's name ("runc", "crun")."""
+    if kind == "fake":
+        tmp = tempfile.mkdtemp(prefix="pfsm-fake-")
+        faults = Faults()
+        rt = FakeRuntime(faults)
+        try:
+            yield Side("fake", FakeNamespaces(faults), FakeNetwork(faults), rt,
+                       os.path.join(tmp, "netns"), os.path.join(tmp, "run"))
+        finally:
+            for proc in rt.containers.values():
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    env = make_env(kind)
+    cfg = env.cfg
+    os.makedirs(cfg.netns_dir)
+    ns = WorkerPoolNamespaces(workers=1)
+    net = CniNetwork(cfg.cni_conf_dir, cfg.cni_bin_dirs, cfg.default_network_name,
+                     cfg.default_bridge, cfg.default_subnet, reaper_run_dir=cfg.run_dir)
+    rt_real = OciRuntime(cfg.runtime, cfg.run_dir, pause_binary=cfg.pause_binary)
+    try:
+        await ns.start()
+        await rt_real.start()
+        await net.start()
+        yield Side(kind, ns, net, rt_real, cfg.netns_dir, cfg.run_dir)
+    finally:
+        await net.close()
+        await rt_real.close()
+        await ns.close()
+        destroy_env(env)
+
+
+def new_id() -> str:
+    return secrets.token_hex(32)
+
+
+@pytest.mark.parametrize("kind", ["fake", "runc"])
+async def test_namespaces_contract(kind: str) -> None:
+    async with open_side(kind) as s:
+        sid = new_id()
+        req = s.ns_request(sid)
+        pinned = await s.ns.create(req)
+        assert (pinned.netns_path, pinned.userns_path) == (req.netns_path, req.userns_path)
+        assert pinned.netns_path and pinned.userns_path
+        # the pins hold what the result says, and the netns is owned by that user namespace
+        assert nsutil.ns_inode(pinned.netns_path) == pinned.netns_inode
+        assert nsutil.ns_inode(pinned.userns_path) == pinned.userns_inode
+        assert nsutil.netns_owner_inode(pinned.netns_path) == pinned.netns_owner_inode
+        assert pinned.netns_owner_inode == pinned.userns_inode
+        # a pin path that exists is refused, and the pins there are left alone
+        with pytest.raises(StepFailed, match="already exists"):
+            await s.ns.create(req)
+        assert nsutil.ns_inode(pinned.netns_path) == pinned.netns_inode
+        # a user namespace goes with a mapping, and a mapping with a user namespace
+        other = s.ns_request(new_id())
+        for bad in (replace(other, uid_mapping=None, gid_mapping=None),
+                    replace(other, userns_path=None)):
+            with pytest.raises(StepFailed):
+                await s.ns.create(bad)
+            for p in (bad.netns_path, bad.userns_path):
+                assert p is None or not os.path.lexists(p)
+        # a node-userns netns: no user namespace pin, owned by the host's user namespace
+        host = await s.ns.create(s.ns_request(new_id(), userns=False))
+        assert host.userns_path is None and host.netns_path
+        assert nsutil.netns_owner_inode(host.netns_path) == nsutil.ns_inode("/proc/self/ns/user")
+        # teardown: gone, and idempotent (twice, nothing, never made)
+        for p in (pinned, host):
+            await s.ns.destroy(p.netns_path, p.userns_path)
+            assert not any(x and os.path.lexists(x) for x in (p.netns_path, p.userns_path))
+            await s.ns.destroy(p.netns_path, p.userns_path)
+        await s.ns.destroy(None, None)
+        never = s.ns_request(new_id())
+        await s.ns.destroy(never.netns_path, never.userns_path)
+
+
+@pytest.mark.parametrize("kind", ["fake", "runc"])
+async def test_network_contract(kind: str) -> None:
+    async with open_side(kind) as s:
+        pins = [await s.ns.create(s.ns_request(new_id(), userns=False)) for _ in range(2)]
+        reqs = [NetworkRequest(sandbox_id=p_sid, netns_path=p.netns_path, pod_name=f"c{i}",
+                               pod_namespace="contract", pod_uid=f"u{i}")
+                for i, (p_sid, p) in enumerate((new_id(), p) for p in pins)]
+        results = [await s.net.attach(r) for r in reqs]
+        ips = [ipaddress.ip_address(r.ip) for r in results]  # an address, not just a string
+        assert ips[0] != ips[1]
+        assert {r.sandbox_id for r in reqs} <= await s.net.reserved_container_ids()
+        for r, res in zip(reqs, results, strict=True):
+            await s.net.check(r, res)
+        # DEL releases the address; twice is fine; CHECK then fails
+        await s.net.detach(reqs[0], results[0])
+        assert reqs[0].sandbox_id not in await s.net.reserved_container_ids()
+        await s.net.detach(reqs[0], results[0])
+        with pytest.raises(PodfsmError):
+            await s.net.check(reqs[0], results[0])
+        # DEL without the netns (its pin already gone) and without the result still releases
+        await s.ns.destroy(pins[1].netns_path, None)
+        await s.net.detach(replace(reqs[1], netns_path=None), None)
+        assert reqs[1].sandbox_id not in await s.net.reserved_container_ids()
+        await s.ns.destroy(pins[0].netns_path, None)
+
+
+@pytest.mark.parametrize("kind", ["fake", "runc", "crun"])
+async def test_runtime_contract(kind: str) -> None:
+    async with open_side(kind) as s:
+        sid = new_id()
+        pinned = await s.ns.create(s.ns_request(sid))
+        req = PauseRequest(container_id=sid, hostname="contract",
+                           netns_path=pinned.netns_path, userns_path=pinned.userns_path,
+                           uid_mapping=MAPPING, gid_mapping=MAPPING)
+        task = await s.rt.create(req)
+        assert nsutil.proc_start_time(task.pid) == task.start_time  # that very process
+        assert await s.rt.state(sid) == "created"
+        assert sid in await s.rt.list_containers()
+        assert (await s.rt.states())[sid] == "created"
+        # an id that exists is refused, and the container is left alone
+        with pytest.raises(StepFailed, match="already exists"):
+            await s.rt.create(req)
+        assert await s.rt.state(sid) == "created"
+        assert nsutil.proc_start_time(task.pid) == task.start_time
+        await s.rt.start_task(sid)
+        assert await s.rt.state(sid) == "running"
+        assert await s.rt.wait_exit_status(task, 0.2) is None  # alive: the wait times out
+        await s.rt.kill(sid, signal.SIGKILL)
+        assert await s.rt.wait_exit_status(task, 5.0) == 128 + signal.SIGKILL
+        assert await s.rt.state(sid) == "stopped"
+        await s.rt.kill(sid, signal.SIGKILL)  # gone already: not an error
+        await s.rt.delete(sid)
+        assert await s.rt.state(sid) is None
+        assert sid not in await s.rt.list_containers()
+        assert sid not in await s.rt.states()
+        await s.rt.delete(sid)  # idempotent
+        await s.rt.delete(new_id())  # never existed
+        assert await s.rt.state(new_id()) is None
+        await s.ns.destroy(pinned.netns_path, pinned.userns_path)
+
+
+@pytest.mark.parametrize("kind", ["fake", "real"])
+async def test_store_contract(kind: str, tmp_path: Path) -> None:
+    store: Store
+    if kind == "fake":
+        store = MemoryStore()
+    else:
+        fs = FileStore(str(tmp_path / "state"))
+        fs.open()
+        store = fs
+    try:
+        recs = [SandboxRecord(id=new_id(), runtime="runc", created_at=datetime.now(UTC),
+                              config=parse_pod_config({"metadata": {"name": f"p{i}"}}))
+                for i in range(2)]
+        await store.save(recs[0], durable=True)
+        await store.save(recs[1])
+        ready = recs[0].evolve(state=State.READY)
+        await store.save(ready)  # replaces
+        loaded, problems = await store.load_all()
+        assert problems == []
+        assert sorted(loaded, key=lambda r: r.id) == sorted([ready, recs[1]], key=lambda r: r.id)
+        await store.delete(recs[0].id)
+        await store.delete(recs[0].id)  # idempotent
+        await store.delete(new_id())
+        assert await store.load_all() == ([recs[1]], [])
+    finally:
+        if isinstance(store, FileStore):
+            store.close()
