@@ -142,10 +142,10 @@ async def test_namespaces_contract(kind: str) -> None:
         assert host.userns_path is None and host.netns_path
         assert nsutil.netns_owner_inode(host.netns_path) == nsutil.ns_inode("/proc/self/ns/user")
         # teardown: gone, and idempotent (twice, nothing, never made)
-        for p in (pinned, host):
-            await s.ns.destroy(p.netns_path, p.userns_path)
-            assert not any(x and os.path.lexists(x) for x in (p.netns_path, p.userns_path))
-            await s.ns.destroy(p.netns_path, p.userns_path)
+        for made in (pinned, host):
+            await s.ns.destroy(made.netns_path, made.userns_path)
+            assert not any(x and os.path.lexists(x) for x in (made.netns_path, made.userns_path))
+            await s.ns.destroy(made.netns_path, made.userns_path)
         await s.ns.destroy(None, None)
         never = s.ns_request(new_id())
         await s.ns.destroy(never.netns_path, never.userns_path)
@@ -155,9 +155,9 @@ async def test_namespaces_contract(kind: str) -> None:
 async def test_network_contract(kind: str) -> None:
     async with open_side(kind) as s:
         pins = [await s.ns.create(s.ns_request(new_id(), userns=False)) for _ in range(2)]
-        reqs = [NetworkRequest(sandbox_id=p_sid, netns_path=p.netns_path, pod_name=f"c{i}",
+        reqs = [NetworkRequest(sandbox_id=new_id(), netns_path=p.netns_path, pod_name=f"c{i}",
                                pod_namespace="contract", pod_uid=f"u{i}")
-                for i, (p_sid, p) in enumerate((new_id(), p) for p in pins)]
+                for i, p in enumerate(pins)]
         results = [await s.net.attach(r) for r in reqs]
         ips = [ipaddress.ip_address(r.ip) for r in results]  # an address, not just a string
         assert ips[0] != ips[1]
