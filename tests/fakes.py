@@ -22,7 +22,13 @@ from podfsm.controller import Controller
 from podfsm.core.errors import StepFailed
 from podfsm.core.records import NetworkResult, PinnedNamespaces, SandboxRecord, TaskInfo
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import InterfaceInfo, NamespaceRequest, NetworkRequest, PauseRequest
+from podfsm.drivers.base import (
+    InterfaceInfo,
+    NamespaceRequest,
+    NetworkRequest,
+    PauseRequest,
+    SetAside,
+)
 
 
 @dataclass
@@ -196,7 +202,7 @@ class MemoryStore:
         self.writes = 0
         self.durable_writes = 0
 
-    async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
+    async def load_all(self) -> tuple[list[SandboxRecord], list[SetAside]]:
         return list(self.records.values()), []
 
     async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:

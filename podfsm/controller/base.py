@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 EVENT_BACKLOG = 1024
 #: What a sandbox id looks like (secrets.token_hex(32)); only such names are collected as ours.
 SANDBOX_ID = re.compile(r"^[0-9a-f]{64}$")
-#: the store's problem line for a record it set aside (the id's leftovers are orphans)
-CORRUPT_RECORD = re.compile(r"^corrupt record ([0-9a-f]{64})\b")
 
 
 def now() -> datetime:
@@ -98,6 +96,7 @@ class ControllerBase:
         self._seq = 0
         self._tag = hashlib.sha256(os.path.realpath(cfg.state_dir).encode()).hexdigest()[:8]
         self.recovery_problems: list[str] = []
+        self._set_aside_ids: set[str] = set()
         self.recovering = False
 
     @property

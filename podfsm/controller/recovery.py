@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import anyio
 
 from podfsm.controller.base import (
-    CORRUPT_RECORD,
     SANDBOX_ID,
     Sandbox,
     describe,
@@ -33,8 +32,10 @@ class Recovery(Run):
     """Entering the Controller: records reconciled, orphans collected."""
 
     async def _recover(self) -> None:
-        records, problems = await self.store.load_all()
-        self.recovery_problems = problems
+        records, set_aside = await self.store.load_all()
+        self.recovery_problems = [s.problem for s in set_aside]
+        #: what a record set aside held is collected as an orphan of its id
+        self._set_aside_ids = {s.sandbox_id for s in set_aside}
         for rec in records:
             sb = Sandbox(rec, SandboxMachine(rec.state))
             self._sandboxes[rec.id] = sb
@@ -116,7 +117,7 @@ class Recovery(Run):
         for d in (os.path.join(self.config.run_dir, "sandboxes"), bundles_dir):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 ids.update(n for n in os.listdir(d) if SANDBOX_ID.match(n))
-        ids.update(self._corrupt_ids)
+        ids.update(self._set_aside_ids)
         for sid in sorted(ids - known):
             await self._collect_orphan(sid)
         prefix = f"podfsm-{self._tag}-"
@@ -149,12 +150,6 @@ class Recovery(Run):
                 self.recovery_problems.append(f"orphan {sid}: {label}: {describe(exc)}")
         if not failed:
             shutil.rmtree(self.sandbox_run_dir(sid), ignore_errors=True)
-
-    @property
-    def _corrupt_ids(self) -> set[str]:
-        """Ids of the records set aside as corrupt this time (named in the store's problems)."""
-        return {m.group(1) for p in self.recovery_problems
-                if (m := CORRUPT_RECORD.match(p)) is not None}
 
 
 @dataclass(frozen=True)

@@ -144,9 +144,17 @@ class RuntimeDriver(Protocol):
         reaper has it within `timeout` seconds; None when it cannot be known."""
 
 
+@dataclass(frozen=True)
+class SetAside:
+    """A record the store could not read, moved out of the way so the others still load."""
+
+    sandbox_id: str
+    problem: str  # what was wrong and where the record went, as logged
+
+
 class Store(Protocol):
-    async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
-        """Every record, and the problems with records that were set aside (corrupt ones)."""
+    async def load_all(self) -> tuple[list[SandboxRecord], list[SetAside]]:
+        """Every readable record, and the records that were set aside (corrupt ones)."""
 
     async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
         """Atomically replace the record of rec.id (a crash of the controller leaves the old

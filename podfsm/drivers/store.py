@@ -44,6 +44,7 @@ from pydantic import ValidationError
 
 from podfsm.core.errors import ControllerLocked, StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
+from podfsm.drivers.base import SetAside
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,13 @@ class FileStore:
         """The slot files of a sandbox's record (either may not exist)."""
         return [os.path.join(self.dir, f"{sandbox_id}{slot}") for slot in self.SLOTS]
 
-    async def load_all(self) -> tuple[list[SandboxRecord], list[str]]:
-        """Every readable record, and a problem line for each one set aside as corrupt."""
+    async def load_all(self) -> tuple[list[SandboxRecord], list[SetAside]]:
+        """Every readable record, and each one set aside as corrupt (with a logged error)."""
         return await anyio.to_thread.run_sync(self._load_all_sync)
 
-    def _load_all_sync(self) -> tuple[list[SandboxRecord], list[str]]:
+    def _load_all_sync(self) -> tuple[list[SandboxRecord], list[SetAside]]:
         records: list[SandboxRecord] = []
-        problems: list[str] = []
+        set_aside: list[SetAside] = []
         ids = sorted({name[: -len(self.SLOTS[0])] for name in os.listdir(self.dir)
                       if name.endswith(self.SLOTS)})
         for sid in ids:
@@ -147,11 +148,11 @@ class FileStore:
             except (ValueError, ValidationError, UnicodeDecodeError, OSError) as exc:
                 problem = self._set_aside(sid, exc)
                 log.error(problem)
-                problems.append(problem)
+                set_aside.append(SetAside(sid, problem))
                 continue
             self._seq[sid] = seq
             records.append(rec)
-        return records, problems
+        return records, set_aside
 
     def _load_one(self, sid: str) -> tuple[SandboxRecord, int]:
         """The newest intact slot of `sid` (ValueError naming the problem when none is)."""

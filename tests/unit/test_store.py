@@ -224,7 +224,8 @@ async def test_a_corrupt_record_is_set_aside_and_the_others_load(
     caplog.set_level(logging.ERROR)
     loaded, problems = await store.load_all()
     assert sorted(r.id for r in loaded) == [r.id for r in good]
-    assert len(problems) == 1 and bad in problems[0] and "set aside" in problems[0]
+    assert [p.sandbox_id for p in problems] == [bad]
+    assert bad in problems[0].problem and "set aside" in problems[0].problem
     assert any(bad in r.getMessage() for r in caplog.records)
     assert sorted(os.listdir(store.quarantine)) == slots(bad)
     assert not set(slots(bad)) & set(files(store))
@@ -236,7 +237,7 @@ async def test_a_record_under_another_sandboxs_name_is_set_aside(store: FileStor
     rec = record(1)
     Path(store.dir, slots(f"{9:064x}")[0]).write_bytes(framed(rec.model_dump_json().encode()))
     loaded, problems = await store.load_all()
-    assert loaded == [] and "does not match its file name" in problems[0]
+    assert loaded == [] and "does not match its file name" in problems[0].problem
 
 
 async def test_a_record_from_a_newer_podfsm_stops_the_start_and_is_kept(
