@@ -1,23 +1,22 @@
 """The record store: each sandbox's record lives in two slot files under
-<state_dir>/sandboxes, `<id>.0.rec` and `<id>.1.rec`. A write goes to the slot that does NOT
-hold the newest record, in place: a header line (sequence number, length, CRC-32) and the
-record as one line of JSON. A load takes the newest slot whose header checks out, so a write
-torn by a crash (of the controller or of the machine) leaves the previous record standing,
-never half of either. A lock file keeps a second controller off the same state_dir.
-(`sed 1d <id>.0.rec | jq .` shows a slot.)
-
-Why slots and not a temporary file renamed over the record: on ext4 that create + rename
-costs ~40-280 us of kernel CPU per write (inode allocation, the rename's forced flush of the
-new data), an in-place overwrite of an existing file ~3 us, and a lifecycle writes six records.
+<state_dir>/sandboxes, `<id>.0.rec` and `<id>.1.rec`, each a header line (sequence number,
+length, CRC-32) and the record as one line of JSON (`sed 1d <id>.0.rec | jq .` shows one). A
+write goes to the slot that does NOT hold the newest record; a load takes the newest slot whose
+header checks out. So a write torn by a crash (of the controller or of the machine) leaves the
+previous record standing, never half of either. A lock file keeps a second controller off the
+same state_dir.
 
 Durability against a crash of the MACHINE is paid for only where it is needed. After a reboot
 the namespaces, mounts, processes and run_dir are gone whatever the records say; what outlives
 them is the CNI plugins' IPAM store on disk. So the write that precedes the first system step
-(before any address can be reserved) is `durable`: fsync of the slot and of the directory, in
-a worker thread. Later writes are not fsynced: a controller crash loses nothing (the page cache
-stays), and after a power loss an older record is recovered to NotReady all the same and its
-removal still runs CNI DEL. Those writes go to the page cache inline, which is cheaper than a
-trip to a thread (~100 us of CPU each).
+(before any address can be reserved) is `durable`: a temporary file, fsync, rename over the
+slot, fsync of the directory, in one trip to aiofiles' thread pool (the temporary file of an
+interrupted one is removed at load). The later writes of a lifecycle overwrite their slot in
+place, inline and without fsync: a controller crash loses nothing that reached the page cache,
+and after a power loss an older record is recovered to NotReady all the same and its removal
+still runs CNI DEL. Measured on ext4: a create + rename costs 40-280 us of kernel CPU (inode
+allocation, the forced flush of the new data), a trip to a thread ~100 us, an in-place write
+~3 us; a lifecycle writes six records.
 
 Records carry `schema_version`; `migrate` brings an older record up to date step by step. A
 record that cannot be read is set aside in <state_dir>/corrupt (with a logged error) so every
@@ -30,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -96,6 +96,7 @@ class FileStore:
         self._dir_fd: int | None = None
         #: the sequence number of each sandbox's newest record
         self._seq: dict[str, int] = {}
+        self._tmp_names = itertools.count()
 
     def open(self) -> None:
         """Create the directories and take the controller lock (non-blocking). Raises
@@ -138,6 +139,14 @@ class FileStore:
     def _load_all_sync(self) -> tuple[list[SandboxRecord], list[SetAside]]:
         records: list[SandboxRecord] = []
         set_aside: list[SetAside] = []
+        for name in os.listdir(self.dir):
+            if name.endswith(".tmp"):  # a durable write a crash interrupted: the slot stands
+                try:
+                    os.unlink(os.path.join(self.dir, name))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise StateDirError(f"cannot remove {name}: {_why(exc)}") from None
         ids = sorted({name[: -len(self.SLOTS[0])] for name in os.listdir(self.dir)
                       if name.endswith(self.SLOTS)})
         for sid in ids:
@@ -198,12 +207,18 @@ class FileStore:
         data = _frame(seq, rec.model_dump_json().encode())
         try:
             if durable:
+                tmp = f"{path}.{os.getpid()}-{next(self._tmp_names)}.tmp"
                 # One trip to aiofiles' thread pool for the whole write. Shielded: a cancelled
                 # write would go on in that thread anyway.
                 with anyio.CancelScope(shield=True):
-                    await _write_slot(path, data, self._dir_fd)
+                    try:
+                        await _write_durably(tmp, path, data, self._dir_fd)
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)
+                        raise
             else:
-                _write_slot_sync(path, data, None)
+                _write_in_place(path, data)
         except OSError as exc:
             if seq <= 1:  # the slot was new: leave no file that holds no record
                 with contextlib.suppress(OSError):
@@ -246,24 +261,36 @@ def _unframe(data: bytes) -> tuple[int, bytes]:
     return seq, body
 
 
-def _write_slot_sync(path: str, data: bytes, dir_fd: int | None) -> None:
-    """Overwrite the slot in place (truncated to the new length); with dir_fd, fsync the
-    slot and then the directory (which holds a new slot's name)."""
+def _write_in_place(path: str, data: bytes) -> None:
+    """Overwrite the slot in place, truncated to the new length. A crash in the middle leaves
+    a slot whose length or checksum does not match: the other slot stands."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         view, offset = memoryview(data), 0
         while offset < len(data):
             offset += os.pwrite(fd, view[offset:], offset)
         os.ftruncate(fd, len(data))
-        if dir_fd is not None:
-            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_durably_sync(tmp: str, path: str, data: bytes, dir_fd: int | None) -> None:
+    """Temporary file, fsync, rename over the slot, fsync of the directory: after a crash of
+    the machine the slot holds the old content or the new, never a mix."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
     if dir_fd is not None:
         os.fsync(dir_fd)
 
 
-_write_slot = aiofiles.os.wrap(_write_slot_sync)
+_write_durably = aiofiles.os.wrap(_write_durably_sync)
 
 
 def _why(exc: OSError) -> str:

@@ -114,33 +114,53 @@ async def test_a_failed_write_leaves_the_old_record_and_no_new_file(
 ) -> None:
     old = record(1)
     await store.save(old)
-    real_pwrite = os.pwrite
+    real_write, real_pwrite = os.write, os.pwrite
 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def write_then_full(fd: int, data: Any, offset: int) -> int:
+    def write_then_full(fd: int, data: Any) -> int:
+        real_write(fd, data[:10])  # a torn temporary file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def pwrite_then_full(fd: int, data: Any, offset: int) -> int:
         real_pwrite(fd, data[:10], offset)  # a torn slot, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    # durable: the slot is written, then its fsync fails as on a full disk;
-    # not durable: the write itself fails halfway
+    def disk_full_halfway() -> None:
+        monkeypatch.setattr(os, "write", write_then_full)
+        monkeypatch.setattr(os, "pwrite", pwrite_then_full)
+
+    # durable: the temporary file is written, then its fsync fails as on a full disk;
+    # not durable: the in-place write itself fails halfway
     if durable:
         monkeypatch.setattr(os, "fsync", no_space)
     else:
-        monkeypatch.setattr(os, "pwrite", write_then_full)
+        disk_full_halfway()
     with pytest.raises(StateDirError, match="full"):
         await store.save(old.evolve(state=State.NOT_READY), durable=durable)
     monkeypatch.undo()
-    assert files(store) == [slots(old)[0]]  # the new slot went again
+    assert files(store) == [slots(old)[0]]  # no temporary file, the new slot went again
     (loaded,), _ = await store.load_all()
     assert loaded == old
     # a failed first write leaves no file at all
+    disk_full_halfway()
     with pytest.raises(StateDirError, match="full"):
-        monkeypatch.setattr(os, "pwrite", write_then_full)
         await store.save(record(2), durable=durable)
     monkeypatch.undo()
     assert files(store) == [slots(old)[0]]
+
+
+async def test_a_temporary_file_left_by_a_crash_is_removed_and_the_record_stands(
+    store: FileStore,
+) -> None:
+    rec = record(1)
+    await store.save(rec, durable=True)
+    torn = os.path.join(store.dir, f"{slots(rec)[1]}.1234-0.tmp")
+    Path(torn).write_bytes(b"podfsm-record 1 99")  # the crash came in the middle of it
+    loaded, problems = await store.load_all()
+    assert loaded == [rec] and problems == []
+    assert files(store) == [slots(rec)[0]]
 
 
 async def test_only_a_durable_write_pays_for_fsync_of_file_and_directory(
@@ -160,7 +180,11 @@ async def test_only_a_durable_write_pays_for_fsync_of_file_and_directory(
     await store.delete(rec.id)
     assert synced == []
     await store.save(rec, durable=True)
-    assert synced == [os.path.join(store.dir, slots(rec)[0]), store.dir]
+    # the temporary file (renamed over the slot), then the directory
+    assert len(synced) == 2 and synced[1] == store.dir
+    assert synced[0].startswith(os.path.join(store.dir, slots(rec)[0]) + ".")
+    assert synced[0].endswith(".tmp")
+    assert files(store) == [slots(rec)[0]]
     (loaded,), _ = await store.load_all()
     assert loaded == rec
 
