@@ -712,9 +712,11 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Starts `main` with `podfsm` as a bare package: podfsm/__init__.py imports the whole controller
 #: (pydantic, pyroute2, ...), about 140 ms and 15 MB this long-lived process does not need. It is
 #: `python -m podfsm.drivers.reaper` without that, and independent of the caller's cwd and
-#: PYTHONPATH.
+#: PYTHONPATH. asyncio imports ssl when it can (and with it OpenSSL, ~4.5 MB resident); the
+#: reaper never speaks TLS, and asyncio works without ssl, so the import is refused.
 _BOOTSTRAP = (
     "import sys, types\n"
+    "sys.modules['ssl'] = None\n"
     "pkg = types.ModuleType('podfsm')\n"
     "pkg.__path__ = [sys.argv[1]]\n"
     "sys.modules['podfsm'] = pkg\n"

@@ -41,3 +41,23 @@ async def test_concurrent_runs_keep_their_own_input_and_output() -> None:
         await client.shutdown()
         await client.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_the_reaper_stays_small() -> None:
+    """A bare podfsm package (no pydantic, no pyroute2, no anyio) and no OpenSSL: it lives as
+    long as any pause process does."""
+    run_dir = tempfile.mkdtemp(prefix="pfsm-reaper-")
+    client = ReaperClient(run_dir, idle_exit=0.5)
+    try:
+        await client.connect()
+        pid = int((await client.ping())["pid"])
+        maps = await anyio.Path(f"/proc/{pid}/maps").read_text()
+        libraries = {line.split()[-1] for line in maps.splitlines() if ".so" in line}
+        assert not [lib for lib in libraries if "libssl" in lib or "libcrypto" in lib]
+        assert not [lib for lib in libraries if "pydantic" in lib]
+        res = await client.run(["/bin/true"], cwd="/")  # and it still works
+        assert res.rc == 0
+    finally:
+        await client.shutdown()
+        await client.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
