@@ -75,6 +75,8 @@ class Level:
     teardown: list[float] = field(default_factory=list)  # stop + remove
     wall: float = 0.0
     cpu_ms: float = 0.0
+    #: cpu_ms split by process kind: controller, reaper, namespace workers
+    cpu_ms_by: dict[str, float] = field(default_factory=dict)
 
     def add(self, t0: float, t1: float, t2: float) -> None:
         """One lifecycle: run from t0 to t1, stop + remove from t1 to t2 (perf_counter)."""
@@ -90,6 +92,8 @@ class Level:
             "run_ms": stats(self.run), "stop_remove_ms": stats(self.teardown),
             "cycles_per_s": self.count / self.wall if self.wall else 0.0,
             "cpu_ms_per_cycle": self.cpu_ms / self.count if self.count else 0.0,
+            "cpu_ms_per_cycle_by_process": {
+                k: v / self.count for k, v in self.cpu_ms_by.items()} if self.count else {},
         }
 
 
@@ -131,12 +135,24 @@ def podfsm_pids(run_dir: str) -> list[int]:
 
 
 def cpu_ticks(pids: list[int]) -> int:
-    total = 0
+    return sum(cpu_ticks_by_pid(pids).values())
+
+
+def cpu_ticks_by_pid(pids: list[int]) -> dict[int, int]:
+    out = {}
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            total += int(fields[11]) + int(fields[12])  # utime + stime, not children's
-    return total
+            out[pid] = int(fields[11]) + int(fields[12])  # utime + stime, not children's
+    return out
+
+
+def process_kind(pid: int) -> str:
+    """controller (this process), reaper or workers (the namespace workers)."""
+    if pid == os.getpid():
+        return "controller"
+    argv = " ".join(_cmdline(pid))
+    return "reaper" if "drivers.reaper" in argv else "workers"
 
 
 def memory_kb(pids: list[int], key: str) -> int:
@@ -209,10 +225,15 @@ async def _measure(level: Level, cfg: ControllerConfig,
                    one: Callable[[int], Awaitable[None]]) -> Level:
     """Run the level's lifecycles; wall time and the CPU of podfsm's processes go in it."""
     pids = podfsm_pids(cfg.run_dir)
-    c0 = cpu_ticks(pids)
+    kinds = {pid: process_kind(pid) for pid in pids}
+    c0 = cpu_ticks_by_pid(pids)
     label = f"{cfg.runtime} {level.mode:<6} c={level.concurrency}"
     level.wall = await _pool(level.count, level.concurrency, one, _progress(label, level.count))
-    level.cpu_ms = (cpu_ticks(pids) - c0) * 1000 / _TICK
+    c1 = cpu_ticks_by_pid(pids)
+    for pid, ticks in c1.items():
+        ms = (ticks - c0.get(pid, 0)) * 1000 / _TICK
+        level.cpu_ms += ms
+        level.cpu_ms_by[kinds[pid]] = level.cpu_ms_by.get(kinds[pid], 0.0) + ms
     return level
 
 
@@ -458,6 +479,10 @@ def report(results: list[dict[str, Any]]) -> str:
                     f"{td['p50']:>13.1f}{td['p95']:>7.1f}{td['p99']:>7.1f}"
                     f"{s['cycles_per_s']:>10.1f}{s['cpu_ms_per_cycle']:>12.2f}")
             raw, mine = lv["raw"], lv["podfsm"]
+            by = [f"{mode} " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(
+                lv[mode].get("cpu_ms_per_cycle_by_process", {}).items()))
+                for mode in ("raw", "podfsm")]
+            lines.append(f"{'  cpu by proc':<14}  {by[0]}; {by[1]} (ms/cycle)")
             if seq_raw_rate is None:
                 seq_raw_rate = raw["cycles_per_s"]
             lines.append(

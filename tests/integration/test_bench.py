@@ -32,6 +32,9 @@ def test_bench_smoke_run_prints_every_figure_and_leaves_nothing() -> None:
                 assert s["count"] == 3
                 assert 0 < s["run_ms"]["p50"] <= s["run_ms"]["p99"]
                 assert s["cycles_per_s"] > 0 and s["cpu_ms_per_cycle"] > 0
+                by = s["cpu_ms_per_cycle_by_process"]  # the same CPU, split by process
+                assert set(by) == {"controller", "reaper", "workers"}
+                assert sum(by.values()) == pytest.approx(s["cpu_ms_per_cycle"])
         assert len(r["exit_ms"]) == 2 and all(ms > 0 for ms in r["exit_ms"])
         assert r["ready"]["ready_after_restart"] == 3
         assert r["soak"]["lifecycles"] == 3 and r["soak"]["left"] is False
