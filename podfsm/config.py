@@ -38,6 +38,10 @@ class ControllerConfig(BaseModel):
     idmap_pool_size: int = Field(default=DEFAULT_IDMAP_POOL_SIZE, ge=65536)
     #: namespace worker subprocesses
     workers: int = Field(default=2, ge=1, le=64)
+    #: seconds a namespace worker may sit idle before it exits (~14 MB each); the next
+    #: sandbox that needs it starts it again (~50 ms, once). None: workers live as long as
+    #: the controller.
+    worker_idle_exit: float | None = Field(default=120.0, gt=0)
     #: sandboxes doing system work at once
     max_parallel: int = Field(default=16, ge=1)
     #: seconds an unwinding may take before it gives up (and reports what is left)

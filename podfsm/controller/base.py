@@ -310,7 +310,7 @@ def describe(exc: BaseException) -> str:
 def _real_namespaces(cfg: ControllerConfig) -> NamespaceDriver:
     from podfsm.drivers.namespaces import WorkerPoolNamespaces
 
-    return WorkerPoolNamespaces(workers=cfg.workers)
+    return WorkerPoolNamespaces(workers=cfg.workers, idle_exit=cfg.worker_idle_exit)
 
 
 def _real_network(cfg: ControllerConfig) -> NetworkDriver:

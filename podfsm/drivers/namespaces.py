@@ -80,6 +80,10 @@ class _Worker:
         self.pid: int | None = None
         self._pidfd: int | None = None
         self._next_id = 1
+        #: how many times the slot was taken from the idle queue, and the timer that retires
+        #: it if that does not change (see WorkerPoolNamespaces._release)
+        self.uses = 0
+        self.retire_timer: asyncio.TimerHandle | None = None
 
     @property
     def alive(self) -> bool:
@@ -160,35 +164,41 @@ class _Worker:
     async def stop(self, kill: bool = False, timeout: float = 5.0) -> int | None:
         """End the worker: EOF on stdin (it finishes the current request first), SIGKILL when
         `kill` or after `timeout`. Returns its exit status. Idempotent."""
+        # Taken from the slot at once: a replacement may be spawned into it meanwhile.
         proc, self.proc = self.proc, None
+        pidfd, self._pidfd = self._pidfd, None
         if proc is None:
             return None
         try:
             if proc.stdin is not None:
                 proc.stdin.close()
             if kill:
-                self.kill()
+                _kill(pidfd)
             try:
                 async with asyncio.timeout(timeout):
                     await proc.wait()
             except TimeoutError:
-                self.kill()
+                _kill(pidfd)
                 await proc.wait()
         finally:
-            if self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
+            if pidfd is not None:
+                os.close(pidfd)
         return proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL the worker through its pidfd.
+        """SIGKILL the worker through its pidfd."""
+        _kill(self._pidfd)
 
-        Not Process.kill(): Popen.send_signal() polls first, which REAPS an exited worker and
-        so steals its exit status from asyncio's child watcher (it then reports 255).
-        """
-        if self._pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+def _kill(pidfd: int | None) -> None:
+    """SIGKILL a worker through its pidfd.
+
+    Not Process.kill(): Popen.send_signal() polls first, which REAPS an exited worker and so
+    steals its exit status from asyncio's child watcher (it then reports 255).
+    """
+    if pidfd is not None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 class WorkerPoolNamespaces:
@@ -196,7 +206,9 @@ class WorkerPoolNamespaces:
 
     Concurrent requests run on different workers in parallel; a request waits for an idle
     worker when all are busy. A worker that dies is replaced; a request it was serving fails
-    with StepFailed and whatever it may have pinned is unpinned.
+    with StepFailed and whatever it may have pinned is unpinned. With `idle_exit`, a worker
+    that served nothing for that many seconds exits (~14 MB each), and the next request that
+    needs it starts it again (~50 ms, once).
     """
 
     #: seconds a worker may take to answer one request before it is killed and replaced
@@ -205,11 +217,15 @@ class WorkerPoolNamespaces:
     start_timeout: float = 30.0
     stop_timeout: float = 5.0
 
-    def __init__(self, workers: int = 2, python: str = sys.executable) -> None:
+    def __init__(self, workers: int = 2, python: str = sys.executable,
+                 idle_exit: float | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if idle_exit is not None and idle_exit <= 0:
+            raise ValueError(f"idle_exit must be > 0 seconds or None, got {idle_exit}")
         self._size = workers
         self._python = python
+        self._idle_exit = idle_exit
         self._slots: list[_Worker] = []
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         # Requests in flight and the clean-up of abandoned ones: close() waits for them.
@@ -238,7 +254,7 @@ class WorkerPoolNamespaces:
                 errors[0])
         self._slots = slots
         for w in slots:
-            self._idle.put_nowait(w)
+            self._release(w)
         self._started = True
 
     async def close(self) -> None:
@@ -247,6 +263,10 @@ class WorkerPoolNamespaces:
         if self._closed:
             return
         self._closed = True
+        for w in self._slots:
+            if w.retire_timer is not None:
+                w.retire_timer.cancel()
+                w.retire_timer = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.stop_timeout)
         await asyncio.gather(*(w.stop(timeout=self.stop_timeout) for w in self._slots))
@@ -343,7 +363,7 @@ class WorkerPoolNamespaces:
                 worker.kill()
                 self._idle.put_nowait(worker)
                 raise
-            self._idle.put_nowait(worker)
+            self._release(worker)
             return await self._result(req, resp)
         raise StepFailed(STEP, f"create of {req.sandbox_id}: no namespace worker took the "
                          f"request in {attempts} attempts; last: {why}")
@@ -377,6 +397,7 @@ class WorkerPoolNamespaces:
 
     async def _acquire(self) -> _Worker:
         worker = await self._idle.get()
+        worker.uses += 1
         if self._closed:
             self._idle.put_nowait(worker)
             raise StepFailed(STEP, "the namespace worker pool is closed")
@@ -407,8 +428,26 @@ class WorkerPoolNamespaces:
                     # The slot stays empty; _acquire retries the start.
                     log.warning("cannot replace %s: %s", what, exc)
         finally:
-            self._idle.put_nowait(worker)
+            self._release(worker)
         return what
+
+    def _release(self, worker: _Worker) -> None:
+        """Back to the idle queue; with idle_exit, it retires if nobody takes it meanwhile."""
+        self._idle.put_nowait(worker)
+        if self._idle_exit is not None:
+            if worker.retire_timer is not None:
+                worker.retire_timer.cancel()
+            worker.retire_timer = asyncio.get_running_loop().call_later(
+                self._idle_exit, self._retire_if_idle, worker, worker.uses)
+
+    def _retire_if_idle(self, worker: _Worker, uses: int) -> None:
+        # Not taken since it was released: it is still in the idle queue, and _acquire starts
+        # it again when it is next taken (its process is gone from the slot at once).
+        worker.retire_timer = None
+        if worker.uses == uses and worker.alive and not self._closed:
+            log.debug("namespace worker pid %s idle for %g s: retiring it", worker.pid,
+                      self._idle_exit)
+            self._track(worker.stop(timeout=self.stop_timeout))
 
     async def _cleanup(self, req: NamespaceRequest) -> str:
         try:

@@ -124,8 +124,9 @@ def assert_clean(root: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def make_pool(root: Path, workers: int = 2) -> AsyncIterator[WorkerPoolNamespaces]:
-    pool = WorkerPoolNamespaces(workers=workers)
+async def make_pool(root: Path, workers: int = 2,
+                    idle_exit: float | None = None) -> AsyncIterator[WorkerPoolNamespaces]:
+    pool = WorkerPoolNamespaces(workers=workers, idle_exit=idle_exit)
     try:
         await pool.start()
         yield pool
@@ -349,6 +350,33 @@ async def test_idle_worker_killed_is_replaced(pool: WorkerPoolNamespaces,
     assert len(new) == 2 and not set(new) & set(old)
     await asyncio.gather(*(pool.destroy(r.netns_path, r.userns_path) for r in reqs))
     assert_clean(tmp_path)
+
+
+async def test_idle_workers_retire_and_come_back_on_demand(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_pool(tmp_path, idle_exit=0.3) as pool:
+        first = worker_pids()
+        assert len(first) == 2
+        busy = pod_request(tmp_path, "busy")
+        await pool.create(busy)
+        # once idle for idle_exit, every worker exits
+        for _ in range(100):  # 5 s at most
+            if not worker_pids():
+                break
+            await asyncio.sleep(0.05)
+        assert worker_pids() == []
+        # the next requests start workers again, one per concurrent request at most
+        reqs = [pod_request(tmp_path, f"p{i}") for i in range(3)]
+        results = await asyncio.gather(*(pool.create(r) for r in reqs))
+        assert len({r.netns_inode for r in results}) == 3
+        again = worker_pids()
+        assert 1 <= len(again) <= 2 and not set(again) & set(first)
+        assert "replacing" not in caplog.text  # a retirement is not a death
+        for r in (busy, *reqs):
+            await pool.destroy(r.netns_path, r.userns_path)
+        assert_clean(tmp_path)
+    # close() with retired and live workers alike leaves no worker running (make_pool checks)
 
 
 async def test_cancelled_create_leaves_nothing(
