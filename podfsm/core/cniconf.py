@@ -57,7 +57,7 @@ class NetworkConfigList:
     """A validated CNI network configuration list.
 
     ``plugins`` holds each plugin's config object exactly as written (unknown keys kept: they
-    belong to the plugin); never mutate them, :func:`plugin_config` copies before injecting.
+    belong to the plugin); never mutate them (:func:`plugin_config` shares them).
     """
 
     name: str
@@ -354,19 +354,23 @@ def plugin_config(
     prev_result: Mapping[str, Any] | None = None,
     capability_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The stdin object of plugin `index` (libcni's buildOneConfig): a copy of the plugin's
-    config with the list's ``name`` and ``cniVersion``, ``prevResult`` when given, and a
-    ``runtimeConfig`` holding the `capability_args` the plugin declares in ``capabilities``."""
-    cfg = copy.deepcopy(conf.plugins[index])
+    """The stdin object of plugin `index` (libcni's buildOneConfig): the plugin's config with
+    the list's ``name`` and ``cniVersion``, ``prevResult`` when given, and a ``runtimeConfig``
+    holding the `capability_args` the plugin declares in ``capabilities``.
+
+    A new top-level dict whose nested values are shared with `conf`, `prev_result` and
+    `capability_args` (a deep copy per plugin run was the largest CPU cost of building it):
+    serialize it, do not mutate what is inside."""
+    cfg = dict(conf.plugins[index])
     cfg["name"] = conf.name
     cfg["cniVersion"] = conf.cni_version
     if prev_result is not None:
-        cfg["prevResult"] = copy.deepcopy(dict(prev_result))
+        cfg["prevResult"] = prev_result
     caps = cfg.get("capabilities") or {}
     runtime: dict[str, Any] = {}
     for cap, value in (capability_args or {}).items():
         if caps.get(cap) is True:
-            runtime[cap] = copy.deepcopy(value)
+            runtime[cap] = value
     if runtime:
         # Merge over what the file says, as libcni does: the runtime's values win.
         existing = cfg.get("runtimeConfig")
