@@ -185,6 +185,14 @@ class FakeRuntime:
     async def states(self) -> dict[str, str]:
         return {cid: s for cid in self.containers if (s := await self.state(cid)) is not None}
 
+    async def kill_all(self) -> None:
+        """Kill and reap every fake pause process still running (a test's clean-up)."""
+        for proc in self.containers.values():
+            if proc.returncode is None:
+                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    await proc.wait()
+
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         for proc in self.containers.values():
             if proc.pid == task.pid:

@@ -82,7 +82,6 @@ class ControllerBase:
         self._ns = namespaces or _real_namespaces(cfg)
         self._net = network or _real_network(cfg)
         self._rt = runtime or _real_runtime(cfg)
-        self._store_given = store
         self._store: Store | None = store
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)

@@ -129,16 +129,28 @@ def unpin(path: str) -> None:
         os.rmdir(path)
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks), or None if no such process."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name, from field 3 (state, ppid, ...):
+    `proc_stat(pid)[n - 3]` is field n. None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(b")") + 2:].split()
-    return int(rest[19])
+    return data[data.rindex(b")") + 2:].decode("ascii", "replace").split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), or None if no such process."""
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])
+
+
+def parent_pid(pid: int) -> int | None:
+    """Field 4 of /proc/<pid>/stat, or None if no such process."""
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[1])
 
 
 def remove_flat_dir(path: str) -> None:

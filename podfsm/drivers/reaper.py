@@ -105,15 +105,6 @@ def exit_file(run_dir: str, pid: int, start_time: int) -> str:
     return os.path.join(run_dir, EXITS_DIR, f"{pid}-{start_time}")
 
 
-def _parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[1])
-
-
 def _is_mountpoint(path: str) -> bool:
     try:
         return os.path.ismount(path)
@@ -435,7 +426,7 @@ class ReaperServer:
         self._watched.add(key)
         if key in self._exits:
             self._persist(key, self._exits[key])
-        child = key in self._exits or _parent_pid(pid) == os.getpid()
+        child = key in self._exits or nsutil.parent_pid(pid) == os.getpid()
         return {"pid": pid, "start_time": start_time, "child": child}
 
     async def _wait_exit(self, pid: int, start_time: int, timeout: float) -> dict[str, Any]:
@@ -450,7 +441,7 @@ class ReaperServer:
             # Gone (or the pid now names another process) and never reaped here: a previous
             # reaper was its parent, or pid 1 after that reaper died.
             return {"status": None, "exited": True}
-        if _parent_pid(pid) == os.getpid():
+        if nsutil.parent_pid(pid) == os.getpid():
             self._watched.add(key)
             fut: asyncio.Future[int | None] = self._loop.create_future()
             self._waiters.setdefault(key, []).append(fut)

@@ -139,7 +139,8 @@ class FileStore:
     def _load_all_sync(self) -> tuple[list[SandboxRecord], list[SetAside]]:
         records: list[SandboxRecord] = []
         set_aside: list[SetAside] = []
-        for name in os.listdir(self.dir):
+        names = os.listdir(self.dir)
+        for name in names:
             if name.endswith(".tmp"):  # a durable write a crash interrupted: the slot stands
                 try:
                     os.unlink(os.path.join(self.dir, name))
@@ -147,8 +148,7 @@ class FileStore:
                     pass
                 except OSError as exc:
                     raise StateDirError(f"cannot remove {name}: {_why(exc)}") from None
-        ids = sorted({name[: -len(self.SLOTS[0])] for name in os.listdir(self.dir)
-                      if name.endswith(self.SLOTS)})
+        ids = sorted({name[: -len(self.SLOTS[0])] for name in names if name.endswith(self.SLOTS)})
         for sid in ids:
             try:
                 rec, seq = self._load_one(sid)

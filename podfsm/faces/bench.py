@@ -100,15 +100,6 @@ class Level:
 # ---------------------------------------------------------------- our own processes
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2:].decode().split()
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -124,7 +115,7 @@ def podfsm_pids(run_dir: str) -> list[int]:
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         if pid == me:
             continue
-        fields = _stat_fields(pid)
+        fields = nsutil.proc_stat(pid)
         if fields is None:
             continue
         argv = _cmdline(pid)
@@ -134,14 +125,10 @@ def podfsm_pids(run_dir: str) -> list[int]:
     return pids
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    return sum(cpu_ticks_by_pid(pids).values())
-
-
 def cpu_ticks_by_pid(pids: list[int]) -> dict[int, int]:
     out = {}
     for pid in pids:
-        fields = _stat_fields(pid)
+        fields = nsutil.proc_stat(pid)
         if fields is not None:
             out[pid] = int(fields[11]) + int(fields[12])  # utime + stime, not children's
     return out

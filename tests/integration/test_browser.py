@@ -25,6 +25,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from podfsm.drivers import nsutil
 from tests.integration.conftest import destroy_env, make_env
 from tests.integration.test_faces import PNG_MAGIC, PODS, serving, use_env_network
 
@@ -45,18 +46,13 @@ CHROMIUM_ARGS = (
 KEEP_SCREENSHOT = os.environ.get("PODFSM_KEEP_SCREENSHOT")
 
 
-def _stat(pid: int | str) -> list[str]:
-    """/proc/PID/stat's fields after the command name: [state, ppid, ...]."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def descendants(pid: int) -> dict[int, str]:
     """Every live process below `pid`, with its start time (to tell it from a reused pid)."""
     children: dict[int, list[tuple[int, str]]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = _stat(entry)
+            fields = nsutil.proc_stat(int(entry))
+            if fields is not None:
                 children.setdefault(int(fields[1]), []).append((int(entry), fields[19]))
     found: dict[int, str] = {}
     todo = [pid]
@@ -69,11 +65,8 @@ def descendants(pid: int) -> dict[int, str]:
 
 
 def _alive(pid: int, started: str) -> bool:
-    try:
-        fields = _stat(pid)
-    except (OSError, IndexError):
-        return False
-    return fields[19] == started and fields[0] != "Z"
+    fields = nsutil.proc_stat(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
 
 
 @contextlib.contextmanager
@@ -97,7 +90,7 @@ def chromium(tmp: Path) -> Iterator[webdriver.Chrome]:
     driver = webdriver.Chrome(service=service, options=options)
     assert service.process is not None
     driver_pid = service.process.pid
-    tree = {driver_pid: _stat(driver_pid)[19], **descendants(driver_pid)}
+    tree = {driver_pid: str(nsutil.proc_start_time(driver_pid)), **descendants(driver_pid)}
     try:
         yield driver
     finally:

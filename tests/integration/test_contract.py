@@ -83,10 +83,7 @@ async def open_side(kind: str) -> AsyncIterator[Side]:
             yield Side("fake", FakeNamespaces(faults), FakeNetwork(faults), rt,
                        os.path.join(tmp, "netns"), os.path.join(tmp, "run"))
         finally:
-            for proc in rt.containers.values():
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            await rt.kill_all()
             shutil.rmtree(tmp, ignore_errors=True)
         return
     env = make_env(kind)

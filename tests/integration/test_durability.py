@@ -91,13 +91,10 @@ def _session_members(sid: int) -> list[int]:
     namespace workers; the reaper starts its own session and outlives crashes by design)."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
+        rest = nsutil.proc_stat(int(pid))
+        if rest is None:
             continue
-        rest = data[data.rindex(b")") + 2:].split()
-        if rest[0] != b"Z" and int(rest[3]) == sid:
+        if rest[0] != "Z" and int(rest[3]) == sid:
             out.append(int(pid))
     return out
 

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from podfsm.core import cniconf
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import STATES, TRANSITIONS
+from podfsm.drivers import nsutil
 from tests.integration.conftest import Env, destroy_env, make_env
 
 pytestmark = pytest.mark.integration
@@ -224,11 +225,8 @@ def svg_current(svg: bytes) -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    fields = nsutil.proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def wait_for_state(c: httpx.Client, sandbox_id: str, state: str, within: float) -> SandboxStatus:

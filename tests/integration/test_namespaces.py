@@ -77,15 +77,14 @@ def worker_pids() -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        if nsutil.parent_pid(int(entry)) != me:
+            continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        if ppid == me and b"nsworker" in cmdline:
+        if b"nsworker" in cmdline:
             pids.append(int(entry))
     return sorted(pids)
 

@@ -26,10 +26,7 @@ from tests.fakes import Rig
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     r = Rig(tmp_path)
     yield r
-    for proc in r.rt.containers.values():
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await r.rt.kill_all()
 
 
 def pod(name: str = "web", userns: dict[str, Any] | None = None) -> dict[str, Any]:

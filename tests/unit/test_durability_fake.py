@@ -237,11 +237,7 @@ async def test_random_concurrent_operations_keep_every_invariant(
         for sid, edges in world.events.items():
             assert assert_path(edges, sid) == State.UNKNOWN.value, (sid, edges)
     finally:
-        for proc in world.rt.containers.values():
-            if proc.returncode is None:
-                proc.kill()
-                with contextlib.suppress(ProcessLookupError):
-                    await proc.wait()
+        await world.rt.kill_all()
 
 
 # ---------------------------------------------------------------- recovery, one case at a time
@@ -257,10 +253,7 @@ async def restart_with(world: World, sid: str, **changes: Any) -> Controller:
 async def world(tmp_path: Path) -> Any:
     w = World(tmp_path)
     yield w
-    for proc in w.rt.containers.values():
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await w.rt.kill_all()
 
 
 async def test_recovery_finishes_an_interrupted_remove(world: World) -> None:
