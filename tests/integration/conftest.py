@@ -5,8 +5,9 @@ its own CNI network, bridge and subnet, and everything is cleaned up even when t
 from __future__ import annotations
 
 import contextlib
-import itertools
+import fcntl
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -23,8 +24,34 @@ from podfsm.drivers.runtime import cgroup_parent_dirs, pause_pids, remove_new_di
 
 pytestmark = pytest.mark.integration
 
-_subnets = itertools.count(1)
 CNI_STORE = "/var/lib/cni/networks"
+# Test sessions may run side by side (several checkouts on one machine): each env takes a slot
+# 1-249 (its bridge pfsmit<n> and subnet 10.240.<n>.0/24) under an flock held for the env's
+# life, so two sessions never share a bridge or a subnet.
+_SLOT_DIR = "/run/pfsm-it-slots"
+_slots: dict[int, int] = {}
+
+
+def _take_slot() -> int:
+    os.makedirs(_SLOT_DIR, mode=0o700, exist_ok=True)
+    for n in random.sample(range(1, 250), 249):
+        fd = os.open(os.path.join(_SLOT_DIR, str(n)), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        if os.path.exists(f"/sys/class/net/pfsmit{n}"):  # left by a killed session
+            subprocess.run(["ip", "link", "del", f"pfsmit{n}"], capture_output=True, check=False)
+        _slots[n] = fd
+        return n
+    raise RuntimeError("no free integration-test slot in 1-249")
+
+
+def _release_slot(n: int) -> None:
+    fd = _slots.pop(n, None)
+    if fd is not None:
+        os.close(fd)  # the lock file stays: unlinking it would race with a taker
 
 
 @dataclass
@@ -36,6 +63,7 @@ class Env:
     network: str
     bridge: str
     subnet: str
+    slot: int = 0
 
     def controller(self, **kw: Any) -> Controller:
         return Controller(self.cfg.model_copy(update=kw) if kw else self.cfg)
@@ -101,12 +129,12 @@ def _leave_host_as_found() -> Iterator[None]:
 
 
 def make_env(runtime: str, **overrides: Any) -> Env:
-    n = next(_subnets) + (os.getpid() % 50) * 4
+    n = _take_slot()
     tmp = tempfile.mkdtemp(prefix="pfsm-")  # short: the reaper's socket path must fit
     os.chmod(tmp, 0o711)  # the pod's root (a high host uid) must walk down to the rootfs
     network = f"pfsm-it-{os.getpid()}-{n}"
     bridge = f"pfsmit{n}"
-    subnet = f"10.240.{n % 250}.0/24"
+    subnet = f"10.240.{n}.0/24"
     conf = os.path.join(tmp, "net.d")
     os.makedirs(conf)
     cfg = ControllerConfig(
@@ -115,7 +143,7 @@ def make_env(runtime: str, **overrides: Any) -> Env:
         default_network_name=network, default_bridge=bridge, default_subnet=subnet,
         **overrides,
     )
-    return Env(tmp, cfg, network, bridge, subnet)
+    return Env(tmp, cfg, network, bridge, subnet, n)
 
 
 def destroy_env(env: Env) -> None:
@@ -132,6 +160,7 @@ def destroy_env(env: Env) -> None:
         nsutil.unpin(m)
     subprocess.run(["ip", "link", "del", env.bridge], capture_output=True, check=False)
     shutil.rmtree(env.tmp, ignore_errors=True)
+    _release_slot(env.slot)
 
 
 @pytest.fixture(params=["runc", "crun"])
