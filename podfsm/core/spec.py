@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -23,9 +24,8 @@ from pydantic.alias_generators import to_camel
 
 from podfsm.core.errors import InvalidPodConfig
 
-# Kubernetes: a pod name is a DNS-1123 subdomain, a namespace a DNS-1123 label.
+# A hostname is a DNS-1123 label.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 ID_SPACE = 1 << 32  # uid_t range
 
 
@@ -157,26 +157,21 @@ class PodSandboxMetadata(_Model):
     namespace: str = "default"
     attempt: int = Field(default=0, ge=0)
 
-    @field_validator("name")
+    @field_validator("name", "namespace")
     @classmethod
-    def _name(cls, v: str) -> str:
+    def _printable(cls, v: str, info: ValidationInfo) -> str:
+        # The CRI puts no rule on names (critest uses capitals); podfsm refuses only what would
+        # break a terminal, a log line or CNI_ARGS (K8S_POD_NAME=...;...). A name never
+        # becomes a file name.
+        where = f"metadata.{info.field_name}"
         if not v:
-            raise ValueError("metadata.name must not be empty")
-        if len(v) > 253 or not _DNS_SUBDOMAIN.match(v):
-            raise ValueError(
-                f"metadata.name {v!r} is not a DNS-1123 subdomain "
-                "(lowercase letters, digits, '-' and '.', at most 253 characters)"
-            )
-        return v
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
-            raise ValueError(
-                f"metadata.namespace {v!r} is not a DNS-1123 label "
-                "(lowercase letters, digits and '-', at most 63 characters)"
-            )
+            raise ValueError(f"{where} must not be empty")
+        if len(v) > 253:
+            raise ValueError(f"{where} is longer than 253 characters")
+        if not v.isprintable():
+            raise ValueError(f"{where} {v!r} has a control or unprintable character")
+        if ";" in v or "=" in v:
+            raise ValueError(f"{where} {v!r} has ';' or '=', which CNI_ARGS cannot carry")
         return v
 
     @field_validator("uid")
@@ -290,7 +285,11 @@ class PodSandboxConfig(_Model):
 
     @property
     def effective_hostname(self) -> str:
-        return self.hostname or self.metadata.name.split(".")[0][:63].rstrip("-") or "pod"
+        """The pod's hostname: the one asked for, else a DNS label derived from the name."""
+        if self.hostname:
+            return self.hostname
+        label = re.sub(r"[^a-z0-9-]+", "-", self.metadata.name.split(".")[0].lower())
+        return label[:63].strip("-") or "pod"
 
     @property
     def reserved_name(self) -> str:

@@ -141,7 +141,7 @@ def test_an_ambiguous_prefix_is_refused(cli: Cli, pod_file: Callable[..., str]) 
 
 
 @pytest.mark.parametrize(("body", "says"), [
-    ({"metadata": {"name": "UPPER"}}, "DNS-1123"),
+    ({"metadata": {"name": "a\nb"}}, "control"),
     ({"metadata": {"name": "x"}, "linux": {"security_context": {"namespace_options": {
         "userns_options": {"mode": "TARGET"}}}}}, "TARGET is not supported"),
     ([1, 2], "a pod config is a JSON object"),

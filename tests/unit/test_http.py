@@ -179,7 +179,7 @@ def test_a_reserved_name_is_409(client: httpx.Client) -> None:
     (b"[" * 100_000, "not a JSON pod config"),
     (b"[1, 2]", "must be a JSON object"),
     (b"{}", "metadata"),
-    (json.dumps({"metadata": {"name": "Not_A_DNS_Name"}}).encode(), "DNS-1123"),
+    (json.dumps({"metadata": {"name": "semi;colon"}}).encode(), "CNI_ARGS"),
     (json.dumps(pod(linux={"security_context": {"namespace_options": {
         "userns_options": {"mode": "CONTAINER"}}}})).encode(), "CONTAINER is not supported"),
     (json.dumps(pod(linux={"security_context": {"namespace_options": {"userns_options": {

@@ -78,10 +78,12 @@ REFUSALS = {
     "uids without gids": (pod({"mode": "POD", "uids": ONE}), "both uids and gids"),
     "host root mapped": (pod({"mode": "POD", "uids": [{"host_id": 0, "container_id": 0,
                                                        "length": 10}], "gids": ONE}), "root"),
-    "bad name": ({"metadata": {"name": "Bad_Name"}}, "DNS-1123"),
+    "bad name": ({"metadata": {"name": "tab\there"}}, "control"),
+    "name with =": ({"metadata": {"name": "a=b"}}, "CNI_ARGS"),
     "empty name": ({"metadata": {"name": ""}}, "must not be empty"),
     "no metadata": ({}, "metadata"),
-    "bad namespace": ({"metadata": {"name": "a", "namespace": "x/y"}}, "namespace"),
+    "bad namespace": ({"metadata": {"name": "a", "namespace": "x;y"}}, "metadata.namespace"),
+    "name too long": ({"metadata": {"name": "n" * 254}}, "longer than 253"),
     "unknown mode name": (pod({"mode": "HOST"}), "unknown NamespaceMode"),
     "mapping past the id space": (pod({"mode": "POD", "uids": [
         {"host_id": 4294967000, "container_id": 0, "length": 1000}], "gids": ONE}), "past"),
@@ -117,3 +119,12 @@ def test_namespaced_sysctls_and_a_cgroup_parent_are_accepted() -> None:
         "cgroup_parent": "/kubepods/besteffort",
         "sysctls": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "1024"}}))
     assert cfg.linux.sysctls["kernel.shmmax"] == "1024"
+
+
+def test_critest_names_are_accepted_and_give_a_dns_label_hostname() -> None:
+    name = "PodSandbox-for-create-test-0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
+    cfg = parse_pod_config({"metadata": {"name": name, "namespace": "cri-test-Namespace"}})
+    assert cfg.metadata.name == name
+    assert cfg.effective_hostname == name.lower()[:63].strip("-")
+    unicode = parse_pod_config({"metadata": {"name": "Ünïcode pod"}})
+    assert unicode.effective_hostname == "n-code-pod"
