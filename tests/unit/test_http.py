@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from podfsm import Controller, PrerequisiteMissing, SandboxStatus
 from podfsm.core.records import TransitionEvent
-from podfsm.core.spec import NamespaceMode, Protocol
+from podfsm.core.spec import NamespaceMode, PodSandboxConfig, Protocol
 from podfsm.faces import graph
 from podfsm.faces.http import (
     PAGE,
@@ -41,6 +41,7 @@ from podfsm.faces.http import (
     create_app,
     openapi_document,
 )
+from podfsm.faces.http import events as http_events
 from podfsm.faces.http.openapi import ALLOWED
 from tests.fakes import FakeNamespaces, Rig
 
@@ -397,7 +398,8 @@ def test_the_openapi_document_describes_every_route(client: httpx.Client, rig: R
     documented = {(path, m.upper()) for path, item in doc["paths"].items()
                   for m in item if m != "parameters"}
     routes = {r.path for r in Shim(rig.controller()).starlette.routes if isinstance(r, Route)}
-    assert routes - {"/", "/openapi.json"} == {path for path, _ in documented}
+    assert routes - {"/", "/openapi.json", "/v1/sandboxes/{sandbox_id:path}"} == {
+        path for path, _ in documented}
     assert {(p, m) for p, ms in ALLOWED.items() for m in ms if m != "HEAD"} == documented
     # links lead from the id a run returns to every operation that takes one
     links = doc["paths"]["/v1/sandboxes"]["post"]["responses"]["201"]["links"]
@@ -484,6 +486,57 @@ def test_events_stream_with_ids_and_resume_after_last_event_id(client: httpx.Cli
         assert [i for i, _ in read_events(both.iter_lines(), 1)] == [5]
     with client.stream("GET", "/v1/events", params={"since": "4"}) as since:
         assert [i for i, _ in read_events(since.iter_lines(), 1)] == [5]
+
+
+async def test_a_client_that_falls_behind_is_dropped_and_resumes_from_its_last_id(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_events, "QUEUE", 3)
+    async with rig.controller() as ctl:
+        shim = Shim(ctl)
+        chunks: list[bytes] = []
+        unblock = anyio.Event()
+
+        async def send(message: Any) -> None:
+            body = message.get("body", b"")
+            chunks.append(body)
+            if body.startswith(b"id: "):
+                await unblock.wait()  # a client that reads nothing more
+
+        async def receive() -> Any:
+            await anyio.sleep_forever()
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/events", "query_string": b"",
+                 "headers": []}
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(http_events.EventStream(shim), scope, receive, send)
+                for i in range(3):  # 12 transitions while the client is stuck on the first
+                    await ctl.run_sandbox(PodSandboxConfig.model_validate(pod(f"p{i}")))
+                assert len(shim.streams) == 1
+                unblock.set()
+        # the stream ended by itself: the first event and the queue, nothing held for later
+        ids = [int(c.split(b"\n")[0][4:]) for c in chunks if c.startswith(b"id: ")]
+        # (the first run may begin before the stream subscribes)
+        assert ids == list(range(ids[0], ids[0] + 4)) and ids[0] <= 2
+        assert chunks[-1] == b"" and shim.streams == set()
+        # the client resumes after the last id it got, from the controller's backlog
+        resumed: list[int] = []
+        with anyio.fail_after(10), anyio.CancelScope() as done:
+            async def collect(message: Any) -> None:
+                body = message.get("body", b"")
+                if body.startswith(b"id: "):
+                    resumed.append(int(body.split(b"\n")[0][4:]))
+                    if resumed[-1] == 12:
+                        done.cancel()
+
+            await http_events.EventStream(shim)(
+                {**scope, "headers": [(b"last-event-id", str(ids[-1]).encode())]},
+                receive, collect)
+        assert resumed == list(range(ids[-1] + 1, 13))
+        for st in await ctl.list_sandboxes():
+            await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
 
 
 def test_a_fresh_stream_replays_nothing_and_beats_its_heart(client: httpx.Client) -> None:

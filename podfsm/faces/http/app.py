@@ -81,6 +81,8 @@ class Shim:
         routes += [Route(path, _Resource(path, {op.method.upper(): self._endpoint(op.handler)
                                                 for op in OPERATIONS if op.path == path}))
                    for path in ALLOWED]
+        # what no route above takes under /v1/sandboxes/ ("%2F", "a/b", "") has a malformed id
+        routes.append(Route("/v1/sandboxes/{sandbox_id:path}", _MalformedId()))
         self.starlette = Starlette(
             routes=routes,
             exception_handlers={
@@ -245,6 +247,14 @@ class _Resource:
         if scope["method"] == "POST":
             _require_json(Request(scope), empty_too=False)
         await app(scope, receive, send)
+
+
+class _MalformedId:
+    """Any method on a path under /v1/sandboxes/ that no resource takes: a 400."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _sandbox_id(Request(scope))
+        raise HTTPException(404)  # an id with no slash never gets here
 
 
 def _sandbox_id(request: Request) -> str:

@@ -93,10 +93,15 @@ class EventStream:
 async def _pump(ctl: Controller, since: int | None,
                 sender: MemoryObjectSendStream[TransitionEvent]) -> None:
     # Controller.events is an async generator: close it here, in the task that iterates it.
-    # It never waits for the client: a full queue ends the stream (see the module's note).
+    # What the backlog replays is paced by the client (it is held by the controller anyway);
+    # a live event never waits for it: a full queue ends the stream (see the module's note).
+    replayed = ctl.last_event_seq
     events = cast(AsyncGenerator[TransitionEvent, None], ctl.events(since=since))
     async with sender, contextlib.aclosing(events):
         async for ev in events:
+            if ev.seq <= replayed:
+                await sender.send(ev)
+                continue
             try:
                 sender.send_nowait(ev)
             except anyio.WouldBlock:

@@ -168,7 +168,7 @@ def _operation(op: Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status, (description, spec) in op.ok.items():
         responses[str(status)] = {"description": description, **_content(spec)}
-        if op.links and 200 <= status < 300:
+        if op.links and spec is not None:  # links read the id from a body
             responses[str(status)]["links"] = op.links
     for status in sorted({*op.errors, *(_GUARDED if op.guarded else ())}):
         responses[str(status)] = {"description": ERRORS[status], **_content("ErrorBody")}
