@@ -263,7 +263,8 @@ class Subscriber:
 
 def lock_dir(path: str, what: str) -> int:
     """Take the controller lock of directory `path` (non-blocking); the fd holds it."""
-    fd = os.open(os.path.join(path, "controller.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+    fd = os.open(os.path.join(path, "controller.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

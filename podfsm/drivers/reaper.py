@@ -127,9 +127,15 @@ def _mount_workaround() -> None:
         nsutil.umount2(_CGROUP2_HYBRID_MOUNT, nsutil.MNT_DETACH)
 
 
+#: Every file the reaper opens in run_dir: a symlink planted there is never followed.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a crash (unlink never follows a symlink)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
     try:
         os.write(fd, data)
     finally:
@@ -139,12 +145,12 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def _tail_of_file(path: str) -> str:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | _NOFOLLOW), "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - MAX_OUTPUT))
             return f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
+    except OSError:  # missing, or a symlink (ELOOP)
         return ""
 
 
@@ -181,7 +187,7 @@ class ReaperServer:
         self._shutdown = False
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        os.makedirs(os.path.join(self.run_dir, EXITS_DIR), exist_ok=True)
+        os.makedirs(os.path.join(self.run_dir, EXITS_DIR), mode=0o700, exist_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -291,9 +297,10 @@ class ReaperServer:
 
     def _read_exit_file(self, key: tuple[int, int]) -> int | None:
         try:
-            with open(exit_file(self.run_dir, *key), "rb") as f:
-                return int(f.read().strip())
-        except (FileNotFoundError, ValueError):
+            fd = os.open(exit_file(self.run_dir, *key), os.O_RDONLY | _NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                return int(f.read(64).strip())
+        except (OSError, ValueError):  # missing, or not a file we wrote (ELOOP: a symlink)
             return None
 
     # -- run ---------------------------------------------------------------------------------
@@ -316,7 +323,7 @@ class ReaperServer:
         out_fd: int | None = None
         if output_file is not None:
             out_fd = os.open(
-                output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
+                output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o640
             )
         try:
             popen = subprocess.Popen(
@@ -579,7 +586,7 @@ def _set_process_name() -> None:
 def _acquire_lock(run_dir: str, wait: float) -> int | None:
     """flock the run_dir's reaper lock, held for the reaper's lifetime; None when another
     reaper holds it and serves."""
-    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -678,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         log_fd = os.open(os.path.join(run_dir, LOG_NAME),
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.dup2(log_fd, 2)

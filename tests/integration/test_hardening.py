@@ -1,0 +1,112 @@
+"""What podfsm refuses to trust on the host: directories others can change, symlinks planted
+where it keeps root's files, commands that never end (issue 9, items 10 and 11)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from podfsm.core.errors import UnsafeDirectory
+from podfsm.drivers import nsutil, reaper
+from tests.integration.conftest import destroy_env, make_env
+
+pytestmark = pytest.mark.integration
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+async def test_directories_are_created_with_tight_modes() -> None:
+    env = make_env("runc")
+    try:
+        async with env.controller():
+            pass
+        assert _mode(env.cfg.state_dir) == 0o700
+        assert _mode(env.cfg.run_dir) == 0o711
+        assert _mode(env.cfg.netns_dir) == 0o755
+        assert _mode(os.path.join(env.cfg.run_dir, reaper.EXITS_DIR)) == 0o700
+    finally:
+        destroy_env(env)
+
+
+@pytest.mark.parametrize("which", ["state_dir", "run_dir", "netns_dir"])
+@pytest.mark.parametrize("problem", ["group-writable", "other-writable", "foreign-owner"])
+async def test_a_directory_another_user_could_change_is_refused(which: str, problem: str) -> None:
+    env = make_env("runc")
+    try:
+        d = getattr(env.cfg, which)
+        os.makedirs(d, mode=0o755)
+        if problem == "foreign-owner":
+            os.chown(d, 65534, 65534)
+        else:
+            os.chmod(d, 0o775 if problem == "group-writable" else 0o757)
+        with pytest.raises(UnsafeDirectory) as info:
+            async with env.controller():
+                pass
+        msg = str(info.value)
+        assert d in msg
+        assert ("uid 65534" if problem == "foreign-owner" else "writable by group or others") in msg
+        # refused before anything was made in it or beside it
+        assert os.listdir(d) == []
+    finally:
+        destroy_env(env)
+
+
+async def test_an_existing_root_0755_netns_dir_is_fine(tmp_path: Path) -> None:
+    # /run/netns as `ip netns` leaves it
+    env = make_env("runc")
+    try:
+        os.makedirs(env.cfg.netns_dir, mode=0o755)
+        os.chmod(env.cfg.netns_dir, 0o755)
+        async with env.controller():
+            pass
+    finally:
+        destroy_env(env)
+
+
+def test_a_symlink_is_never_followed_by_unpin_or_directory_removal(tmp_path: Path) -> None:
+    # A mount that a symlink points at: unpinning the link removes the link only.
+    mounted = tmp_path / "mounted"
+    mounted.write_text("")
+    nsutil.mount("/proc/self/ns/net", str(mounted), None, nsutil.MS_BIND)
+    try:
+        link = tmp_path / "pin"
+        link.symlink_to(mounted)
+        nsutil.unpin(str(link))
+        assert not os.path.lexists(link)
+        assert nsutil.is_mountpoint_pin(str(mounted))
+    finally:
+        nsutil.unpin(str(mounted))
+    # A directory that a symlink points at: removing the link's "directory" touches nothing.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "file").write_text("keep")
+    bundle = tmp_path / "bundle"
+    bundle.symlink_to(precious)
+    with pytest.raises(OSError):
+        nsutil.remove_flat_dir(str(bundle))
+    assert (precious / "file").read_text() == "keep"
+    # ... and a symlink inside a directory goes as a link
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "link").symlink_to(precious)
+    nsutil.remove_flat_dir(str(run))
+    assert not run.exists() and (precious / "file").read_text() == "keep"
+
+
+def test_the_reapers_files_are_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    os.makedirs(tmp_path / reaper.EXITS_DIR)
+    target = tmp_path / "target"
+    target.write_text("7\n")
+    exit_path = reaper.exit_file(str(tmp_path), 42, 4242)
+    os.symlink(target, exit_path)
+    os.symlink(target, exit_path + ".tmp")
+    server = reaper.ReaperServer(str(tmp_path))
+    assert server._read_exit_file((42, 4242)) is None  # not read through the link
+    reaper._atomic_write(exit_path, b"0\n")  # replaces the links, never writes through them
+    assert target.read_text() == "7\n"
+    assert Path(exit_path).read_text() == "0\n" and not os.path.islink(exit_path)
