@@ -323,6 +323,7 @@ def _real_network(cfg: ControllerConfig) -> NetworkDriver:
         default_bridge=cfg.default_bridge,
         default_subnet=cfg.default_subnet,
         reaper_run_dir=cfg.run_dir,
+        plugin_timeout=cfg.command_timeout,
     )
 
 
@@ -330,5 +331,5 @@ def _real_runtime(cfg: ControllerConfig) -> RuntimeDriver:
     from podfsm.drivers.runtime import OciRuntime
 
     return OciRuntime(cfg.runtime, cfg.run_dir, binary=cfg.runtime_binary,
-                      pause_binary=cfg.pause_binary)
+                      pause_binary=cfg.pause_binary, command_timeout=cfg.command_timeout)
 

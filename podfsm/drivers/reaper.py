@@ -16,7 +16,10 @@ Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request 
 - `run` {argv, env?, mount_workaround?, timeout?, output_file?} -> {rc, stdout, stderr}
   `output_file`: stdout and stderr go to that file (for `create`, whose container inherits the
   runtime's stdio and would hold a pipe open forever); its tail is returned as `stderr`.
-  A command killed at `timeout` replies {error: "timeout ..."}.
+  Each command is its own process group; at `timeout` the whole group is killed and the reply
+  is {error: "timed out after N s ..."}. A command whose client disconnects (the controller
+  died) is killed the same way at once: nobody will act on its result, and the next
+  controller's recovery deals with what it left.
 - `watch` {pid, start_time?} -> {pid, start_time, child}: persist this process's exit status
   to `<run_dir>/exits/<pid>-<start_time>` when it is reaped (also if it already was).
 - `wait_exit` {pid, start_time, timeout} -> {status, exited}: `status` is the shell-style exit
@@ -164,7 +167,9 @@ class _Run:
     buffers: dict[int, bytearray] = field(default_factory=dict)  # pipe fd -> output
     stdout_fd: int | None = None
     timer: asyncio.TimerHandle | None = None
-    timed_out: bool = False
+    timed_out: float | None = None  # the timeout, once it killed the command
+    #: the connection that asked for it (its departure kills the command)
+    owner: object = None
     #: pipe fds still open; a closed one's number may already belong to another run's pipe
     open_fds: set[int] = field(default_factory=set)
 
@@ -305,7 +310,8 @@ class ReaperServer:
 
     # -- run ---------------------------------------------------------------------------------
 
-    def _start_run(self, req: Mapping[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    def _start_run(self, req: Mapping[str, Any],
+                   owner: object = None) -> asyncio.Future[dict[str, Any]]:
         assert self._loop is not None
         argv = [str(a) for a in req["argv"]]
         if not argv:
@@ -335,13 +341,17 @@ class ReaperServer:
                 env=None if env is None else {str(k): str(v) for k, v in env.items()},
                 preexec_fn=_mount_workaround if req.get("mount_workaround") else None,
                 close_fds=True,
+                # its own group, so a timeout kills what it started too (a plugin's helpers,
+                # a shell's children); setpgid keeps the vfork fast path
+                process_group=0,
             )
         finally:
             if out_fd is not None:
                 os.close(out_fd)
             if stdin_data is not None:
                 os.close(stdin)
-        run = _Run(popen=popen, future=self._loop.create_future(), output_file=output_file)
+        run = _Run(popen=popen, future=self._loop.create_future(), output_file=output_file,
+                   owner=owner)
         for stream in (popen.stdout, popen.stderr):
             if stream is not None:
                 fd = stream.fileno()
@@ -386,10 +396,25 @@ class ReaperServer:
                 stream.close()
 
     def _run_timed_out(self, run: _Run, timeout: float) -> None:
-        run.timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            run.popen.kill()
+        run.timed_out = timeout
+        self._kill_group(run)
         log.warning("command %s timed out after %.1fs", run.popen.args, timeout)
+
+    @staticmethod
+    def _kill_group(run: _Run) -> None:
+        """SIGKILL the command's process group. Only while the command is not reaped yet: its
+        pid (the group's id) cannot have been reused."""
+        if run.popen.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(run.popen.pid, signal.SIGKILL)
+
+    def _abandon_runs(self, owner: object) -> None:
+        """The client that asked for these commands is gone: kill them."""
+        for run in list(self._runs.values()):
+            if run.owner is owner and run.popen.returncode is None:
+                log.warning("client left: killing command %s", run.popen.args)
+                self._kill_group(run)
 
     def _finish_run(self, run: _Run, status: int) -> None:
         # Popen must not try to reap this pid again (it would steal another child's status if
@@ -409,10 +434,10 @@ class ReaperServer:
             stderr_text = _tail_of_file(run.output_file)
         if run.future.done():
             return
-        if run.timed_out:
-            run.future.set_exception(
-                ReaperError(f"timeout: {run.popen.args!r} was killed; output: {stderr_text}")
-            )
+        if run.timed_out is not None:
+            run.future.set_exception(ReaperError(
+                f"timeout after {run.timed_out:g} s: {run.popen.args!r} was killed with its "
+                f"process group; output: {stderr_text}"))
         else:
             run.future.set_result(
                 {"rc": status, "stdout": stdout.decode("utf-8", "replace"), "stderr": stderr_text}
@@ -503,12 +528,12 @@ class ReaperServer:
 
     # -- clients -----------------------------------------------------------------------------
 
-    async def _handle(self, req: Mapping[str, Any]) -> dict[str, Any]:
+    async def _handle(self, req: Mapping[str, Any], owner: object = None) -> dict[str, Any]:
         op = req.get("op")
         if op == "ping":
             return {"pid": os.getpid(), "runs": len(self._runs), "watched": len(self._watched)}
         if op == "run":
-            return await self._start_run(req)
+            return await self._start_run(req, owner)
         if op == "watch":
             st = req.get("start_time")
             return self._watch(int(req["pid"]), None if st is None else int(st))
@@ -527,7 +552,7 @@ class ReaperServer:
     async def _answer(self, writer: asyncio.StreamWriter, req: dict[str, Any]) -> None:
         reply: dict[str, Any]
         try:
-            reply = await self._handle(req)
+            reply = await self._handle(req, writer)
         except Exception as exc:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         reply["id"] = req.get("id")
@@ -561,8 +586,9 @@ class ReaperServer:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
-            # A wait_exit of a departed client is pointless; a `run` keeps going to completion
-            # (its process is reaped anyway) and only its reply is dropped.
+            # A wait_exit of a departed client is pointless, and so is a `run`: its command is
+            # killed (with its group) rather than left to act on a world nobody watches.
+            self._abandon_runs(writer)
             for task in tasks:
                 task.cancel()
             self._clients -= 1

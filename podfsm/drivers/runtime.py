@@ -45,7 +45,7 @@ _ROOTFS_DIRS = ("proc", "sys", "dev", "etc", "tmp")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _RUNC_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 _PT_INTERP = 3
-_COMMAND_TIMEOUT = 60.0
+DEFAULT_COMMAND_TIMEOUT = 60.0
 
 
 def _is_static_elf(path: str) -> bool:
@@ -151,6 +151,7 @@ class OciRuntime:
         run_dir: str,
         binary: str | None = None,
         pause_binary: str = "/usr/bin/catatonit",
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         if name not in ("runc", "crun"):
             raise ValueError(f"unsupported OCI runtime {name!r} (runc or crun)")
@@ -158,6 +159,8 @@ class OciRuntime:
         self.run_dir = os.path.abspath(run_dir)
         self.binary = binary
         self.pause_binary = pause_binary
+        #: seconds a runtime command may run before the reaper kills its process group
+        self.command_timeout = command_timeout
         self.root = os.path.join(self.run_dir, "runtime", name)
         self.bundles_dir = os.path.join(self.run_dir, "bundles")
         self.rootfs = os.path.join(self.run_dir, "pause-rootfs")
@@ -234,7 +237,7 @@ class OciRuntime:
         workaround = self.name == "crun" and verb == "create"
         try:
             return await self._reaper.run(
-                argv, mount_workaround=workaround, timeout=_COMMAND_TIMEOUT,
+                argv, mount_workaround=workaround, timeout=self.command_timeout,
                 output_file=output_file,
             )
         except ReaperError as exc:
