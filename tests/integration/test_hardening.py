@@ -4,14 +4,20 @@ where it keeps root's files, commands that never end (issue 9, items 10 and 11).
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
+from podfsm import SandboxRunError, State
 from podfsm.core.errors import UnsafeDirectory
 from podfsm.drivers import nsutil, reaper
-from tests.integration.conftest import destroy_env, make_env
+from tests.integration.conftest import destroy_env, make_env, pod, running
+from tests.integration.test_durability import child
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +116,94 @@ def test_the_reapers_files_are_never_opened_through_a_symlink(tmp_path: Path) ->
     reaper._atomic_write(exit_path, b"0\n")  # replaces the links, never writes through them
     assert target.read_text() == "7\n"
     assert Path(exit_path).read_text() == "0\n" and not os.path.islink(exit_path)
+
+
+# ---------------------------------------------------------------- commands that never end
+
+
+def _script(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose command line holds `marker` (a unique sleep duration)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        fields = nsutil.proc_stat(int(pid))
+        if marker.encode() in cmd and fields is not None and fields[0] != "Z":
+            out.append(int(pid))
+    return out
+
+
+async def _until(predicate: Callable[[], bool], within: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < within, what
+        await anyio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def test_a_runtime_command_past_its_timeout_is_killed_with_its_children(
+    runtime: str, tmp_path: Path
+) -> None:
+    # `start` hangs in a grandchild (a plain kill of the command would leave the sleep behind,
+    # holding the reaper's pipes): the step fails naming the timeout, and nothing is left.
+    marker = f"6543.{os.getpid()}1"
+    real = shutil.which(runtime)
+    wrapper = _script(tmp_path / runtime, f"""
+for a in "$@"; do
+  if [ "$a" = start ]; then sleep {marker} & wait; fi
+done
+exec {real} "$@"
+""")
+    env = make_env(runtime, runtime_binary=wrapper, command_timeout=1.0)
+    try:
+        async with env.controller() as c:
+            t0 = time.monotonic()
+            with pytest.raises(SandboxRunError) as info:
+                await c.run_sandbox(pod())
+            assert time.monotonic() - t0 < 10
+            assert "timeout after 1 s" in str(info.value)
+            assert info.value.step == "start_task"
+            assert info.value.leftovers == []
+            assert await c.list_sandboxes() == []
+        assert _processes_with(marker) == []
+        assert env.leftovers() == {}
+    finally:
+        destroy_env(env)
+
+
+async def test_a_plugin_running_when_the_controller_is_killed_is_killed_and_recovered(
+    tmp_path: Path,
+) -> None:
+    marker = f"6543.{os.getpid()}2"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _script(bindir / "bridge", f"""
+if [ "$CNI_COMMAND" = ADD ]; then sleep {marker} & wait; fi
+exec /usr/lib/cni/bridge "$@"
+""")
+    env = make_env("runc", cni_bin_dirs=(str(bindir), "/usr/lib/cni"))
+    try:
+        async with child(env, "", pods=[pod("victim")]) as c:
+            await _until(lambda: bool(_processes_with(marker)), 30, "the plugin never ran")
+            c.kill()
+            await c.wait()
+        # the reaper saw its client go and killed the plugin's whole group at once
+        await _until(lambda: not _processes_with(marker), 3, "the plugin outlived the controller")
+        async with running(env) as ctl:
+            assert ctl.recovery_problems == []
+            (st,) = await ctl.list_sandboxes()
+            assert st.state is State.NOT_READY
+            assert "interrupted by a controller restart" in (st.last_error or "")
+            await ctl.remove_sandbox(st.id)
+        assert env.leftovers() == {}
+    finally:
+        destroy_env(env)
