@@ -45,6 +45,7 @@ _ROOTFS_DIRS = ("proc", "sys", "dev", "etc", "tmp")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _RUNC_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 _PT_INTERP = 3
+_LISTING_START = re.compile(r"^(?:\[|null)", re.MULTILINE)
 DEFAULT_COMMAND_TIMEOUT = 60.0
 
 
@@ -409,8 +410,12 @@ class OciRuntime:
             os.unlink(path)
         if rc != 0:
             raise self._failed("list", err)
+        # The file holds stderr too: runc warns there about a container whose `create` was
+        # killed halfway ("load container ...: container does not exist") before the listing.
+        # runc prints the listing on one line, crun over several: it starts at a line's start.
+        start = next((m.start() for m in _LISTING_START.finditer(out)), 0)
         try:
-            entries = json.loads(out) or []
+            entries = json.JSONDecoder().raw_decode(out, start)[0] or []
             return {str(e["id"]): str(e["status"]) for e in entries}
         except (ValueError, KeyError, TypeError) as exc:
             raise StepFailed(STEP, f"{self.name} list gave unreadable output: {out[:200]!r}") \
