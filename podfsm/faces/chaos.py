@@ -3,12 +3,13 @@
 Each of N rounds starts a controller in a child process (its own session, as a node daemon
 runs) with random failpoints (`error`, `delay(ms)`, `crash`); several tasks in it run, stop,
 remove and inspect sandboxes of a few names at random. At a random moment a pause process may
-be SIGKILLed (six rounds in ten), then the controller is SIGKILLed (unless a `crash` failpoint
-killed it first). A controller in this process then recovers and the invariants are checked: every sandbox Ready
-or NotReady, its history a path through the transitions table, a Ready one's pause process
-alive in its pinned namespaces, names unique, id ranges disjoint, no recovery problem. At the
-end every sandbox is removed and nothing may be left under the run's directories, in the
-runtime's root or in the IPAM store. The figures (operations, kills, time) are reported.
+be SIGKILLed (six rounds in ten), then the controller is SIGKILLed (unless a `crash`
+failpoint killed it first). A controller in this process then recovers and the invariants are
+checked: every sandbox Ready or NotReady, its history a path through the transitions table, a
+Ready one's pause process alive in its pinned namespaces, names unique, id ranges disjoint, no
+recovery problem. At the end every sandbox is removed and nothing may be left under the run's
+directories, in the runtime's root or in the IPAM store. The figures (operations, kills, time)
+are reported.
 
 The integration suite runs a short version on runc and crun (tests/integration/test_chaos.py).
 """
