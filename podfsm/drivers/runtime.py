@@ -520,13 +520,19 @@ def _read_pid(path: str) -> int:
 
 
 def pause_pids(run_dir: str) -> list[int]:
-    """Live processes whose root is the pause rootfs of `run_dir`: the pause processes of that
-    controller, whatever its records say (for tools and tests that must leave nothing)."""
-    rootfs = os.path.join(run_dir, "pause-rootfs")
+    """Live processes running the pause binary of `run_dir`'s pause rootfs: the pause
+    processes of that controller, whatever its records say (for tools and tests that must
+    leave nothing). Told by the executable's inode, which /proc/<pid>/exe reaches across mount
+    namespaces (/proc/<pid>/root reads "/" there: the runtime pivots into the rootfs)."""
+    try:
+        st = os.stat(os.path.join(run_dir, "pause-rootfs", PAUSE_NAME))
+    except OSError:
+        return []
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/root") == rootfs:
+            exe = os.stat(f"/proc/{pid}/exe")
+            if (exe.st_dev, exe.st_ino) == (st.st_dev, st.st_ino):
                 pids.append(int(pid))
     return pids
 
