@@ -134,6 +134,26 @@ def _mount_workaround() -> None:
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _descendants(pid: int) -> set[int]:
+    """`pid` and every live descendant, through /proc/<pid>/task/<tid>/children."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in found:
+            continue
+        found.add(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError), \
+                    open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                todo.extend(int(c) for c in f.read().split())
+    return found
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
     with contextlib.suppress(FileNotFoundError):
@@ -402,10 +422,20 @@ class ReaperServer:
 
     @staticmethod
     def _kill_group(run: _Run) -> None:
-        """SIGKILL the command's process group. Only while the command is not reaped yet: its
-        pid (the group's id) cannot have been reused."""
+        """SIGKILL the command's process group and every process it started, also those that
+        left the group (`crun create`'s child calls setsid: killed halfway, it would wait
+        forever for a parent that is gone). Only while the command is not reaped yet: its pid
+        (the group's id) cannot have been reused. The tree is frozen first, so nothing forks
+        out of it between the listing and the kill."""
         if run.popen.returncode is not None:
             return
+        tree = _descendants(run.popen.pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        for pid in _descendants(run.popen.pid) | tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.popen.pid, signal.SIGKILL)
 

@@ -3,9 +3,11 @@ where it keeps root's files, commands that never end (issue 9, items 10 and 11).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -207,3 +209,31 @@ exec /usr/lib/cni/bridge "$@"
         assert env.leftovers() == {}
     finally:
         destroy_env(env)
+
+
+@pytest.mark.parametrize("end", ["timeout", "client gone"])
+async def test_a_killed_command_takes_every_process_it_started(end: str) -> None:
+    # One helper leaves the command's process group and session (as `crun create`'s child
+    # does): killing the group alone would leave it waiting forever.
+    marker = f"6543.{os.getpid()}3"
+    run_dir = tempfile.mkdtemp(prefix="pfsm-")  # short: the reaper's socket path must fit
+    client = reaper.ReaperClient(run_dir, idle_exit=0.3)
+    try:
+        argv = ["sh", "-c", f"setsid sleep {marker} & sleep {marker}"]
+        if end == "timeout":
+            with pytest.raises(reaper.ReaperError, match=r"timeout after 0\.5 s"):
+                await client.run(argv, timeout=0.5)
+        else:
+            async def run_until_dropped() -> None:
+                with contextlib.suppress(reaper.ReaperError):
+                    await client.run(argv)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_until_dropped)
+                await _until(lambda: len(_processes_with(marker)) >= 3, 10, "never ran")
+                await client.close()  # as a SIGKILLed controller's connection closes
+                tg.cancel_scope.cancel()
+        await _until(lambda: not _processes_with(marker), 3, "a helper outlived the command")
+    finally:
+        await client.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
