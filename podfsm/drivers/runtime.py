@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
-from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, pause_spec
+from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
 from podfsm.core.records import TaskInfo
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import PauseRequest
@@ -341,6 +341,16 @@ class OciRuntime:
         if task is not None:
             with contextlib.suppress(ReaperError):
                 await self._reaper.forget(task.pid, task.start_time)
+        # A `create` killed halfway (timeout, or a controller SIGKILLed) leaves the container's
+        # cgroups behind with no state that `delete` could find them by: remove them (empty
+        # ones only: rmdir never removes a cgroup that still has a process).
+        for d in container_cgroup_dirs(bundle, container_id):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StepFailed(STEP, f"cannot remove the cgroup {d}: {exc.strerror}") from exc
         try:
             nsutil.remove_flat_dir(bundle)
         except OSError as exc:
@@ -544,6 +554,21 @@ def cgroup_parent_dirs(parent: str = DEFAULT_CGROUP_PARENT) -> set[str]:
     name = parent.strip("/")
     return {d for d in glob.glob(f"/sys/fs/cgroup/*/{name}") + glob.glob(f"/sys/fs/cgroup/{name}")
             if os.path.isdir(d)}
+
+
+def container_cgroup_dirs(bundle: str, container_id: str) -> list[str]:
+    """The directories of the container's cgroup in every mounted hierarchy: `cgroupsPath`
+    from the bundle's config.json (the default parent without one), accepted only as an
+    absolute, normalized path that ends in the container id."""
+    path: Any = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        path = json.loads(_read_text(os.path.join(bundle, "config.json")))["linux"]["cgroupsPath"]
+    if not (isinstance(path, str) and path.startswith("/") and os.path.normpath(path) == path
+            and os.path.basename(path) == container_id):
+        path = cgroups_path(container_id)
+    rel = glob.escape(path.lstrip("/"))
+    return [d for d in glob.glob(f"/sys/fs/cgroup/*/{rel}") + glob.glob(f"/sys/fs/cgroup/{rel}")
+            if os.path.isdir(d) and not os.path.islink(d)]
 
 
 def remove_new_dirs(before: set[str]) -> None:

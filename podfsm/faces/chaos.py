@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from podfsm.core.idmap import find_overlap
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import TRANSITIONS, State
 from podfsm.drivers import nsutil
-from podfsm.drivers.runtime import pause_pids
+from podfsm.drivers.runtime import container_cgroup_dirs, pause_pids
 
 CNI_STORE = "/var/lib/cni/networks"
 _EDGES = {(t.source.value, t.trigger.value, t.dest.value) for t in TRANSITIONS}
@@ -140,10 +140,10 @@ def _ready_problems(st: SandboxStatus) -> list[str]:
     return problems
 
 
-def leftovers(cfg: ControllerConfig) -> dict[str, list[str]]:
+def leftovers(cfg: ControllerConfig, ids: Iterable[str] = ()) -> dict[str, list[str]]:
     """What the controller of `cfg` left on the host (empty lists dropped): pins, run and
-    bundle directories, mounts, containers in its runtime root, pause processes, records and
-    addresses in its network's IPAM store."""
+    bundle directories, mounts, containers in its runtime root, pause processes, records,
+    addresses in its network's IPAM store, and cgroups of the sandboxes `ids`."""
 
     def listing(*parts: str) -> list[str]:
         path = os.path.join(*parts)
@@ -162,6 +162,7 @@ def leftovers(cfg: ControllerConfig) -> dict[str, list[str]]:
         "records": listing(cfg.state_dir, "sandboxes"),
         "addresses": [n for n in listing(CNI_STORE, cfg.default_network_name)
                       if n != "lock" and not n.startswith("last_reserved_ip")],
+        "cgroups": [d for sid in sorted(ids) for d in container_cgroup_dirs("", sid)],
     }
     return {k: v for k, v in found.items() if v}
 
@@ -190,6 +191,7 @@ async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
     rnd = random.Random(f"{seed}-{cfg.runtime}")
     report = ChaosReport(runtime=cfg.runtime)
     workdir = workdir or os.path.dirname(cfg.state_dir)
+    seen: set[str] = set()  # every sandbox id a recovery found
     t0 = time.monotonic()
     for n in range(rounds):
         spec = {"cfg": cfg.model_dump(mode="json"), "seed": rnd.random(), "tasks": tasks,
@@ -217,7 +219,9 @@ async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
         async with Controller(cfg, failpoints="") as ctl:
             report.recoveries += 1
             report.max_recovery_s = max(report.max_recovery_s, time.monotonic() - t_rec)
-            found = violations(ctl, await ctl.list_sandboxes())
+            sts = await ctl.list_sandboxes()
+            seen.update(st.id for st in sts)
+            found = violations(ctl, sts)
         if found:
             tail = _read(out_path + ".err")[-2000:].decode(errors="replace")
             report.violations += [f"round {n} (failpoints {failpoints!r}): {v}" for v in found]
@@ -233,7 +237,7 @@ async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
                 await ctl.remove_sandbox(st.id)
             except PodfsmError as exc:
                 report.violations.append(f"final remove of {st.id}: {exc}")
-    report.leftovers = leftovers(cfg)
+    report.leftovers = leftovers(cfg, seen)
     report.seconds = time.monotonic() - t0
     return report
 

@@ -18,6 +18,7 @@ import pytest
 from podfsm import SandboxRunError, State
 from podfsm.core.errors import UnsafeDirectory
 from podfsm.drivers import nsutil, reaper
+from podfsm.drivers.runtime import OciRuntime, container_cgroup_dirs
 from tests.integration.conftest import destroy_env, make_env, pod, running
 from tests.integration.test_durability import child
 
@@ -237,3 +238,30 @@ async def test_a_killed_command_takes_every_process_it_started(end: str) -> None
     finally:
         await client.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_delete_removes_the_cgroups_a_create_killed_halfway_left(runtime: str) -> None:
+    # What a `create` killed halfway leaves: the container's cgroups, and no state the runtime
+    # could find them by.
+    env = make_env(runtime)
+    cid = "c9" * 32
+    made: list[str] = []
+    try:
+        rt = OciRuntime(runtime, env.cfg.run_dir)  # type: ignore[arg-type]
+        await rt.start()
+        unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")  # cgroup v2 only
+        for hierarchy in ("",) if unified else ("pids/", "memory/"):
+            parent = f"/sys/fs/cgroup/{hierarchy}podfsm"
+            if not os.path.isdir(parent):
+                os.mkdir(parent)
+                made.append(parent)
+            os.mkdir(f"{parent}/{cid}")
+        assert len(container_cgroup_dirs("", cid)) == (1 if unified else 2)
+        await rt.delete(cid)
+        assert container_cgroup_dirs("", cid) == []
+        await rt.close()
+    finally:
+        for d in container_cgroup_dirs("", cid) + made[::-1]:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        destroy_env(env)
