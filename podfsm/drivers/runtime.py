@@ -332,6 +332,9 @@ class OciRuntime:
         _check_id(container_id)
         bundle = self.bundle_path(container_id)
         task = _read_task(os.path.join(bundle, "task.json"))
+        # cgroup paths are global: only a container of this root (or whose bundle this
+        # controller wrote) may have its cgroups removed here
+        ours = os.path.isdir(bundle) or self._exists(container_id)
         if self._exists(container_id):
             if task is not None:
                 await self._kill_and_wait(task)
@@ -344,7 +347,7 @@ class OciRuntime:
         # A `create` killed halfway (timeout, or a controller SIGKILLed) leaves the container's
         # cgroups behind with no state that `delete` could find them by: remove them (empty
         # ones only: rmdir never removes a cgroup that still has a process).
-        for d in container_cgroup_dirs(bundle, container_id):
+        for d in container_cgroup_dirs(bundle, container_id) if ours else ():
             try:
                 os.rmdir(d)
             except FileNotFoundError:

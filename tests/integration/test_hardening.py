@@ -257,8 +257,16 @@ async def test_delete_removes_the_cgroups_a_create_killed_halfway_left(runtime: 
                 made.append(parent)
             os.mkdir(f"{parent}/{cid}")
         assert len(container_cgroup_dirs("", cid)) == (1 if unified else 2)
+        # cgroup paths are global: a controller on another run_dir leaves them alone
+        other = OciRuntime(runtime, os.path.join(env.tmp, "other-run"))  # type: ignore[arg-type]
+        await other.start()
+        await other.delete(cid)
+        await other.close()
+        assert len(container_cgroup_dirs("", cid)) == (1 if unified else 2)
+        os.makedirs(rt.bundle_path(cid))  # the create was this controller's
         await rt.delete(cid)
         assert container_cgroup_dirs("", cid) == []
+        assert not os.path.exists(rt.bundle_path(cid))
         await rt.close()
     finally:
         for d in container_cgroup_dirs("", cid) + made[::-1]:
