@@ -96,14 +96,3 @@ COMPENSATIONS: dict[Trigger, Trigger | None] = {
     T.MARK_READY: None,  # a check: nothing to undo
 }
 
-
-def next_state(state: State, trigger: Trigger) -> State | None:
-    """The state `trigger` leads to from `state`, or None when the table has no such edge."""
-    for t in TRANSITIONS:
-        if t.source is state and t.trigger is trigger:
-            return t.dest
-    return None
-
-
-def triggers_from(state: State) -> list[Trigger]:
-    return [t.trigger for t in TRANSITIONS if t.source is state]
