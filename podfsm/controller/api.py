@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -130,6 +130,13 @@ class Controller(Recovery):
             raise SandboxNotFound(sandbox_id)
         return SandboxStatus.from_record(sb.record)
 
+    async def sandbox_config(self, sandbox_id: str) -> PodSandboxConfig:
+        """The pod config the sandbox was run with. Raises SandboxNotFound for an unknown id."""
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(sandbox_id)
+        return sb.record.config
+
     async def sandbox_interfaces(self, sandbox_id: str) -> list[InterfaceInfo]:
         """The pod's interfaces and addresses, read live from its pinned netns."""
         status = await self.sandbox_status(sandbox_id)
@@ -159,11 +166,12 @@ class Controller(Recovery):
         return found[0]
 
     async def list_sandboxes(self, *, id_prefix: str | None = None,
-                             state: State | None = None,
+                             state: State | Collection[State] | None = None,
                              labels: Mapping[str, str] | None = None) -> list[SandboxStatus]:
         """Every sandbox, oldest first; or only those that pass every filter given:
         `id_prefix` (the sandbox it names, resolved as resolve_id does: none when it names
-        none or several), `state`, and `labels` (each key present with that value)."""
+        none or several), `state` (one or any of several), and `labels` (each key present
+        with that value)."""
         recs: Iterable[SandboxRecord] = (sb.record for sb in self._sandboxes.values())
         if id_prefix:
             try:
@@ -171,7 +179,8 @@ class Controller(Recovery):
             except SandboxNotFound:
                 return []
         if state is not None:
-            recs = (r for r in recs if r.state is state)
+            wanted = {state} if isinstance(state, State) else set(state)
+            recs = (r for r in recs if r.state in wanted)
         if labels:
             want = dict(labels)
             recs = (r for r in recs

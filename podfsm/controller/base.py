@@ -181,7 +181,7 @@ class ControllerBase:
             if kinds:
                 status = SandboxStatus.from_record(sb.record)
                 for kind, at in kinds:
-                    ev = LifecycleEvent(kind=kind, at=at, status=status)
+                    ev = LifecycleEvent(kind=kind, at=at, status=status, config=sb.record.config)
                     for sub in list(self._lifecycle_subscribers):
                         sub.put(ev)
 

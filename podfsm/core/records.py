@@ -225,3 +225,4 @@ class LifecycleEvent(_Frozen):
     kind: str
     at: datetime
     status: SandboxStatus
+    config: PodSandboxConfig
