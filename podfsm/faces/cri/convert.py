@@ -38,6 +38,13 @@ def pod_config(msg: pb.PodSandboxConfig) -> PodSandboxConfig:
     """The podfsm pod config of a CRI PodSandboxConfig; InvalidPodConfig as for JSON files."""
     data: dict[str, Any] = MessageToDict(msg, preserving_proto_field_name=True)
     data.setdefault("metadata", {})
+    # protobuf JSON leaves out zero values; an id mapping's fields have no default in the
+    # model (a JSON file must spell them out), so the zeros the message holds are put back.
+    userns = (data.get("linux", {}).get("security_context", {})
+              .get("namespace_options", {}).get("userns_options", {}))
+    for m in (*userns.get("uids", ()), *userns.get("gids", ())):
+        for key in ("host_id", "container_id", "length"):
+            m.setdefault(key, 0)
     return parse_pod_config(data)
 
 
