@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -25,7 +26,14 @@ from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from tests.integration.conftest import Env
-from tests.integration.test_faces import Daemon, serving, use_env_network
+from tests.integration.test_faces import (
+    PODS,
+    Daemon,
+    podfsm,
+    serving,
+    use_env_network,
+    wait_for_state,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -321,3 +329,33 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
     with grpc.insecure_channel(f"unix:{daemon.cri_socket}") as ch:
         code, _ = grpc_code(pb_grpc.RuntimeServiceStub(ch).Version, pb.VersionRequest())
         assert code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_restart_keeps_each_sandbox_on_its_own_handler(env: Env) -> None:
+    """`podfsm runp --runtime` (the HTTP face's runtime_handler) makes a sandbox on the handler
+    that is not the daemon's default; a new daemon recovers it onto that handler, supervises
+    it (a kill -9 is noticed) and removes it through it."""
+    other = next(h for h in HANDLERS if h != env.cfg.runtime)
+    use_env_network(env)
+    with serving(env) as first:
+        made = podfsm(first.socket, "runp", "--runtime", other,
+                      str(PODS / "userns-allocated.json"))
+        assert made.returncode == 0, made.stderr
+        sid = made.stdout.strip()
+        bad = podfsm(first.socket, "runp", "--runtime", "youki",
+                     str(PODS / "userns-allocated.json"))
+        assert bad.returncode == 1 and "youki" in bad.stderr
+        assert first.terminate() == 0
+    assert handler_containers(env, other) == [sid]
+    with serving(env) as second, grpc.insecure_channel(f"unix:{second.cri_socket}") as ch:
+        rt = pb_grpc.RuntimeServiceStub(ch)
+        st = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True),
+                                 timeout=30)
+        assert st.status.state == pb.SANDBOX_READY and st.status.runtime_handler == other
+        os.kill(json.loads(st.info["info"])["pid"], signal.SIGKILL)
+        with second.client() as c:
+            assert wait_for_state(c, sid, "NotReady", within=5.0).exit_status == 137
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+        assert handler_containers(env, other) == []
+        assert second.terminate() == 0
+    assert env.leftovers() == {}
