@@ -22,7 +22,12 @@ from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from podfsm import Controller
-from podfsm.core.errors import InvalidPodConfig, PrerequisiteMissing, SandboxNotFound
+from podfsm.core.errors import (
+    InvalidPodConfig,
+    PrerequisiteMissing,
+    SandboxNotFound,
+    StepFailed,
+)
 from podfsm.core.states import State, lifecycle_kind
 from podfsm.faces.cri import CriServer
 from tests.fakes import FakeRuntime, Rig
@@ -318,3 +323,34 @@ async def test_the_library_calls_the_face_maps_onto(rig: Rig) -> None:
 ])
 def test_lifecycle_kinds(trigger: str, source: str, dest: str, kind: str | None) -> None:
     assert lifecycle_kind(trigger, source, dest) == kind
+
+
+async def test_recovery_puts_each_sandbox_back_on_its_own_handler(rig: Rig) -> None:
+    other = OtherRuntime(rig.faults)
+
+    def controller(*extra: FakeRuntime) -> Controller:
+        return Controller(rig.cfg, namespaces=rig.ns, network=rig.net, runtime=rig.rt,
+                          runtimes=list(extra), store=rig.store)
+
+    async with controller(other) as ctl:
+        a = await ctl.run_sandbox({"metadata": {"name": "a"}}, runtime_handler="fake2")
+        b = await ctl.run_sandbox({"metadata": {"name": "b"}})
+    async with controller(other) as ctl:  # fake2 still says a's container runs
+        assert (await ctl.sandbox_status(a.id)).state is State.READY
+        assert (await ctl.sandbox_status(b.id)).state is State.READY
+        await ctl.stop_sandbox(a.id)
+        assert other.containers == {} and b.id in rig.rt.containers
+        a2 = await ctl.run_sandbox({"metadata": {"name": "a2"}}, runtime_handler="fake2")
+    # without its handler a sandbox cannot be recovered, nor torn down: it says why
+    async with controller() as ctl:
+        st = await ctl.sandbox_status(a2.id)
+        assert st.state is State.NOT_READY and "gone (fake2)" in (st.last_error or "")
+        with pytest.raises(StepFailed, match="'fake2' is not installed"):
+            await ctl.remove_sandbox(a2.id)
+    async with controller(other) as ctl:
+        for sid in (a.id, b.id, a2.id):
+            await ctl.remove_sandbox(sid)
+    await rig.rt.kill_all()
+    await other.kill_all()
+    rig.nothing_left()
+    assert other.containers == {}
