@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -307,7 +307,7 @@ class Controller(Recovery):
             self._subscribers.discard(sub)
             sub.dispose()
 
-    async def lifecycle_events(self) -> AsyncIterator[LifecycleEvent]:
+    async def lifecycle_events(self) -> AsyncGenerator[LifecycleEvent, None]:
         """Sandbox lifecycle events (created, started, stopped, deleted) from now on, each with
         the sandbox's status at that moment; see core.states.lifecycle_kind. Ends when the
         controller closes."""

@@ -354,3 +354,22 @@ async def test_recovery_puts_each_sandbox_back_on_its_own_handler(rig: Rig) -> N
     await other.kill_all()
     rig.nothing_left()
     assert other.containers == {}
+
+
+async def test_stopping_the_server_ends_open_event_streams_at_once(
+        rig: Rig, sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "cri.sock")
+    async with rig.controller() as ctl:
+        server = CriServer(ctl, path)
+        await server.start()
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            stream = pb_grpc.RuntimeServiceStub(channel).GetContainerEvents(
+                pb.GetEventsRequest())
+            while not ctl._lifecycle_subscribers:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            t0 = anyio.current_time()
+            await server.stop(grace=30)
+            assert anyio.current_time() - t0 < 5  # not the grace
+            assert [ev async for ev in stream] == []
+            assert await stream.code() is grpc.StatusCode.OK
+        assert not ctl._lifecycle_subscribers

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import anyio
 import grpc
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
@@ -96,6 +97,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.serving = True
+        self._streams: set[anyio.CancelScope] = set()
 
     @_rpc
     async def Version(self, request: pb.VersionRequest,
@@ -194,15 +196,27 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 out.append(convert.sandbox_stats(st, await self.ctl.sandbox_stats(st.id)))
         return pb.ListPodSandboxStatsResponse(stats=out)
 
-    async def GetContainerEvents(
-        self, request: pb.GetEventsRequest, context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ContainerEventResponse]:
-        """Sandbox lifecycle events from now on, until the client or the server goes."""
+    async def GetContainerEvents(self, request: pb.GetEventsRequest,
+                                 context: grpc.aio.ServicerContext) -> None:
+        """Sandbox lifecycle events from now on, until the client goes or the server stops
+        (which ends the stream with OK at once instead of holding its shutdown open)."""
         if self.ctl.recovering or not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "podfsm is not ready: recovering or shutting down")
-        async for ev in self.ctl.lifecycle_events():
-            yield convert.container_event(ev, ev.config)
+        with anyio.CancelScope() as scope:
+            self._streams.add(scope)
+            try:
+                async with contextlib.aclosing(self.ctl.lifecycle_events()) as events:
+                    async for ev in events:
+                        await context.write(convert.container_event(ev, ev.config))
+            finally:
+                self._streams.discard(scope)
+
+    def end_streams(self) -> None:
+        """End every open event stream (at shutdown)."""
+        self.serving = False
+        for scope in list(self._streams):
+            scope.cancel()
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
@@ -295,7 +309,8 @@ class CriServer:
                  SOCKET_MODE, ", ".join(self.ctl.runtime_handlers))
 
     async def stop(self, grace: float | None = 2.0) -> None:
-        self._runtime.serving = self._image.serving = False
+        self._image.serving = False
+        self._runtime.end_streams()
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
