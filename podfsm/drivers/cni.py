@@ -303,9 +303,13 @@ class CniNetwork:
         return errors
 
     def problem(self) -> str | None:
-        """None while every plugin the network needs is still an executable file."""
+        """None while the network config file loaded at start() is still there and every
+        plugin the network needs is still an executable file; else what is wrong."""
         if self._conflist is None:
             return "the CNI network is not loaded"
+        source = self._conflist.source
+        if os.path.isabs(source) and not os.path.exists(source):
+            return f"the CNI network config {source} is gone"
         for plugin, path in self._plugin_paths.items():
             if not (os.path.isfile(path) and os.access(path, os.X_OK)):
                 return (f"CNI plugin {plugin!r} of network {self.network_name!r} is gone from "

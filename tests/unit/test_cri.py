@@ -373,3 +373,48 @@ async def test_stopping_the_server_ends_open_event_streams_at_once(
             assert [ev async for ev in stream] == []
             assert await stream.code() is grpc.StatusCode.OK
         assert not ctl._lifecycle_subscribers
+
+
+async def test_network_ready_is_false_once_a_plugin_or_the_config_goes(
+        rig: Rig, tmp_path: Path, sock_dir: str) -> None:
+    from podfsm.core import cniconf
+    from podfsm.drivers.cni import CniNetwork
+
+    bins, conf = tmp_path / "bin", tmp_path / "net.d"
+    bins.mkdir()
+    conf.mkdir()
+    for d in ("/usr/lib/cni", "/opt/cni/bin"):
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if not (bins / name).exists():
+                    (bins / name).symlink_to(os.path.join(d, name))
+    (conf / "10-t.conflist").write_text(json.dumps(
+        cniconf.default_conflist("t-net", "t-br0", "10.251.0.0/24")))
+    net = CniNetwork(conf_dir=str(conf), bin_dirs=[str(bins)])
+    ctl = Controller(rig.cfg, namespaces=rig.ns, network=net, runtime=rig.rt, store=rig.store)
+    path = os.path.join(sock_dir, "cri.sock")
+    async with ctl:
+        server = CriServer(ctl, path)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+                rt = pb_grpc.RuntimeServiceStub(channel)
+
+                async def network() -> pb.RuntimeCondition:
+                    conds = (await rt.Status(pb.StatusRequest())).status.conditions
+                    return next(c for c in conds if c.type == "NetworkReady")
+
+                assert (await network()).status
+                plugin = sorted(net.plugin_paths)[0]
+                target = os.readlink(bins / plugin)
+                (bins / plugin).unlink()
+                cond = await network()
+                assert not cond.status and cond.reason == "NetworkPluginNotReady"
+                assert plugin in cond.message
+                (bins / plugin).symlink_to(target)
+                assert (await network()).status
+                (conf / "10-t.conflist").unlink()
+                cond = await network()
+                assert not cond.status and "10-t.conflist is gone" in cond.message
+        finally:
+            await server.stop()
