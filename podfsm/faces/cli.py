@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", action=_ListAction, item=_runtime, default=list(_RUNTIMES),
                    metavar="R[,R...]", help="runtimes to measure (default runc,crun)")
     p.add_argument("--json", action="store_true", help="results as JSON")
+    p.add_argument("--cri", action="store_true",
+                   help="also run each level through the CRI face (a gRPC load generator in "
+                   "its own process) and print the gRPC server's CPU per cycle")
     p.add_argument("--exit-samples", type=_positive, default=20, metavar="N",
                    help="task exits to time, from kill -9 to NotReady (default 20)")
     p.add_argument("--ready", type=int, default=0, metavar="N",
