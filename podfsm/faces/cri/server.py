@@ -22,7 +22,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -233,20 +233,15 @@ class ImageService(pb_grpc.ImageServiceServicer):
         return pb.ImageFsInfoResponse(image_filesystems=usage)
 
 
-def _unimplemented(rpc: str, streaming: bool) -> Callable[..., Any]:
+def _unimplemented(rpc: str) -> Callable[..., Any]:
+    # A coroutine serves streaming RPCs too (grpc.aio awaits it; it writes nothing).
     message = ONLY_SANDBOXES.format(rpc=rpc)
 
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
-    async def stream(self: Any, request: Any,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
-        yield None
-
-    fn = stream if streaming else unary
-    fn.__name__ = rpc
-    return fn
+    refuse.__name__ = rpc
+    return refuse
 
 
 def _fill_unimplemented(cls: type, service: str) -> None:
@@ -254,7 +249,7 @@ def _fill_unimplemented(cls: type, service: str) -> None:
     generated base class would answer it too, but with a message that says nothing)."""
     for method in pb.DESCRIPTOR.services_by_name[service].methods:
         if method.name not in cls.__dict__:
-            setattr(cls, method.name, _unimplemented(method.name, method.server_streaming))
+            setattr(cls, method.name, _unimplemented(method.name))
 
 
 _fill_unimplemented(RuntimeService, "RuntimeService")
