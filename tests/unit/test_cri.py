@@ -418,3 +418,20 @@ async def test_network_ready_is_false_once_a_plugin_or_the_config_goes(
                 assert not cond.status and "10-t.conflist is gone" in cond.message
         finally:
             await server.stop()
+
+
+def test_serve_refuses_a_cri_socket_another_server_answers_on(rig: Rig, sock_dir: str) -> None:
+    import asyncio
+
+    from podfsm.faces.http import Daemon
+
+    cri = os.path.join(sock_dir, "cri.sock")
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(cri)
+        live.listen()
+        daemon = Daemon(rig.cfg, os.path.join(sock_dir, "podfsm.sock"),
+                        controller=rig.controller(), cri_socket=cri)
+        with pytest.raises(PrerequisiteMissing, match="already answers on the CRI socket"):
+            asyncio.run(daemon.run())
+        assert os.listdir(sock_dir) == ["cri.sock"]  # its own socket is gone, the other's kept
+    os.unlink(cri)
