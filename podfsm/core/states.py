@@ -96,3 +96,18 @@ COMPENSATIONS: dict[Trigger, Trigger | None] = {
     T.MARK_READY: None,  # a check: nothing to undo
 }
 
+
+def lifecycle_kind(trigger: str, source: str, dest: str) -> str | None:
+    """The CRI lifecycle event a transition makes, if any: "created" (the pause container
+    exists), "started" (Ready), "stopped" (no longer running: exit, failure, stop, or an
+    unwinding killing it) or "deleted" (remove, or an unwinding deleting the container).
+    A stop of a NotReady sandbox makes none: it had stopped already."""
+    if trigger == T.CREATE_CONTAINER:
+        return "created"
+    if trigger == T.MARK_READY:
+        return "started"
+    if trigger in (T.REMOVE, T.DELETE_CONTAINER):
+        return "deleted"
+    if trigger == T.KILL_TASK or (dest == S.NOT_READY and source != S.NOT_READY):
+        return "stopped"
+    return None
