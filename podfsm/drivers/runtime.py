@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +37,8 @@ from podfsm.core.records import TaskInfo
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import PauseRequest
 from podfsm.drivers.reaper import ReaperClient, ReaperError
+
+log = logging.getLogger(__name__)
 
 STEP = "runtime"
 PAUSE_NAME = "catatonit"
@@ -350,15 +354,15 @@ class OciRuntime:
             with contextlib.suppress(ReaperError):
                 await self._reaper.forget(task.pid, task.start_time)
         # A `create` killed halfway (timeout, or a controller SIGKILLed) leaves the container's
-        # cgroups behind with no state that `delete` could find them by: remove them (empty
-        # ones only: rmdir never removes a cgroup that still has a process).
+        # cgroups behind with no state that `delete` could find them by: remove them. Empty
+        # ones only: rmdir never removes a cgroup that still has a process, which belongs to a
+        # live container (orphan collection asks every handler to delete an id).
         for d in container_cgroup_dirs(bundle, container_id) if ours else ():
             try:
                 os.rmdir(d)
-            except FileNotFoundError:
-                pass
             except OSError as exc:
-                raise StepFailed(STEP, f"cannot remove the cgroup {d}: {exc.strerror}") from exc
+                if exc.errno != errno.ENOENT:
+                    log.info("cgroup %s stays: %s", d, exc.strerror)
         try:
             nsutil.remove_flat_dir(bundle)
         except OSError as exc:
