@@ -7,6 +7,7 @@ runs the same behaviour against both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +64,10 @@ class InterfaceInfo:
     mac: str
     addresses: tuple[str, ...] = field(default_factory=tuple)  # "10.x.y.z/24"
     up: bool = False
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
 
 
 class NetworkDriver(Protocol):
@@ -89,6 +94,10 @@ class NetworkDriver(Protocol):
 
     async def reserved_container_ids(self) -> set[str]:
         """Container ids holding an address in this network's IPAM store (for orphan GC)."""
+
+    def problem(self) -> str | None:
+        """None when the network loaded at start() is still usable (every plugin it needs is
+        still an executable file); else what is wrong, in words."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +162,11 @@ class SetAside:
 
 
 class Store(Protocol):
-    async def load_all(self) -> tuple[list[SandboxRecord], list[SetAside]]:
-        """Every readable record, and the records that were set aside (corrupt ones)."""
+    async def load_all(
+        self, check: Callable[[SandboxRecord], str | None] | None = None
+    ) -> tuple[list[SandboxRecord], list[SetAside]]:
+        """Every usable record, and the records that were set aside: unreadable ones and those
+        for which `check` says why they cannot be used."""
 
     async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
         """Atomically replace the record of rec.id (a crash of the controller leaves the old

@@ -1,8 +1,8 @@
 """The `podfsm` command line.
 
     podfsm serve [--socket S] [--state-dir D] [--run-dir D] [--netns-dir D] [--runtime R]
-                 [--cni-conf-dir D] [--host H --port P [--token-file F]]
-    podfsm runp FILE                    run a sandbox from a crictl pod config; prints its id
+                 [--cni-conf-dir D] [--host H --port P [--token-file F]] [--cri-socket PATH]
+    podfsm runp FILE [--runtime R]      run a sandbox from a crictl pod config; prints its id
     podfsm pods [-o table|json] [-q]    list sandboxes
     podfsm inspectp ID [-o table|json]  one sandbox's status and history
     podfsm stopp ID...                  stop sandboxes (NotReady)
@@ -108,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection whose request body takes longer (default 30)")
     p.add_argument("--max-event-streams", type=int, default=64, metavar="N",
                    help="event streams open at once; more get 503 (default 64)")
+    p.add_argument("--cri-socket", default="/run/podfsm/cri.sock", metavar="PATH",
+                   help="unix socket of the CRI v1 gRPC face, mode 0660, there once recovery "
+                   "is done (default /run/podfsm/cri.sock; '' for none)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("runp", parents=[client], help="run a sandbox from a pod config file")
     p.add_argument("file", metavar="FILE", help="crictl pod config JSON ('-': stdin)")
+    p.add_argument("--runtime", metavar="HANDLER",
+                   help="runtime handler of this sandbox: runc or crun (default: the daemon's)")
     p.set_defaults(run=_runp)
 
     p = sub.add_parser("pods", parents=[client], help="list sandboxes")
@@ -167,12 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", action=_ListAction, item=_runtime, default=list(_RUNTIMES),
                    metavar="R[,R...]", help="runtimes to measure (default runc,crun)")
     p.add_argument("--json", action="store_true", help="results as JSON")
+    p.add_argument("--cri", action="store_true",
+                   help="also run each level through the CRI face (a gRPC load generator in "
+                   "its own process) and print the gRPC server's CPU per cycle")
     p.add_argument("--exit-samples", type=_positive, default=20, metavar="N",
                    help="task exits to time, from kill -9 to NotReady (default 20)")
     p.add_argument("--ready", type=int, default=0, metavar="N",
                    help="also hold N sandboxes Ready: memory, and recovery after a restart")
     p.add_argument("--soak", type=int, default=0, metavar="N",
                    help="also run N lifecycles watching open fds and memory for leaks")
+    p.add_argument("--chaos", type=int, default=0, metavar="N",
+                   help="instead: N rounds of random operations, failpoints and SIGKILLs, "
+                        "checking the invariants after each recovery (see docs/security.md)")
     p.set_defaults(run=_bench)
     return parser
 
@@ -247,7 +258,8 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(cfg, resolve_socket(args.socket), args.host, args.port,
                           token_file=args.token_file, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout,
-                          max_streams=args.max_event_streams))
+                          max_streams=args.max_event_streams,
+                          cri_socket=args.cri_socket or None))
     except PodfsmError as exc:
         print(f"podfsm serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -352,7 +364,7 @@ def _runp(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
     async def run(c: Client, args: argparse.Namespace) -> int:
-        st = await c.run_sandbox(pod)
+        st = await c.run_sandbox(pod, runtime_handler=args.runtime)
         print(st.id)
         return EXIT_OK
 

@@ -53,6 +53,9 @@ class _Query(BaseModel):
 class RunQuery(_Query):
     """POST /v1/sandboxes."""
 
+    runtime_handler: str = Field(default="", max_length=256, description=(
+        "the OCI runtime of this sandbox (runc or crun; empty: the daemon's); unknown: 422"))
+
 
 class GraphQuery(_Query):
     """GET /v1/graph and GET /v1/sandboxes/{sandbox_id}/graph."""

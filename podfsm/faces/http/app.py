@@ -45,7 +45,14 @@ from podfsm.faces.http.errors import (
 from podfsm.faces.http.events import DEFAULT_MAX_STREAMS, EventStream
 from podfsm.faces.http.guard import TcpGuard
 from podfsm.faces.http.openapi import ALLOWED, OPERATIONS, openapi_document
-from podfsm.faces.wire import SANDBOX_ID_PATTERN, ErrorBody, GraphQuery, Health, SandboxList
+from podfsm.faces.wire import (
+    SANDBOX_ID_PATTERN,
+    ErrorBody,
+    GraphQuery,
+    Health,
+    RunQuery,
+    SandboxList,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +199,8 @@ class Shim:
         ctl = self.controller()
         _require_json(request, empty_too=True)
         pod = parse_pod_config(_decode_json(await _read_body(request)))
-        st = await ctl.run_sandbox(pod)
+        query = parse_query(RunQuery, request)
+        st = await ctl.run_sandbox(pod, runtime_handler=query.runtime_handler or None)
         return json_response(st, 201, {"location": f"/v1/sandboxes/{st.id}"})
 
     async def sandbox_status(self, request: Request) -> Response:

@@ -11,7 +11,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import h11
@@ -129,7 +129,8 @@ class Daemon:
                  graceful_timeout: int = DEFAULT_GRACEFUL_TIMEOUT,
                  header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+                 max_streams: int = DEFAULT_MAX_STREAMS,
+                 cri_socket: str | None = None) -> None:
         if host is not None and port is None:
             raise DaemonError("a host to listen on needs a port (--port)")
         self.cfg = cfg
@@ -139,6 +140,9 @@ class Daemon:
         self.token_file = token_file or os.path.join(
             os.path.dirname(self.socket_path) or ".", TOKEN_FILE)
         self._ctl = controller
+        #: where the CRI face (podfsm.faces.cri) listens, from recovery done until shutdown;
+        #: None: no CRI socket
+        self.cri_socket = cri_socket
         self._heartbeat = heartbeat
         self._graceful_timeout = graceful_timeout
         self._protocol = type("BoundedH11", (_BoundedH11,), {
@@ -171,7 +175,7 @@ class Daemon:
                                 log_config=None, timeout_graceful_shutdown=self._graceful_timeout)
         server = self._server = _Server(config, shim)
         with self._signals():
-            async with ctl:
+            async with ctl, self._cri(ctl):
                 n = len(await ctl.list_sandboxes())
                 log.info("controller ready: %d sandbox(es) recovered%s", n,
                          f", problems: {ctl.recovery_problems}" if ctl.recovery_problems else "")
@@ -201,6 +205,21 @@ class Daemon:
             for sock in listeners:
                 sock.close()
             self.listening.clear()
+
+    @contextlib.asynccontextmanager
+    async def _cri(self, ctl: Controller) -> AsyncIterator[None]:
+        """The CRI socket, there only while the recovered controller is."""
+        if self.cri_socket is None:
+            yield
+            return
+        from podfsm.faces.cri import CriServer
+
+        server = CriServer(ctl, self.cri_socket)
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
