@@ -27,7 +27,14 @@ from podfsm.core.errors import ControllerLocked, PodfsmError, SandboxRunError, S
 from podfsm.core.records import HistoryEntry, SandboxRecord, TaskInfo, TransitionEvent
 from podfsm.core.states import State, Trigger
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceDriver, NetworkDriver, NetworkRequest, RuntimeDriver, Store
+from podfsm.drivers.base import (
+    HostDriver,
+    NamespaceDriver,
+    NetworkDriver,
+    NetworkRequest,
+    RuntimeDriver,
+    Store,
+)
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class ControllerBase:
         network: NetworkDriver | None = None,
         runtime: RuntimeDriver | None = None,
         store: Store | None = None,
+        host: HostDriver | None = None,
         failpoints: str | None = None,
     ) -> None:
         self.config = cfg = config or ControllerConfig()
@@ -82,6 +90,8 @@ class ControllerBase:
         self._ns = namespaces or _real_namespaces(cfg)
         self._net = network or _real_network(cfg)
         self._rt = runtime or _real_runtime(cfg)
+        # With fake drivers no pause ever runs: the files are written, no tmpfs is mounted.
+        self._host = host or _real_host(mount_shm=self._real)
         self._store: Store | None = store
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)
@@ -108,6 +118,14 @@ class ControllerBase:
 
     def sandbox_run_dir(self, sandbox_id: str) -> str:
         return os.path.join(self.config.run_dir, "sandboxes", sandbox_id)
+
+    def shm_path(self, sandbox_id: str) -> str:
+        """Where the sandbox's /dev/shm tmpfs is mounted (see drivers.hostfiles)."""
+        return os.path.join(self.sandbox_run_dir(sandbox_id), "shm")
+
+    def cgroup_parent(self, rec: SandboxRecord) -> str:
+        """The cgroup parent of the sandbox's pause: the pod's, else the configured root."""
+        return rec.config.linux.cgroup_parent.rstrip("/") or self.config.cgroup_root
 
     def userns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")
@@ -331,3 +349,9 @@ def _real_runtime(cfg: ControllerConfig) -> RuntimeDriver:
     return OciRuntime(cfg.runtime, cfg.run_dir, binary=cfg.runtime_binary,
                       pause_binary=cfg.pause_binary)
 
+
+
+def _real_host(*, mount_shm: bool) -> HostDriver:
+    from podfsm.drivers.hostfiles import HostFiles
+
+    return HostFiles(mount_shm=mount_shm)
