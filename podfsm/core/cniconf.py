@@ -256,7 +256,8 @@ def default_conflist(name: str, bridge: str, subnet: str) -> dict[str, Any]:
 
     The bridge is the pods' gateway (``isGateway``: which turns on the host's
     ``net.ipv4.ip_forward``), does no masquerading (``ipMasq`` false: no host firewall rules),
-    and lets a pod reach itself through its service address (``hairpinMode``).
+    and lets a pod reach itself through its service address (``hairpinMode``). ``portmap``
+    (with the ``portMappings`` capability) serves the pods' port_mappings.
     """
     _check_name(name, "<default>", "name")
     if not bridge or len(bridge) > MAX_IFNAME_LEN or "/" in bridge or bridge.strip() != bridge:
@@ -284,6 +285,9 @@ def default_conflist(name: str, bridge: str, subnet: str) -> dict[str, Any]:
                     "routes": [{"dst": "0.0.0.0/0"}],
                 },
             },
+            # CRI port_mappings: host ports DNAT-ed to the pod (iptables rules that CNI DEL
+            # removes; portmap's top-level CNI-HOSTPORT-* chains stay, as under containerd)
+            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
             {"type": LOOPBACK_TYPE},
         ],
     }

@@ -47,17 +47,17 @@ READONLY_PATHS: tuple[str, ...] = (
 #: crun's last steps before execve, the dynamic-loader-free start of a static binary and
 #: catatonit's wait-for-signals-and-reap loop need. A process that only waits needs no more.
 PAUSE_SYSCALLS: tuple[str, ...] = (
-    "arch_prctl", "brk", "capget", "capset", "chdir", "clock_gettime", "clock_nanosleep",
-    "close", "close_range", "dup", "dup2", "dup3", "epoll_create1", "epoll_ctl", "epoll_pwait",
+    "arch_prctl", "brk", "capget", "capset", "chdir", "clock_gettime", "clock_nanosleep", "close",
+    "close_range", "dup", "dup2", "dup3", "epoll_create1", "epoll_ctl", "epoll_pwait",
     "epoll_wait", "execve", "execveat", "exit", "exit_group", "fchdir", "fcntl", "fstat",
-    "futex", "getcwd", "getdents64", "getegid", "geteuid", "getgid", "getpgrp", "getpid",
-    "getppid", "getrandom", "getrlimit", "gettid", "getuid", "ioctl", "kill", "lseek",
-    "madvise", "mmap", "mprotect", "munmap", "nanosleep", "newfstatat", "open", "openat",
-    "pause", "pipe2", "poll", "ppoll", "prctl", "pread64", "prlimit64", "read", "readlink",
-    "readlinkat", "restart_syscall", "rseq", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn",
-    "rt_sigsuspend", "rt_sigtimedwait", "sched_getaffinity", "sched_yield", "set_robust_list",
-    "set_tid_address", "setsid", "sigaltstack", "signalfd4", "stat", "statx", "tgkill", "tkill",
-    "uname", "wait4", "waitid", "write", "writev",
+    "fstatfs", "futex", "getcwd", "getdents64", "getegid", "geteuid", "getgid", "getpgrp",
+    "getpid", "getppid", "getrandom", "getrlimit", "gettid", "getuid", "ioctl", "kill", "lseek",
+    "madvise", "mmap", "mprotect", "munmap", "nanosleep", "newfstatat", "open", "openat", "pause",
+    "pipe2", "poll", "ppoll", "prctl", "pread64", "prlimit64", "read", "readlink", "readlinkat",
+    "restart_syscall", "rseq", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigsuspend",
+    "rt_sigtimedwait", "sched_getaffinity", "sched_yield", "set_robust_list", "set_tid_address",
+    "setsid", "sigaltstack", "signalfd4", "stat", "statfs", "statx", "tgkill", "tkill", "uname",
+    "wait4", "waitid", "write", "writev",
 )
 #: The architectures a RuntimeDefault filter lists (the native one and its 32-bit sibling).
 SECCOMP_ARCHES: tuple[str, ...] = ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32")

@@ -303,7 +303,8 @@ class PodSandboxMetadata(_Model):
     # break a terminal, a log line or CNI_ARGS (K8S_POD_NAME=...;...). A name never becomes a
     # file name.
     name: str = Field(min_length=1, max_length=253, pattern=CNI_ARG_TEXT)
-    uid: str = Field(default="", max_length=128, pattern=r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff;=/]*\Z")
+    uid: str = Field(default="", max_length=128,
+                     pattern=r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff;=/]*\Z")
     namespace: str = Field(default="default", min_length=1, max_length=253, pattern=CNI_ARG_TEXT)
     attempt: int = Field(default=0, ge=0, le=(1 << 32) - 1)
 
