@@ -8,6 +8,7 @@ import contextlib
 import glob
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -50,10 +51,11 @@ def portmap_chains_removed_if_new() -> Iterator[None]:
     try:
         yield
     finally:
+        # not while another session's pod has a port mapping (its per-pod CNI-DN- chain)
         if not any(f":{c} " in before for c in PORTMAP_CHAINS) and "CNI-DN-" not in nat_rules():
             for rule in nat_rules().splitlines():
                 if rule.startswith("-A ") and any(f"-j {c}" in rule for c in PORTMAP_CHAINS):
-                    subprocess.run(["iptables", "-t", "nat", "-D", *rule.split()[1:]],
+                    subprocess.run(["iptables", "-t", "nat", "-D", *shlex.split(rule)[1:]],
                                    capture_output=True, check=False)
             for c in PORTMAP_CHAINS:
                 subprocess.run(["iptables", "-t", "nat", "-F", c], capture_output=True,
