@@ -17,11 +17,13 @@ from typing import Any
 
 import anyio
 import httpx
+from pydantic import ValidationError
 
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import SandboxStatus, TransitionEvent
+from podfsm.faces.wire import DEFAULT_SOCKET, ErrorBody, SandboxList
 
-DEFAULT_SOCKET = "/run/podfsm/podfsm.sock"
+__all__ = ["DEFAULT_SOCKET", "ApiError", "Client", "DaemonUnreachable", "resolve_socket"]
 SOCKET_ENV = "PODFSM_SOCKET"
 _FULL_ID_LEN = 64
 
@@ -87,7 +89,7 @@ class Client:
 
     async def list_sandboxes(self) -> list[SandboxStatus]:
         resp = await self._send("GET", "/v1/sandboxes")
-        return [SandboxStatus.model_validate(item) for item in resp.json()["items"]]
+        return SandboxList.model_validate_json(resp.content).items
 
     async def sandbox_status(self, sandbox_id: str) -> SandboxStatus:
         resp = await self._send("GET", f"/v1/sandboxes/{sandbox_id}")
@@ -163,9 +165,9 @@ class Client:
 
 def _api_error(resp: httpx.Response) -> ApiError:
     try:
-        body = resp.json()
-        return ApiError(resp.status_code, str(body["kind"]), str(body["error"]))
-    except (ValueError, KeyError, TypeError):
+        body = ErrorBody.model_validate_json(resp.content)
+        return ApiError(resp.status_code, body.kind, body.error)
+    except ValidationError:
         text = resp.text.strip() or resp.reason_phrase
         return ApiError(resp.status_code, "HTTPError", f"HTTP {resp.status_code}: {text}")
 

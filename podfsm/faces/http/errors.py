@@ -1,0 +1,73 @@
+"""The errors of the HTTP face and the one JSON shape every error response takes."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from podfsm.core.errors import (
+    InvalidPodConfig,
+    NameReserved,
+    PodfsmError,
+    SandboxNotFound,
+    SandboxRunError,
+)
+from podfsm.core.spec import describe_validation_error
+from podfsm.faces.wire import ErrorBody
+
+
+class ServiceUnavailable(PodfsmError):
+    """The controller is not serving yet: it is starting or recovering persisted sandboxes."""
+
+
+class BadRequest(PodfsmError):
+    """A request parameter other than the pod config is malformed."""
+
+
+class PayloadTooLarge(PodfsmError):
+    """The request body is larger than MAX_BODY."""
+
+
+class DaemonError(PodfsmError):
+    """`serve` cannot listen where it was asked to."""
+
+
+_STATUSES: tuple[tuple[type[Exception], int], ...] = (
+    (SandboxNotFound, 404),
+    (NameReserved, 409),
+    (InvalidPodConfig, 422),
+    (ValidationError, 422),
+    (BadRequest, 400),
+    (PayloadTooLarge, 413),
+    (ServiceUnavailable, 503),
+    (PodfsmError, 500),  # SandboxRunError and every other real failure of the system
+)
+
+
+def error_response(exc: Exception) -> Response:
+    """The JSON error response for `exc` (an error of podfsm's or pydantic's)."""
+    status = next((code for kind, code in _STATUSES if isinstance(exc, kind)), 500)
+    if isinstance(exc, ValidationError):
+        body = ErrorBody(error=describe_validation_error(exc), kind="InvalidPodConfig")
+    elif isinstance(exc, SandboxRunError):
+        body = ErrorBody(error=str(exc), kind=type(exc).__name__, step=exc.step,
+                         leftovers=list(exc.leftovers))
+    else:
+        body = ErrorBody(error=str(exc), kind=type(exc).__name__)
+    headers = {"retry-after": "1"} if status == 503 else None
+    return json_response(body, status, headers)
+
+
+def json_response(model: BaseModel, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response:
+    """`model` as a JSON response (an ErrorBody without its empty fields)."""
+    return Response(model.model_dump_json(exclude_defaults=isinstance(model, ErrorBody)),
+                    status_code=status, headers=headers, media_type="application/json")
+
+
+
+def number(text: str | None) -> int | None:
+    """`text` as a non-negative integer in ASCII digits, else None."""
+    return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
