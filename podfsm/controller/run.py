@@ -159,15 +159,15 @@ class Run(Teardown):
         pool_end = cfg.idmap_pool_start + cfg.idmap_pool_size
         for kind, want in (("uids", uid_map), ("gids", gid_map)):
             rng = f"{want.host_id}-{want.host_end - 1}"
-            if want.host_id < cfg.idmap_pool_start or want.host_end > pool_end:
-                raise InvalidPodConfig(
-                    f"userns_options.{kind}[0] host ids {rng} are not inside podfsm's id pool "
-                    f"{cfg.idmap_pool_start}-{pool_end - 1} (host ids 0-65535 stay the host's)")
             if want.length > cfg.idmap_max_length:
                 raise InvalidPodConfig(
                     f"userns_options.{kind}[0] host ids {rng}: {want.length} ids are more than "
                     f"the {cfg.idmap_max_length} a pod may have (ControllerConfig."
                     "idmap_max_length)")
+            if want.host_id < cfg.idmap_pool_start or want.host_end > pool_end:
+                raise InvalidPodConfig(
+                    f"userns_options.{kind}[0] host ids {rng} are not inside podfsm's id pool "
+                    f"{cfg.idmap_pool_start}-{pool_end - 1} (host ids 0-65535 stay the host's)")
         for kind, want, used in (("uid", uid_map, uids_in_use), ("gid", gid_map, gids_in_use)):
             clash = idmap.find_overlap(want, used)
             if clash is not None:

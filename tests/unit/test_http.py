@@ -186,6 +186,9 @@ def test_a_reserved_name_is_409(client: httpx.Client) -> None:
         "mode": "POD", "uids": [{"host_id": 100000, "container_id": 1, "length": 10}],
         "gids": [{"host_id": 100000, "container_id": 0, "length": 10}]}}}})).encode(),
      "container_id must be 0"),
+    (b'{"metadata": {"name": "web"}, "labels": {"a": "\\ud800"}}', "labels.a"),
+    (json.dumps({"metadata": {"name": "web"}, "hostnme": "x"}).encode(), "unknown field"),
+    (json.dumps({"metadata": {"name": "web\n"}}).encode(), "metadata.name"),
 ])
 def test_an_invalid_pod_config_is_422_and_creates_nothing(
     client: httpx.Client, rig: Rig, body: bytes, says: str,
