@@ -520,6 +520,14 @@ def reservation_owner(content: str) -> str:
     return first.strip()
 
 
+def idle_without(plugin: Mapping[str, Any], capability_args: Mapping[str, Any]) -> bool:
+    """True when running `plugin` with these capability arguments would change nothing: the
+    portmap plugin acts only on its ``portMappings`` runtime config; without any it returns
+    ``prevResult`` (ADD, CHECK) and touches no rule (DEL: measured, it runs no iptables). A
+    pod's DEL gets the same port mappings as its ADD, so both are skipped or neither."""
+    return plugin.get("type") == "portmap" and not capability_args.get("portMappings")
+
+
 def capability_args_for(port_mappings: Sequence[PortMapping]) -> dict[str, Any]:
     """The capability arguments podfsm passes to plugins: only ``portMappings``, when any."""
     pms = port_mappings_arg(port_mappings)

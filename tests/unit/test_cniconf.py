@@ -310,3 +310,13 @@ def test_port_mappings_reach_portmap_as_runtime_config_and_not_other_plugins() -
         {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "192.0.2.7"},
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
         {"hostPort": 9999, "containerPort": 9, "protocol": "sctp"}]}
+
+
+def test_portmap_is_idle_without_port_mappings_and_nothing_else_is() -> None:
+    portmap = {"type": "portmap", "capabilities": {"portMappings": True}}
+    assert cniconf.idle_without(portmap, {})
+    assert cniconf.idle_without(portmap, cniconf.capability_args_for([PortMapping(
+        container_port=80)]))  # no host port: nothing to publish
+    assert not cniconf.idle_without(portmap, cniconf.capability_args_for([PortMapping(
+        container_port=80, host_port=8080)]))
+    assert not cniconf.idle_without({"type": "bridge"}, {})
