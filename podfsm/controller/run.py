@@ -80,9 +80,8 @@ class Run(Teardown):
         if sc.selinux_options is not None and selinux_enabled():
             raise InvalidPodConfig("linux.security_context.selinux_options: SELinux is enabled "
                                    "on this host and podfsm does not apply SELinux labels")
-        wants_apparmor = (
-            (sc.apparmor is not None and sc.apparmor.profile_type is not ProfileType.Unconfined)
-            or sc.apparmor_profile not in ("", "unconfined"))
+        wants_apparmor = (sc.apparmor is not None
+                          and sc.apparmor.profile_type is not ProfileType.Unconfined)
         if wants_apparmor and apparmor_enabled():
             raise InvalidPodConfig("linux.security_context.apparmor: AppArmor is enabled on "
                                    "this host and podfsm does not apply AppArmor profiles")

@@ -209,8 +209,6 @@ class LinuxSandboxSecurityContext(_Model):
                 r"/[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*)\Z")
     seccomp: SecurityProfile | None = None
     apparmor: SecurityProfile | None = None
-    #: deprecated in the CRI: "", "unconfined", "runtime/default" or "localhost/<name>"
-    apparmor_profile: str = Field(default="", max_length=4096, pattern=TEXT)
     supplemental_groups_policy: GroupsPolicy = SupplementalGroupsPolicy.Merge
 
     @model_validator(mode="after")
