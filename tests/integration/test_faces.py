@@ -456,7 +456,7 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
                                                  "length": 10}],
                         "gids": [{"host_id": 2000000, "container_id": 0,
                                   "length": 10}]}}}}}).encode(),
-                json.dumps({"metadata": {"name": "Not A Name"}}).encode(),
+                json.dumps({"metadata": {"name": "not;a;name"}}).encode(),
                 b"{}", b"[]", b"not json", b"",
             ]
             for body in bad_pods:

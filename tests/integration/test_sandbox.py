@@ -144,7 +144,8 @@ BAD_PODS: dict[str, dict[str, Any]] = {
         {"host_id": 1000, "container_id": 0, "length": 0}]}),
     "mode CONTAINER": pod(userns={"mode": "CONTAINER"}),
     "mode TARGET": pod(userns={"mode": "TARGET"}),
-    "bad name": {"metadata": {"name": "web\n"}},
+    "bad name": {"metadata": {"name": "not;a;name"}},
+    "name with a trailing newline": {"metadata": {"name": "web\n"}},
 }
 
 
