@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 from typing import Any
 
 import anyio
@@ -31,6 +32,9 @@ from podfsm.drivers.hostfiles import apparmor_enabled, selinux_enabled
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
+
+#: the largest Localhost seccomp profile read (Docker's default profile is about 20 KB)
+MAX_SECCOMP_PROFILE = 1 << 20
 
 
 class Run(Teardown):
@@ -130,8 +134,16 @@ class Run(Teardown):
         if not os.path.isabs(path):
             raise InvalidPodConfig(f"{where} {path!r} must be an absolute path")
         try:
-            with open(path, "rb") as f:
-                text = f.read(1 << 20)
+            # O_NONBLOCK and a regular file only: a FIFO or a device named by the pod must not
+            # block admission or feed it without end.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise InvalidPodConfig(f"{where}: {path} is not a regular file")
+                text = f.read(MAX_SECCOMP_PROFILE + 1)
+            if len(text) > MAX_SECCOMP_PROFILE:
+                raise InvalidPodConfig(f"{where}: {path} is larger than "
+                                       f"{MAX_SECCOMP_PROFILE} bytes")
             return seccomp_from_profile(text, path)
         except OSError as exc:
             raise InvalidPodConfig(f"{where}: cannot read the seccomp profile {path}: "

@@ -304,6 +304,8 @@ async def test_admission_refusals_that_need_the_configuration(rig: Rig, tmp_path
     start = rig.cfg.idmap_pool_start
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
     cases = {
         "below the pool": (userns_pod({"host_id": 1, "container_id": 0, "length": 65535}),
                            "host ids 1-65535 are not inside"),
@@ -321,6 +323,8 @@ async def test_admission_refusals_that_need_the_configuration(rig: Rig, tmp_path
                                         "localhost_ref": str(tmp_path / "none.json")}),
                             str(tmp_path / "none.json")),
         "invalid profile": (sc(seccomp_profile_path=f"localhost/{bad}"), str(bad)),
+        "a fifo for a profile": (sc(seccomp={"profile_type": "Localhost",
+                                             "localhost_ref": str(fifo)}), "not a regular file"),
     }
     async with rig.controller() as ctl:
         for case, (data, words) in cases.items():
