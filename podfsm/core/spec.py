@@ -28,11 +28,21 @@ from podfsm.core.errors import InvalidPodConfig
 
 # Every pattern is matched against the whole string: `\Z`, never `$` (which also matches before
 # a trailing newline), with Python's regex engine (the JSON schema carries the same patterns).
-#: No C0/C1 control character, no lone surrogate: what may reach a file, a command line, an
-#: environment variable, a log line or a terminal.
-TEXT = r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*\Z"
-#: TEXT without ';' and '=' (CNI_ARGS separators) and, for uid, '/'.
-CNI_ARG_TEXT = r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff;=]*\Z"
+#: What no string may hold, since it may reach a file, a command line, an environment variable,
+#: a log line or a terminal: C0 and C1 controls, line and paragraph separators, zero-width and
+#: bidirectional formatting characters (they reorder what a terminal shows), a BOM, and lone
+#: surrogates (not encodable).
+UNSAFE = (r"\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff"
+          r"\ud800-\udfff")
+#: and, for names: every character str.isprintable refuses in the Basic Multilingual Plane
+#: (Unicode 14, Python 3.11) but unassigned ones, so the JSON schema says what the validator
+#: does; it covers UNSAFE
+_UNPRINTABLE = (r"\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2"
+                r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
+                r"\ud800-\uf8ff\ufeff\ufff9-\ufffb")
+TEXT = rf"^[^{UNSAFE}]*\Z"
+#: printable text without ';' and '=' (CNI_ARGS separators)
+CNI_ARG_TEXT = rf"^[^{_UNPRINTABLE};=]*\Z"
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 HOSTNAME = rf"^{_DNS_LABEL}\Z"
 _DOMAIN_LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
@@ -41,8 +51,8 @@ DOMAIN = rf"^{_DOMAIN_LABEL}(\.{_DOMAIN_LABEL})*\.?\Z"
 RESOLV_OPTION = r"^[a-z][a-z0-9-]*(:[0-9]{1,4})?\Z"
 #: an IPv4 or IPv6 address in text form (checked exactly by the validator)
 IP_TEXT = r"^[0-9A-Fa-f:.]{2,45}\Z"
-ABS_PATH = r"^/[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*\Z"
-CGROUP_PARENT = r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*\Z"
+ABS_PATH = rf"^/[^{UNSAFE}]*\Z"
+CGROUP_PARENT = TEXT
 CPUSET = r"^[0-9,\-]*\Z"
 _SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 ID_SPACE = 1 << 32  # uid_t range
@@ -206,7 +216,7 @@ class LinuxSandboxSecurityContext(_Model):
     seccomp_profile_path: str = Field(
         default="", max_length=4096,
         pattern=r"^(|unconfined|runtime/default|docker/default|localhost/"
-                r"/[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*)\Z")
+                rf"/[^{UNSAFE}]*)\Z")
     seccomp: SecurityProfile | None = None
     apparmor: SecurityProfile | None = None
     supplemental_groups_policy: GroupsPolicy = SupplementalGroupsPolicy.Merge
@@ -302,7 +312,7 @@ class PodSandboxMetadata(_Model):
     # file name.
     name: str = Field(min_length=1, max_length=253, pattern=CNI_ARG_TEXT)
     uid: str = Field(default="", max_length=128,
-                     pattern=r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff;=/]*\Z")
+                     pattern=rf"^[^{_UNPRINTABLE};=/]*\Z")
     namespace: str = Field(default="default", min_length=1, max_length=253, pattern=CNI_ARG_TEXT)
     attempt: int = Field(default=0, ge=0, le=(1 << 32) - 1)
 
