@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import stat
 from typing import Any
 
 import anyio
@@ -28,7 +27,6 @@ from podfsm.core.records import SandboxRecord
 from podfsm.core.spec import IDMapping, PodSandboxConfig, ProfileType
 from podfsm.core.states import Trigger
 from podfsm.drivers.base import NamespaceRequest, PauseRequest
-from podfsm.drivers.hostfiles import apparmor_enabled, selinux_enabled
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
@@ -72,8 +70,7 @@ class Run(Teardown):
         self._names[pod.reserved_name] = sandbox_id
         return sb
 
-    @staticmethod
-    def _check_host_support(pod: PodSandboxConfig) -> None:
+    def _check_host_support(self, pod: PodSandboxConfig) -> None:
         """Refusals that need a look at this host: a sysctl the kernel does not have; SELinux
         or AppArmor settings where the facility is enabled (podfsm does not apply them; on a
         host without them containerd ignores them too, and so does podfsm)."""
@@ -81,12 +78,13 @@ class Run(Teardown):
             if not os.path.exists("/proc/sys/" + name.replace(".", "/")):
                 raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
         sc = pod.linux.security_context
-        if sc.selinux_options is not None and selinux_enabled():
+        lsms = self._host.security_modules()
+        if sc.selinux_options is not None and "selinux" in lsms:
             raise InvalidPodConfig("linux.security_context.selinux_options: SELinux is enabled "
                                    "on this host and podfsm does not apply SELinux labels")
         wants_apparmor = (sc.apparmor is not None
                           and sc.apparmor.profile_type is not ProfileType.Unconfined)
-        if wants_apparmor and apparmor_enabled():
+        if wants_apparmor and "apparmor" in lsms:
             raise InvalidPodConfig("linux.security_context.apparmor: AppArmor is enabled on "
                                    "this host and podfsm does not apply AppArmor profiles")
 
@@ -117,8 +115,7 @@ class Run(Teardown):
                     f"namespace (container ids {mapping.container_id}-"
                     f"{mapping.container_id + mapping.length - 1})")
 
-    @staticmethod
-    def _seccomp(pod: PodSandboxConfig) -> dict[str, Any] | None:
+    def _seccomp(self, pod: PodSandboxConfig) -> dict[str, Any] | None:
         """The OCI seccomp object for the pause, as containerd chooses it: none for a
         privileged sandbox or Unconfined, the pause's default for RuntimeDefault, the file's
         content for Localhost (read now, so a missing or bad file is refused up front)."""
@@ -134,16 +131,7 @@ class Run(Teardown):
         if not os.path.isabs(path):
             raise InvalidPodConfig(f"{where} {path!r} must be an absolute path")
         try:
-            # O_NONBLOCK and a regular file only: a FIFO or a device named by the pod must not
-            # block admission or feed it without end.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise InvalidPodConfig(f"{where}: {path} is not a regular file")
-                text = f.read(MAX_SECCOMP_PROFILE + 1)
-            if len(text) > MAX_SECCOMP_PROFILE:
-                raise InvalidPodConfig(f"{where}: {path} is larger than "
-                                       f"{MAX_SECCOMP_PROFILE} bytes")
+            text = self._host.read_seccomp_profile(path, MAX_SECCOMP_PROFILE)
             return seccomp_from_profile(text, path)
         except OSError as exc:
             raise InvalidPodConfig(f"{where}: cannot read the seccomp profile {path}: "

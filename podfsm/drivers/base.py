@@ -185,6 +185,14 @@ class HostDriver(Protocol):
         """rmdir, in every hierarchy, the empty directories from `cgroup_parent` up to (not
         including) `cgroup_root`: the runtime's delete removes only the container's own."""
 
+    def read_seccomp_profile(self, path: str, limit: int) -> bytes:
+        """The content of a Localhost seccomp profile, read at admission (so synchronous and
+        bounded): OSError if unreadable, ValueError if not a regular file or over `limit`."""
+
+    def security_modules(self) -> frozenset[str]:
+        """The Linux security modules enabled on the host that podfsm would have to apply:
+        "selinux", "apparmor"."""
+
 
 @dataclass(frozen=True)
 class SetAside:

@@ -16,6 +16,7 @@ import glob
 import os
 import shutil
 import socket
+import stat
 
 import anyio
 
@@ -137,6 +138,22 @@ class HostFiles:
 
     async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str) -> None:
         await anyio.to_thread.run_sync(remove_cgroup_parent, cgroup_parent, cgroup_root)
+
+    def read_seccomp_profile(self, path: str, limit: int) -> bytes:
+        # O_NONBLOCK and a regular file only: a FIFO or a device named by the pod must not
+        # block admission or feed it without end.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{path} is not a regular file")
+            text = f.read(limit + 1)
+        if len(text) > limit:
+            raise ValueError(f"{path} is larger than {limit} bytes")
+        return text
+
+    def security_modules(self) -> frozenset[str]:
+        return frozenset(name for name, on in (("selinux", selinux_enabled()),
+                                               ("apparmor", apparmor_enabled())) if on)
 
 
 def _release_shm(shm_path: str) -> None:

@@ -407,3 +407,26 @@ async def test_a_log_directory_that_cannot_be_made_unwinds(rig: Rig, tmp_path: P
             await ctl.run_sandbox(pod(log_directory=str(tmp_path / "file" / "logs")))
         assert await ctl.list_sandboxes() == []
     rig.nothing_left()
+
+
+async def test_selinux_and_apparmor_are_refused_where_enabled_and_ignored_where_not(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from podfsm.drivers.hostfiles import HostFiles
+
+    selinux = sc(selinux_options={"type": "spc_t"})
+    apparmor = sc(apparmor={"profile_type": "RuntimeDefault"})
+    async with rig.controller() as ctl:
+        monkeypatch.setattr(HostFiles, "security_modules", lambda self: frozenset())
+        for data in (selinux, apparmor):  # as containerd on a host without them
+            st = await ctl.run_sandbox(data)
+            await ctl.remove_sandbox(st.id)
+        monkeypatch.setattr(HostFiles, "security_modules",
+                            lambda self: frozenset({"selinux", "apparmor"}))
+        for data, words in ((selinux, "selinux_options: SELinux is enabled"),
+                            (apparmor, "apparmor: AppArmor is enabled")):
+            with pytest.raises(InvalidPodConfig, match=words):
+                await ctl.run_sandbox(data)
+        st = await ctl.run_sandbox(sc(apparmor={"profile_type": "Unconfined"}))
+        await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
