@@ -97,10 +97,11 @@ class Teardown(ControllerBase):
 
     async def _remove_files(self, sb: Sandbox) -> None:
         files = sb.record.files
-        await self._release_shm(sb)
-        if files is not None:
-            await self._host.remove_files(files)
-            sb.record = sb.record.evolve(files=None)
+        if files is None:  # a crash before the record named them: the tmpfs may be there
+            await self._release_shm(sb)
+            return
+        await self._host.remove_files(files)  # the tmpfs first, if still mounted
+        sb.record = sb.record.evolve(files=None)
 
     async def _teardown_namespaces(self, sb: Sandbox) -> None:
         rec = sb.record

@@ -161,9 +161,11 @@ def _release_shm(shm_path: str) -> None:
     if shm_path == HOST_SHM:
         return
     try:
-        nsutil.umount2(shm_path, nsutil.MNT_DETACH | nsutil.UMOUNT_NOFOLLOW)
+        nsutil.umount2(shm_path, nsutil.UMOUNT_NOFOLLOW)
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+        if exc.errno == errno.EBUSY:  # a process has a file open there: let it go lazily
+            nsutil.umount2(shm_path, nsutil.MNT_DETACH | nsutil.UMOUNT_NOFOLLOW)
+        elif exc.errno not in (errno.EINVAL, errno.ENOENT):
             raise
     try:
         os.rmdir(shm_path)
