@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, get_args
@@ -55,3 +56,12 @@ def test_the_resources_row_names_every_resources_field() -> None:
                if line.startswith("| `linux.overhead.*`"))
     for name in LinuxContainerResources.model_fields:
         assert f"`{name}`" in row, name
+
+
+def test_every_example_pod_config_is_accepted() -> None:
+    from podfsm.core.spec import parse_pod_config
+
+    examples = sorted((DOC.parents[1] / "examples" / "pods").glob("*.json"))
+    assert len(examples) >= 5
+    for path in examples:
+        parse_pod_config(json.loads(path.read_text()))
