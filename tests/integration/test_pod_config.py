@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from podfsm import InvalidPodConfig, State
@@ -85,6 +86,15 @@ def status_field(pid: int, name: str) -> list[str]:
     raise AssertionError(f"no {name} in /proc/{pid}/status")
 
 
+async def wait_exec(pid: int) -> None:
+    """Wait until the pause has exec'd catatonit: `runtime start` returns when it has told the
+    container's init to go on, which then loads the seccomp filter and execs."""
+    with anyio.fail_after(10):
+        while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(  # noqa: ASYNC110
+                b"/catatonit\0"):
+            await anyio.sleep(0.005)
+
+
 def is_mounted(path: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)
@@ -127,6 +137,7 @@ async def test_one_pod_config_honours_every_field(env: Env, tmp_path: Path) -> N
             st = await ctl.run_sandbox(config)
             assert st.state is State.READY and st.pid is not None and st.netns_path
             pid, base = st.pid, st.uid_mappings[0].host_id
+            await wait_exec(pid)
             gbase = st.gid_mappings[0].host_id
             root = f"/proc/{pid}/root"
             # hostname: the UTS name and the file
@@ -207,6 +218,7 @@ async def test_host_namespaces_and_unconfined(env: Env) -> None:
     async with running(env) as ctl:
         st = await ctl.run_sandbox(config)
         assert st.state is State.READY and st.pid is not None
+        await wait_exec(st.pid)
         for ns in ("pid", "ipc", "uts", "net"):
             assert os.readlink(f"/proc/{st.pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
         assert status_field(st.pid, "Seccomp") == ["0"]
