@@ -72,8 +72,10 @@ RESOURCE_ANNOTATIONS = {
     "cpu_shares": "io.kubernetes.cri.sandbox-cpu-shares",
     "memory_limit_in_bytes": "io.kubernetes.cri.sandbox-memory",
 }
-#: containerd's WithDefaultSandboxShares: the pause needs almost no CPU
-DEFAULT_SANDBOX_CPU_SHARES = 2
+# containerd also gives the pause cpu shares 2 (WithDefaultSandboxShares), weighed against
+# the pod's containers in the pod's cgroup. Here every pause's siblings are other pods'
+# pauses, so equal shares change nothing but how long a pause waits to exec under contention
+# beside other controllers' pods: podfsm leaves the default.
 
 
 def runtime_default_seccomp() -> dict[str, Any]:
@@ -313,8 +315,7 @@ def pause_spec(
         "namespaces": _namespaces(req),
         "cgroupsPath": cgroups_path(req.container_id, req.cgroup_parent),
         # runc adds its default device allow-list (null, zero, tty, ...) on top of this.
-        "resources": {"devices": [{"allow": False, "access": "rwm"}],
-                      "cpu": {"shares": DEFAULT_SANDBOX_CPU_SHARES}},
+        "resources": {"devices": [{"allow": False, "access": "rwm"}]},
         "maskedPaths": list(MASKED_PATHS),
         "readonlyPaths": list(READONLY_PATHS),
     }
