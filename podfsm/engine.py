@@ -1,34 +1,17 @@
 """The state machine engine: the `transitions` library's plain Machine, built from the table.
 
 The async orchestrator does the I/O of a step, then fires the step's trigger here; the Machine
-only decides whether the move is legal. It is synchronous and exact, which keeps the library's
-asyncio quirks (swallowed cancellation, concurrent callbacks) out of the way.
+only decides whether the move is legal, and nothing else in podfsm answers that question. It is
+synchronous and exact, which keeps the library's asyncio quirks (swallowed cancellation,
+concurrent callbacks) out of the way.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from transitions import Machine, MachineError
 
 from podfsm.core.errors import IllegalTransition
 from podfsm.core.states import INITIAL, STATES, TRANSITIONS, State, Trigger
-
-
-def machine_kwargs() -> dict[str, Any]:
-    """The table in the form every transitions Machine (plain or graph) takes."""
-    return {
-        "states": [s.value for s in STATES],
-        "transitions": [
-            {"trigger": t.trigger.value, "source": t.source.value, "dest": t.dest.value}
-            for t in TRANSITIONS
-        ],
-        "auto_transitions": False,
-        "ignore_invalid_triggers": False,
-    }
-
-
-_KWARGS = machine_kwargs()
 
 
 class _Cursor:
@@ -43,7 +26,18 @@ class _Cursor:
 
 
 _CURSOR = _Cursor()
-_MACHINE = Machine(model=_CURSOR, initial=INITIAL.value, send_event=False, **_KWARGS)
+_MACHINE = Machine(
+    model=_CURSOR,
+    initial=INITIAL.value,
+    states=[s.value for s in STATES],
+    transitions=[
+        {"trigger": t.trigger.value, "source": t.source.value, "dest": t.dest.value}
+        for t in TRANSITIONS
+    ],
+    auto_transitions=False,
+    ignore_invalid_triggers=False,
+    send_event=False,
+)
 
 
 class SandboxMachine:

@@ -119,6 +119,9 @@ class FakeNetwork:
     async def interfaces(self, netns_path: str) -> list[InterfaceInfo]:
         return []
 
+    def problem(self) -> str | None:
+        return None
+
     async def reserved_container_ids(self) -> set[str]:
         return set(self.reserved)
 

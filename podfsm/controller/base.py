@@ -13,10 +13,10 @@ import os
 import re
 import signal
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -24,8 +24,15 @@ from anyio.abc import TaskGroup
 from podfsm.config import ControllerConfig
 from podfsm.core import failpoints as fp
 from podfsm.core.errors import ControllerLocked, PodfsmError, SandboxRunError, StepFailed
-from podfsm.core.records import HistoryEntry, SandboxRecord, TaskInfo, TransitionEvent
-from podfsm.core.states import State, Trigger
+from podfsm.core.records import (
+    HistoryEntry,
+    LifecycleEvent,
+    SandboxRecord,
+    SandboxStatus,
+    TaskInfo,
+    TransitionEvent,
+)
+from podfsm.core.states import State, Trigger, lifecycle_kind
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import (
     HostDriver,
@@ -38,6 +45,8 @@ from podfsm.drivers.base import (
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E")
 
 #: how many past events a late subscriber can still ask for (events(since=...))
 EVENT_BACKLOG = 1024
@@ -81,6 +90,7 @@ class ControllerBase:
         namespaces: NamespaceDriver | None = None,
         network: NetworkDriver | None = None,
         runtime: RuntimeDriver | None = None,
+        runtimes: Sequence[RuntimeDriver] | None = None,
         store: Store | None = None,
         host: HostDriver | None = None,
         failpoints: str | None = None,
@@ -89,7 +99,14 @@ class ControllerBase:
         self._real = namespaces is None and network is None and runtime is None
         self._ns = namespaces or _real_namespaces(cfg)
         self._net = network or _real_network(cfg)
-        self._rt = runtime or _real_runtime(cfg)
+        #: the default runtime handler (cfg.runtime) and every installed one, by name; a
+        #: sandbox keeps the name of its own (SandboxRecord.runtime) for its whole life
+        self._rt = runtime or _real_runtime(cfg, cfg.runtime)
+        self._runtimes: dict[str, RuntimeDriver] = {self._rt.name: self._rt}
+        extra = runtimes if runtimes is not None else (
+            _other_real_runtimes(cfg) if self._real else ())
+        for rt in extra:
+            self._runtimes.setdefault(rt.name, rt)
         # With fake drivers no pause ever runs: the files are written, no tmpfs is mounted.
         self._host = host or _real_host(mount_shm=self._real)
         self._store: Store | None = store
@@ -100,13 +117,27 @@ class ControllerBase:
         self._limiter = anyio.CapacityLimiter(cfg.max_parallel)
         self._tg: TaskGroup | None = None
         self._exit_stack = contextlib.AsyncExitStack()
-        self._subscribers: set[Subscriber] = set()
+        self._subscribers: set[Subscriber[TransitionEvent]] = set()
+        self._lifecycle_subscribers: set[Subscriber[LifecycleEvent]] = set()
         self._backlog: deque[TransitionEvent] = deque(maxlen=EVENT_BACKLOG)
         self._seq = 0
         self._tag = hashlib.sha256(os.path.realpath(cfg.state_dir).encode()).hexdigest()[:8]
         self.recovery_problems: list[str] = []
         self._set_aside_ids: set[str] = set()
         self.recovering = False
+
+    @property
+    def runtime_handlers(self) -> list[str]:
+        """The names of the installed runtime handlers, the default one first."""
+        return list(self._runtimes)
+
+    def _runtime(self, name: str) -> RuntimeDriver:
+        """The driver of runtime handler `name` (a sandbox's own, from its record)."""
+        rt = self._runtimes.get(name)
+        if rt is None:
+            raise StepFailed("runtime", f"runtime handler {name!r} is not installed "
+                                        f"(installed: {', '.join(self._runtimes)})")
+        return rt
 
     @property
     def store(self) -> Store:
@@ -162,6 +193,15 @@ class ControllerBase:
         events, sb.unpublished = sb.unpublished, []
         for h in events:
             self._publish(sb.record.id, h)
+        if self._lifecycle_subscribers:
+            kinds = [(k, h.at) for h in events
+                     if (k := lifecycle_kind(h.trigger, h.source, h.dest)) is not None]
+            if kinds:
+                status = SandboxStatus.from_record(sb.record)
+                for kind, at in kinds:
+                    ev = LifecycleEvent(kind=kind, at=at, status=status, config=sb.record.config)
+                    for sub in list(self._lifecycle_subscribers):
+                        sub.put(ev)
 
     async def _store_save(self, rec: SandboxRecord, durable: bool = False) -> None:
         # Never abandoned halfway: a cancelled write would go on in its thread.
@@ -248,17 +288,17 @@ class ControllerBase:
         )
 
 
-class Subscriber:
+class Subscriber(Generic[E]):
     """One events() consumer: an unbounded-but-capped queue that never blocks the publisher."""
 
     _CAP = 10_000
 
     def __init__(self) -> None:
-        send, recv = anyio.create_memory_object_stream[TransitionEvent | None](self._CAP)
+        send, recv = anyio.create_memory_object_stream[E | None](self._CAP)
         self._send = send
         self._recv = recv
 
-    def put(self, ev: TransitionEvent) -> None:
+    def put(self, ev: E) -> None:
         with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError,
                                  anyio.ClosedResourceError):
             self._send.send_nowait(ev)
@@ -272,7 +312,7 @@ class Subscriber:
         self._send.close()
         self._recv.close()
 
-    async def get(self) -> TransitionEvent | None:
+    async def get(self) -> E | None:
         try:
             return await self._recv.receive()
         except anyio.EndOfStream:
@@ -343,12 +383,21 @@ def _real_network(cfg: ControllerConfig) -> NetworkDriver:
     )
 
 
-def _real_runtime(cfg: ControllerConfig) -> RuntimeDriver:
+def _real_runtime(cfg: ControllerConfig, name: Literal["runc", "crun"]) -> RuntimeDriver:
     from podfsm.drivers.runtime import OciRuntime
 
-    return OciRuntime(cfg.runtime, cfg.run_dir, binary=cfg.runtime_binary,
-                      pause_binary=cfg.pause_binary)
+    binary = cfg.runtime_binary if name == cfg.runtime else None
+    return OciRuntime(name, cfg.run_dir, binary=binary, pause_binary=cfg.pause_binary)
 
+
+def _other_real_runtimes(cfg: ControllerConfig) -> list[RuntimeDriver]:
+    """The handlers besides the default one that are installed here (found on PATH): each
+    keeps its own root, <run_dir>/runtime/<name>, and shares the reaper."""
+    from podfsm.drivers.runtime import installed
+
+    others: list[Literal["runc", "crun"]] = [n for n in ("runc", "crun")
+                                              if n != cfg.runtime and installed(n)]
+    return [_real_runtime(cfg, n) for n in others]
 
 
 def _real_host(*, mount_shm: bool) -> HostDriver:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -43,7 +44,10 @@ class Recovery(Run):
         # What the runtime and the IPAM store say, asked once for all sandboxes: one
         # `runtime list` and one directory read instead of a runtime call and a CNI CHECK per
         # sandbox (which made a restart with 250 sandboxes take 3 s).
-        world = _World(await self._rt.states(), await self._net.reserved_container_ids())
+        states: dict[str, dict[str, str]] = {}
+        for name, rt in self._runtimes.items():
+            states[name] = await rt.states()
+        world = _World(states, await self._net.reserved_container_ids())
         async with anyio.create_task_group() as tg:
             for sb in list(self._sandboxes.values()):
                 tg.start_soon(self._recover_one, sb, world)
@@ -82,15 +86,17 @@ class Recovery(Run):
         rec = sb.record
         task = rec.task
         if task is None or not same_process(task):
-            status = await self._exit_status(task, 0.2) if task is not None else None
+            status = (await self._exit_status(rec.runtime, task, 0.2) if task is not None
+                      else None)
             msg = "task exited while podfsm was down"
             await self._save(sb, Trigger.TASK_EXIT, exit_status=status,
                              finished_at=rec.finished_at or now(), error=msg)
             return
         problem = self._task_problem(rec) or pin_problem(rec)
-        if problem is None and world.runtime_states.get(rec.id) != "running":
-            problem = (f"the runtime says the container is "
-                       f"{world.runtime_states.get(rec.id) or 'gone'}")
+        said = world.runtime_states.get(rec.runtime, {}).get(rec.id)
+        if problem is None and said != "running":
+            problem = f"the runtime says the container is {said or 'gone'} ({rec.runtime})"
+
         if problem is None and rec.network is not None and rec.id not in world.reserved:
             problem = "pod network check failed: its address is no longer reserved"
         if problem is not None:
@@ -109,10 +115,11 @@ class Recovery(Run):
         """
         known = set(self._sandboxes)
         ids: set[str] = set()
-        try:
-            ids.update(await self._rt.list_containers())
-        except PodfsmError as exc:
-            self.recovery_problems.append(f"orphan containers: {exc}")
+        for rt in self._runtimes.values():
+            try:
+                ids.update(await rt.list_containers())
+            except PodfsmError as exc:
+                self.recovery_problems.append(f"orphan containers ({rt.name}): {exc}")
         bundles_dir = os.path.dirname(self._rt.bundle_path("0" * 64))
         for d in (os.path.join(self.config.run_dir, "sandboxes"), bundles_dir):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
@@ -134,8 +141,13 @@ class Recovery(Run):
     async def _collect_orphan(self, sid: str) -> None:
         log.warning("collecting orphan sandbox %s (no record of it)", sid)
         netns = self.netns_pin_path(sid)
+        # Which handler made it is not known without a record: delete is idempotent, so every
+        # handler is asked.
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("runtime delete", lambda: self._rt.delete(sid)),
+            (f"{rt.name} delete", functools.partial(rt.delete, sid))
+            for rt in self._runtimes.values()
+        ]
+        steps += [
             ("CNI DEL", lambda: self._net.detach(
                 NetworkRequest(sandbox_id=sid,
                                netns_path=netns if os.path.lexists(netns) else None), None)),
@@ -158,6 +170,7 @@ class Recovery(Run):
 class _World:
     """What the drivers report once, at recovery."""
 
-    runtime_states: dict[str, str]
+    #: handler name -> container id -> the runtime's status
+    runtime_states: dict[str, dict[str, str]]
     reserved: set[str]
 

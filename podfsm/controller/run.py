@@ -38,7 +38,7 @@ MAX_SECCOMP_PROFILE = 1 << 20
 class Run(Teardown):
     """Admission (name, id ranges) and the forward steps with their unwinding."""
 
-    def _admit(self, pod: PodSandboxConfig) -> Sandbox:
+    def _admit(self, pod: PodSandboxConfig, runtime: str) -> Sandbox:
         """Reserve the name and the id range and publish the sandbox, its lock held by the
         caller. Synchronous, so reservations are atomic without a lock; nothing is written or
         touched on the system here (the run writes the first record)."""
@@ -55,7 +55,7 @@ class Run(Teardown):
             id=sandbox_id,
             config=pod,
             created_at=now(),
-            runtime=self._rt.name,
+            runtime=runtime,
             uid_mapping=uid_map,
             gid_mapping=gid_map,
             allocated_ids=allocated,
@@ -300,8 +300,9 @@ class Run(Teardown):
         ns = rec.namespaces
         pod = rec.config
         sc = pod.linux.security_context
+        rt = self._runtime(rec.runtime)
         with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
-            task = await self._rt.create(PauseRequest(
+            task = await rt.create(PauseRequest(
                 container_id=rec.id,
                 hostname=pod.effective_hostname,
                 netns_path=ns.netns_path if ns else None,
@@ -322,7 +323,7 @@ class Run(Teardown):
                 resources=pod.linux.resources,
             ))
         sb.record = rec.evolve(container_created=True, task=task,
-                               bundle_path=self._rt.bundle_path(rec.id))
+                               bundle_path=rt.bundle_path(rec.id))
         await self._hit("runtime_create.after")
         await self._save(sb, Trigger.CREATE_CONTAINER, pending=Trigger.START_TASK.value)
 
@@ -332,7 +333,7 @@ class Run(Teardown):
         undo.append(Undo("kill task", lambda: self._teardown_task(sb), Trigger.KILL_TASK))
         await self._hit("runtime_start.before")
         with anyio.CancelScope(shield=True):  # so does `start`
-            await self._rt.start_task(rec.id)
+            await self._runtime(rec.runtime).start_task(rec.id)
         await self._hit("runtime_start.after")
         # Written together with mark_ready: the check in between touches nothing, and a crash
         # there leaves `pending=start_task`, which recovery treats the same way.

@@ -31,18 +31,18 @@ class Teardown(ControllerBase):
         if task is None:
             return
         await self._hit("runtime_kill.before")
-        status = await self._kill_and_wait(task)
+        status = await self._kill_and_wait(sb.record.runtime, task)
         changes: dict[str, Any] = {"task": None}
         if sb.record.exit_status is None and status is not None:
             changes.update(exit_status=status, finished_at=now())
         sb.record = sb.record.evolve(**changes)
         await self._hit("runtime_kill.after")
 
-    async def _kill_and_wait(self, task: TaskInfo) -> int | None:
+    async def _kill_and_wait(self, runtime: str, task: TaskInfo) -> int | None:
         try:
             pidfd = os.pidfd_open(task.pid)
         except ProcessLookupError:
-            return await self._exit_status(task, 0.05)
+            return await self._exit_status(runtime, task, 0.05)
         try:
             if nsutil.proc_start_time(task.pid) != task.start_time:
                 return None  # not our process any more: it exited long ago
@@ -58,13 +58,13 @@ class Teardown(ControllerBase):
                 raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
         finally:
             os.close(pidfd)
-        return await self._exit_status(task, 1.0)
+        return await self._exit_status(runtime, task, 1.0)
 
-    async def _exit_status(self, task: TaskInfo, timeout: float) -> int | None:
+    async def _exit_status(self, runtime: str, task: TaskInfo, timeout: float) -> int | None:
         """The task's exit status from the reaper, or None when it cannot be learned (the
         task's end is known either way)."""
         try:
-            return await self._rt.wait_exit_status(task, timeout)
+            return await self._runtime(runtime).wait_exit_status(task, timeout)
         except PodfsmError as exc:
             log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
             return None
@@ -72,7 +72,7 @@ class Teardown(ControllerBase):
     async def _teardown_container(self, sb: Sandbox) -> None:
         rec = sb.record
         await self._hit("runtime_delete.before")
-        await self._rt.delete(rec.id)
+        await self._runtime(rec.runtime).delete(rec.id)
         # The runtime removes only the container's own cgroup; the parents podfsm caused to
         # exist under its cgroup root go too when no other pod uses them.
         await self._host.remove_cgroup_parent(self.cgroup_parent(rec), self.config.cgroup_root)
@@ -195,7 +195,7 @@ class Teardown(ControllerBase):
             with scope:
                 if pidfd >= 0:
                     await anyio.wait_readable(pidfd)
-                status = await self._exit_status(task, 1.0)
+                status = await self._exit_status(sb.record.runtime, task, 1.0)
                 async with sb.lock:
                     if sb.removed or sb.record.task != task or sb.supervisor is not scope:
                         return

@@ -198,3 +198,57 @@ class SandboxStatus(_Frozen):
             leftovers=list(rec.leftovers),
             history=list(rec.history),
         )
+
+
+class CgroupStats(_Frozen):
+    """CPU and memory counters of a sandbox's cgroup, read at `timestamp_ns` (ns since epoch).
+    working set = usage less inactive file pages, as the kubelet counts it."""
+
+    cgroup: str
+    timestamp_ns: int
+    cpu_usage_ns: int
+    memory_usage_bytes: int
+    memory_working_set_bytes: int
+    memory_rss_bytes: int
+    page_faults: int
+    major_page_faults: int
+
+
+class InterfaceStats(_Frozen):
+    """Counters of one interface in the pod's network namespace."""
+
+    name: str
+    rx_bytes: int
+    rx_errors: int
+    tx_bytes: int
+    tx_errors: int
+
+
+class SandboxStats(_Frozen):
+    """What Controller.sandbox_stats reports: the cgroup's counters (None when the pause task
+    is not running) and the pod's interfaces (`default_interface` is the CNI one, eth0)."""
+
+    id: str
+    timestamp_ns: int
+    cgroup: CgroupStats | None
+    default_interface: str
+    interfaces: list[InterfaceStats]
+
+
+class FilesystemUsage(_Frozen):
+    """Usage of a filesystem holding podfsm's state or run directory."""
+
+    mountpoint: str
+    timestamp_ns: int
+    used_bytes: int
+    inodes_used: int
+
+
+class LifecycleEvent(_Frozen):
+    """A sandbox lifecycle event, as the CRI's GetContainerEvents carries it for sandboxes:
+    `kind` created, started, stopped or deleted, with the sandbox's status at that moment."""
+
+    kind: str
+    at: datetime
+    status: SandboxStatus
+    config: PodSandboxConfig

@@ -97,13 +97,17 @@ COMPENSATIONS: dict[Trigger, Trigger | None] = {
 }
 
 
-def next_state(state: State, trigger: Trigger) -> State | None:
-    """The state `trigger` leads to from `state`, or None when the table has no such edge."""
-    for t in TRANSITIONS:
-        if t.source is state and t.trigger is trigger:
-            return t.dest
+def lifecycle_kind(trigger: str, source: str, dest: str) -> str | None:
+    """The CRI lifecycle event a transition makes, if any: "created" (the pause container
+    exists), "started" (Ready), "stopped" (no longer running: exit, failure, stop, or an
+    unwinding killing it) or "deleted" (remove, or an unwinding deleting the container).
+    A stop of a NotReady sandbox makes none: it had stopped already."""
+    if trigger == T.CREATE_CONTAINER:
+        return "created"
+    if trigger == T.MARK_READY:
+        return "started"
+    if trigger in (T.REMOVE, T.DELETE_CONTAINER):
+        return "deleted"
+    if trigger == T.KILL_TASK or (dest == S.NOT_READY and source != S.NOT_READY):
+        return "stopped"
     return None
-
-
-def triggers_from(state: State) -> list[Trigger]:
-    return [t.trigger for t in TRANSITIONS if t.source is state]

@@ -69,6 +69,10 @@ class InterfaceInfo:
     mac: str
     addresses: tuple[str, ...] = field(default_factory=tuple)  # "10.x.y.z/24"
     up: bool = False
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
 
 
 class NetworkDriver(Protocol):
@@ -95,6 +99,10 @@ class NetworkDriver(Protocol):
 
     async def reserved_container_ids(self) -> set[str]:
         """Container ids holding an address in this network's IPAM store (for orphan GC)."""
+
+    def problem(self) -> str | None:
+        """None when the network loaded at start() is still usable (every plugin it needs is
+        still an executable file); else what is wrong, in words."""
 
 
 @dataclass(frozen=True)

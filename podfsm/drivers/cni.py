@@ -302,6 +302,20 @@ class CniNetwork:
                 errors.append(str(exc))
         return errors
 
+    def problem(self) -> str | None:
+        """None while the network config file loaded at start() is still there and every
+        plugin the network needs is still an executable file; else what is wrong."""
+        if self._conflist is None:
+            return "the CNI network is not loaded"
+        source = self._conflist.source
+        if os.path.isabs(source) and not os.path.exists(source):
+            return f"the CNI network config {source} is gone"
+        for plugin, path in self._plugin_paths.items():
+            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                return (f"CNI plugin {plugin!r} of network {self.network_name!r} is gone from "
+                        f"{path}")
+        return None
+
     async def interfaces(self, netns_path: str) -> list[InterfaceInfo]:
         """The interfaces of the netns at `netns_path`, with their addresses ("10.x.y.z/24")
         and whether they are up. Raises StepFailed if the path is not a network namespace;
@@ -331,6 +345,7 @@ class CniNetwork:
                 mac=str(link.get("address") or ""),
                 addresses=tuple(by_index.get(int(link["index"]), ())),
                 up=bool(int(link["flags"]) & _IFF_UP),
+                **_counters(link.get("stats64") or link.get("stats")),
             )
             for link in links
         ]
@@ -578,3 +593,10 @@ async def _netlink_socket_in(netns_path: str) -> socket.socket:
 
 
 __all__ = ["DEFAULT_BIN_DIRS", "DEFAULT_CONF_DIR", "CniNetwork"]
+
+
+def _counters(stats: Any) -> dict[str, int]:
+    """rx/tx bytes and errors from a link's IFLA_STATS64 (or IFLA_STATS)."""
+    if not stats:
+        return {}
+    return {k: int(stats.get(k) or 0) for k in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")}

@@ -143,6 +143,11 @@ def _trim(text: str, limit: int = 600) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+def installed(name: str) -> bool:
+    """Whether the OCI runtime `name` is on PATH (or in /usr/sbin, /sbin)."""
+    return bool(shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin"))
+
+
 class OciRuntime:
     """RuntimeDriver for runc and crun (see podfsm.drivers.base.RuntimeDriver).
 

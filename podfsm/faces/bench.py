@@ -347,6 +347,44 @@ async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int,
     return await _measure(level, cfg, one)
 
 
+async def cri_level(ctl: Controller, cfg: ControllerConfig, count: int,
+                    concurrency: int) -> Level:
+    """The same lifecycles as podfsm_level, through the CRI face: a CriServer on this
+    controller, driven by a load generator in its own process (podfsm.faces.cri.loadgen), so
+    the controller's CPU here less podfsm_level's is the gRPC server's."""
+    from podfsm.faces.cri import CriServer
+
+    level = Level("cri", concurrency, count)
+    sock = os.path.join(cfg.run_dir, "bench-cri.sock")
+    server = CriServer(ctl, sock)
+    await server.start()
+    try:
+        pids = podfsm_pids(cfg.run_dir)  # before the load generator: it is not ours
+        kinds = {pid: process_kind(pid) for pid in pids}
+        c0 = cpu_ticks_by_pid(pids)
+        gen = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "podfsm.faces.cri.loadgen", sock, str(count),
+            str(concurrency), f"g{concurrency}x", stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        out, err = await gen.communicate()
+        c1 = cpu_ticks_by_pid(pids)
+    finally:
+        await server.stop()
+    try:
+        got = json.loads(out)
+    except ValueError:
+        raise PodfsmError(f"the CRI load generator failed: {err.decode()[-600:]}") from None
+    if got["errors"]:
+        raise PodfsmError(f"the CRI load generator failed: {got['errors'][0]}")
+    level.run, level.teardown, level.wall = got["run_ms"], got["stop_remove_ms"], got["wall_s"]
+    for pid, ticks in c1.items():
+        ms = (ticks - c0.get(pid, 0)) * 1000 / _TICK
+        level.cpu_ms += ms
+        level.cpu_ms_by[kinds[pid]] = level.cpu_ms_by.get(kinds[pid], 0.0) + ms
+    _progress(f"{cfg.runtime} {'cri':<6} c={concurrency}", count)(count)
+    return level
+
+
 async def exit_latency(ctl: Controller, samples: int) -> list[float]:
     """ms from an external kill -9 of the pause process to the task_exit event."""
     out: list[float] = []
@@ -432,11 +470,13 @@ async def bench_runtime(runtime: str, args: argparse.Namespace) -> dict[str, Any
             raw = await raw_level(cfg, args.count, c)
             async with Controller(cfg) as ctl:
                 mine = await podfsm_level(ctl, cfg, args.count, c)
+                cri = await cri_level(ctl, cfg, args.count, c) if args.cri else None
                 if c == args.concurrency[0]:
                     out["exit_ms"] = await exit_latency(ctl, args.exit_samples)
                 out["peak_rss_mb"] = max(out.get("peak_rss_mb", 0.0), memory_kb(
                     podfsm_pids(cfg.run_dir), "VmHWM") / 1024)
-            out["levels"].append({"raw": raw.summary(), "podfsm": mine.summary()})
+            out["levels"].append({"raw": raw.summary(), "podfsm": mine.summary(),
+                                  **({"cri": cri.summary()} if cri else {})})
         if args.ready:
             out["ready"] = await hold_ready(cfg, args.ready)
         if args.soak:
@@ -457,7 +497,8 @@ def report(results: list[dict[str, Any]]) -> str:
                      f"{'cycles/s':>10}{'cpu ms/cyc':>12}")
         seq_raw_rate = None
         for lv in r["levels"]:
-            for mode in ("raw", "podfsm"):
+            modes = [m for m in ("raw", "podfsm", "cri") if m in lv]
+            for mode in modes:
                 s = lv[mode]
                 run, td = s["run_ms"], s["stop_remove_ms"]
                 lines.append(
@@ -468,8 +509,8 @@ def report(results: list[dict[str, Any]]) -> str:
             raw, mine = lv["raw"], lv["podfsm"]
             by = [f"{mode} " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(
                 lv[mode].get("cpu_ms_per_cycle_by_process", {}).items()))
-                for mode in ("raw", "podfsm")]
-            lines.append(f"{'  cpu by proc':<14}  {by[0]}; {by[1]} (ms/cycle)")
+                for mode in modes]
+            lines.append(f"{'  cpu by proc':<14}  {'; '.join(by)} (ms/cycle)")
             if seq_raw_rate is None:
                 seq_raw_rate = raw["cycles_per_s"]
             lines.append(
@@ -478,6 +519,16 @@ def report(results: list[dict[str, Any]]) -> str:
                 f"{'':>14}{_ratio(mine['cycles_per_s'], raw['cycles_per_s']):>10}"
                 f"   (vs raw sequential: "
                 f"{_ratio(mine['cycles_per_s'], seq_raw_rate)})")
+            if "cri" in lv:
+                cri = lv["cri"]
+                grpc_ms = (cri["cpu_ms_per_cycle_by_process"].get("controller", 0.0)
+                           - mine["cpu_ms_per_cycle_by_process"].get("controller", 0.0))
+                lines.append(
+                    f"{'  cri/podfsm':<14}{_ratio(cri['run_ms']['p50'], mine['run_ms']['p50']):>10}"
+                    f"{'':>14}"
+                    f"{_ratio(cri['stop_remove_ms']['p50'], mine['stop_remove_ms']['p50']):>13}"
+                    f"{'':>14}{_ratio(cri['cycles_per_s'], mine['cycles_per_s']):>10}"
+                    f"   (gRPC server CPU: {grpc_ms:+.2f} ms/cycle)")
         ex = r.get("exit_ms") or []
         if ex:
             lines.append(f"kill -9 noticed: p50 {pct(ex, 50):.2f} ms, p99 {pct(ex, 99):.2f} ms "
@@ -507,6 +558,7 @@ def main(args: argparse.Namespace) -> int:
     args.exit_samples = getattr(args, "exit_samples", None) or 20
     args.ready = getattr(args, "ready", 0) or 0
     args.soak = getattr(args, "soak", 0) or 0
+    args.cri = getattr(args, "cri", False)
     if os.geteuid() != 0:
         print("podfsm bench: must run as root", file=sys.stderr)
         return 2

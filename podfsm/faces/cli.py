@@ -1,8 +1,8 @@
 """The `podfsm` command line.
 
     podfsm serve [--socket S] [--state-dir D] [--run-dir D] [--netns-dir D] [--runtime R]
-                 [--cni-conf-dir D] [--host H --port P]
-    podfsm runp FILE                    run a sandbox from a crictl pod config; prints its id
+                 [--cni-conf-dir D] [--host H --port P] [--cri-socket PATH]
+    podfsm runp FILE [--runtime R]      run a sandbox from a crictl pod config; prints its id
     podfsm pods [-o table|json] [-q]    list sandboxes
     podfsm inspectp ID [-o table|json]  one sandbox's status and history
     podfsm stopp ID...                  stop sandboxes (NotReady)
@@ -99,10 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="TCP address to listen on too (needs --port; default "
                    "127.0.0.1)")
     p.add_argument("--port", type=int, help="also listen on this TCP port (the web page)")
+    p.add_argument("--cri-socket", default="/run/podfsm/cri.sock", metavar="PATH",
+                   help="unix socket of the CRI v1 gRPC face, mode 0660, there once recovery "
+                   "is done (default /run/podfsm/cri.sock; '' for none)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("runp", parents=[client], help="run a sandbox from a pod config file")
     p.add_argument("file", metavar="FILE", help="crictl pod config JSON ('-': stdin)")
+    p.add_argument("--runtime", metavar="HANDLER",
+                   help="runtime handler of this sandbox: runc or crun (default: the daemon's)")
     p.set_defaults(run=_runp)
 
     p = sub.add_parser("pods", parents=[client], help="list sandboxes")
@@ -158,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", action=_ListAction, item=_runtime, default=list(_RUNTIMES),
                    metavar="R[,R...]", help="runtimes to measure (default runc,crun)")
     p.add_argument("--json", action="store_true", help="results as JSON")
+    p.add_argument("--cri", action="store_true",
+                   help="also run each level through the CRI face (a gRPC load generator in "
+                   "its own process) and print the gRPC server's CPU per cycle")
     p.add_argument("--exit-samples", type=_positive, default=20, metavar="N",
                    help="task exits to time, from kill -9 to NotReady (default 20)")
     p.add_argument("--ready", type=int, default=0, metavar="N",
@@ -230,7 +238,8 @@ def _serve(args: argparse.Namespace) -> int:
     for chatty in ("transitions", "httpx"):  # a line per callback or request drowns the rest
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(cfg, resolve_socket(args.socket), args.host, args.port))
+        asyncio.run(serve(cfg, resolve_socket(args.socket), args.host, args.port,
+                          args.cri_socket or None))
     except PodfsmError as exc:
         print(f"podfsm serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -335,7 +344,7 @@ def _runp(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
     async def run(c: Client, args: argparse.Namespace) -> int:
-        st = await c.run_sandbox(pod)
+        st = await c.run_sandbox(pod, runtime_handler=args.runtime)
         print(st.id)
         return EXIT_OK
 

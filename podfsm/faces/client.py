@@ -82,9 +82,12 @@ class Client:
 
     # ------------------------------------------------------------------ the API
 
-    async def run_sandbox(self, pod: Mapping[str, Any]) -> SandboxStatus:
-        """Run a sandbox from a pod config (decoded JSON) and return its status (Ready)."""
-        resp = await self._send("POST", "/v1/sandboxes", json=dict(pod))
+    async def run_sandbox(self, pod: Mapping[str, Any], *,
+                          runtime_handler: str | None = None) -> SandboxStatus:
+        """Run a sandbox from a pod config (decoded JSON) and return its status (Ready);
+        `runtime_handler` ("runc", "crun") overrides the daemon's default runtime."""
+        params = {"runtime_handler": runtime_handler} if runtime_handler else None
+        resp = await self._send("POST", "/v1/sandboxes", json=dict(pod), params=params)
         return SandboxStatus.model_validate_json(resp.content)
 
     async def list_sandboxes(self) -> list[SandboxStatus]:

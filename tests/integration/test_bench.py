@@ -19,7 +19,7 @@ def test_bench_smoke_run_prints_every_figure_and_leaves_nothing() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "podfsm", "bench", "-n", "3", "--concurrency", "1,2",
          "--runtime", "runc,crun", "--exit-samples", "2", "--ready", "3", "--soak", "3",
-         "--json"],
+         "--cri", "--json"],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout)["results"]
@@ -27,7 +27,7 @@ def test_bench_smoke_run_prints_every_figure_and_leaves_nothing() -> None:
     for r in results:
         assert [lv["podfsm"]["concurrency"] for lv in r["levels"]] == [1, 2]
         for lv in r["levels"]:
-            for mode in ("raw", "podfsm"):
+            for mode in ("raw", "podfsm", "cri"):  # cri: through the CRI socket (--cri)
                 s = lv[mode]
                 assert s["count"] == 3
                 assert 0 < s["run_ms"]["p50"] <= s["run_ms"]["p99"]
@@ -39,6 +39,6 @@ def test_bench_smoke_run_prints_every_figure_and_leaves_nothing() -> None:
         assert r["ready"]["ready_after_restart"] == 3
         assert r["soak"]["lifecycles"] == 3 and r["soak"]["left"] is False
         assert r["peak_rss_mb"] > 0
-    assert "podfsm c=2" in out.stderr  # progress was shown
+    assert "podfsm c=2" in out.stderr and "cri    c=2" in out.stderr  # progress was shown
     assert not os.path.exists(f"/sys/class/net/{BENCH_BRIDGE}")
     assert not os.path.exists(f"/var/lib/cni/networks/{BENCH_NETWORK}")

@@ -70,10 +70,12 @@ def use_env_network(env: Env) -> None:
 
 
 def serve_argv(env: Env, socket_path: str, *extra: str) -> list[str]:
+    """The CRI socket goes beside `socket_path` (cri.sock), never to the host's default."""
     c = env.cfg
     return [PYTHON, "-m", "podfsm", "serve", "--socket", socket_path, "--state-dir", c.state_dir,
             "--run-dir", c.run_dir, "--netns-dir", c.netns_dir, "--runtime", c.runtime,
-            "--cni-conf-dir", c.cni_conf_dir, *extra]
+            "--cni-conf-dir", c.cni_conf_dir,
+            "--cri-socket", os.path.join(os.path.dirname(socket_path), "cri.sock"), *extra]
 
 
 @dataclass
@@ -85,6 +87,11 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     log: Path
     tcp_port: int | None = None
+
+    @property
+    def cri_socket(self) -> str:
+        """Where this daemon serves the CRI (see serve_argv)."""
+        return os.path.join(os.path.dirname(self.socket), "cri.sock")
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket),

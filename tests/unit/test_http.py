@@ -629,8 +629,11 @@ def from_schema(schema: dict[str, Any], depth: int = 0) -> st.SearchStrategy[Any
     if "anyOf" in schema:
         return st.one_of([from_schema(s, depth) for s in schema["anyOf"]])
     if "enum" in schema:
+        # an enum's names may be listed by the schema itself (the pod config's: names or
+        # numbers), or known here by the enum's title
         names = _ENUM_NAMES.get(schema.get("title", ""), [])
-        return st.sampled_from(schema["enum"]) | st.sampled_from(names) | st.integers(-1, 5)
+        values = st.sampled_from(schema["enum"]) | st.integers(-1, 5)
+        return values | st.sampled_from(names) if names else values
     kind = schema.get("type")
     if kind == "object" and depth < 6:
         props = {k: from_schema(v, depth + 1) for k, v in schema.get("properties", {}).items()}

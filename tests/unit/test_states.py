@@ -14,11 +14,12 @@ from podfsm.core.states import (
     TRANSITIONS,
     State,
     Trigger,
-    next_state,
 )
 from podfsm.engine import SandboxMachine
 
 PAIRS = list(itertools.product(STATES, Trigger))
+# The table read directly, to hold the engine to it (the engine must not consult this).
+EDGES = {(t.source, t.trigger): t.dest for t in TRANSITIONS}
 
 
 @pytest.mark.parametrize(("state", "trigger"), PAIRS, ids=[f"{s}-{t}" for s, t in PAIRS])
@@ -26,7 +27,7 @@ def test_every_state_trigger_pair_moves_or_is_refused_as_the_table_says(
     state: State, trigger: Trigger
 ) -> None:
     m = SandboxMachine(state)
-    expected = next_state(state, trigger)
+    expected = EDGES.get((state, trigger))
     if expected is None:
         with pytest.raises(IllegalTransition) as info:
             m.fire(trigger)
@@ -49,11 +50,10 @@ def test_the_forward_path_reaches_ready_in_the_documented_order() -> None:
 def test_each_compensation_goes_back_exactly_one_forward_step() -> None:
     state = State.UNKNOWN
     for trig in FORWARD:
-        after = next_state(state, trig)
-        assert after is not None
+        after = SandboxMachine(state).fire(trig)
         undo = COMPENSATIONS[trig]
         if undo is not None:
-            assert next_state(after, undo) is state
+            assert SandboxMachine(after).fire(undo) is state
         state = after
 
 
@@ -63,7 +63,7 @@ def test_from_not_ready_only_stop_and_remove_go_on() -> None:
 
 
 def test_task_exit_from_ready_lands_in_not_ready() -> None:
-    assert next_state(State.READY, Trigger.TASK_EXIT) is State.NOT_READY
+    assert SandboxMachine(State.READY).fire(Trigger.TASK_EXIT) is State.NOT_READY
 
 
 def test_table_has_no_duplicate_edges_and_only_known_states() -> None:

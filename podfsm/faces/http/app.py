@@ -152,7 +152,8 @@ class Shim:
     async def run_sandbox(self, request: Request) -> Response:
         ctl = self.controller()
         pod = parse_pod_config(_decode_json(await _read_body(request)))
-        st = await ctl.run_sandbox(pod)
+        handler = request.query_params.get("runtime_handler") or None
+        st = await ctl.run_sandbox(pod, runtime_handler=handler)
         return json_response(st, 201, {"location": f"/v1/sandboxes/{st.id}"})
 
     async def sandbox_status(self, request: Request) -> Response:

@@ -11,7 +11,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import uvicorn
@@ -59,7 +59,8 @@ class Daemon:
                  host: str | None = None, port: int | None = None, *,
                  controller: Controller | None = None,
                  heartbeat: float = DEFAULT_HEARTBEAT,
-                 graceful_timeout: int = DEFAULT_GRACEFUL_TIMEOUT) -> None:
+                 graceful_timeout: int = DEFAULT_GRACEFUL_TIMEOUT,
+                 cri_socket: str | None = None) -> None:
         if host is not None and port is None:
             raise DaemonError("a host to listen on needs a port (--port)")
         self.cfg = cfg
@@ -67,6 +68,9 @@ class Daemon:
         self.host = host or "127.0.0.1"
         self.port = port
         self._ctl = controller
+        #: where the CRI face (podfsm.faces.cri) listens, from recovery done until shutdown;
+        #: None: no CRI socket
+        self.cri_socket = cri_socket
         self._heartbeat = heartbeat
         self._graceful_timeout = graceful_timeout
         #: set once the listeners accept connections (they answer 503 until the
@@ -119,7 +123,7 @@ class Daemon:
     async def _hold_controller(self, ctl: Controller, shim: Shim, done: anyio.Event,
                                failure: list[BaseException]) -> None:
         try:
-            async with ctl:
+            async with ctl, self._cri(ctl):
                 shim.ready = True
                 n = len(await ctl.list_sandboxes())
                 log.info("controller ready: %d sandbox(es) recovered%s", n,
@@ -130,6 +134,21 @@ class Daemon:
         except Exception as exc:
             failure.append(exc)
             self.request_exit()
+
+    @contextlib.asynccontextmanager
+    async def _cri(self, ctl: Controller) -> AsyncIterator[None]:
+        """The CRI socket, there only while the recovered controller is."""
+        if self.cri_socket is None:
+            yield
+            return
+        from podfsm.faces.cri import CriServer
+
+        server = CriServer(ctl, self.cri_socket)
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -161,9 +180,9 @@ class Daemon:
 
 
 async def serve(cfg: ControllerConfig, socket_path: str | None, host: str | None,
-                port: int | None) -> None:
+                port: int | None, cri_socket: str | None = None) -> None:
     """Run `podfsm serve` until SIGTERM/SIGINT: see Daemon."""
-    await Daemon(cfg, socket_path, host, port).run()
+    await Daemon(cfg, socket_path, host, port, cri_socket=cri_socket).run()
 
 
 def bind_unix_socket(path: str) -> socket.socket:

@@ -57,6 +57,10 @@ def openapi_document() -> dict[str, Any]:
                                   **errors(503)}},
             "post": {"operationId": "runSandbox",
                      "summary": "Run a sandbox from a crictl pod config, up to Ready",
+                     "parameters": [{"name": "runtime_handler", "in": "query",
+                                     "required": False, "schema": {"type": "string"},
+                                     "description": "the OCI runtime of this sandbox (runc or "
+                                     "crun; default: the daemon's); unknown: 422"}],
                      "requestBody": {"required": True, "description": (
                          "the CRI PodSandboxConfig as `crictl runp` reads it: snake_case or "
                          "lowerCamelCase keys, enums as names or numbers"),

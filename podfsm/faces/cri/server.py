@@ -1,0 +1,334 @@
+"""The CRI v1 gRPC server: runtime.v1.RuntimeService and runtime.v1.ImageService for pod
+sandboxes, each RPC one Controller call (see docs/cri.md).
+
+Served: Version, Status, RuntimeConfig, RunPodSandbox, StopPodSandbox, RemovePodSandbox,
+PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats, GetContainerEvents
+(sandbox events) and ImageFsInfo. Every other RPC answers UNIMPLEMENTED: podfsm runs pod
+sandboxes only; containers and images belong to a container runtime beside it.
+
+Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
+ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
+FAILED_PRECONDITION, a recovering or closing controller UNAVAILABLE, a failed step UNKNOWN with
+the step's error. Stop and remove of an unknown id succeed (they are idempotent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import grpc
+from cri_api.v1 import api_pb2 as pb
+from cri_api.v1 import api_pb2_grpc as pb_grpc
+
+from podfsm import __version__
+from podfsm.controller import Controller
+from podfsm.core.errors import (
+    InvalidPodConfig,
+    NameReserved,
+    PodfsmError,
+    PrerequisiteMissing,
+    SandboxNotFound,
+    StateDirError,
+)
+from podfsm.faces.cri import convert
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CRI_SOCKET = "/run/podfsm/cri.sock"
+SOCKET_MODE = 0o660
+#: The CRI API version this server speaks (VersionResponse.version is the kubelet API's).
+KUBELET_API_VERSION = "0.1.0"
+RUNTIME_NAME = "podfsm"
+ONLY_SANDBOXES = ("podfsm runs pod sandboxes only (RunPodSandbox and its kin): {rpc} belongs "
+                  "to a container runtime or image service beside it")
+
+R = TypeVar("R")
+Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def status_code(exc: PodfsmError) -> grpc.StatusCode:
+    """The gRPC status of a podfsm error."""
+    if isinstance(exc, InvalidPodConfig):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NameReserved):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, SandboxNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, PrerequisiteMissing):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, StateDirError):
+        return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode.UNKNOWN
+
+
+def _rpc(fn: Rpc[R]) -> Rpc[R]:
+    """Refuse while the controller is not serving; turn podfsm errors into gRPC statuses."""
+
+    @functools.wraps(fn)
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        ctl: Controller = self.ctl
+        if ctl.recovering or not self.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "podfsm is not ready: recovering or shutting down")
+        try:
+            return await fn(self, request, context)
+        except PodfsmError as exc:
+            code, message = status_code(exc), str(exc)
+        log.info("CRI %s: %s: %s", fn.__name__, code.name, message)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
+
+    return call
+
+
+class RuntimeService(pb_grpc.RuntimeServiceServicer):
+    """runtime.v1.RuntimeService for pod sandboxes."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.serving = True
+        self._streams: set[anyio.CancelScope] = set()
+
+    @_rpc
+    async def Version(self, request: pb.VersionRequest,
+                      context: grpc.aio.ServicerContext) -> pb.VersionResponse:
+        return pb.VersionResponse(version=KUBELET_API_VERSION, runtime_name=RUNTIME_NAME,
+                                  runtime_version=__version__, runtime_api_version="v1")
+
+    @_rpc
+    async def Status(self, request: pb.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        ctl = self.ctl
+        conditions = [pb.RuntimeCondition(type=c.type, status=c.status, reason=c.reason,
+                                          message=c.message) for c in ctl.conditions()]
+        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
+            user_namespaces=True, recursive_read_only_mounts=False))
+            for name in ctl.runtime_handlers]
+        info: dict[str, str] = {}
+        if request.verbose:
+            net = next(c for c in ctl.conditions() if c.type == "NetworkReady")
+            info = {
+                "config": ctl.config.model_dump_json(),
+                "runtimeHandlers": json.dumps(ctl.runtime_handlers),
+                "defaultRuntimeHandler": json.dumps(ctl.runtime_handlers[0]),
+                "cgroupDriver": json.dumps(ctl.cgroup_driver),
+                "lastCNILoadStatus": json.dumps("OK" if net.status else net.message),
+                "recoveryProblems": json.dumps(ctl.recovery_problems),
+                "sandboxes": json.dumps(len(await ctl.list_sandboxes())),
+            }
+        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
+                                 runtime_handlers=handlers)
+
+    @_rpc
+    async def RuntimeConfig(self, request: pb.RuntimeConfigRequest,
+                            context: grpc.aio.ServicerContext) -> pb.RuntimeConfigResponse:
+        driver = pb.CgroupDriver.Value(self.ctl.cgroup_driver.upper())
+        return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    @_rpc
+    async def RunPodSandbox(self, request: pb.RunPodSandboxRequest,
+                            context: grpc.aio.ServicerContext) -> pb.RunPodSandboxResponse:
+        pod = convert.pod_config(request.config)
+        st = await self.ctl.run_sandbox(pod, runtime_handler=request.runtime_handler or None)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=st.id)
+
+    @_rpc
+    async def StopPodSandbox(self, request: pb.StopPodSandboxRequest,
+                             context: grpc.aio.ServicerContext) -> pb.StopPodSandboxResponse:
+        with contextlib.suppress(SandboxNotFound):
+            await self.ctl.stop_sandbox(self.ctl.resolve_id(request.pod_sandbox_id))
+        return pb.StopPodSandboxResponse()
+
+    @_rpc
+    async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest,
+                               context: grpc.aio.ServicerContext) -> pb.RemovePodSandboxResponse:
+        with contextlib.suppress(SandboxNotFound):
+            await self.ctl.remove_sandbox(self.ctl.resolve_id(request.pod_sandbox_id))
+        return pb.RemovePodSandboxResponse()
+
+    @_rpc
+    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest,
+                               context: grpc.aio.ServicerContext) -> pb.PodSandboxStatusResponse:
+        ctl = self.ctl
+        sid = ctl.resolve_id(request.pod_sandbox_id)
+        st = await ctl.sandbox_status(sid)
+        status = convert.sandbox_status(st, await ctl.sandbox_config(sid))
+        info = {"info": json.dumps(await ctl.sandbox_info(sid))} if request.verbose else {}
+        return pb.PodSandboxStatusResponse(status=status, info=info, timestamp=time.time_ns())
+
+    @_rpc
+    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListPodSandboxResponse:
+        f = request.filter
+        items = await self.ctl.list_sandboxes(
+            id_prefix=f.id or None,
+            state=convert.states(f.state) if f.HasField("state") else None,
+            labels=dict(f.label_selector))
+        return pb.ListPodSandboxResponse(items=[convert.pod_sandbox(st) for st in items])
+
+    @_rpc
+    async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.PodSandboxStatsResponse:
+        sid = self.ctl.resolve_id(request.pod_sandbox_id)
+        st = await self.ctl.sandbox_status(sid)
+        stats = await self.ctl.sandbox_stats(sid)
+        return pb.PodSandboxStatsResponse(stats=convert.sandbox_stats(st, stats))
+
+    @_rpc
+    async def ListPodSandboxStats(
+        self, request: pb.ListPodSandboxStatsRequest, context: grpc.aio.ServicerContext,
+    ) -> pb.ListPodSandboxStatsResponse:
+        f = request.filter
+        out = []
+        for st in await self.ctl.list_sandboxes(id_prefix=f.id or None,
+                                                labels=dict(f.label_selector)):
+            with contextlib.suppress(SandboxNotFound):  # removed meanwhile
+                out.append(convert.sandbox_stats(st, await self.ctl.sandbox_stats(st.id)))
+        return pb.ListPodSandboxStatsResponse(stats=out)
+
+    async def GetContainerEvents(self, request: pb.GetEventsRequest,
+                                 context: grpc.aio.ServicerContext) -> None:
+        """Sandbox lifecycle events from now on, until the client goes or the server stops
+        (which ends the stream with OK at once instead of holding its shutdown open)."""
+        if self.ctl.recovering or not self.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "podfsm is not ready: recovering or shutting down")
+        with anyio.CancelScope() as scope:
+            self._streams.add(scope)
+            try:
+                async with contextlib.aclosing(self.ctl.lifecycle_events()) as events:
+                    async for ev in events:
+                        await context.write(convert.container_event(ev, ev.config))
+            finally:
+                self._streams.discard(scope)
+
+    def end_streams(self) -> None:
+        """End every open event stream (at shutdown)."""
+        self.serving = False
+        for scope in list(self._streams):
+            scope.cancel()
+
+
+class ImageService(pb_grpc.ImageServiceServicer):
+    """runtime.v1.ImageService: only ImageFsInfo (critest and the kubelet ask it)."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.serving = True
+
+    @_rpc
+    async def ImageFsInfo(self, request: pb.ImageFsInfoRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ImageFsInfoResponse:
+        usage = [convert.filesystem_usage(fs) for fs in await self.ctl.filesystem_usage()]
+        return pb.ImageFsInfoResponse(image_filesystems=usage)
+
+
+def _unimplemented(rpc: str) -> Callable[..., Any]:
+    # A coroutine serves streaming RPCs too (grpc.aio awaits it; it writes nothing).
+    message = ONLY_SANDBOXES.format(rpc=rpc)
+
+    async def refuse(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    refuse.__name__ = rpc
+    return refuse
+
+
+def _fill_unimplemented(cls: type, service: str) -> None:
+    """Answer every RPC of `service` that `cls` does not serve with UNIMPLEMENTED (the
+    generated base class would answer it too, but with a message that says nothing)."""
+    for method in pb.DESCRIPTOR.services_by_name[service].methods:
+        if method.name not in cls.__dict__:
+            setattr(cls, method.name, _unimplemented(method.name))
+
+
+_fill_unimplemented(RuntimeService, "RuntimeService")
+_fill_unimplemented(ImageService, "ImageService")
+
+
+class CriServer:
+    """The gRPC server of one Controller on a unix socket.
+
+    `start()` binds a temporary name beside `socket_path`, narrows its mode to 0660 and renames
+    it into place, so the socket appears only when it answers; call it after the Controller
+    has recovered. `stop()` ends open streams after `grace` seconds and removes the socket.
+    """
+
+    def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET) -> None:
+        self.ctl = ctl
+        self.socket_path = os.path.abspath(socket_path)
+        self._runtime = RuntimeService(ctl)
+        self._image = ImageService(ctl)
+        self._server: grpc.aio.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        path = self.socket_path
+        if len(os.fsencode(path)) > 100:  # room for the temporary name's suffix
+            raise PrerequisiteMissing(f"CRI socket path {path!r} is over 100 bytes")
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        _clear_stale_socket(path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        server = grpc.aio.server()
+        pb_grpc.add_RuntimeServiceServicer_to_server(self._runtime, server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_ImageServiceServicer_to_server(self._image, server)  # type: ignore[no-untyped-call]
+        try:
+            server.add_insecure_port(f"unix:{tmp}")
+            await server.start()
+        except Exception as exc:
+            await server.stop(None)
+            raise PrerequisiteMissing(f"cannot listen on CRI socket {tmp}: {exc}") from None
+        try:
+            os.chmod(tmp, SOCKET_MODE)
+            os.rename(tmp, path)
+            self._inode = os.lstat(path).st_ino
+        except OSError as exc:
+            await server.stop(None)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise PrerequisiteMissing(f"cannot put the CRI socket at {path}: {exc}") from None
+        self._server = server
+        log.info("CRI v1 (runtime.v1) on unix socket %s (mode %o), handlers %s", path,
+                 SOCKET_MODE, ", ".join(self.ctl.runtime_handlers))
+
+    async def stop(self, grace: float | None = 2.0) -> None:
+        self._image.serving = False
+        self._runtime.end_streams()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+        if self._inode is not None:
+            with contextlib.suppress(OSError):
+                if os.lstat(self.socket_path).st_ino == self._inode:
+                    os.unlink(self.socket_path)
+            self._inode = None
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file nobody answers on; refuse a live one or any other file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise PrerequisiteMissing(f"{path} exists and is not a socket: refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise PrerequisiteMissing(f"another server already answers on the CRI socket {path}")
