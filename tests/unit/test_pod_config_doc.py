@@ -61,7 +61,9 @@ def test_the_resources_row_names_every_resources_field() -> None:
 def test_every_example_pod_config_is_accepted() -> None:
     from podfsm.core.spec import parse_pod_config
 
-    examples = sorted((DOC.parents[1] / "examples" / "pods").glob("*.json"))
+    # examples/pods are run side by side by the faces' test; examples/pod-config (a port
+    # mapping, a log directory under /var/log) is only read
+    examples = sorted((DOC.parents[1] / "examples").glob("pod*/*.json"))
     assert len(examples) >= 5
     for path in examples:
         parse_pod_config(json.loads(path.read_text()))
