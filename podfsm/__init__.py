@@ -19,6 +19,7 @@ from podfsm.core.errors import (
     SandboxRunError,
     StateDirError,
     StepFailed,
+    UnsafeDirectory,
 )
 from podfsm.core.records import HistoryEntry, SandboxStatus, TransitionEvent
 from podfsm.core.spec import IDMapping, PodSandboxConfig, parse_pod_config
@@ -44,6 +45,7 @@ __all__ = [
     "StepFailed",
     "TransitionEvent",
     "Trigger",
+    "UnsafeDirectory",
     "parse_pod_config",
 ]
 __version__ = "0.1.0"

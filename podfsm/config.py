@@ -60,6 +60,9 @@ class ControllerConfig(BaseModel):
     #: seconds to wait for the pause task to exit after SIGTERM before SIGKILL; 0 (the default,
     #: as containerd does for the pause container) sends SIGKILL at once
     stop_grace: float = Field(default=0.0, ge=0)
+    #: seconds a CNI plugin or an OCI runtime command may run; then its whole process group is
+    #: killed and the step fails naming the timeout
+    command_timeout: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _absolute(self) -> ControllerConfig:

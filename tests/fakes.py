@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,8 +217,18 @@ class MemoryStore:
         self.writes = 0
         self.durable_writes = 0
 
-    async def load_all(self) -> tuple[list[SandboxRecord], list[SetAside]]:
-        return list(self.records.values()), []
+    async def load_all(
+        self, check: Callable[[SandboxRecord], str | None] | None = None
+    ) -> tuple[list[SandboxRecord], list[SetAside]]:
+        usable, set_aside = [], []
+        for rec in list(self.records.values()):
+            problem = check(rec) if check is not None else None
+            if problem is None:
+                usable.append(rec)
+            else:
+                del self.records[rec.id]
+                set_aside.append(SetAside(rec.id, f"record {rec.id} set aside: {problem}"))
+        return usable, set_aside
 
     async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
         self.writes += 1

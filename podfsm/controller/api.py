@@ -26,7 +26,7 @@ from podfsm.core.records import (
 )
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import sysinfo
+from podfsm.drivers import nsutil, sysinfo
 from podfsm.drivers.base import InterfaceInfo
 
 
@@ -63,8 +63,10 @@ class Controller(Recovery):
                 fs.open()
                 stack.callback(fs.close)
                 self._store = fs
-            for d in (cfg.run_dir, cfg.netns_dir):
-                os.makedirs(d, mode=0o755, exist_ok=True)
+            # run_dir 0711: the pod's root (a high host uid) walks down to the pause rootfs;
+            # netns_dir 0755, as `ip netns` makes /run/netns
+            nsutil.secure_dir(cfg.run_dir, 0o711, "run dir")
+            nsutil.secure_dir(cfg.netns_dir, 0o755, "netns dir")
             # run_dir holds our runtime root and sandbox directories: a second controller on
             # it (even with another state_dir) would collect our sandboxes as its orphans.
             stack.callback(os.close, lock_dir(cfg.run_dir, "run dir"))

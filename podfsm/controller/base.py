@@ -321,7 +321,8 @@ class Subscriber(Generic[E]):
 
 def lock_dir(path: str, what: str) -> int:
     """Take the controller lock of directory `path` (non-blocking); the fd holds it."""
-    fd = os.open(os.path.join(path, "controller.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+    fd = os.open(os.path.join(path, "controller.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -380,6 +381,7 @@ def _real_network(cfg: ControllerConfig) -> NetworkDriver:
         default_bridge=cfg.default_bridge,
         default_subnet=cfg.default_subnet,
         reaper_run_dir=cfg.run_dir,
+        plugin_timeout=cfg.command_timeout,
     )
 
 
@@ -387,7 +389,8 @@ def _real_runtime(cfg: ControllerConfig, name: Literal["runc", "crun"]) -> Runti
     from podfsm.drivers.runtime import OciRuntime
 
     binary = cfg.runtime_binary if name == cfg.runtime else None
-    return OciRuntime(name, cfg.run_dir, binary=binary, pause_binary=cfg.pause_binary)
+    return OciRuntime(name, cfg.run_dir, binary=binary, pause_binary=cfg.pause_binary,
+                      command_timeout=cfg.command_timeout)
 
 
 def _other_real_runtimes(cfg: ControllerConfig) -> list[RuntimeDriver]:

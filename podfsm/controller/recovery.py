@@ -22,6 +22,7 @@ from podfsm.controller.base import (
 )
 from podfsm.controller.run import Run
 from podfsm.core.errors import PodfsmError
+from podfsm.core.records import PinnedNamespaces, SandboxRecord
 from podfsm.core.states import State, Trigger
 from podfsm.drivers.base import NetworkRequest
 from podfsm.engine import SandboxMachine
@@ -33,10 +34,12 @@ class Recovery(Run):
     """Entering the Controller: records reconciled, orphans collected."""
 
     async def _recover(self) -> None:
-        records, set_aside = await self.store.load_all()
+        records, set_aside = await self.store.load_all(check=self._record_problem)
         self.recovery_problems = [s.problem for s in set_aside]
-        #: what a record set aside held is collected as an orphan of its id
-        self._set_aside_ids = {s.sandbox_id for s in set_aside}
+        #: what a record set aside held is collected as an orphan of its id (only a well-formed
+        #: id: everything an orphan's collection touches is derived from it)
+        self._set_aside_ids = {s.sandbox_id for s in set_aside
+                               if SANDBOX_ID.match(s.sandbox_id)}
         for rec in records:
             sb = Sandbox(rec, SandboxMachine(rec.state))
             self._sandboxes[rec.id] = sb
@@ -52,6 +55,23 @@ class Recovery(Run):
             for sb in list(self._sandboxes.values()):
                 tg.start_soon(self._recover_one, sb, world)
         await self._collect_orphans()
+
+    def _record_problem(self, rec: SandboxRecord) -> str | None:
+        """Why a loaded record must not be acted on, or None. Its id must be a sandbox id and
+        each pin path it holds the one this controller derives from that id (under netns_dir
+        and run_dir), so no record can make podfsm unpin, unmount or remove anything else as
+        root. (The bundle path is never read back: the runtime driver derives it from the id.)"""
+        if not SANDBOX_ID.match(rec.id):
+            return f"id {rec.id!r} is not a sandbox id"
+        netns, userns = self.netns_pin_path(rec.id), self.userns_pin_path(rec.id)
+        ns = rec.namespaces or PinnedNamespaces()
+        for label, value, want in (("netns path", rec.planned_netns_path, netns),
+                                   ("netns path", ns.netns_path, netns),
+                                   ("userns path", rec.planned_userns_path, userns),
+                                   ("userns path", ns.userns_path, userns)):
+            if value is not None and value != want:
+                return f"its {label} {value!r} is not the one podfsm uses ({want})"
+        return None
 
     async def _recover_one(self, sb: Sandbox, world: _World) -> None:
         """Reconcile one record with the system.

@@ -74,3 +74,8 @@ class ControllerLocked(PodfsmError):
 
 class StateDirError(PodfsmError):
     """The state directory cannot be written (missing, read-only, full)."""
+
+
+class UnsafeDirectory(StateDirError):
+    """A directory podfsm keeps root's state in (state_dir, run_dir, netns_dir) is not a
+    directory, is owned by another user, or is writable by group or others."""

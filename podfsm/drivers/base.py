@@ -7,6 +7,7 @@ runs the same behaviour against both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -211,8 +212,11 @@ class SetAside:
 
 
 class Store(Protocol):
-    async def load_all(self) -> tuple[list[SandboxRecord], list[SetAside]]:
-        """Every readable record, and the records that were set aside (corrupt ones)."""
+    async def load_all(
+        self, check: Callable[[SandboxRecord], str | None] | None = None
+    ) -> tuple[list[SandboxRecord], list[SetAside]]:
+        """Every usable record, and the records that were set aside: unreadable ones and those
+        for which `check` says why they cannot be used."""
 
     async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
         """Atomically replace the record of rec.id (a crash of the controller leaves the old

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -402,6 +403,7 @@ class CniNetwork:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd="/",
+                process_group=0,  # a timeout kills what the plugin started too
             )
         except OSError as exc:
             raise _PluginFailed(ptype, command, f"cannot execute {path}: {exc}") from None
@@ -450,9 +452,10 @@ class CniNetwork:
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the plugin's process group (not reaped yet: its id cannot have been reused)."""
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
 
 

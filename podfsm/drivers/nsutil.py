@@ -7,12 +7,16 @@ than one thread: call those only in a single-threaded child (see nsworker).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
 import os
 import shutil
+import stat
+
+from podfsm.core.errors import UnsafeDirectory
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -31,6 +35,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
+#: umount2: do not dereference the target if it is a symlink (a pin is never one)
 UMOUNT_NOFOLLOW = 0x8
 
 NS_GET_USERNS = 0xB701
@@ -116,9 +121,10 @@ def is_mountpoint_pin(path: str) -> bool:
 
 
 def unpin(path: str) -> None:
-    """Detach a pin (if mounted) and unlink its file. Idempotent."""
+    """Detach a pin (if mounted) and unlink its file. Idempotent. A symlink in its place is
+    only unlinked: neither the umount nor the unlink follows it."""
     try:
-        umount2(path, MNT_DETACH)
+        umount2(path, MNT_DETACH | UMOUNT_NOFOLLOW)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOENT):
             raise
@@ -157,16 +163,49 @@ def parent_pid(pid: int) -> int | None:
 def remove_flat_dir(path: str) -> None:
     """Remove a directory that holds only files (a bundle, a sandbox's run directory): a
     listdir, an unlink per file and an rmdir, against shutil.rmtree's fd-safe walk that costs
-    several times the system calls. Missing is fine; anything unexpected falls back to rmtree."""
+    several times the system calls. Missing is fine; anything unexpected falls back to rmtree.
+    Never follows a symlink: one at `path` is refused (OSError ELOOP / ENOTDIR), one inside is
+    removed as a link."""
     try:
-        names = os.listdir(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return
     try:
-        for name in names:
-            os.unlink(os.path.join(path, name))
-        os.rmdir(path)
+        for name in os.listdir(fd):
+            os.unlink(name, dir_fd=fd)
     except FileNotFoundError:
         pass
     except OSError:
-        shutil.rmtree(path)
+        os.close(fd)
+        shutil.rmtree(path)  # fd-based: refuses a symlink at `path`, never follows one inside
+        return
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+def secure_dir(path: str, mode: int, what: str) -> None:
+    """Make `path` a directory for root's state: created with `mode` when missing (parents
+    0755), else it must be a directory owned by this process's user and not writable by group
+    or others (whoever could write there could plant symlinks, pins or records that root then
+    acts on). UnsafeDirectory names the problem otherwise."""
+    try:
+        os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(path, mode)
+            os.chmod(path, mode)  # mkdir's mode went through the umask
+        except FileExistsError:
+            pass
+        st = os.stat(path)
+    except OSError as exc:
+        raise UnsafeDirectory(f"{what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafeDirectory(
+            f"{what} {path} is owned by uid {st.st_uid}, not by this process's uid "
+            f"{os.geteuid()}: podfsm refuses to keep its state where another user can change it")
+    if st.st_mode & 0o022:
+        raise UnsafeDirectory(
+            f"{what} {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): podfsm refuses to use it; chmod go-w {path}")

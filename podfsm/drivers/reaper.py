@@ -16,7 +16,10 @@ Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request 
 - `run` {argv, env?, mount_workaround?, timeout?, output_file?} -> {rc, stdout, stderr}
   `output_file`: stdout and stderr go to that file (for `create`, whose container inherits the
   runtime's stdio and would hold a pipe open forever); its tail is returned as `stderr`.
-  A command killed at `timeout` replies {error: "timeout ..."}.
+  Each command is its own process group; at `timeout` the whole group is killed and the reply
+  is {error: "timed out after N s ..."}. A command whose client disconnects (the controller
+  died) is killed the same way at once: nobody will act on its result, and the next
+  controller's recovery deals with what it left.
 - `watch` {pid, start_time?} -> {pid, start_time, child}: persist this process's exit status
   to `<run_dir>/exits/<pid>-<start_time>` when it is reaped (also if it already was).
 - `wait_exit` {pid, start_time, timeout} -> {status, exited}: `status` is the shell-style exit
@@ -127,9 +130,35 @@ def _mount_workaround() -> None:
         nsutil.umount2(_CGROUP2_HYBRID_MOUNT, nsutil.MNT_DETACH)
 
 
+#: Every file the reaper opens in run_dir: a symlink planted there is never followed.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _descendants(pid: int) -> set[int]:
+    """`pid` and every live descendant, through /proc/<pid>/task/<tid>/children."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in found:
+            continue
+        found.add(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError), \
+                    open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                todo.extend(int(c) for c in f.read().split())
+    return found
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a crash (unlink never follows a symlink)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
     try:
         os.write(fd, data)
     finally:
@@ -139,12 +168,12 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def _tail_of_file(path: str) -> str:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | _NOFOLLOW), "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - MAX_OUTPUT))
             return f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
+    except OSError:  # missing, or a symlink (ELOOP)
         return ""
 
 
@@ -158,7 +187,9 @@ class _Run:
     buffers: dict[int, bytearray] = field(default_factory=dict)  # pipe fd -> output
     stdout_fd: int | None = None
     timer: asyncio.TimerHandle | None = None
-    timed_out: bool = False
+    timed_out: float | None = None  # the timeout, once it killed the command
+    #: the connection that asked for it (its departure kills the command)
+    owner: object = None
     #: pipe fds still open; a closed one's number may already belong to another run's pipe
     open_fds: set[int] = field(default_factory=set)
 
@@ -181,7 +212,7 @@ class ReaperServer:
         self._shutdown = False
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        os.makedirs(os.path.join(self.run_dir, EXITS_DIR), exist_ok=True)
+        os.makedirs(os.path.join(self.run_dir, EXITS_DIR), mode=0o700, exist_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -291,14 +322,16 @@ class ReaperServer:
 
     def _read_exit_file(self, key: tuple[int, int]) -> int | None:
         try:
-            with open(exit_file(self.run_dir, *key), "rb") as f:
-                return int(f.read().strip())
-        except (FileNotFoundError, ValueError):
+            fd = os.open(exit_file(self.run_dir, *key), os.O_RDONLY | _NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                return int(f.read(64).strip())
+        except (OSError, ValueError):  # missing, or not a file we wrote (ELOOP: a symlink)
             return None
 
     # -- run ---------------------------------------------------------------------------------
 
-    def _start_run(self, req: Mapping[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    def _start_run(self, req: Mapping[str, Any],
+                   owner: object = None) -> asyncio.Future[dict[str, Any]]:
         assert self._loop is not None
         argv = [str(a) for a in req["argv"]]
         if not argv:
@@ -316,7 +349,7 @@ class ReaperServer:
         out_fd: int | None = None
         if output_file is not None:
             out_fd = os.open(
-                output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
+                output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o640
             )
         try:
             popen = subprocess.Popen(
@@ -328,13 +361,17 @@ class ReaperServer:
                 env=None if env is None else {str(k): str(v) for k, v in env.items()},
                 preexec_fn=_mount_workaround if req.get("mount_workaround") else None,
                 close_fds=True,
+                # its own group, so a timeout kills what it started too (a plugin's helpers,
+                # a shell's children); setpgid keeps the vfork fast path
+                process_group=0,
             )
         finally:
             if out_fd is not None:
                 os.close(out_fd)
             if stdin_data is not None:
                 os.close(stdin)
-        run = _Run(popen=popen, future=self._loop.create_future(), output_file=output_file)
+        run = _Run(popen=popen, future=self._loop.create_future(), output_file=output_file,
+                   owner=owner)
         for stream in (popen.stdout, popen.stderr):
             if stream is not None:
                 fd = stream.fileno()
@@ -379,10 +416,35 @@ class ReaperServer:
                 stream.close()
 
     def _run_timed_out(self, run: _Run, timeout: float) -> None:
-        run.timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            run.popen.kill()
+        run.timed_out = timeout
+        self._kill_group(run)
         log.warning("command %s timed out after %.1fs", run.popen.args, timeout)
+
+    @staticmethod
+    def _kill_group(run: _Run) -> None:
+        """SIGKILL the command's process group and every process it started, also those that
+        left the group (`crun create`'s child calls setsid: killed halfway, it would wait
+        forever for a parent that is gone). Only while the command is not reaped yet: its pid
+        (the group's id) cannot have been reused. The tree is frozen first, so nothing forks
+        out of it between the listing and the kill."""
+        if run.popen.returncode is not None:
+            return
+        tree = _descendants(run.popen.pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        for pid in _descendants(run.popen.pid) | tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(run.popen.pid, signal.SIGKILL)
+
+    def _abandon_runs(self, owner: object) -> None:
+        """The client that asked for these commands is gone: kill them."""
+        for run in list(self._runs.values()):
+            if run.owner is owner and run.popen.returncode is None:
+                log.warning("client left: killing command %s", run.popen.args)
+                self._kill_group(run)
 
     def _finish_run(self, run: _Run, status: int) -> None:
         # Popen must not try to reap this pid again (it would steal another child's status if
@@ -402,10 +464,10 @@ class ReaperServer:
             stderr_text = _tail_of_file(run.output_file)
         if run.future.done():
             return
-        if run.timed_out:
-            run.future.set_exception(
-                ReaperError(f"timeout: {run.popen.args!r} was killed; output: {stderr_text}")
-            )
+        if run.timed_out is not None:
+            run.future.set_exception(ReaperError(
+                f"timeout after {run.timed_out:g} s: {run.popen.args!r} was killed with its "
+                f"process group; output: {stderr_text}"))
         else:
             run.future.set_result(
                 {"rc": status, "stdout": stdout.decode("utf-8", "replace"), "stderr": stderr_text}
@@ -496,12 +558,12 @@ class ReaperServer:
 
     # -- clients -----------------------------------------------------------------------------
 
-    async def _handle(self, req: Mapping[str, Any]) -> dict[str, Any]:
+    async def _handle(self, req: Mapping[str, Any], owner: object = None) -> dict[str, Any]:
         op = req.get("op")
         if op == "ping":
             return {"pid": os.getpid(), "runs": len(self._runs), "watched": len(self._watched)}
         if op == "run":
-            return await self._start_run(req)
+            return await self._start_run(req, owner)
         if op == "watch":
             st = req.get("start_time")
             return self._watch(int(req["pid"]), None if st is None else int(st))
@@ -520,7 +582,7 @@ class ReaperServer:
     async def _answer(self, writer: asyncio.StreamWriter, req: dict[str, Any]) -> None:
         reply: dict[str, Any]
         try:
-            reply = await self._handle(req)
+            reply = await self._handle(req, writer)
         except Exception as exc:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         reply["id"] = req.get("id")
@@ -554,8 +616,9 @@ class ReaperServer:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
-            # A wait_exit of a departed client is pointless; a `run` keeps going to completion
-            # (its process is reaped anyway) and only its reply is dropped.
+            # A wait_exit of a departed client is pointless, and so is a `run`: its command is
+            # killed (with its group) rather than left to act on a world nobody watches.
+            self._abandon_runs(writer)
             for task in tasks:
                 task.cancel()
             self._clients -= 1
@@ -579,7 +642,7 @@ def _set_process_name() -> None:
 def _acquire_lock(run_dir: str, wait: float) -> int | None:
     """flock the run_dir's reaper lock, held for the reaper's lifetime; None when another
     reaper holds it and serves."""
-    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -678,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         log_fd = os.open(os.path.join(run_dir, LOG_NAME),
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.dup2(log_fd, 2)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,11 +32,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
-from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, pause_spec
+from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
 from podfsm.core.records import TaskInfo
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import PauseRequest
 from podfsm.drivers.reaper import ReaperClient, ReaperError
+
+log = logging.getLogger(__name__)
 
 STEP = "runtime"
 PAUSE_NAME = "catatonit"
@@ -48,7 +52,8 @@ _ROOTFS_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _RUNC_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 _PT_INTERP = 3
-_COMMAND_TIMEOUT = 60.0
+_LISTING_START = re.compile(r"^(?:\[|null)", re.MULTILINE)
+DEFAULT_COMMAND_TIMEOUT = 60.0
 
 
 def _is_static_elf(path: str) -> bool:
@@ -163,6 +168,7 @@ class OciRuntime:
         run_dir: str,
         binary: str | None = None,
         pause_binary: str = "/usr/bin/catatonit",
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         if name not in ("runc", "crun"):
             raise ValueError(f"unsupported OCI runtime {name!r} (runc or crun)")
@@ -170,6 +176,8 @@ class OciRuntime:
         self.run_dir = os.path.abspath(run_dir)
         self.binary = binary
         self.pause_binary = pause_binary
+        #: seconds a runtime command may run before the reaper kills its process group
+        self.command_timeout = command_timeout
         self.root = os.path.join(self.run_dir, "runtime", name)
         self.bundles_dir = os.path.join(self.run_dir, "bundles")
         self.rootfs = os.path.join(self.run_dir, "pause-rootfs")
@@ -246,7 +254,7 @@ class OciRuntime:
         workaround = self.name == "crun" and verb == "create"
         try:
             return await self._reaper.run(
-                argv, mount_workaround=workaround, timeout=_COMMAND_TIMEOUT,
+                argv, mount_workaround=workaround, timeout=self.command_timeout,
                 output_file=output_file,
             )
         except ReaperError as exc:
@@ -340,6 +348,9 @@ class OciRuntime:
         _check_id(container_id)
         bundle = self.bundle_path(container_id)
         task = _read_task(os.path.join(bundle, "task.json"))
+        # cgroup paths are global: only a container of this root (or whose bundle this
+        # controller wrote) may have its cgroups removed here
+        ours = os.path.isdir(bundle) or self._exists(container_id)
         if self._exists(container_id):
             if task is not None:
                 await self._kill_and_wait(task)
@@ -349,6 +360,16 @@ class OciRuntime:
         if task is not None:
             with contextlib.suppress(ReaperError):
                 await self._reaper.forget(task.pid, task.start_time)
+        # A `create` killed halfway (timeout, or a controller SIGKILLed) leaves the container's
+        # cgroups behind with no state that `delete` could find them by: remove them. Empty
+        # ones only: rmdir never removes a cgroup that still has a process, which belongs to a
+        # live container (orphan collection asks every handler to delete an id).
+        for d in container_cgroup_dirs(bundle, container_id) if ours else ():
+            try:
+                os.rmdir(d)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.info("cgroup %s stays: %s", d, exc.strerror)
         try:
             nsutil.remove_flat_dir(bundle)
         except OSError as exc:
@@ -418,8 +439,12 @@ class OciRuntime:
             os.unlink(path)
         if rc != 0:
             raise self._failed("list", err)
+        # The file holds stderr too: runc warns there about a container whose `create` was
+        # killed halfway ("load container ...: container does not exist") before the listing.
+        # runc prints the listing on one line, crun over several: it starts at a line's start.
+        start = next((m.start() for m in _LISTING_START.finditer(out)), 0)
         try:
-            entries = json.loads(out) or []
+            entries = json.JSONDecoder().raw_decode(out, start)[0] or []
             return {str(e["id"]): str(e["status"]) for e in entries}
         except (ValueError, KeyError, TypeError) as exc:
             raise StepFailed(STEP, f"{self.name} list gave unreadable output: {out[:200]!r}") \
@@ -524,13 +549,19 @@ def _read_pid(path: str) -> int:
 
 
 def pause_pids(run_dir: str) -> list[int]:
-    """Live processes whose root is the pause rootfs of `run_dir`: the pause processes of that
-    controller, whatever its records say (for tools and tests that must leave nothing)."""
-    rootfs = os.path.join(run_dir, "pause-rootfs")
+    """Live processes running the pause binary of `run_dir`'s pause rootfs: the pause
+    processes of that controller, whatever its records say (for tools and tests that must
+    leave nothing). Told by the executable's inode, which /proc/<pid>/exe reaches across mount
+    namespaces (/proc/<pid>/root reads "/" there: the runtime pivots into the rootfs)."""
+    try:
+        st = os.stat(os.path.join(run_dir, "pause-rootfs", PAUSE_NAME))
+    except OSError:
+        return []
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/root") == rootfs:
+            exe = os.stat(f"/proc/{pid}/exe")
+            if (exe.st_dev, exe.st_ino) == (st.st_dev, st.st_ino):
                 pids.append(int(pid))
     return pids
 
@@ -542,6 +573,21 @@ def cgroup_parent_dirs(parent: str = DEFAULT_CGROUP_PARENT) -> set[str]:
     name = parent.strip("/")
     return {d for d in glob.glob(f"/sys/fs/cgroup/*/{name}") + glob.glob(f"/sys/fs/cgroup/{name}")
             if os.path.isdir(d)}
+
+
+def container_cgroup_dirs(bundle: str, container_id: str) -> list[str]:
+    """The directories of the container's cgroup in every mounted hierarchy: `cgroupsPath`
+    from the bundle's config.json (the default parent without one), accepted only as an
+    absolute, normalized path that ends in the container id."""
+    path: Any = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        path = json.loads(_read_text(os.path.join(bundle, "config.json")))["linux"]["cgroupsPath"]
+    if not (isinstance(path, str) and path.startswith("/") and os.path.normpath(path) == path
+            and os.path.basename(path) == container_id):
+        path = cgroups_path(container_id)
+    rel = glob.escape(path.lstrip("/"))
+    return [d for d in glob.glob(f"/sys/fs/cgroup/*/{rel}") + glob.glob(f"/sys/fs/cgroup/{rel}")
+            if os.path.isdir(d) and not os.path.islink(d)]
 
 
 def remove_new_dirs(before: set[str]) -> None:

@@ -19,9 +19,12 @@ allocation, the forced flush of the new data), a trip to a thread ~100 us, an in
 ~3 us; a lifecycle writes six records.
 
 Records carry `schema_version`; `migrate` brings an older record up to date step by step. A
-record that cannot be read is set aside in <state_dir>/corrupt (with a logged error) so every
-other sandbox still recovers; a record written by a NEWER podfsm stops the start instead (its
-sandbox must not be taken for an orphan and torn down by an older podfsm).
+record that cannot be used is set aside in <state_dir>/corrupt (with a logged error) so every
+other sandbox still recovers: a torn or oversized slot, JSON nested deeper than any record is, a
+file name that is not a sandbox id, a slot that is not a regular file (a symlink is never
+followed), or a record the caller's `check` refuses (the controller checks that every path it
+holds is the one it would use itself). A record written by a NEWER podfsm stops the start
+instead (its sandbox must not be taken for an orphan and torn down by an older podfsm).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import itertools
 import json
 import logging
 import os
+import re
+import stat
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,15 +45,27 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 import anyio
-from pydantic import ValidationError
 
 from podfsm.core.errors import ControllerLocked, StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
+from podfsm.drivers import nsutil
 from podfsm.drivers.base import SetAside
 
 log = logging.getLogger(__name__)
 
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
+#: A caller's last word on a decoded record: None to use it, else why it cannot be used.
+RecordCheck = Callable[[SandboxRecord], "str | None"]
+
+#: The sandbox-id format (64 lower-case hex digits, as containerd's ids): a slot file whose name
+#: does not carry one is set aside, so no other name ever reaches a path.
+SANDBOX_ID = re.compile(r"[0-9a-f]{64}")
+#: A record is a few KiB (its history grows by ~150 bytes per transition); anything this large
+#: is not one, and is not read into memory.
+MAX_RECORD_BYTES = 4 << 20
+#: Records nest 6 levels deep (CNI results a few more): json.loads on a deeper document could
+#: exhaust the interpreter's stack (RecursionError), and pydantic or a face would later.
+MAX_JSON_DEPTH = 64
 
 #: MIGRATIONS[n] turns a version-n record (decoded JSON) into a version n+1 one. Version 1 is
 #: the first; a change to SandboxRecord that old records do not satisfy bumps SCHEMA_VERSION
@@ -102,6 +119,7 @@ class FileStore:
         """Create the directories and take the controller lock (non-blocking). Raises
         ControllerLocked when another controller holds it, StateDirError when the state dir
         cannot be used (missing and not creatable, read-only)."""
+        nsutil.secure_dir(self.state_dir, 0o700, "state dir")
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             fd = os.open(os.path.join(self.state_dir, "lock"),
@@ -132,11 +150,16 @@ class FileStore:
         """The slot files of a sandbox's record (either may not exist)."""
         return [os.path.join(self.dir, f"{sandbox_id}{slot}") for slot in self.SLOTS]
 
-    async def load_all(self) -> tuple[list[SandboxRecord], list[SetAside]]:
-        """Every readable record, and each one set aside as corrupt (with a logged error)."""
-        return await anyio.to_thread.run_sync(self._load_all_sync)
+    async def load_all(
+        self, check: RecordCheck | None = None
+    ) -> tuple[list[SandboxRecord], list[SetAside]]:
+        """Every usable record, and each one set aside (with a logged error): unreadable, or
+        refused by `check` (which returns why, or None)."""
+        return await anyio.to_thread.run_sync(self._load_all_sync, check)
 
-    def _load_all_sync(self) -> tuple[list[SandboxRecord], list[SetAside]]:
+    def _load_all_sync(
+        self, check: RecordCheck | None = None
+    ) -> tuple[list[SandboxRecord], list[SetAside]]:
         records: list[SandboxRecord] = []
         set_aside: list[SetAside] = []
         names = os.listdir(self.dir)
@@ -151,10 +174,15 @@ class FileStore:
         ids = sorted({name[: -len(self.SLOTS[0])] for name in names if name.endswith(self.SLOTS)})
         for sid in ids:
             try:
+                if not SANDBOX_ID.fullmatch(sid):
+                    raise ValueError("its file name is not a sandbox id")
                 rec, seq = self._load_one(sid)
+                refused = check(rec) if check is not None else None
+                if refused is not None:
+                    raise ValueError(refused)
             except RecordTooNew as exc:
-                raise StateDirError(f"record {sid}: {exc}") from None
-            except (ValueError, ValidationError, UnicodeDecodeError, OSError) as exc:
+                raise StateDirError(f"record {sid!r}: {exc}") from None
+            except Exception as exc:  # whatever a record holds, start-up goes on
                 problem = self._set_aside(sid, exc)
                 log.error(problem)
                 set_aside.append(SetAside(sid, problem))
@@ -169,8 +197,7 @@ class FileStore:
         why = "no slot file"
         for path in self.paths(sid):
             try:
-                with open(path, "rb") as f:
-                    seq, body = _unframe(f.read())
+                seq, body = _unframe(_read_slot(path))
             except FileNotFoundError:
                 continue
             except ValueError as exc:
@@ -183,6 +210,8 @@ class FileStore:
         data = json.loads(best[1])
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
+        if _depth(data) > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         rec = SandboxRecord.model_validate(migrate(data))
         if rec.id != sid:
             raise ValueError(f"record id {rec.id!r} does not match its file name")
@@ -190,14 +219,18 @@ class FileStore:
 
     def _set_aside(self, sid: str, exc: Exception) -> str:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, RecursionError):
+            first = "JSON nested too deeply to decode"
+        # the name may be anything a file name can be: shown escaped, never raw to a terminal
+        shown = ascii(sid)[1:-1]
         try:
             os.makedirs(self.quarantine, mode=0o700, exist_ok=True)
             for path in self.paths(sid):
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(path, os.path.join(self.quarantine, os.path.basename(path)))
         except OSError as move:
-            return f"corrupt record {sid} (cannot set it aside: {_why(move)}): {first}"
-        return f"corrupt record {sid} set aside in {self.quarantine}: {first}"
+            return f"corrupt record {shown} (cannot set it aside: {_why(move)}): {first}"
+        return f"corrupt record {shown} set aside in {self.quarantine}: {first}"
 
     async def save(self, rec: SandboxRecord, *, durable: bool = False) -> None:
         """Replace the record of rec.id (see the module's doc); `durable` also survives a
@@ -242,6 +275,36 @@ class FileStore:
 
 
 _MAGIC = b"podfsm-record"
+
+
+def _read_slot(path: str) -> bytes:
+    """A slot's content: a regular file, never through a symlink, at most MAX_RECORD_BYTES."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{os.path.basename(path)} is a symlink") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{os.path.basename(path)} is not a regular file")
+        if st.st_size > MAX_RECORD_BYTES:
+            raise ValueError(f"{os.path.basename(path)} is larger than {MAX_RECORD_BYTES} bytes")
+        return f.read(MAX_RECORD_BYTES + 1)
+
+
+def _depth(obj: Any) -> int:
+    """How deeply `obj` (decoded JSON) nests; iterative, so any depth is measured safely."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
 
 
 def _frame(seq: int, body: bytes) -> bytes:

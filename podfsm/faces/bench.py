@@ -562,6 +562,8 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("podfsm bench: must run as root", file=sys.stderr)
         return 2
+    if getattr(args, "chaos", 0):
+        return chaos_main(runtimes, args.chaos, as_json=args.json)
     try:
         results = [asyncio.run(bench_runtime(rt, args)) for rt in runtimes]
     except PodfsmError as exc:
@@ -572,6 +574,32 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(report(results))
     return 0
+
+
+def chaos_main(runtimes: list[str], rounds: int, *, as_json: bool = False) -> int:
+    """`podfsm bench --chaos N`: the chaos run of podfsm.faces.chaos on each runtime, in the
+    bench's own world; 1 when an invariant was broken or something was left."""
+    from podfsm.faces.chaos import run_chaos
+
+    def progress(rep: Any) -> None:
+        print(f"  chaos {rep.runtime}: round {rep.rounds}/{rounds}, "
+              f"{rep.total_operations} operations, {len(rep.violations)} violations",
+              file=sys.stderr, flush=True)
+
+    reports = []
+    for rt in runtimes:
+        with bench_world(rt) as cfg:
+            reports.append(asyncio.run(run_chaos(cfg, rounds, seed=time.time_ns(),
+                                                 progress=progress)))
+    if as_json:
+        print(json.dumps({"chaos": [{**vars(r), "total_operations": r.total_operations}
+                                    for r in reports]}, indent=2))
+    else:
+        for r in reports:
+            print(r.summary())
+            for v in r.violations:
+                print(f"  violation: {v}")
+    return 1 if any(r.violations or r.leftovers for r in reports) else 0
 
 
 def _split(value: Any, kind: type[Any]) -> list[Any]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import platform
 import random
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -144,6 +146,33 @@ def make_env(runtime: str, **overrides: Any) -> Env:
         **overrides,
     )
     return Env(tmp, cfg, network, bridge, subnet, n)
+
+
+def exiting_static_binary(path: str, status: int = 3) -> str:
+    """Write a tiny statically linked ELF executable that calls exit(`status`) at once (for a
+    pause process that dies at once). Made here, byte by byte, so the tests need no program
+    that .ci/setup does not install (Debian's only static binary among them is catatonit)."""
+    machine = platform.machine()
+    if machine == "x86_64":
+        e_machine = 62  # mov edi, status; mov eax, 60 (exit); syscall
+        code = b"\xbf" + struct.pack("<I", status) + b"\xb8\x3c\x00\x00\x00\x0f\x05"
+    elif machine == "aarch64":
+        e_machine = 183  # mov x0, #status; mov x8, #93 (exit); svc #0
+        code = struct.pack("<III", 0xD2800000 | (status << 5), 0xD2800BA8, 0xD4000001)
+    else:
+        raise RuntimeError(f"no exiting binary for {machine}")
+    base, ehsize, phsize = 0x400000, 64, 56
+    entry = base + ehsize + phsize
+    size = ehsize + phsize + len(code)
+    header = (b"\x7fELF\x02\x01\x01" + b"\x00" * 9
+              + struct.pack("<HHIQQQIHHHHHH", 2, e_machine, 1, entry, ehsize, 0, 0,
+                            ehsize, phsize, 1, 0, 0, 0))
+    # one PT_LOAD, read + execute, mapping the whole file at `base`
+    program = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    with open(path, "wb") as f:
+        f.write(header + program + code)
+    os.chmod(path, 0o755)
+    return path
 
 
 def destroy_env(env: Env) -> None:

@@ -536,7 +536,7 @@ def _leftovers_but(env: Env, own_mount: str) -> dict[str, list[Any]]:
 
 async def test_read_only_state_dir_is_refused_cleanly() -> None:
     with fresh_env() as env:
-        _mount_tmpfs(env.cfg.state_dir, "ro,size=1m")
+        _mount_tmpfs(env.cfg.state_dir, "ro,size=1m,mode=0700")
         try:
             with pytest.raises(StateDirError, match="read-only"):
                 async with env.controller():

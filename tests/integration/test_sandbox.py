@@ -29,6 +29,7 @@ from podfsm.drivers import nsutil
 from tests.integration.conftest import (
     Env,
     destroy_env,
+    exiting_static_binary,
     make_env,
     pod,
     running,
@@ -240,12 +241,13 @@ exec {real} "$@"
         destroy_env(env)
 
 
-async def test_pause_that_dies_at_once_unwinds_to_nothing(runtime: str) -> None:
-    # busybox called as "catatonit" is no applet: it exits a moment after exec. Usually the
-    # post-start check sees it gone and the run unwinds; if it dies just after the check, the
-    # sandbox is Ready for a moment and supervision takes it to NotReady. Either way nothing
-    # may be left once it is removed.
-    env = make_env(runtime, pause_binary="/bin/busybox")
+async def test_pause_that_dies_at_once_unwinds_to_nothing(runtime: str, tmp_path: Path) -> None:
+    # A pause binary that exits (status 3) the moment it is exec'd. Usually the post-start
+    # check sees it gone and the run unwinds; if it dies just after the check, the sandbox is
+    # Ready for a moment and supervision takes it to NotReady. Either way nothing may be left
+    # once it is removed.
+    pause = exiting_static_binary(str(tmp_path / "exit3"), status=3)
+    env = make_env(runtime, pause_binary=pause)
     try:
         async with env.controller() as c:
             try:
@@ -256,7 +258,7 @@ async def test_pause_that_dies_at_once_unwinds_to_nothing(runtime: str) -> None:
                 assert await c.list_sandboxes() == []
             else:
                 await wait_for_state(c, st.id, State.NOT_READY, within=1.0)
-                assert (await c.sandbox_status(st.id)).exit_status not in (None, 0)
+                assert (await c.sandbox_status(st.id)).exit_status == 3
                 await c.remove_sandbox(st.id)
         assert env.leftovers() == {}
     finally:

@@ -231,3 +231,24 @@ async def test_the_record_is_made_durable_once_before_the_first_system_step(
     assert rig.faults.calls[1] == "ns.create"
     assert saves[1:] and all("durable=False" in c for c in saves[1:])
     rig.nothing_left()
+
+
+@pytest.mark.parametrize("field", ["planned_netns_path", "planned_userns_path"])
+async def test_a_record_whose_pin_path_lies_elsewhere_is_set_aside_untouched(
+    rig: Rig, tmp_path: Path, field: str
+) -> None:
+    # A record (being stopped when the controller died) that names a file outside
+    # netns_dir / run_dir: a restart must not unpin or unlink it as root.
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod())
+        await ctl.stop_sandbox(st.id)
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    rec = rig.store.records[st.id]
+    rig.store.records[st.id] = rec.evolve(pending="stop", **{field: str(precious)})
+    async with rig.controller() as ctl:
+        assert await ctl.list_sandboxes() == []
+        (problem,) = ctl.recovery_problems
+        assert st.id in problem and str(precious) in problem and "not the one" in problem
+    assert precious.read_text() == "keep me"
+    rig.nothing_left()

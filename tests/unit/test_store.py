@@ -303,3 +303,64 @@ def test_migrate_brings_old_records_up_step_by_step() -> None:
 def test_the_current_schema_needs_no_migration() -> None:
     data = json.loads(record(1).model_dump_json())
     assert SandboxRecord.model_validate(migrate(dict(data))) == record(1)
+
+
+def _write_slot(store: FileStore, name: str, body: bytes) -> None:
+    Path(store.dir, name).write_bytes(framed(body))
+
+
+async def test_a_deeply_nested_record_is_set_aside_and_start_up_goes_on(
+    store: FileStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = record(1)
+    await store.save(good)
+    # framed correctly (length and checksum match): only its content is hostile
+    deep = b'{"id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    _write_slot(store, f"{2:064x}.0.rec", deep)
+    shallow_but_deep = json.dumps(record(3).model_dump(mode="json") | {
+        "last_error": None, "leftovers": [], "history": []}).encode()
+    nested: Any = "x"
+    for _ in range(200):
+        nested = [nested]
+    body = json.loads(shallow_but_deep)
+    body["network"] = {"network_name": "n", "raw": {"deep": nested}}
+    _write_slot(store, f"{3:064x}.0.rec", json.dumps(body).encode())
+    with caplog.at_level(logging.ERROR):
+        loaded, set_aside = await store.load_all()
+    assert loaded == [good]
+    problems = {s.sandbox_id: s.problem for s in set_aside}
+    assert set(problems) == {f"{2:064x}", f"{3:064x}"}
+    assert all("nested" in p for p in problems.values()), problems
+    assert "nested" in caplog.text
+    assert files(store) == slots(good)[:1]
+
+
+async def test_a_slot_whose_name_is_not_a_sandbox_id_is_set_aside(store: FileStore) -> None:
+    rec = record(1).evolve(id="evil")
+    _write_slot(store, "evil.0.rec", rec.model_dump_json().encode())
+    _write_slot(store, "x\x1b[2J.0.rec", rec.model_dump_json().encode())
+    loaded, set_aside = await store.load_all()
+    assert loaded == []
+    assert sorted(s.sandbox_id for s in set_aside) == ["evil", "x\x1b[2J"]
+    assert all("not a sandbox id" in s.problem for s in set_aside)
+    assert all("\x1b" not in s.problem for s in set_aside)  # escaped for terminals
+    assert files(store) == []
+
+
+async def test_a_symlinked_slot_is_never_followed(store: FileStore, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(framed(record(1).model_dump_json().encode()))
+    os.symlink(target, os.path.join(store.dir, slots(record(1))[0]))
+    loaded, (aside,) = await store.load_all()
+    assert loaded == [] and "symlink" in aside.problem
+    assert target.read_bytes() == framed(record(1).model_dump_json().encode())
+
+
+async def test_a_record_the_check_refuses_is_set_aside(store: FileStore) -> None:
+    await store.save(record(1))
+    await store.save(record(2))
+    loaded, (aside,) = await store.load_all(
+        check=lambda r: "refused here" if r.id == record(2).id else None)
+    assert loaded == [record(1)]
+    assert aside.sandbox_id == record(2).id and "refused here" in aside.problem
+    assert files(store) == slots(record(1))[:1]
