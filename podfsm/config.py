@@ -11,6 +11,7 @@ DEFAULT_CNI_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 # Pod user namespaces are handed 65536-id ranges from here; 0-65535 always stays with the host.
 DEFAULT_IDMAP_POOL_START = 1 << 20
 DEFAULT_IDMAP_POOL_SIZE = 1 << 30
+DEFAULT_IDMAP_MAX_LENGTH = 65536
 
 
 class ControllerConfig(BaseModel):
@@ -20,7 +21,7 @@ class ControllerConfig(BaseModel):
     touching each other or the defaults.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", regex_engine="python-re")
 
     state_dir: str = "/var/lib/podfsm"
     run_dir: str = "/run/podfsm"
@@ -36,6 +37,16 @@ class ControllerConfig(BaseModel):
     default_subnet: str = "10.209.0.0/16"
     idmap_pool_start: int = Field(default=DEFAULT_IDMAP_POOL_START, ge=65536)
     idmap_pool_size: int = Field(default=DEFAULT_IDMAP_POOL_SIZE, ge=65536)
+    #: the longest id range a pod may ask for: one pod's share (KEP-127), so that a request
+    #: cannot drain the pool for every other pod
+    idmap_max_length: int = Field(default=DEFAULT_IDMAP_MAX_LENGTH, ge=1)
+    #: the cgroup under which every pause container's cgroup lives; a pod's
+    #: linux.cgroup_parent must lie under it (anything else is refused)
+    cgroup_root: str = Field(default="/podfsm", pattern=r"^(/[A-Za-z0-9_.:@+-]+)+\Z")
+    #: glob patterns (Go's path.Match / fnmatch, as containerd's `pod_annotations`) of the pod
+    #: annotations that are copied into the pause container's OCI spec; the default lets none
+    #: through, since runtimes act on some (crun's run.oci.*)
+    pod_annotations: tuple[str, ...] = ()
     #: namespace worker subprocesses
     workers: int = Field(default=2, ge=1, le=64)
     #: seconds a namespace worker may sit idle before it exits (~14 MB each); the next

@@ -135,6 +135,8 @@ class FakeRuntime:
         self.containers: dict[str, asyncio.subprocess.Process] = {}
         self.started: set[str] = set()
         self.exits: dict[int, int] = {}
+        #: every create request, in order (what the spec would be generated from)
+        self.requests: list[PauseRequest] = []
 
     async def start(self) -> None:
         pass
@@ -149,6 +151,7 @@ class FakeRuntime:
         if req.container_id in self.containers:
             raise StepFailed("runtime", f"container {req.container_id} already exists")
         self.faults.check("runtime.create")
+        self.requests.append(req)
         proc = await asyncio.create_subprocess_exec("sleep", "1000")
         self.containers[req.container_id] = proc
         start = nsutil.proc_start_time(proc.pid)

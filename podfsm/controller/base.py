@@ -34,7 +34,14 @@ from podfsm.core.records import (
 )
 from podfsm.core.states import State, Trigger, lifecycle_kind
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceDriver, NetworkDriver, NetworkRequest, RuntimeDriver, Store
+from podfsm.drivers.base import (
+    HostDriver,
+    NamespaceDriver,
+    NetworkDriver,
+    NetworkRequest,
+    RuntimeDriver,
+    Store,
+)
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
@@ -85,6 +92,7 @@ class ControllerBase:
         runtime: RuntimeDriver | None = None,
         runtimes: Sequence[RuntimeDriver] | None = None,
         store: Store | None = None,
+        host: HostDriver | None = None,
         failpoints: str | None = None,
     ) -> None:
         self.config = cfg = config or ControllerConfig()
@@ -99,6 +107,8 @@ class ControllerBase:
             _other_real_runtimes(cfg) if self._real else ())
         for rt in extra:
             self._runtimes.setdefault(rt.name, rt)
+        # With fake drivers no pause ever runs: the files are written, no tmpfs is mounted.
+        self._host = host or _real_host(mount_shm=self._real)
         self._store: Store | None = store
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)
@@ -139,6 +149,14 @@ class ControllerBase:
 
     def sandbox_run_dir(self, sandbox_id: str) -> str:
         return os.path.join(self.config.run_dir, "sandboxes", sandbox_id)
+
+    def shm_path(self, sandbox_id: str) -> str:
+        """Where the sandbox's /dev/shm tmpfs is mounted (see drivers.hostfiles)."""
+        return os.path.join(self.sandbox_run_dir(sandbox_id), "shm")
+
+    def cgroup_parent(self, rec: SandboxRecord) -> str:
+        """The cgroup parent of the sandbox's pause: the pod's, else the configured root."""
+        return rec.config.linux.cgroup_parent.rstrip("/") or self.config.cgroup_root
 
     def userns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")
@@ -384,3 +402,8 @@ def _other_real_runtimes(cfg: ControllerConfig) -> list[RuntimeDriver]:
                                               if n != cfg.runtime and installed(n)]
     return [_real_runtime(cfg, n) for n in others]
 
+
+def _real_host(*, mount_shm: bool) -> HostDriver:
+    from podfsm.drivers.hostfiles import HostFiles
+
+    return HostFiles(mount_shm=mount_shm)

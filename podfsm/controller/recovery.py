@@ -172,6 +172,8 @@ class Recovery(Run):
                 NetworkRequest(sandbox_id=sid,
                                netns_path=netns if os.path.lexists(netns) else None), None)),
             ("unpin", lambda: self._ns.destroy(netns, self.userns_pin_path(sid))),
+            # before the directory goes: never remove through a live mount
+            ("unmount /dev/shm", lambda: self._host.release_shm(self.shm_path(sid))),
         ]
         failed = False
         for label, action in steps:

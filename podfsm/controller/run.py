@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from typing import Any
 
 import anyio
 
@@ -21,13 +22,17 @@ from podfsm.core.errors import (
     StateDirError,
     StepFailed,
 )
+from podfsm.core.ocispec import runtime_default_seccomp, seccomp_from_profile
 from podfsm.core.records import SandboxRecord
-from podfsm.core.spec import IDMapping, PodSandboxConfig
+from podfsm.core.spec import IDMapping, PodSandboxConfig, ProfileType
 from podfsm.core.states import Trigger
 from podfsm.drivers.base import NamespaceRequest, PauseRequest
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
+
+#: the largest Localhost seccomp profile read (Docker's default profile is about 20 KB)
+MAX_SECCOMP_PROFILE = 1 << 20
 
 
 class Run(Teardown):
@@ -41,7 +46,10 @@ class Run(Teardown):
         if existing is not None:
             raise NameReserved(pod.reserved_name, existing)
         self._check_host_support(pod)
+        self._check_cgroup_parent(pod)
         uid_map, gid_map, allocated = self._id_ranges(pod)
+        self._check_ids_mapped(pod, uid_map, gid_map)
+        seccomp = self._seccomp(pod)
         sandbox_id = secrets.token_hex(32)
         rec = SandboxRecord(
             id=sandbox_id,
@@ -54,6 +62,7 @@ class Run(Teardown):
             planned_netns_path=self.netns_pin_path(sandbox_id) if pod.pod_netns else None,
             planned_userns_path=self.userns_pin_path(sandbox_id) if pod.pod_userns else None,
             pending=Trigger.SETUP_NAMESPACES.value,
+            seccomp_profile=seccomp,
         )
         sb = Sandbox(rec, SandboxMachine())
         sb.lock.acquire_nowait()
@@ -61,12 +70,74 @@ class Run(Teardown):
         self._names[pod.reserved_name] = sandbox_id
         return sb
 
-    @staticmethod
-    def _check_host_support(pod: PodSandboxConfig) -> None:
-        """Refusals that need a look at this host: a sysctl the kernel does not have."""
+    def _check_host_support(self, pod: PodSandboxConfig) -> None:
+        """Refusals that need a look at this host: a sysctl the kernel does not have; SELinux
+        or AppArmor settings where the facility is enabled (podfsm does not apply them; on a
+        host without them containerd ignores them too, and so does podfsm)."""
         for name in pod.linux.sysctls:
             if not os.path.exists("/proc/sys/" + name.replace(".", "/")):
                 raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
+        sc = pod.linux.security_context
+        lsms = self._host.security_modules()
+        if sc.selinux_options is not None and "selinux" in lsms:
+            raise InvalidPodConfig("linux.security_context.selinux_options: SELinux is enabled "
+                                   "on this host and podfsm does not apply SELinux labels")
+        wants_apparmor = (sc.apparmor is not None
+                          and sc.apparmor.profile_type is not ProfileType.Unconfined)
+        if wants_apparmor and "apparmor" in lsms:
+            raise InvalidPodConfig("linux.security_context.apparmor: AppArmor is enabled on "
+                                   "this host and podfsm does not apply AppArmor profiles")
+
+    def _check_cgroup_parent(self, pod: PodSandboxConfig) -> None:
+        parent = pod.linux.cgroup_parent.rstrip("/")
+        root = self.config.cgroup_root
+        if parent and parent != root and not parent.startswith(root + "/"):
+            raise InvalidPodConfig(
+                f"linux.cgroup_parent {pod.linux.cgroup_parent!r} is not under podfsm's cgroup "
+                f"root {root} (ControllerConfig.cgroup_root)")
+
+    @staticmethod
+    def _check_ids_mapped(pod: PodSandboxConfig, uid_map: IDMapping | None,
+                          gid_map: IDMapping | None) -> None:
+        """The pause's uid, gid and groups must exist in the pod's user namespace: the
+        runtime could not switch to an unmapped id."""
+        sc = pod.linux.security_context
+        checks: list[tuple[str, int, IDMapping | None]] = []
+        if sc.run_as_user is not None:
+            checks.append(("run_as_user", sc.run_as_user.value, uid_map))
+        if sc.run_as_group is not None:
+            checks.append(("run_as_group", sc.run_as_group.value, gid_map))
+        checks += [("supplemental_groups", g, gid_map) for g in sc.supplemental_groups]
+        for name, value, mapping in checks:
+            if mapping is not None and not mapping.covers(value):
+                raise InvalidPodConfig(
+                    f"linux.security_context.{name} {value} is not mapped in the pod's user "
+                    f"namespace (container ids {mapping.container_id}-"
+                    f"{mapping.container_id + mapping.length - 1})")
+
+    def _seccomp(self, pod: PodSandboxConfig) -> dict[str, Any] | None:
+        """The OCI seccomp object for the pause, as containerd chooses it: none for a
+        privileged sandbox or Unconfined, the pause's default for RuntimeDefault, the file's
+        content for Localhost (read now, so a missing or bad file is refused up front)."""
+        sc = pod.linux.security_context
+        profile = sc.seccomp_profile()
+        if profile is None or sc.privileged or profile.profile_type is ProfileType.Unconfined:
+            return None
+        if profile.profile_type is ProfileType.RuntimeDefault:
+            return runtime_default_seccomp()
+        path = profile.localhost_ref
+        where = ("linux.security_context.seccomp.localhost_ref" if sc.seccomp is not None
+                 else "linux.security_context.seccomp_profile_path")
+        if not os.path.isabs(path):
+            raise InvalidPodConfig(f"{where} {path!r} must be an absolute path")
+        try:
+            text = self._host.read_seccomp_profile(path, MAX_SECCOMP_PROFILE)
+            return seccomp_from_profile(text, path)
+        except OSError as exc:
+            raise InvalidPodConfig(f"{where}: cannot read the seccomp profile {path}: "
+                                   f"{exc.strerror}") from None
+        except ValueError as exc:
+            raise InvalidPodConfig(f"{where}: {exc}") from None
 
     def _id_ranges(self, pod: PodSandboxConfig) -> tuple[IDMapping | None, IDMapping | None, bool]:
         if not pod.pod_userns:
@@ -84,6 +155,18 @@ class Run(Teardown):
             except ValueError as exc:
                 raise InvalidPodConfig(str(exc)) from None
             return uid_map, uid_map, True
+        pool_end = cfg.idmap_pool_start + cfg.idmap_pool_size
+        for kind, want in (("uids", uid_map), ("gids", gid_map)):
+            rng = f"{want.host_id}-{want.host_end - 1}"
+            if want.length > cfg.idmap_max_length:
+                raise InvalidPodConfig(
+                    f"userns_options.{kind}[0] host ids {rng}: {want.length} ids are more than "
+                    f"the {cfg.idmap_max_length} a pod may have (ControllerConfig."
+                    "idmap_max_length)")
+            if want.host_id < cfg.idmap_pool_start or want.host_end > pool_end:
+                raise InvalidPodConfig(
+                    f"userns_options.{kind}[0] host ids {rng} are not inside podfsm's id pool "
+                    f"{cfg.idmap_pool_start}-{pool_end - 1} (host ids 0-65535 stay the host's)")
         for kind, want, used in (("uid", uid_map, uids_in_use), ("gid", gid_map, gids_in_use)):
             clash = idmap.find_overlap(want, used)
             if clash is not None:
@@ -98,6 +181,7 @@ class Run(Teardown):
         step = Trigger.SETUP_NAMESPACES
         try:
             await self._first_save(sb)
+            await self._setup_files(sb, undo)
             await self._setup_namespaces(sb, undo)
             step = Trigger.CREATE_CONTAINER
             await self._create_container(sb, undo)
@@ -155,7 +239,21 @@ class Run(Teardown):
         # on disk; later writes need not be (see podfsm.drivers.store).
         await self._store_save(sb.record, durable=True)
         await self._hit("save_record.after")
-        os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o700, exist_ok=True)
+        # 0711: the pod's mapped root must reach the files bound from here (runc and crun open
+        # bind sources inside the pod's user namespace); nothing here is listable by others.
+        os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o711, exist_ok=True)
+        os.chmod(self.sandbox_run_dir(sb.record.id), 0o711)
+
+    async def _setup_files(self, sb: Sandbox, undo: list[Undo]) -> None:
+        """hostname, hosts, resolv.conf, the /dev/shm tmpfs and the log directory. Recorded
+        with the next write; until then the teardown finds the tmpfs by its derived path."""
+        undo.append(Undo("remove sandbox files", lambda: self._remove_files(sb), None))
+        try:
+            files = await self._host.setup_files(self.sandbox_run_dir(sb.record.id),
+                                                 sb.record.config)
+        except OSError as exc:
+            raise StepFailed("sandbox files", describe(exc)) from exc
+        sb.record = sb.record.evolve(files=files)
 
     async def _setup_namespaces(self, sb: Sandbox, undo: list[Undo]) -> None:
         rec = sb.record
@@ -200,18 +298,29 @@ class Run(Teardown):
                           Trigger.DELETE_CONTAINER))
         await self._hit("runtime_create.before")
         ns = rec.namespaces
+        pod = rec.config
+        sc = pod.linux.security_context
         rt = self._runtime(rec.runtime)
         with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
             task = await rt.create(PauseRequest(
                 container_id=rec.id,
-                hostname=rec.config.effective_hostname,
+                hostname=pod.effective_hostname,
                 netns_path=ns.netns_path if ns else None,
                 userns_path=ns.userns_path if ns else None,
                 uid_mapping=rec.uid_mapping,
                 gid_mapping=rec.gid_mapping,
-                cgroup_parent=rec.config.linux.cgroup_parent,
-                annotations=dict(rec.config.annotations),
-                sysctls=dict(rec.config.linux.sysctls),
+                cgroup_parent=self.cgroup_parent(rec),
+                annotations=dict(pod.annotations),
+                annotation_patterns=self.config.pod_annotations,
+                sysctls=dict(pod.linux.sysctls),
+                run_as_user=sc.run_as_user.value if sc.run_as_user else None,
+                run_as_group=sc.run_as_group.value if sc.run_as_group else None,
+                supplemental_groups=tuple(sc.supplemental_groups),
+                seccomp=rec.seccomp_profile,
+                host_pid=pod.host_pid,
+                host_ipc=pod.host_ipc,
+                files=rec.files,
+                resources=pod.linux.resources,
             ))
         sb.record = rec.evolve(container_created=True, task=task,
                                bundle_path=rt.bundle_path(rec.id))

@@ -73,6 +73,9 @@ class Teardown(ControllerBase):
         rec = sb.record
         await self._hit("runtime_delete.before")
         await self._runtime(rec.runtime).delete(rec.id)
+        # The runtime removes only the container's own cgroup; the parents podfsm caused to
+        # exist under its cgroup root go too when no other pod uses them.
+        await self._host.remove_cgroup_parent(self.cgroup_parent(rec), self.config.cgroup_root)
         sb.record = sb.record.evolve(container_created=False, bundle_path=None)
         await self._hit("runtime_delete.after")
 
@@ -84,6 +87,21 @@ class Teardown(ControllerBase):
         await self._net.detach(self._net_request(rec), rec.network)
         sb.record = sb.record.evolve(network=None)
         await self._hit("cni_del.after")
+
+    async def _release_shm(self, sb: Sandbox) -> None:
+        """Unmount the pod's /dev/shm tmpfs (at stop, as containerd does; the files stay
+        until remove). The path is derived, not read from the record, so a crash before the
+        record named it still finds it."""
+        if not sb.record.config.host_ipc:
+            await self._host.release_shm(self.shm_path(sb.record.id))
+
+    async def _remove_files(self, sb: Sandbox) -> None:
+        files = sb.record.files
+        if files is None:  # a crash before the record named them: the tmpfs may be there
+            await self._release_shm(sb)
+            return
+        await self._host.remove_files(files)  # the tmpfs first, if still mounted
+        sb.record = sb.record.evolve(files=None)
 
     async def _teardown_namespaces(self, sb: Sandbox) -> None:
         rec = sb.record
@@ -114,7 +132,8 @@ class Teardown(ControllerBase):
         for label, piece in (("kill task", self._teardown_task),
                              ("runtime delete", self._teardown_container),
                              ("CNI DEL", self._teardown_network),
-                             ("unpin namespaces", self._teardown_namespaces)):
+                             ("unpin namespaces", self._teardown_namespaces),
+                             ("unmount /dev/shm", self._release_shm)):
             try:
                 await piece(sb)
             except Exception as exc:
@@ -135,7 +154,12 @@ class Teardown(ControllerBase):
         await self._forget(sb)
 
     async def _forget(self, sb: Sandbox) -> None:
-        """Drop the record, then the run directory and the name and id reservations."""
+        """Drop the sandbox's files, the record, then the run directory and the name and id
+        reservations."""
+        try:
+            await self._remove_files(sb)
+        except OSError as exc:
+            raise StepFailed("remove sandbox files", describe(exc)) from exc
         if sb.supervisor is not None:
             sb.supervisor.cancel()
             sb.supervisor = None

@@ -256,7 +256,8 @@ def default_conflist(name: str, bridge: str, subnet: str) -> dict[str, Any]:
 
     The bridge is the pods' gateway (``isGateway``: which turns on the host's
     ``net.ipv4.ip_forward``), does no masquerading (``ipMasq`` false: no host firewall rules),
-    and lets a pod reach itself through its service address (``hairpinMode``).
+    and lets a pod reach itself through its service address (``hairpinMode``). ``portmap``
+    (with the ``portMappings`` capability) serves the pods' port_mappings.
     """
     _check_name(name, "<default>", "name")
     if not bridge or len(bridge) > MAX_IFNAME_LEN or "/" in bridge or bridge.strip() != bridge:
@@ -284,6 +285,9 @@ def default_conflist(name: str, bridge: str, subnet: str) -> dict[str, Any]:
                     "routes": [{"dst": "0.0.0.0/0"}],
                 },
             },
+            # CRI port_mappings: host ports DNAT-ed to the pod (iptables rules that CNI DEL
+            # removes; portmap's top-level CNI-HOSTPORT-* chains stay, as under containerd)
+            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
             {"type": LOOPBACK_TYPE},
         ],
     }
@@ -514,6 +518,14 @@ def reservation_owner(content: str) -> str:
     writes ``<id>\\r\\n<ifname>``)."""
     first = content.splitlines()[0] if content else ""
     return first.strip()
+
+
+def idle_without(plugin: Mapping[str, Any], capability_args: Mapping[str, Any]) -> bool:
+    """True when running `plugin` with these capability arguments would change nothing: the
+    portmap plugin acts only on its ``portMappings`` runtime config; without any it returns
+    ``prevResult`` (ADD, CHECK) and touches no rule (DEL: measured, it runs no iptables). A
+    pod's DEL gets the same port mappings as its ADD, so both are skipped or neither."""
+    return plugin.get("type") == "portmap" and not capability_args.get("portMappings")
 
 
 def capability_args_for(port_mappings: Sequence[PortMapping]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from podfsm.core.spec import IDMapping, PodSandboxConfig
+from podfsm.core.spec import IDMapping, LinuxContainerResources, PodSandboxConfig
 from podfsm.core.states import State
 
 SCHEMA_VERSION = 1
@@ -30,6 +30,22 @@ class PinnedNamespaces(_Frozen):
     userns_inode: int | None = None
     #: inode of the user namespace that owns the netns (NS_GET_USERNS on the pinned netns)
     netns_owner_inode: int | None = None
+
+
+class SandboxFiles(_Frozen):
+    """The sandbox's files on the host, as containerd keeps them under the sandbox's directory,
+    reported so that containers joining the pod can mount the same ones."""
+
+    hostname_path: str
+    hosts_path: str
+    resolv_conf_path: str
+    #: the per-pod tmpfs, or the host's /dev/shm for ipc NODE (then never unmounted)
+    shm_path: str
+    shm_mounted: bool = False
+    log_directory: str = ""
+    #: the topmost directory of log_directory that podfsm created ("" if none): removed at
+    #: remove, with everything below it it made, when they are empty
+    log_directory_created: str = ""
 
 
 class NetworkInterface(_Frozen):
@@ -98,6 +114,9 @@ class SandboxRecord(_Frozen):
     planned_userns_path: str | None = None
     namespaces: PinnedNamespaces | None = None
     network: NetworkResult | None = None
+    files: SandboxFiles | None = None
+    #: the loaded Localhost seccomp profile (read at admission), as an OCI linux.seccomp object
+    seccomp_profile: dict[str, Any] | None = None
     container_created: bool = False
     bundle_path: str | None = None
     task: TaskInfo | None = None
@@ -140,6 +159,10 @@ class SandboxStatus(_Frozen):
     finished_at: datetime | None
     labels: dict[str, str]
     annotations: dict[str, str]
+    files: SandboxFiles | None = None
+    #: linux.resources and linux.overhead as asked for
+    resources: LinuxContainerResources | None = None
+    overhead: LinuxContainerResources | None = None
     last_error: str | None
     leftovers: list[str]
     history: list[HistoryEntry]
@@ -168,6 +191,9 @@ class SandboxStatus(_Frozen):
             finished_at=rec.finished_at,
             labels=dict(rec.config.labels),
             annotations=dict(rec.config.annotations),
+            files=rec.files,
+            resources=rec.config.linux.resources,
+            overhead=rec.config.linux.overhead,
             last_error=rec.last_error,
             leftovers=list(rec.leftovers),
             history=list(rec.history),

@@ -7,10 +7,12 @@ allows. Every refusal happens here, before anything is created on the system.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,9 +26,41 @@ from pydantic.alias_generators import to_camel
 
 from podfsm.core.errors import InvalidPodConfig
 
-# A hostname is a DNS-1123 label.
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Every pattern is matched against the whole string: `\Z`, never `$` (which also matches before
+# a trailing newline), with Python's regex engine (the JSON schema carries the same patterns).
+#: What no string may hold, since it may reach a file, a command line, an environment variable,
+#: a log line or a terminal: C0 and C1 controls, line and paragraph separators, zero-width and
+#: bidirectional formatting characters (they reorder what a terminal shows), a BOM, and lone
+#: surrogates (not encodable).
+UNSAFE = (r"\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff"
+          r"\ud800-\udfff")
+#: and, for names: every character str.isprintable refuses in the Basic Multilingual Plane
+#: (Unicode 14, Python 3.11) but unassigned ones, so the JSON schema says what the validator
+#: does; it covers UNSAFE
+_UNPRINTABLE = (r"\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2"
+                r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
+                r"\ud800-\uf8ff\ufeff\ufff9-\ufffb")
+TEXT = rf"^[^{UNSAFE}]*\Z"
+#: printable text without ';' and '=' (CNI_ARGS separators)
+CNI_ARG_TEXT = rf"^[^{_UNPRINTABLE};=]*\Z"
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+HOSTNAME = rf"^{_DNS_LABEL}\Z"
+_DOMAIN_LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
+DOMAIN = rf"^{_DOMAIN_LABEL}(\.{_DOMAIN_LABEL})*\.?\Z"
+#: a resolv.conf option as resolv.conf(5) writes them: `ndots:5`, `edns0`, `timeout:2`
+RESOLV_OPTION = r"^[a-z][a-z0-9-]*(:[0-9]{1,4})?\Z"
+#: an IPv4 or IPv6 address in text form (checked exactly by the validator)
+IP_TEXT = r"^[0-9A-Fa-f:.]{2,45}\Z"
+ABS_PATH = rf"^/[^{UNSAFE}]*\Z"
+CGROUP_PARENT = TEXT
+CPUSET = r"^[0-9,\-]*\Z"
+_SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 ID_SPACE = 1 << 32  # uid_t range
+#: (uid_t)-1 means "no id": never a valid uid or gid
+MAX_ID = ID_SPACE - 2
+
+Text = Annotated[str, Field(max_length=4096, pattern=TEXT)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=TEXT)]
 
 
 class NamespaceMode(enum.IntEnum):
@@ -46,13 +80,30 @@ class Protocol(enum.IntEnum):
     SCTP = 2
 
 
+class ProfileType(enum.IntEnum):
+    """CRI SecurityProfile.ProfileType."""
+
+    RuntimeDefault = 0
+    Unconfined = 1
+    Localhost = 2
+
+
+class SupplementalGroupsPolicy(enum.IntEnum):
+    """CRI SupplementalGroupsPolicy."""
+
+    Merge = 0
+    Strict = 1
+
+
 def _enum_parser(kind: type[enum.IntEnum]) -> Any:
+    by_name = {m.name.upper(): m for m in kind}
+
     def parse(value: Any) -> Any:
         if isinstance(value, kind):
             return value
         if isinstance(value, str):
             try:
-                return kind[value.strip().upper()]
+                return by_name[value.strip().upper()]
             except KeyError:
                 names = ", ".join(m.name for m in kind)
                 raise ValueError(f"unknown {kind.__name__} {value!r} (one of {names})") from None
@@ -63,19 +114,24 @@ def _enum_parser(kind: type[enum.IntEnum]) -> Any:
                 raise ValueError(f"unknown {kind.__name__} number {value}") from None
         raise ValueError(f"{kind.__name__} must be a name or a number, not {value!r}")
 
-    return BeforeValidator(parse)
+    return BeforeValidator(parse, json_schema_input_type=Union[  # noqa: UP007
+        Literal[tuple(m.name for m in kind)], Literal[tuple(int(m) for m in kind)]])
 
 
 Mode = Annotated[NamespaceMode, _enum_parser(NamespaceMode)]
 Proto = Annotated[Protocol, _enum_parser(Protocol)]
+Profile = Annotated[ProfileType, _enum_parser(ProfileType)]
+GroupsPolicy = Annotated[SupplementalGroupsPolicy, _enum_parser(SupplementalGroupsPolicy)]
 
 
 class _Model(BaseModel):
+    # extra="forbid": a key that is not a field is refused, as protobuf JSON parsing does.
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
-        extra="ignore",
+        extra="forbid",
         frozen=True,
+        regex_engine="python-re",
     )
 
 
@@ -94,75 +150,179 @@ class IDMapping(_Model):
     def host_end(self) -> int:
         return self.host_id + self.length
 
+    def covers(self, container_id: int) -> bool:
+        """True when `container_id` is mapped by this range."""
+        return self.container_id <= container_id < self.container_id + self.length
+
 
 class UserNamespace(_Model):
     mode: Mode = NamespaceMode.POD
-    uids: list[IDMapping] = Field(default_factory=list)
-    gids: list[IDMapping] = Field(default_factory=list)
+    uids: list[IDMapping] = Field(default_factory=list, max_length=16)
+    gids: list[IDMapping] = Field(default_factory=list, max_length=16)
 
 
 class NamespaceOption(_Model):
     network: Mode = NamespaceMode.POD
     pid: Mode = NamespaceMode.POD
     ipc: Mode = NamespaceMode.POD
-    target_id: str = ""
+    target_id: str = Field(default="", max_length=0,
+                           description="only meaningful with mode TARGET, which is refused")
     userns_options: UserNamespace | None = None
+
+
+class Int64Value(_Model):
+    """CRI Int64Value: a wrapper that tells 0 from unset. Here a uid or gid."""
+
+    value: int = Field(default=0, ge=0, le=MAX_ID)
+
+
+class SELinuxOption(_Model):
+    user: str = Field(default="", max_length=256, pattern=TEXT)
+    role: str = Field(default="", max_length=256, pattern=TEXT)
+    type: str = Field(default="", max_length=256, pattern=TEXT)
+    level: str = Field(default="", max_length=256, pattern=TEXT)
+
+
+class SecurityProfile(_Model):
+    """CRI SecurityProfile: seccomp or AppArmor. `localhost_ref` is the profile for Localhost."""
+
+    profile_type: Profile = ProfileType.RuntimeDefault
+    localhost_ref: str = Field(default="", max_length=4096, pattern=TEXT)
+
+    @model_validator(mode="after")
+    def _ref(self) -> SecurityProfile:
+        if self.profile_type is ProfileType.Localhost:
+            if not self.localhost_ref:
+                raise ValueError("profile_type Localhost needs a localhost_ref")
+        elif self.localhost_ref:
+            raise ValueError(
+                f"localhost_ref is only used with profile_type Localhost, not "
+                f"{self.profile_type.name}"
+            )
+        return self
 
 
 class LinuxSandboxSecurityContext(_Model):
     namespace_options: NamespaceOption = Field(default_factory=NamespaceOption)
+    selinux_options: SELinuxOption | None = None
+    run_as_user: Int64Value | None = None
+    run_as_group: Int64Value | None = None
+    readonly_rootfs: bool = False
+    supplemental_groups: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(
+        default_factory=list, max_length=64)
+    privileged: bool = False
+    #: deprecated in the CRI: "", "unconfined", "runtime/default", "docker/default" or
+    #: "localhost/<absolute path>"
+    seccomp_profile_path: str = Field(
+        default="", max_length=4096,
+        pattern=r"^(|unconfined|runtime/default|docker/default|localhost/"
+                rf"/[^{UNSAFE}]*)\Z")
+    seccomp: SecurityProfile | None = None
+    apparmor: SecurityProfile | None = None
+    supplemental_groups_policy: GroupsPolicy = SupplementalGroupsPolicy.Merge
+
+    @model_validator(mode="after")
+    def _user(self) -> LinuxSandboxSecurityContext:
+        # The CRI: "run_as_group should only be specified when run_as_user is specified;
+        # otherwise, the runtime MUST error."
+        if self.run_as_group is not None and self.run_as_user is None:
+            raise ValueError("run_as_group is set without run_as_user (the CRI says the runtime "
+                             "must refuse it)")
+        return self
+
+    def seccomp_profile(self) -> SecurityProfile | None:
+        """The seccomp profile asked for: `seccomp`, else the deprecated path; None: none."""
+        if self.seccomp is not None:
+            return self.seccomp
+        path = self.seccomp_profile_path
+        if path in ("runtime/default", "docker/default"):
+            return SecurityProfile(profile_type=ProfileType.RuntimeDefault)
+        if path.startswith("localhost/"):
+            return SecurityProfile(profile_type=ProfileType.Localhost,
+                                   localhost_ref=path.removeprefix("localhost/"))
+        return None
+
+
+class HugepageLimit(_Model):
+    page_size: str = Field(default="", max_length=16, pattern=r"^[0-9]*[KMGkmg]?B?\Z")
+    limit: int = Field(default=0, ge=0)
+
+
+class LinuxContainerResources(_Model):
+    """CRI LinuxContainerResources, as kubelet sends for a sandbox (resources, overhead)."""
+
+    cpu_period: int = Field(default=0, ge=0, le=1_000_000)
+    cpu_quota: int = Field(default=0, ge=-1)
+    cpu_shares: int = Field(default=0, ge=0, le=262144)
+    memory_limit_in_bytes: int = Field(default=0, ge=0)
+    oom_score_adj: int = Field(default=0, ge=-1000, le=1000)
+    cpuset_cpus: str = Field(default="", max_length=1024, pattern=CPUSET)
+    cpuset_mems: str = Field(default="", max_length=1024, pattern=CPUSET)
+    hugepage_limits: list[HugepageLimit] = Field(default_factory=list, max_length=16)
+    unified: dict[Annotated[str, Field(max_length=256, pattern=r"^[a-z0-9_.]+\Z")], Text] = Field(
+        default_factory=dict, max_length=64)
+    memory_swap_limit_in_bytes: int = Field(default=0, ge=0)
 
 
 # Sysctls a pod may set: the ones namespaced by the kernel (ipc and net), as runc accepts them
 # for a container with its own ipc and network namespaces.
-_SYSCTL_NAME = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
 _IPC_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
                 "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced")
 
 
+def is_ipc_sysctl(name: str) -> bool:
+    """True for the sysctls of the ipc namespace (kernel.shm*/msg*/sem, fs.mqueue.*)."""
+    return name in _IPC_SYSCTLS or name.startswith("fs.mqueue.")
+
+
 class LinuxPodSandboxConfig(_Model):
-    cgroup_parent: str = ""
+    cgroup_parent: str = Field(default="", max_length=1024, pattern=CGROUP_PARENT)
     security_context: LinuxSandboxSecurityContext = Field(
         default_factory=LinuxSandboxSecurityContext
     )
-    sysctls: dict[str, str] = Field(default_factory=dict)
+    sysctls: dict[Annotated[str, Field(max_length=256)], Text] = Field(
+        default_factory=dict, max_length=128)
+    overhead: LinuxContainerResources | None = None
+    resources: LinuxContainerResources | None = None
 
     @field_validator("cgroup_parent")
     @classmethod
     def _cgroup_parent(cls, v: str) -> str:
-        parts = v.split("/")
-        if ".." in parts or "\0" in v or len(v) > 1024:
+        if ".." in v.split("/"):
             raise ValueError(f"linux.cgroup_parent {v!r} must not contain '..' components")
         return v
 
     @field_validator("sysctls")
     @classmethod
     def _sysctls(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, value in v.items():
-            if not _SYSCTL_NAME.match(name):
+        for name in v:
+            if not _SYSCTL_NAME.fullmatch(name):
                 raise ValueError(f"sysctl {name!r} is not a sysctl name")
-            if not (name in _IPC_SYSCTLS or name.startswith(("fs.mqueue.", "net."))):
+            if not (is_ipc_sysctl(name) or name.startswith("net.")):
                 raise ValueError(
                     f"sysctl {name!r} is not namespaced (allowed: net.*, fs.mqueue.*, "
                     "kernel.shm*/msg*/sem)"
                 )
-            if "\n" in value or "\0" in value:
-                raise ValueError(f"sysctl {name!r} value has a newline or NUL")
         return v
 
 
 class PodSandboxMetadata(_Model):
-    name: str
-    uid: str = ""
-    namespace: str = "default"
-    attempt: int = Field(default=0, ge=0)
+    # The CRI puts no rule on names (critest uses capitals); podfsm refuses only what would
+    # break a terminal, a log line or CNI_ARGS (K8S_POD_NAME=...;...). A name never becomes a
+    # file name.
+    name: str = Field(min_length=1, max_length=253, pattern=CNI_ARG_TEXT)
+    uid: str = Field(default="", max_length=128,
+                     pattern=rf"^[^{_UNPRINTABLE};=/]*\Z")
+    namespace: str = Field(default="default", min_length=1, max_length=253, pattern=CNI_ARG_TEXT)
+    attempt: int = Field(default=0, ge=0, le=(1 << 32) - 1)
 
-    @field_validator("name", "namespace")
+    @field_validator("name", "namespace", mode="before")
     @classmethod
-    def _printable(cls, v: str, info: ValidationInfo) -> str:
-        # The CRI puts no rule on names (critest uses capitals); podfsm refuses only what would
-        # break a terminal, a log line or CNI_ARGS (K8S_POD_NAME=...;...). A name never
-        # becomes a file name.
+    def _printable(cls, v: Any, info: ValidationInfo) -> Any:
+        # The same rule as the pattern, said in words (and a little stricter: no format or
+        # separator characters either, as str.isprintable has it).
+        if not isinstance(v, str):
+            return v
         where = f"metadata.{info.field_name}"
         if not v:
             raise ValueError(f"{where} must not be empty")
@@ -174,58 +334,128 @@ class PodSandboxMetadata(_Model):
             raise ValueError(f"{where} {v!r} has ';' or '=', which CNI_ARGS cannot carry")
         return v
 
-    @field_validator("uid")
+    @field_validator("uid", mode="before")
     @classmethod
-    def _uid(cls, v: str) -> str:
-        if len(v) > 128 or any(c in v for c in "/\0\n"):
-            raise ValueError(f"metadata.uid {v!r} is too long or has '/', NUL or newline")
+    def _uid(cls, v: Any) -> Any:
+        if isinstance(v, str) and (not v.isprintable() or any(c in v for c in ";=/")):
+            raise ValueError(f"metadata.uid {v!r} has a control character or one of '/', ';', "
+                             "'=' (CNI_ARGS carries it)")
         return v
 
 
+def _ip(v: str, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{where} {v!r} is not an IP address") from None
+
+
 class DNSConfig(_Model):
-    servers: list[str] = Field(default_factory=list)
-    searches: list[str] = Field(default_factory=list)
-    options: list[str] = Field(default_factory=list)
+    # glibc reads at most 3 nameservers (MAXNS); kubelet allows 32 search domains.
+    servers: list[Annotated[str, Field(max_length=45, pattern=IP_TEXT)]] = Field(
+        default_factory=list, max_length=3)
+    searches: list[Annotated[str, Field(min_length=1, max_length=253, pattern=DOMAIN)]] = Field(
+        default_factory=list, max_length=32)
+    options: list[Annotated[str, Field(min_length=1, max_length=64, pattern=RESOLV_OPTION)]] = (
+        Field(default_factory=list, max_length=16))
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: list[str]) -> list[str]:
+        return [_ip(s, "dns_config.servers entry") for s in v]
+
+    @field_validator("searches")
+    @classmethod
+    def _searches(cls, v: list[str]) -> list[str]:
+        if len(" ".join(v)) > 2048:
+            raise ValueError("dns_config.searches is longer than 2048 characters in all")
+        return v
 
 
 class PortMapping(_Model):
     protocol: Proto = Protocol.TCP
     container_port: int = Field(default=0, ge=0, le=65535)
     host_port: int = Field(default=0, ge=0, le=65535)
-    host_ip: str = ""
+    host_ip: str = Field(default="", max_length=45, pattern=r"^([0-9A-Fa-f:.]{2,45})?\Z")
+
+    @field_validator("host_ip")
+    @classmethod
+    def _host_ip(cls, v: str) -> str:
+        return _ip(v, "port_mappings host_ip") if v else v
+
+    @model_validator(mode="after")
+    def _ports(self) -> PortMapping:
+        if self.host_port and not self.container_port:
+            raise ValueError(f"host_port {self.host_port} needs a container_port")
+        return self
+
+
+def _no_windows(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    if v:
+        raise ValueError("windows settings are refused: podfsm is a Linux runtime")
+    return v
 
 
 class PodSandboxConfig(_Model):
-    """The CRI PodSandboxConfig. Validation here is the only gate before the system is touched."""
+    """The CRI PodSandboxConfig. Validation here is the only gate before the system is touched
+    (with the few checks of the host and the configuration the controller adds at admission)."""
 
     metadata: PodSandboxMetadata
-    hostname: str = ""
-    log_directory: str = ""
+    hostname: str = Field(default="", max_length=63, pattern=rf"^({_DNS_LABEL})?\Z")
+    log_directory: str = Field(default="", max_length=4096, pattern=rf"^({ABS_PATH[1:-2]})?\Z")
     dns_config: DNSConfig | None = None
-    port_mappings: list[PortMapping] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    port_mappings: list[PortMapping] = Field(default_factory=list, max_length=256)
+    labels: dict[LabelKey, Annotated[str, Field(max_length=1024, pattern=TEXT)]] = Field(
+        default_factory=dict, max_length=256)
+    annotations: dict[LabelKey, Annotated[str, Field(max_length=65536, pattern=TEXT)]] = Field(
+        default_factory=dict, max_length=256)
     linux: LinuxPodSandboxConfig = Field(default_factory=LinuxPodSandboxConfig)
+    windows: Annotated[dict[str, Any] | None, AfterValidator(_no_windows)] = Field(
+        default=None, json_schema_extra={"maxProperties": 0})
 
-    @field_validator("hostname")
+    @field_validator("log_directory")
     @classmethod
-    def _hostname(cls, v: str) -> str:
-        if v and (len(v) > 63 or not _DNS_LABEL.match(v)):
-            raise ValueError(f"hostname {v!r} is not a DNS-1123 label")
+    def _log_directory(cls, v: str) -> str:
+        if v and (".." in v.split("/") or v.rstrip("/") == ""):
+            raise ValueError(f"log_directory {v!r} must be an absolute path without '..', not /")
         return v
 
     @model_validator(mode="after")
     def _namespaces(self) -> PodSandboxConfig:
-        opts = self.linux.security_context.namespace_options
+        sc = self.linux.security_context
+        opts = sc.namespace_options
         if opts.network not in (NamespaceMode.POD, NamespaceMode.NODE):
             raise ValueError(
                 f"namespace_options.network {opts.network.name} is not supported (POD or NODE)"
             )
-        if opts.pid not in (NamespaceMode.POD, NamespaceMode.CONTAINER):
-            raise ValueError(f"namespace_options.pid {opts.pid.name} is not supported for a pod")
-        if opts.ipc not in (NamespaceMode.POD,):
-            raise ValueError(f"namespace_options.ipc {opts.ipc.name} is not supported (POD)")
+        if opts.pid is NamespaceMode.TARGET:
+            raise ValueError("namespace_options.pid TARGET is not supported for a pod")
+        if opts.ipc not in (NamespaceMode.POD, NamespaceMode.NODE):
+            raise ValueError(
+                f"namespace_options.ipc {opts.ipc.name} is not supported (POD or NODE)")
+        for name in self.linux.sysctls:
+            if name.startswith("net.") and opts.network is NamespaceMode.NODE:
+                raise ValueError(f"sysctl {name!r} would change the host's network namespace "
+                                 "(namespace_options.network is NODE)")
+            if is_ipc_sysctl(name) and opts.ipc is NamespaceMode.NODE:
+                raise ValueError(f"sysctl {name!r} would change the host's ipc namespace "
+                                 "(namespace_options.ipc is NODE)")
+        if opts.network is NamespaceMode.NODE and any(p.host_port for p in self.port_mappings):
+            raise ValueError("port_mappings need the pod's own network (namespace_options."
+                             "network is NODE: the pod's ports are the host's already)")
         us = opts.userns_options
+        if sc.privileged and us is not None and us.mode is NamespaceMode.POD:
+            raise ValueError(
+                "security_context.privileged contradicts userns_options mode POD: a privileged "
+                "pod gets host privileges, which a pod user namespace exists to withhold "
+                "(Kubernetes refuses privileged with hostUsers: false too)")
+        if us is not None and us.mode is NamespaceMode.POD:
+            for kind, mode in (("pid", opts.pid), ("ipc", opts.ipc)):
+                if mode is NamespaceMode.NODE:
+                    raise ValueError(
+                        f"namespace_options.{kind} NODE contradicts userns_options mode POD: "
+                        f"the host's {kind} namespace is not the pod user namespace's to use "
+                        f"(Kubernetes refuses host{kind.upper()} with hostUsers: false too)")
         if us is None:
             return self
         if us.mode not in (NamespaceMode.POD, NamespaceMode.NODE):
@@ -274,6 +504,16 @@ class PodSandboxConfig(_Model):
         return self.linux.security_context.namespace_options.network is NamespaceMode.POD
 
     @property
+    def host_pid(self) -> bool:
+        """True when the pause runs in the host's pid namespace."""
+        return self.linux.security_context.namespace_options.pid is NamespaceMode.NODE
+
+    @property
+    def host_ipc(self) -> bool:
+        """True when the pause runs in the host's ipc namespace (and uses its /dev/shm)."""
+        return self.linux.security_context.namespace_options.ipc is NamespaceMode.NODE
+
+    @property
     def requested_uid_mapping(self) -> IDMapping | None:
         us = self.linux.security_context.namespace_options.userns_options
         return us.uids[0] if us is not None and us.uids else None
@@ -308,10 +548,21 @@ def parse_pod_config(data: Any) -> PodSandboxConfig:
         raise InvalidPodConfig(describe_validation_error(exc)) from None
 
 
+_PLAIN = {
+    "extra_forbidden": "unknown field: not part of the CRI PodSandboxConfig",
+    "string_unicode": "is not valid unicode (a lone surrogate?)",
+    "string_pattern_mismatch": "has a refused character or form",
+}
+
+
 def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each refused field (its path, as snake_case or as given) and why."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "pod config"
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = _PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
+        if err["type"] == "string_pattern_mismatch":
+            pattern = (err.get("ctx") or {}).get("pattern", "")
+            msg = f"{err['input']!r} {msg} (must match {pattern})"
         parts.append(f"{loc}: {msg}")
     return "invalid pod config: " + "; ".join(parts)

@@ -11,8 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from podfsm.core.records import NetworkResult, PinnedNamespaces, SandboxRecord, TaskInfo
-from podfsm.core.spec import IDMapping, PortMapping
+from podfsm.core.records import (
+    NetworkResult,
+    PinnedNamespaces,
+    SandboxFiles,
+    SandboxRecord,
+    TaskInfo,
+)
+from podfsm.core.spec import IDMapping, LinuxContainerResources, PodSandboxConfig, PortMapping
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,22 @@ class PauseRequest:
     uid_mapping: IDMapping | None
     gid_mapping: IDMapping | None
     cgroup_parent: str = ""
+    #: the pod's annotations; only those matching `annotation_patterns` reach the spec
     annotations: dict[str, str] = field(default_factory=dict)
+    annotation_patterns: tuple[str, ...] = ()
     sysctls: dict[str, str] = field(default_factory=dict)
+    #: the pause process's uid, gid (None: 0) and supplementary groups
+    run_as_user: int | None = None
+    run_as_group: int | None = None
+    supplemental_groups: tuple[int, ...] = ()
+    #: the OCI linux.seccomp object, or None for no filter
+    seccomp: dict[str, Any] | None = None
+    host_pid: bool = False
+    host_ipc: bool = False
+    #: the sandbox's files on the host (see SandboxFiles), bound read-only into the pause
+    files: SandboxFiles | None = None
+    #: linux.resources of the pod, handed to the runtime as containerd does (annotations)
+    resources: LinuxContainerResources | None = None
 
 
 class RuntimeDriver(Protocol):
@@ -151,6 +171,36 @@ class RuntimeDriver(Protocol):
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         """The task's wait status decoded as a shell would (128+signal for a signal), when the
         reaper has it within `timeout` seconds; None when it cannot be known."""
+
+
+class HostDriver(Protocol):
+    """What a sandbox needs from the host besides namespaces, network and runtime: its files
+    (hostname, hosts, resolv.conf), its /dev/shm tmpfs, its log directory, and the cleaning of
+    the cgroup parent directories the runtime leaves."""
+
+    async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
+        """Write the files under `sandbox_dir`, mount the /dev/shm tmpfs (unless ipc NODE) and
+        create the log directory. On failure, what this call made is undone."""
+
+    async def release_shm(self, shm_path: str) -> None:
+        """Unmount the pod's /dev/shm tmpfs at `shm_path` and remove its mount point (the
+        host's /dev/shm is left alone). Idempotent."""
+
+    async def remove_files(self, files: SandboxFiles) -> None:
+        """release_shm, remove the written files, and the log directories this sandbox created
+        if they are empty. Idempotent."""
+
+    async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str) -> None:
+        """rmdir, in every hierarchy, the empty directories from `cgroup_parent` up to (not
+        including) `cgroup_root`: the runtime's delete removes only the container's own."""
+
+    def read_seccomp_profile(self, path: str, limit: int) -> bytes:
+        """The content of a Localhost seccomp profile, read at admission (so synchronous and
+        bounded): OSError if unreadable, ValueError if not a regular file or over `limit`."""
+
+    def security_modules(self) -> frozenset[str]:
+        """The Linux security modules enabled on the host that podfsm would have to apply:
+        "selinux", "apparmor"."""
 
 
 @dataclass(frozen=True)

@@ -385,6 +385,10 @@ class CniNetwork:
     ) -> bytes:
         """Run one plugin; its stdout on success, _PluginFailed otherwise."""
         ptype = conf.plugin_types[index]
+        if cniconf.idle_without(conf.plugins[index], caps) and (prev is not None
+                                                               or command == "DEL"):
+            # What the plugin would answer, without the ~7 ms of running it for every pod.
+            return json.dumps(prev).encode() if command == "ADD" else b""
         path = self._plugin_paths.get(ptype)
         if path is None:  # only if start() was skipped for this config
             raise _PluginFailed(ptype, command, "plugin was not found at start")

@@ -45,6 +45,9 @@ PAUSE_NAME = "catatonit"
 #: The Debian package that ships each binary, for the error that says what to install.
 DEBIAN_PACKAGES = {"runc": "runc", "crun": "crun", "catatonit": "catatonit"}
 _ROOTFS_DIRS = ("proc", "sys", "dev", "etc", "tmp")
+# Mount points of the sandbox's files (see core.ocispec.sandbox_file_mounts): made here, since
+# the pod's mapped root could not create them in the read-only, host-owned rootfs.
+_ROOTFS_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
 # A container id becomes a path component and a cgroup name: keep it to the OCI-safe alphabet.
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _RUNC_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
@@ -107,7 +110,7 @@ def assemble_pause_rootfs(rootfs: str, pause_binary: str) -> None:
     target = os.path.join(rootfs, PAUSE_NAME)
     if _same_file_content(pause_binary, target) and all(
         os.path.isdir(os.path.join(rootfs, d)) for d in _ROOTFS_DIRS
-    ):
+    ) and all(os.path.isfile(os.path.join(rootfs, f)) for f in _ROOTFS_FILES):
         return
     parent = os.path.dirname(rootfs)
     os.makedirs(parent, exist_ok=True)
@@ -116,6 +119,10 @@ def assemble_pause_rootfs(rootfs: str, pause_binary: str) -> None:
     os.makedirs(tmp, mode=0o755)
     for d in _ROOTFS_DIRS:
         os.mkdir(os.path.join(tmp, d), 0o755)
+    for name in _ROOTFS_FILES:
+        with open(os.path.join(tmp, name), "x"):
+            pass
+        os.chmod(os.path.join(tmp, name), 0o644)
     shutil.copyfile(pause_binary, os.path.join(tmp, PAUSE_NAME))
     os.chmod(os.path.join(tmp, PAUSE_NAME), 0o755)
     # Directories are 0755 whatever the umask: inside a user namespace the files show as owned

@@ -262,7 +262,7 @@ async def test_add_check_del_in_a_userns_owned_netns(net: Net) -> None:
 async def test_plain_netns_with_the_shipped_default(net: Net) -> None:
     drv = await started(net.driver())  # empty conf dir: the default, with this test's names
     assert drv.conflist.source == "<default>"
-    assert drv.conflist.plugin_types == ("bridge", "loopback")
+    assert drv.conflist.plugin_types == ("bridge", "portmap", "loopback")
     pin = net.pin(userns=False)
     req = net.request(drv, pin)
     res = await drv.attach(req)

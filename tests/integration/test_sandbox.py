@@ -38,7 +38,9 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 
-CRITEST_MAP = [{"host_id": 1000, "container_id": 0, "length": 100000}]
+# critest maps 0 -> 1000 (100000 ids); podfsm keeps a pod inside its id pool (never host ids
+# 0-65535) and at most 65536 ids long, so the same check runs on a range of the pool.
+CRITEST_MAP = [{"host_id": 2000000, "container_id": 0, "length": 65536}]
 
 
 def inside(userns: str, *argv: str) -> str:
@@ -53,11 +55,11 @@ async def test_mapping_ownership_and_sysfs_are_the_pods(env: Env) -> None:
                                                "gids": CRITEST_MAP}))
         assert st.state is State.READY
         assert st.pid is not None and st.userns_path and st.netns_path
-        # critest: /proc/self/uid_map inside matches \s+0\s+1000\s+100000
+        # critest: /proc/self/uid_map inside matches \s+0\s+1000\s+100000 (here, in the pool)
         for f in ("uid_map", "gid_map"):
             seen = inside(st.userns_path, "cat", f"/proc/self/{f}")
-            assert re.search(r"\s*0\s+1000\s+100000", seen)
-        assert " ".join(Path(f"/proc/{st.pid}/uid_map").read_text().split()) == "0 1000 100000"
+            assert re.search(r"\s*0\s+2000000\s+65536", seen)
+        assert " ".join(Path(f"/proc/{st.pid}/uid_map").read_text().split()) == "0 2000000 65536"
         assert Path(f"/proc/{st.pid}/setgroups").read_text().strip() == "allow"
         # containerd: the netns is owned by the pod's user namespace, which is the pause pid's
         pause_user = nsutil.ns_inode(f"/proc/{st.pid}/ns/user")
@@ -144,6 +146,7 @@ BAD_PODS: dict[str, dict[str, Any]] = {
     "mode CONTAINER": pod(userns={"mode": "CONTAINER"}),
     "mode TARGET": pod(userns={"mode": "TARGET"}),
     "bad name": {"metadata": {"name": "not;a;name"}},
+    "name with a trailing newline": {"metadata": {"name": "web\n"}},
 }
 
 

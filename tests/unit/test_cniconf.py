@@ -24,7 +24,8 @@ def test_default_conflist_is_valid_and_as_shipped() -> None:
     conf = cniconf.conflist_from_dict(raw, "<default>")
     assert conf.name == "podfsm"
     assert conf.cni_version == "1.0.0"
-    assert conf.plugin_types == ("bridge", "loopback")
+    assert conf.plugin_types == ("bridge", "portmap", "loopback")
+    assert conf.plugins[1]["capabilities"] == {"portMappings": True}
     assert conf.has_loopback
     bridge = conf.plugins[0]
     assert bridge["bridge"] == "podfsm0"
@@ -36,7 +37,7 @@ def test_default_conflist_is_valid_and_as_shipped() -> None:
         "ranges": [[{"subnet": "10.209.0.0/16"}]],
         "routes": [{"dst": "0.0.0.0/0"}],
     }
-    assert cniconf.required_plugins(conf) == ["bridge", "host-local", "loopback"]
+    assert cniconf.required_plugins(conf) == ["bridge", "host-local", "portmap", "loopback"]
     assert cniconf.ipam_store_dirs(conf) == ["/var/lib/cni/networks/podfsm"]
     assert conf.to_dict() == raw
 
@@ -292,3 +293,30 @@ def test_host_local_store_helpers() -> None:
 def test_undecodable_file_is_named() -> None:
     with pytest.raises(ValueError, match=r"^/d/10-a\.conf: not valid JSON"):
         cniconf.select_network({"10-a.conf": b'{"name": "\xff"}'}, "/d")
+
+
+def test_port_mappings_reach_portmap_as_runtime_config_and_not_other_plugins() -> None:
+    conf = cniconf.conflist_from_dict(
+        cniconf.default_conflist("podfsm", "podfsm0", "10.209.0.0/16"), "<default>")
+    pms = [PortMapping(protocol="UDP", container_port=53, host_port=5353, host_ip="192.0.2.7"),
+           PortMapping(container_port=80, host_port=8080),
+           PortMapping(protocol=2, container_port=9, host_port=9999),
+           PortMapping(container_port=81)]
+    args = cniconf.capability_args_for(pms)
+    bridge, portmap, _ = (cniconf.plugin_config(conf, i, None, args)
+                          for i in range(len(conf.plugins)))
+    assert "runtimeConfig" not in bridge
+    assert portmap["runtimeConfig"] == {"portMappings": [
+        {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "192.0.2.7"},
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+        {"hostPort": 9999, "containerPort": 9, "protocol": "sctp"}]}
+
+
+def test_portmap_is_idle_without_port_mappings_and_nothing_else_is() -> None:
+    portmap = {"type": "portmap", "capabilities": {"portMappings": True}}
+    assert cniconf.idle_without(portmap, {})
+    assert cniconf.idle_without(portmap, cniconf.capability_args_for([PortMapping(
+        container_port=80)]))  # no host port: nothing to publish
+    assert not cniconf.idle_without(portmap, cniconf.capability_args_for([PortMapping(
+        container_port=80, host_port=8080)]))
+    assert not cniconf.idle_without({"type": "bridge"}, {})

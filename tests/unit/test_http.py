@@ -226,6 +226,9 @@ def test_a_reserved_name_is_409(client: httpx.Client) -> None:
         "mode": "POD", "uids": [{"host_id": 100000, "container_id": 1, "length": 10}],
         "gids": [{"host_id": 100000, "container_id": 0, "length": 10}]}}}})).encode(),
      "container_id must be 0"),
+    (b'{"metadata": {"name": "web"}, "labels": {"a": "\\ud800"}}', "labels.a"),
+    (json.dumps({"metadata": {"name": "web"}, "hostnme": "x"}).encode(), "unknown field"),
+    (json.dumps({"metadata": {"name": "web\n"}}).encode(), "metadata.name"),
 ])
 def test_an_invalid_pod_config_is_422_and_creates_nothing(
     client: httpx.Client, rig: Rig, body: bytes, says: str,
@@ -760,8 +763,11 @@ def from_schema(schema: dict[str, Any], depth: int = 0) -> st.SearchStrategy[Any
     if "anyOf" in schema:
         return st.one_of([from_schema(s, depth) for s in schema["anyOf"]])
     if "enum" in schema:
+        # an enum's names may be listed by the schema itself (the pod config's: names or
+        # numbers), or known here by the enum's title
         names = _ENUM_NAMES.get(schema.get("title", ""), [])
-        return st.sampled_from(schema["enum"]) | st.sampled_from(names) | st.integers(-1, 5)
+        values = st.sampled_from(schema["enum"]) | st.integers(-1, 5)
+        return values | st.sampled_from(names) if names else values
     kind = schema.get("type")
     if kind == "object" and depth < 6:
         props = {k: from_schema(v, depth + 1) for k, v in schema.get("properties", {}).items()}

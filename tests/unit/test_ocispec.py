@@ -45,12 +45,15 @@ def namespaces(spec: dict[str, Any]) -> dict[str, str | None]:
     return {ns["type"]: ns.get("path") for ns in spec["linux"]["namespaces"]}
 
 
-def test_pid_ipc_uts_mount_are_always_new() -> None:
+def test_pid_ipc_mount_are_new_and_uts_too_with_the_pods_network() -> None:
     for req in (request(), request(netns=None), request(userns=None), request(netns=None,
                                                                                userns=None)):
         ns = namespaces(pause_spec(req, rootfs=ROOTFS))
-        for kind in ("pid", "ipc", "uts", "mount"):
+        kinds = ("pid", "ipc", "uts", "mount") if req.netns_path else ("pid", "ipc", "mount")
+        for kind in kinds:
             assert kind in ns and ns[kind] is None
+        # network NODE: the host's UTS namespace, and so no hostname in the spec (containerd)
+        assert ("uts" in ns) == (req.netns_path is not None)
 
 
 def test_pinned_user_and_network_namespaces_are_joined_by_path() -> None:
@@ -167,12 +170,15 @@ def test_cgroups_path(parent: str, expected: str) -> None:
 def test_hostname_sysctls_and_annotations() -> None:
     spec = pause_spec(
         request(sysctls={"net.ipv4.ping_group_range": "0 2147483647"},
-                annotations={"io.kubernetes.cri.sandbox-name": "pod-a"}),
+                annotations={"example.com/a": "1", "run.oci.pidfd_receiver": "/x.sock"},
+                annotation_patterns=("example.com/*",)),
         rootfs=ROOTFS,
     )
     assert spec["hostname"] == "pod-a"
     assert spec["linux"]["sysctl"] == {"net.ipv4.ping_group_range": "0 2147483647"}
-    assert spec["annotations"] == {"io.kubernetes.cri.sandbox-name": "pod-a"}
+    assert spec["annotations"] == {"example.com/a": "1",
+                                   "io.kubernetes.cri.container-type": "sandbox",
+                                   "io.kubernetes.cri.sandbox-id": "c0ffee"}
     assert "sysctl" not in pause_spec(request(), rootfs=ROOTFS)["linux"]
     assert "hostname" not in pause_spec(request(hostname=""), rootfs=ROOTFS)
 
@@ -207,9 +213,8 @@ def test_spec_generation_touches_nothing(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 mappings = st.builds(
-    IDMapping,
+    lambda host_id, length: IDMapping(host_id=host_id, container_id=0, length=length),
     host_id=st.integers(65536, 1 << 31),
-    container_id=st.just(0),
     length=st.integers(1, 1 << 20),
 )
 
