@@ -177,6 +177,32 @@ def _operation(op: Operation) -> dict[str, Any]:
     return out
 
 
+def _ecma(pattern: str) -> str:
+    """A model's pattern (Python's re) in JSON Schema's dialect (ECMA-262), same meaning for
+    any string JSON can carry: `\\Z` is ECMA's `$` (which, unlike Python's, never matches
+    before a trailing newline), and surrogates, which no well-formed JSON string holds, leave
+    the character classes (the validators of the dialect refuse them)."""
+    pattern = pattern.replace("\\ud800-\\udfff", "").replace("\\ud800-\\uf8ff", "\\ue000-\\uf8ff")
+    return pattern[:-2] + "$" if pattern.endswith("\\Z") else pattern
+
+
+def _portable(node: Any) -> Any:
+    """`node` (a JSON schema) with every pattern in JSON Schema's dialect."""
+    if isinstance(node, list):
+        return [_portable(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "pattern" and isinstance(value, str):
+            out[key] = _ecma(value)
+        elif key == "patternProperties" and isinstance(value, dict):
+            out[key] = {_ecma(k): _portable(v) for k, v in value.items()}
+        else:
+            out[key] = _portable(value)
+    return out
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models."""
     _, top = models_json_schema(
@@ -202,7 +228,7 @@ def openapi_document() -> dict[str, Any]:
                                 "TCP."},
         "paths": paths,
         "components": {
-            "schemas": top["$defs"],
+            "schemas": _portable(top["$defs"]),
             "securitySchemes": {BEARER: {
                 "type": "http", "scheme": "bearer",
                 "description": "TCP only: the token of `serve --token-file` (the unix "
