@@ -74,6 +74,12 @@ def _per_sandbox(operation_id: str) -> dict[str, Any]:
     return {"operationId": operation_id, "parameters": {"sandbox_id": "$response.body#/id"}}
 
 
+#: one Server-Sent Event of /v1/events: `id` its seq, `data` a TransitionEvent in JSON
+_SSE_EVENT = {"type": "object", "properties": {
+    "id": {"type": "string", "pattern": "^[0-9]+$"},
+    "event": {"type": "string", "enum": ["message"]},
+    "data": {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"$ref": REF.format(model="TransitionEvent")}}}}
 _DIAGRAM = {media: {"schema": {"type": "string"}} for media in graph.MEDIA_TYPES.values()}
 _RUN_LINKS = {"GetSandbox": _per_sandbox("sandboxStatus"),
               "StopSandbox": _per_sandbox("stopSandbox"),
@@ -89,7 +95,7 @@ OPERATIONS: tuple[Operation, ...] = (
               "list_sandboxes", {200: ("the sandboxes", "SandboxList")}),
     Operation("post", "/v1/sandboxes", "runSandbox",
               "Run a sandbox from a crictl pod config, up to Ready", "run_sandbox",
-              {201: ("Ready", "SandboxStatus")}, (409, 413, 415, 422, 500),
+              {201: ("Ready", "SandboxStatus")}, (400, 409, 413, 415, 422, 500),
               query=RunQuery, body=PodSandboxConfig, body_description=(
                   "the CRI PodSandboxConfig as `crictl runp` reads it: snake_case or "
                   "lowerCamelCase keys, enums as names or numbers"),
@@ -114,7 +120,7 @@ OPERATIONS: tuple[Operation, ...] = (
               "machine_graph", {200: ("the diagram", _DIAGRAM)}, (400,), query=GraphQuery),
     Operation("get", "/v1/events", "events",
               "Transitions as Server-Sent Events; `data:` is a TransitionEvent", "events",
-              {200: ("the event stream", {"text/event-stream": {"schema": {"type": "string"}}})},
+              {200: ("the event stream", {"text/event-stream": {"schema": _SSE_EVENT}})},
               (400,), query=EventsQuery,
               headers=({"name": "Last-Event-ID", "in": "header", "required": False,
                         "description": "resume after this event seq (what a reconnecting "
