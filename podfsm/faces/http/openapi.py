@@ -209,8 +209,10 @@ def _portable(node: Any) -> Any:
     return out
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models."""
+def openapi_document(runtime_handlers: list[str] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models.
+    `runtime_handlers` (the daemon's installed ones) become the choices of runSandbox's
+    `runtime_handler`, which the server checks against the same list."""
     _, top = models_json_schema(
         [(PodSandboxConfig, "validation"), (SandboxStatus, "serialization"),
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
@@ -226,6 +228,10 @@ def openapi_document() -> dict[str, Any]:
         if "{sandbox_id}" in op.path:
             item["parameters"] = [sandbox_id]
         item[op.method] = _operation(op)
+        for param in item[op.method].get("parameters", []):
+            if param["name"] == "runtime_handler" and runtime_handlers is not None:
+                param["schema"] = {**param["schema"], "enum": ["", *runtime_handlers]}
+                param["schema"].pop("maxLength", None)
     return {
         "openapi": "3.1.0",
         "info": {"title": "podfsm", "version": __version__,
