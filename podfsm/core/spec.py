@@ -396,7 +396,8 @@ class PortMapping(_Model):
     # Exactly what _host_ip accepts, stated as the formats JSON Schema has for it (a pattern
     # looser than the check let schemathesis send "1:2" and see it refused).
     host_ip: str = Field(default="", max_length=45, json_schema_extra={
-        "anyOf": [{"maxLength": 0}, {"format": "ipv4"}, {"format": "ipv6"}]})
+        "anyOf": [{"type": "string", "maxLength": 0}, {"type": "string", "format": "ipv4"},
+                  {"type": "string", "format": "ipv6"}]})
 
     @field_validator("host_ip")
     @classmethod
