@@ -22,14 +22,14 @@ from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import StepFailed
 from podfsm.core.records import NetworkResult, PinnedNamespaces, SandboxRecord, TaskInfo
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import (
+from podfsm.core.requests import (
     InterfaceInfo,
     NamespaceRequest,
     NetworkRequest,
     PauseRequest,
     SetAside,
 )
+from podfsm.drivers import nsutil
 
 
 @dataclass

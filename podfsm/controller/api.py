@@ -24,10 +24,10 @@ from podfsm.core.records import (
     SandboxStatus,
     TransitionEvent,
 )
+from podfsm.core.requests import InterfaceInfo
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
 from podfsm.drivers import nsutil, sysinfo
-from podfsm.drivers.base import InterfaceInfo
 
 
 @dataclass(frozen=True)

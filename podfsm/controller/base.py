@@ -32,16 +32,10 @@ from podfsm.core.records import (
     TaskInfo,
     TransitionEvent,
 )
+from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger, lifecycle_kind
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import (
-    HostDriver,
-    NamespaceDriver,
-    NetworkDriver,
-    NetworkRequest,
-    RuntimeDriver,
-    Store,
-)
+from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)

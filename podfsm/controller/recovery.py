@@ -23,8 +23,8 @@ from podfsm.controller.base import (
 from podfsm.controller.run import Run
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import PinnedNamespaces, SandboxRecord
+from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger
-from podfsm.drivers.base import NetworkRequest
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)

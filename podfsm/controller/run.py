@@ -24,9 +24,9 @@ from podfsm.core.errors import (
 )
 from podfsm.core.ocispec import runtime_default_seccomp, seccomp_from_profile
 from podfsm.core.records import SandboxRecord
+from podfsm.core.requests import NamespaceRequest, PauseRequest
 from podfsm.core.spec import IDMapping, PodSandboxConfig, ProfileType
 from podfsm.core.states import Trigger
-from podfsm.drivers.base import NamespaceRequest, PauseRequest
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from podfsm.core import cniconf
 from podfsm.core.cniconf import NetworkConfigList
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.records import NetworkResult
+from podfsm.core.requests import InterfaceInfo, NetworkRequest
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import InterfaceInfo, NetworkRequest
 from podfsm.drivers.reaper import ReaperClient, ReaperError
 
 STEP = "cni"

@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 from podfsm.core.errors import StepFailed
 from podfsm.core.records import PinnedNamespaces
+from podfsm.core.requests import NamespaceRequest
 from podfsm.core.spec import IDMapping
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceRequest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -34,8 +34,8 @@ from typing import Any, Literal
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
 from podfsm.core.records import TaskInfo
+from podfsm.core.requests import PauseRequest
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import PauseRequest
 from podfsm.drivers.reaper import ReaperClient, ReaperError
 
 log = logging.getLogger(__name__)

@@ -48,8 +48,8 @@ import anyio
 
 from podfsm.core.errors import ControllerLocked, StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
+from podfsm.core.requests import SetAside
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import SetAside
 
 log = logging.getLogger(__name__)
 

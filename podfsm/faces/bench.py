@@ -35,10 +35,10 @@ from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import TaskInfo
+from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.drivers.runtime import pause_pids
 from podfsm.faces.hostcare import host_left_as_found
 

@@ -26,8 +26,9 @@ import pytest
 
 from podfsm.core import cniconf
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
+from podfsm.core.requests import NetworkRequest
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import NetworkDriver, NetworkRequest
+from podfsm.drivers.base import NetworkDriver
 from podfsm.drivers.cni import CniNetwork
 
 pytestmark = [

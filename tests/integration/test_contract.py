@@ -26,18 +26,11 @@ import pytest
 
 from podfsm.core.errors import PodfsmError, StepFailed
 from podfsm.core.records import SandboxRecord
+from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping, parse_pod_config
 from podfsm.core.states import State
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import (
-    NamespaceDriver,
-    NamespaceRequest,
-    NetworkDriver,
-    NetworkRequest,
-    PauseRequest,
-    RuntimeDriver,
-    Store,
-)
+from podfsm.drivers.base import NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.drivers.cni import CniNetwork
 from podfsm.drivers.namespaces import WorkerPoolNamespaces
 from podfsm.drivers.runtime import OciRuntime

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from podfsm.core.errors import StepFailed
+from podfsm.core.requests import NamespaceRequest
 from podfsm.core.spec import IDMapping
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceRequest
 from podfsm.drivers.namespaces import _BOOTSTRAP, _PACKAGE_ROOT, WorkerPoolNamespaces
 from podfsm.drivers.nsworker import HOOKS_ENV, PIDFILE_ENV
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import pytest
 
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
+from podfsm.core.requests import PauseRequest
 from podfsm.core.spec import IDMapping
 from podfsm.drivers import nsutil
-from podfsm.drivers.base import PauseRequest
 from podfsm.drivers.reaper import ReaperClient, exit_file
 from podfsm.drivers.runtime import OciRuntime, pause_pids
 
