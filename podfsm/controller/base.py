@@ -13,7 +13,7 @@ import os
 import re
 import signal
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -34,6 +34,7 @@ from podfsm.core.records import (
 )
 from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger, lifecycle_kind
+from podfsm.core.steps import Compensation
 from podfsm.drivers import nsutil
 from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.engine import SandboxMachine
@@ -69,9 +70,8 @@ class Sandbox:
 
 @dataclass
 class Undo:
-    label: str
+    step: Compensation
     action: Callable[[], Awaitable[None]]
-    trigger: Trigger | None
 
 
 class ControllerBase:
@@ -218,6 +218,16 @@ class ControllerBase:
         self._backlog.append(ev)
         for sub in list(self._subscribers):
             sub.put(ev)
+
+    @contextlib.asynccontextmanager
+    async def _failpoints_around(self, step: str | None) -> AsyncIterator[None]:
+        """The `step.before` failpoint, the step, then `step.after` (not reached when the
+        step raises). None: a step without failpoints."""
+        if step is not None:
+            await self._hit(f"{step}.before")
+        yield
+        if step is not None:
+            await self._hit(f"{step}.after")
 
     async def _hit(self, name: str) -> None:
         point = self._failpoints.get(name)
