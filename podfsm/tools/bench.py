@@ -40,7 +40,7 @@ from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
 from podfsm.drivers import nsutil
 from podfsm.drivers.runtime import pause_pids
-from podfsm.faces.hostcare import host_left_as_found
+from podfsm.tools.hostcare import host_left_as_found
 
 BENCH_NETWORK = "podfsm-bench"
 BENCH_BRIDGE = "podfsm-bench0"
@@ -350,7 +350,7 @@ async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int,
 async def cri_level(ctl: Controller, cfg: ControllerConfig, count: int,
                     concurrency: int) -> Level:
     """The same lifecycles as podfsm_level, through the CRI face: a CriServer on this
-    controller, driven by a load generator in its own process (podfsm.faces.cri.loadgen), so
+    controller, driven by a load generator in its own process (podfsm.tools.loadgen), so
     the controller's CPU here less podfsm_level's is the gRPC server's."""
     from podfsm.faces.cri import CriServer
 
@@ -363,7 +363,7 @@ async def cri_level(ctl: Controller, cfg: ControllerConfig, count: int,
         kinds = {pid: process_kind(pid) for pid in pids}
         c0 = cpu_ticks_by_pid(pids)
         gen = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "podfsm.faces.cri.loadgen", sock, str(count),
+            sys.executable, "-m", "podfsm.tools.loadgen", sock, str(count),
             str(concurrency), f"g{concurrency}x", stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
         out, err = await gen.communicate()
@@ -577,9 +577,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def chaos_main(runtimes: list[str], rounds: int, *, as_json: bool = False) -> int:
-    """`podfsm bench --chaos N`: the chaos run of podfsm.faces.chaos on each runtime, in the
+    """`podfsm bench --chaos N`: the chaos run of podfsm.tools.chaos on each runtime, in the
     bench's own world; 1 when an invariant was broken or something was left."""
-    from podfsm.faces.chaos import run_chaos
+    from podfsm.tools.chaos import run_chaos
 
     def progress(rep: Any) -> None:
         print(f"  chaos {rep.runtime}: round {rep.rounds}/{rounds}, "

@@ -14,7 +14,7 @@ from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
 from podfsm.drivers import nsutil
-from podfsm.faces.hostcare import host_left_as_found
+from podfsm.tools.hostcare import host_left_as_found
 
 DEMO_NETWORK = "podfsm-demo"
 DEMO_BRIDGE = "podfsm-demo0"

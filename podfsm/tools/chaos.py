@@ -278,7 +278,7 @@ def _start_child(spec: dict[str, Any], failpoints: str, out_path: str,
     nobody reads while it works would block it)."""
     with open(out_path, "wb") as out, open(out_path + ".err", "wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "podfsm.faces.chaos", json.dumps(spec)],
+            [sys.executable, "-m", "podfsm.tools.chaos", json.dumps(spec)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
             env={**os.environ, "PODFSM_FAILPOINTS": failpoints})
 
