@@ -27,7 +27,7 @@ from podfsm.core.records import (
 from podfsm.core.requests import InterfaceInfo
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import nsutil, sysinfo
+from podfsm.drivers import factory, nsutil, sysinfo
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ class Controller(Recovery):
         stack = self._exit_stack
         try:
             if self._store is None:
-                from podfsm.drivers.store import FileStore
-
-                fs = FileStore(cfg.state_dir)
+                fs = factory.store(cfg)
                 fs.open()
                 stack.callback(fs.close)
                 self._store = fs

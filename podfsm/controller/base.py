@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,7 +35,7 @@ from podfsm.core.records import (
 from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger, lifecycle_kind
 from podfsm.core.steps import Compensation
-from podfsm.drivers import nsutil
+from podfsm.drivers import factory, nsutil
 from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.engine import SandboxMachine
 
@@ -91,18 +91,18 @@ class ControllerBase:
     ) -> None:
         self.config = cfg = config or ControllerConfig()
         self._real = namespaces is None and network is None and runtime is None
-        self._ns = namespaces or _real_namespaces(cfg)
-        self._net = network or _real_network(cfg)
+        self._ns = namespaces or factory.namespaces(cfg)
+        self._net = network or factory.network(cfg)
         #: the default runtime handler (cfg.runtime) and every installed one, by name; a
         #: sandbox keeps the name of its own (SandboxRecord.runtime) for its whole life
-        self._rt = runtime or _real_runtime(cfg, cfg.runtime)
+        self._rt = runtime or factory.runtime(cfg, cfg.runtime)
         self._runtimes: dict[str, RuntimeDriver] = {self._rt.name: self._rt}
         extra = runtimes if runtimes is not None else (
-            _other_real_runtimes(cfg) if self._real else ())
+            factory.other_runtimes(cfg) if self._real else ())
         for rt in extra:
             self._runtimes.setdefault(rt.name, rt)
         # With fake drivers no pause ever runs: the files are written, no tmpfs is mounted.
-        self._host = host or _real_host(mount_shm=self._real)
+        self._host = host or factory.host(mount_shm=self._real)
         self._store: Store | None = store
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)
@@ -367,47 +367,3 @@ def describe(exc: BaseException) -> str:
         return describe(exc.cause)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, PodfsmError) else text
-
-
-def _real_namespaces(cfg: ControllerConfig) -> NamespaceDriver:
-    from podfsm.drivers.namespaces import WorkerPoolNamespaces
-
-    return WorkerPoolNamespaces(workers=cfg.workers, idle_exit=cfg.worker_idle_exit)
-
-
-def _real_network(cfg: ControllerConfig) -> NetworkDriver:
-    from podfsm.drivers.cni import CniNetwork
-
-    return CniNetwork(
-        conf_dir=cfg.cni_conf_dir,
-        bin_dirs=cfg.cni_bin_dirs,
-        default_name=cfg.default_network_name,
-        default_bridge=cfg.default_bridge,
-        default_subnet=cfg.default_subnet,
-        reaper_run_dir=cfg.run_dir,
-        plugin_timeout=cfg.command_timeout,
-    )
-
-
-def _real_runtime(cfg: ControllerConfig, name: Literal["runc", "crun"]) -> RuntimeDriver:
-    from podfsm.drivers.runtime import OciRuntime
-
-    binary = cfg.runtime_binary if name == cfg.runtime else None
-    return OciRuntime(name, cfg.run_dir, binary=binary, pause_binary=cfg.pause_binary,
-                      command_timeout=cfg.command_timeout)
-
-
-def _other_real_runtimes(cfg: ControllerConfig) -> list[RuntimeDriver]:
-    """The handlers besides the default one that are installed here (found on PATH): each
-    keeps its own root, <run_dir>/runtime/<name>, and shares the reaper."""
-    from podfsm.drivers.runtime import installed
-
-    others: list[Literal["runc", "crun"]] = [n for n in ("runc", "crun")
-                                              if n != cfg.runtime and installed(n)]
-    return [_real_runtime(cfg, n) for n in others]
-
-
-def _real_host(*, mount_shm: bool) -> HostDriver:
-    from podfsm.drivers.hostfiles import HostFiles
-
-    return HostFiles(mount_shm=mount_shm)

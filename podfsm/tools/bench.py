@@ -38,7 +38,7 @@ from podfsm.core.records import TaskInfo
 from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
-from podfsm.drivers import nsutil
+from podfsm.drivers import factory, nsutil
 from podfsm.drivers.runtime import pause_pids
 from podfsm.tools.hostcare import host_left_as_found
 
@@ -266,14 +266,9 @@ def _progress(label: str, count: int) -> Callable[[int], None]:
 
 async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Level:
     """The system steps driven directly through the drivers: no controller around them."""
-    from podfsm.drivers.cni import CniNetwork
-    from podfsm.drivers.namespaces import WorkerPoolNamespaces
-    from podfsm.drivers.runtime import OciRuntime
-
-    ns = WorkerPoolNamespaces(workers=cfg.workers)
-    net = CniNetwork(cfg.cni_conf_dir, cfg.cni_bin_dirs, cfg.default_network_name,
-                     cfg.default_bridge, cfg.default_subnet, reaper_run_dir=cfg.run_dir)
-    rt = OciRuntime(cfg.runtime, cfg.run_dir, pause_binary=cfg.pause_binary)
+    ns = factory.namespaces(cfg)
+    net = factory.network(cfg)
+    rt = factory.runtime(cfg, cfg.runtime)
     await ns.start()
     await rt.start()
     await net.start()
