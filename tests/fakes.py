@@ -29,7 +29,7 @@ from podfsm.core.requests import (
     PauseRequest,
     SetAside,
 )
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 
 
 @dataclass
@@ -63,8 +63,8 @@ class FakeNamespaces:
             if p in self.pinned:
                 raise StepFailed("namespaces", f"pin path {p} already exists")
         self.faults.check("ns.create")
-        user = nsutil.ns_inode("/proc/self/ns/user")
-        net = nsutil.ns_inode("/proc/self/ns/net")
+        user = linux.ns_inode("/proc/self/ns/user")
+        net = linux.ns_inode("/proc/self/ns/net")
         # A "pin" is a symlink to this process's own namespace, so the orchestrator's
         # inode and owner checks run for real against it.
         for path, kind in ((req.netns_path, "net"), (req.userns_path, "user")):
@@ -154,7 +154,7 @@ class FakeRuntime:
         self.requests.append(req)
         proc = await asyncio.create_subprocess_exec("sleep", "1000")
         self.containers[req.container_id] = proc
-        start = nsutil.proc_start_time(proc.pid)
+        start = linux.proc_start_time(proc.pid)
         assert start is not None
         return TaskInfo(pid=proc.pid, start_time=start)
 

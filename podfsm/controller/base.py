@@ -35,7 +35,7 @@ from podfsm.core.records import (
 from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger, lifecycle_kind
 from podfsm.core.steps import Compensation
-from podfsm.drivers import factory, nsutil
+from podfsm.drivers import factory, linux
 from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.engine import SandboxMachine
 
@@ -248,14 +248,14 @@ class ControllerBase:
         ns = rec.namespaces
         pid = rec.task.pid
         want_user = (ns.userns_inode if ns and ns.userns_inode else
-                     nsutil.ns_inode("/proc/self/ns/user"))
+                     linux.ns_inode("/proc/self/ns/user"))
         want_net = (ns.netns_inode if ns and ns.netns_inode else
-                    nsutil.ns_inode("/proc/self/ns/net"))
+                    linux.ns_inode("/proc/self/ns/net"))
         try:
-            if nsutil.proc_start_time(pid) != rec.task.start_time:
+            if linux.proc_start_time(pid) != rec.task.start_time:
                 raise ProcessLookupError(errno.ESRCH, "pause process exited")
-            got_user = nsutil.ns_inode(f"/proc/{pid}/ns/user")
-            got_net = nsutil.ns_inode(f"/proc/{pid}/ns/net")
+            got_user = linux.ns_inode(f"/proc/{pid}/ns/user")
+            got_net = linux.ns_inode(f"/proc/{pid}/ns/net")
         except OSError as exc:
             return f"pause pid {pid} is gone: {exc.strerror}"
         if got_user != want_user or got_net != want_net:
@@ -270,8 +270,8 @@ class ControllerBase:
         if ns is None or not ns.netns_path or not ns.userns_path:
             return
         try:
-            owner = nsutil.netns_owner_inode(ns.netns_path)
-            userns = nsutil.ns_inode(ns.userns_path)
+            owner = linux.netns_owner_inode(ns.netns_path)
+            userns = linux.ns_inode(ns.userns_path)
         except OSError as exc:
             raise StepFailed("verify namespaces", f"pinned namespaces unusable: {exc}") from None
         if owner != userns or userns != ns.userns_inode:
@@ -337,7 +337,7 @@ def lock_dir(path: str, what: str) -> int:
 
 
 def same_process(task: TaskInfo) -> bool:
-    return nsutil.proc_start_time(task.pid) == task.start_time
+    return linux.proc_start_time(task.pid) == task.start_time
 
 
 def pin_problem(rec: SandboxRecord) -> str | None:
@@ -350,7 +350,7 @@ def pin_problem(rec: SandboxRecord) -> str | None:
         if not path or not inode:
             continue
         try:
-            ok = nsutil.ns_inode(path) == inode
+            ok = linux.ns_inode(path) == inode
         except OSError:
             ok = False
         if not ok:

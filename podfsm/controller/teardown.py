@@ -15,7 +15,7 @@ from podfsm.core import steps
 from podfsm.core.errors import PodfsmError, StepFailed
 from podfsm.core.records import TaskInfo
 from podfsm.core.states import State, Trigger
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Teardown(ControllerBase):
         except ProcessLookupError:
             return await self._exit_status(runtime, task, 0.05)
         try:
-            if nsutil.proc_start_time(task.pid) != task.start_time:
+            if linux.proc_start_time(task.pid) != task.start_time:
                 return None  # not our process any more: it exited long ago
             grace = self.config.stop_grace
             term = ((signal.SIGTERM, grace),) if grace > 0 else ()
@@ -172,7 +172,7 @@ class Teardown(ControllerBase):
         finally:
             self._flush(sb)
         with contextlib.suppress(OSError):
-            nsutil.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
+            linux.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
 
     def _supervise(self, sb: Sandbox, task: TaskInfo) -> None:
         """Watch the pause task through a pidfd: readable the moment it exits, no polling."""
@@ -181,7 +181,7 @@ class Teardown(ControllerBase):
             pidfd = os.pidfd_open(task.pid)
         except ProcessLookupError:
             pidfd = -1
-        if pidfd >= 0 and nsutil.proc_start_time(task.pid) != task.start_time:
+        if pidfd >= 0 and linux.proc_start_time(task.pid) != task.start_time:
             os.close(pidfd)
             pidfd = -1
         scope = anyio.CancelScope()

@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from podfsm.drivers import nsutil
+from podfsm.drivers import PACKAGE_DIR, linux
 
 SOCKET_NAME = "reaper.sock"
 LOCK_NAME = "reaper.lock"
@@ -123,11 +123,11 @@ def _mount_workaround() -> None:
     in a namespace of the command's own changes nothing for anybody else. Runs between fork and
     exec, which is safe only because this process is single-threaded.
     """
-    nsutil.unshare(nsutil.CLONE_NEWNS)
+    linux.unshare(linux.CLONE_NEWNS)
     # Nothing the runtime mounts may propagate back to the host.
-    nsutil.mount(None, "/", None, nsutil.MS_REC | nsutil.MS_PRIVATE)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     if _is_mountpoint(_CGROUP2_HYBRID_MOUNT):
-        nsutil.umount2(_CGROUP2_HYBRID_MOUNT, nsutil.MNT_DETACH)
+        linux.umount2(_CGROUP2_HYBRID_MOUNT, linux.MNT_DETACH)
 
 
 #: Every file the reaper opens in run_dir: a symlink planted there is never followed.
@@ -285,7 +285,7 @@ class ReaperServer:
             if info is None or info.si_pid == 0:
                 return
             pid = info.si_pid
-            start_time = nsutil.proc_start_time(pid) or 0
+            start_time = linux.proc_start_time(pid) or 0
             try:
                 _, wait_status = os.waitpid(pid, 0)
             except ChildProcessError:
@@ -477,7 +477,7 @@ class ReaperServer:
 
     def _watch(self, pid: int, start_time: int | None) -> dict[str, Any]:
         if start_time is None:
-            start_time = nsutil.proc_start_time(pid)
+            start_time = linux.proc_start_time(pid)
             if start_time is None:
                 # Already reaped: the most recent status recorded for that pid tells its start.
                 known = [k for k in self._exits if k[0] == pid]
@@ -488,7 +488,7 @@ class ReaperServer:
         self._watched.add(key)
         if key in self._exits:
             self._persist(key, self._exits[key])
-        child = key in self._exits or nsutil.parent_pid(pid) == os.getpid()
+        child = key in self._exits or linux.parent_pid(pid) == os.getpid()
         return {"pid": pid, "start_time": start_time, "child": child}
 
     async def _wait_exit(self, pid: int, start_time: int, timeout: float) -> dict[str, Any]:
@@ -499,11 +499,11 @@ class ReaperServer:
             status = self._read_exit_file(key)
         if status is not None:
             return {"status": status, "exited": True}
-        if nsutil.proc_start_time(pid) != start_time:
+        if linux.proc_start_time(pid) != start_time:
             # Gone (or the pid now names another process) and never reaped here: a previous
             # reaper was its parent, or pid 1 after that reaper died.
             return {"status": None, "exited": True}
-        if nsutil.parent_pid(pid) == os.getpid():
+        if linux.parent_pid(pid) == os.getpid():
             self._watched.add(key)
             fut: asyncio.Future[int | None] = self._loop.create_future()
             self._waiters.setdefault(key, []).append(fut)
@@ -529,7 +529,7 @@ class ReaperServer:
         except ProcessLookupError:
             return {"status": None, "exited": True}
         try:
-            if nsutil.proc_start_time(pid) != start_time:
+            if linux.proc_start_time(pid) != start_time:
                 return {"status": None, "exited": True}
             readable: asyncio.Future[None] = self._loop.create_future()
 
@@ -694,7 +694,7 @@ def _daemon(run_dir: str, ready_fd: int | None, idle_exit: float) -> int:
         if lock_fd is None:
             report("running")
             return 0
-        nsutil.set_child_subreaper()
+        linux.set_child_subreaper()
         _set_process_name()
         sock = _bind(socket_path(run_dir))
         server = ReaperServer(run_dir, idle_exit=idle_exit)
@@ -761,8 +761,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- the client -------------------------------------------------------------------------------
 
 
-#: The podfsm package directory, for the bootstrap below.
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Starts `main` with `podfsm` as a bare package: podfsm/__init__.py imports the whole controller
 #: (pydantic, pyroute2, ...), about 140 ms and 15 MB this long-lived process does not need. It is
 #: `python -m podfsm.drivers.reaper` without that, and independent of the caller's cwd and
@@ -868,7 +866,7 @@ class ReaperClient:
 
     async def _launch(self) -> None:
         proc = await asyncio.create_subprocess_exec(
-            self._python, "-I", "-c", _BOOTSTRAP, _PACKAGE_DIR, "--run-dir", self.run_dir,
+            self._python, "-I", "-c", _BOOTSTRAP, PACKAGE_DIR, "--run-dir", self.run_dir,
             "--idle-exit", str(self.idle_exit),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,

@@ -35,7 +35,7 @@ from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
 from podfsm.core.records import TaskInfo
 from podfsm.core.requests import PauseRequest
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 from podfsm.drivers.reaper import ReaperClient, ReaperError
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class OciRuntime:
                 ) from exc
             task_file = os.path.join(bundle, "task.json")
             # None when the pause already died: the reaper then knows its start time.
-            start_time = nsutil.proc_start_time(pid)
+            start_time = linux.proc_start_time(pid)
             if start_time is not None:
                 # Written before the reaper persists anything for it: a crash in between
                 # leaves a task.json that delete() uses to make the reaper forget it.
@@ -371,7 +371,7 @@ class OciRuntime:
                 if exc.errno != errno.ENOENT:
                     log.info("cgroup %s stays: %s", d, exc.strerror)
         try:
-            nsutil.remove_flat_dir(bundle)
+            linux.remove_flat_dir(bundle)
         except OSError as exc:
             raise StepFailed(STEP, f"cannot remove the bundle {bundle}: {exc}") from exc
 
@@ -387,7 +387,7 @@ class OciRuntime:
         except ProcessLookupError:
             return
         try:
-            if nsutil.proc_start_time(task.pid) != task.start_time:
+            if linux.proc_start_time(task.pid) != task.start_time:
                 return
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -491,8 +491,8 @@ def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
     if req.userns_path is None or req.netns_path is None:
         return
     try:
-        owner = nsutil.netns_owner_inode(req.netns_path)
-        userns = nsutil.ns_inode(req.userns_path)
+        owner = linux.netns_owner_inode(req.netns_path)
+        userns = linux.ns_inode(req.userns_path)
     except OSError as exc:
         raise StepFailed(STEP, f"{runtime} create failed: cannot inspect the pod's namespaces: "
                                f"{exc}") from exc
@@ -511,7 +511,7 @@ def _check_joined(runtime: str, req: PauseRequest, pid: int) -> None:
         if path is None:
             continue
         try:
-            ok = nsutil.ns_inode(f"/proc/{pid}/ns/{kind}") == nsutil.ns_inode(path)
+            ok = linux.ns_inode(f"/proc/{pid}/ns/{kind}") == linux.ns_inode(path)
         except OSError as exc:
             raise StepFailed(
                 STEP, f"{runtime} create failed: the pause process {pid} is gone: {exc}"

@@ -38,7 +38,7 @@ from podfsm.core.records import TaskInfo
 from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
-from podfsm.drivers import factory, nsutil
+from podfsm.drivers import factory, linux
 from podfsm.drivers.runtime import pause_pids
 from podfsm.tools.hostcare import host_left_as_found
 
@@ -115,7 +115,7 @@ def podfsm_pids(run_dir: str) -> list[int]:
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         if pid == me:
             continue
-        fields = nsutil.proc_stat(pid)
+        fields = linux.proc_stat(pid)
         if fields is None:
             continue
         argv = _cmdline(pid)
@@ -128,7 +128,7 @@ def podfsm_pids(run_dir: str) -> list[int]:
 def cpu_ticks_by_pid(pids: list[int]) -> dict[int, int]:
     out = {}
     for pid in pids:
-        fields = nsutil.proc_stat(pid)
+        fields = linux.proc_stat(pid)
         if fields is not None:
             out[pid] = int(fields[11]) + int(fields[12])  # utime + stime, not children's
     return out
@@ -205,7 +205,7 @@ def scrub(tmp: str, runtime: str) -> None:
         mounts = [line.split()[4] for line in f]
     for target in sorted((m for m in mounts if m.startswith(tmp + "/")), reverse=True):
         with contextlib.suppress(OSError):
-            nsutil.umount2(target, nsutil.MNT_DETACH)
+            linux.umount2(target, linux.MNT_DETACH)
 
 
 async def _measure(level: Level, cfg: ControllerConfig,

@@ -29,7 +29,7 @@ from podfsm.core.records import SandboxRecord
 from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 from podfsm.drivers.base import NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.drivers.cni import CniNetwork
 from podfsm.drivers.namespaces import WorkerPoolNamespaces
@@ -111,14 +111,14 @@ async def test_namespaces_contract(kind: str) -> None:
         assert (pinned.netns_path, pinned.userns_path) == (req.netns_path, req.userns_path)
         assert pinned.netns_path and pinned.userns_path
         # the pins hold what the result says, and the netns is owned by that user namespace
-        assert nsutil.ns_inode(pinned.netns_path) == pinned.netns_inode
-        assert nsutil.ns_inode(pinned.userns_path) == pinned.userns_inode
-        assert nsutil.netns_owner_inode(pinned.netns_path) == pinned.netns_owner_inode
+        assert linux.ns_inode(pinned.netns_path) == pinned.netns_inode
+        assert linux.ns_inode(pinned.userns_path) == pinned.userns_inode
+        assert linux.netns_owner_inode(pinned.netns_path) == pinned.netns_owner_inode
         assert pinned.netns_owner_inode == pinned.userns_inode
         # a pin path that exists is refused, and the pins there are left alone
         with pytest.raises(StepFailed, match="already exists"):
             await s.ns.create(req)
-        assert nsutil.ns_inode(pinned.netns_path) == pinned.netns_inode
+        assert linux.ns_inode(pinned.netns_path) == pinned.netns_inode
         # a user namespace goes with a mapping, and a mapping with a user namespace
         other = s.ns_request(new_id())
         for bad in (replace(other, uid_mapping=None, gid_mapping=None),
@@ -130,7 +130,7 @@ async def test_namespaces_contract(kind: str) -> None:
         # a node-userns netns: no user namespace pin, owned by the host's user namespace
         host = await s.ns.create(s.ns_request(new_id(), userns=False))
         assert host.userns_path is None and host.netns_path
-        assert nsutil.netns_owner_inode(host.netns_path) == nsutil.ns_inode("/proc/self/ns/user")
+        assert linux.netns_owner_inode(host.netns_path) == linux.ns_inode("/proc/self/ns/user")
         # teardown: gone, and idempotent (twice, nothing, never made)
         for made in (pinned, host):
             await s.ns.destroy(made.netns_path, made.userns_path)
@@ -176,7 +176,7 @@ async def test_runtime_contract(kind: str) -> None:
                            netns_path=pinned.netns_path, userns_path=pinned.userns_path,
                            uid_mapping=MAPPING, gid_mapping=MAPPING)
         task = await s.rt.create(req)
-        assert nsutil.proc_start_time(task.pid) == task.start_time  # that very process
+        assert linux.proc_start_time(task.pid) == task.start_time  # that very process
         assert await s.rt.state(sid) == "created"
         assert sid in await s.rt.list_containers()
         assert (await s.rt.states())[sid] == "created"
@@ -184,7 +184,7 @@ async def test_runtime_contract(kind: str) -> None:
         with pytest.raises(StepFailed, match="already exists"):
             await s.rt.create(req)
         assert await s.rt.state(sid) == "created"
-        assert nsutil.proc_start_time(task.pid) == task.start_time
+        assert linux.proc_start_time(task.pid) == task.start_time
         await s.rt.start_task(sid)
         assert await s.rt.state(sid) == "running"
         assert await s.rt.wait_exit_status(task, 0.2) is None  # alive: the wait times out

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from podfsm.core import cniconf
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import STATES, TRANSITIONS
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux as nsutil
 from tests.integration.conftest import Env, destroy_env, make_env
 
 pytestmark = pytest.mark.integration

@@ -1,5 +1,6 @@
-"""Thin ctypes wrappers over the Linux calls Python 3.11 lacks: unshare, setns, mount, umount2,
-and the namespace ioctls. Errors are OSError with errno and the path, like os.* raises.
+"""The Linux calls the drivers share: ctypes wrappers over those Python 3.11 lacks (unshare,
+setns, mount, umount2, the namespace ioctls), /proc reads (a process's start time and parent),
+pins and directories. Errors are OSError with errno and the path, like os.* raises.
 
 unshare(CLONE_NEWUSER) and setns into a user namespace fail with EINVAL in a process with more
 than one thread: call those only in a single-threaded child (see nsworker).
