@@ -30,6 +30,7 @@ from podfsm.core.requests import (
     SetAside,
 )
 from podfsm.drivers import linux
+from podfsm.drivers.runtime import kill_task_then_status
 
 
 @dataclass
@@ -199,6 +200,9 @@ class FakeRuntime:
                 proc.kill()
                 with contextlib.suppress(ProcessLookupError):
                     await proc.wait()
+
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        return await kill_task_then_status(self.wait_exit_status, task, grace)
 
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         for proc in self.containers.values():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 from typing import Any
 
 import anyio
@@ -39,26 +38,7 @@ class Teardown(ControllerBase):
             sb.record = sb.record.evolve(**changes)
 
     async def _kill_and_wait(self, runtime: str, task: TaskInfo) -> int | None:
-        try:
-            pidfd = os.pidfd_open(task.pid)
-        except ProcessLookupError:
-            return await self._exit_status(runtime, task, 0.05)
-        try:
-            if linux.proc_start_time(task.pid) != task.start_time:
-                return None  # not our process any more: it exited long ago
-            grace = self.config.stop_grace
-            term = ((signal.SIGTERM, grace),) if grace > 0 else ()
-            for sig, wait in (*term, (signal.SIGKILL, 10.0)):
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, sig)
-                with anyio.move_on_after(wait):
-                    await anyio.wait_readable(pidfd)
-                    break
-            else:
-                raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
-        finally:
-            os.close(pidfd)
-        return await self._exit_status(runtime, task, 1.0)
+        return await self._runtime(runtime).kill_task(task, self.config.stop_grace)
 
     async def _exit_status(self, runtime: str, task: TaskInfo, timeout: float) -> int | None:
         """The task's exit status from the reaper, or None when it cannot be learned (the

@@ -90,6 +90,11 @@ class RuntimeDriver(Protocol):
     async def start_task(self, container_id: str) -> None:
         """Run `start`."""
 
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        """End the pause process `task` (SIGTERM, SIGKILL after `grace` seconds) through a
+        pidfd and wait until it is gone; its exit status as `wait_exit_status` gives it, or
+        None when unknown (or the pid is no longer the task's). StepFailed if it survives."""
+
     async def kill(self, container_id: str, signal: int) -> None:
         """Send `signal` to the task; no error if it is already gone."""
 

@@ -28,10 +28,12 @@ import signal
 import stat
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
-from podfsm.core.errors import PrerequisiteMissing, StepFailed
+import anyio
+
+from podfsm.core.errors import PodfsmError, PrerequisiteMissing, StepFailed
 from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
 from podfsm.core.records import TaskInfo
 from podfsm.core.requests import PauseRequest
@@ -375,25 +377,18 @@ class OciRuntime:
         except OSError as exc:
             raise StepFailed(STEP, f"cannot remove the bundle {bundle}: {exc}") from exc
 
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        return await kill_task_then_status(self.wait_exit_status, task, grace)
+
     async def _kill_and_wait(self, task: TaskInfo) -> None:
         """SIGKILL a live pause process and wait until it is reaped.
 
         `runc delete --force` of a running container polls for the end of the process in
         100 ms steps; the reaper sees it in under a millisecond, after which delete takes ~5 ms.
-        The pidfd makes sure the signal reaches this very process, not a reuse of its pid.
         """
-        try:
-            pidfd = os.pidfd_open(task.pid)
-        except ProcessLookupError:
-            return
-        try:
-            if linux.proc_start_time(task.pid) != task.start_time:
+        with contextlib.suppress(StepFailed):  # `delete --force` tries again
+            if not await end_process(task, 0):
                 return
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        finally:
-            os.close(pidfd)
         with contextlib.suppress(ReaperError):
             await self._reaper.wait_exit(task.pid, task.start_time, timeout=2.0)
 
@@ -480,6 +475,48 @@ def _open_path_for_mapped_root(run_dir: str) -> str | None:
         if parent == path:
             return None
         path = parent
+
+
+async def end_process(task: TaskInfo, grace: float) -> bool | None:
+    """End the pause process `task` through a pidfd, so a reuse of its pid is never signalled:
+    SIGTERM, then SIGKILL after `grace` seconds (at once when `grace` is 0); return once it has
+    exited. True: it was running and has exited; False: it was gone already; None: its pid
+    belongs to another process now (it exited long ago). StepFailed if it survives SIGKILL.
+
+    The one implementation of ending a pause process, for every RuntimeDriver (and the fakes).
+    """
+    try:
+        pidfd = os.pidfd_open(task.pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if linux.proc_start_time(task.pid) != task.start_time:
+            return None
+        term = ((signal.SIGTERM, grace),) if grace > 0 else ()
+        for sig, wait in (*term, (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+            with anyio.move_on_after(wait):
+                await anyio.wait_readable(pidfd)
+                return True
+        raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
+    finally:
+        os.close(pidfd)
+
+
+async def kill_task_then_status(
+    wait_exit_status: Callable[[TaskInfo, float], Awaitable[int | None]],
+    task: TaskInfo, grace: float,
+) -> int | None:
+    """RuntimeDriver.kill_task on `end_process` and the driver's own `wait_exit_status`."""
+    ended = await end_process(task, grace)
+    if ended is None:
+        return None
+    try:
+        return await wait_exit_status(task, 1.0 if ended else 0.05)
+    except PodfsmError as exc:
+        log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
+        return None
 
 
 def _check_netns_owner(runtime: str, req: PauseRequest) -> None:

@@ -34,7 +34,6 @@ import anyio
 from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
-from podfsm.core.records import TaskInfo
 from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
@@ -288,8 +287,7 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Leve
                                                 pinned.userns_path, m, m))
             await rt.start_task(sid)
             t1 = time.perf_counter()
-            await _kill_wait(task, 10.0)
-            await rt.wait_exit_status(task, 1.0)
+            await rt.kill_task(task, 0)
             await rt.delete(sid)
             await net.detach(nreq, result)
             await ns.destroy(netns, userns)
@@ -302,25 +300,6 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Leve
         await rt.close()
         await ns.close()
     return level
-
-
-async def _kill_wait(task: TaskInfo, grace: float) -> None:
-    fd = os.pidfd_open(task.pid)
-    try:
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        def exited() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, exited)
-        try:
-            await asyncio.wait_for(done, grace)
-        finally:
-            loop.remove_reader(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- podfsm

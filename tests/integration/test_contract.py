@@ -11,6 +11,7 @@ statuses) is inside it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import secrets
@@ -199,6 +200,14 @@ async def test_runtime_contract(kind: str) -> None:
         await s.rt.delete(sid)  # idempotent
         await s.rt.delete(new_id())  # never existed
         assert await s.rt.state(new_id()) is None
+        # kill_task: the teardown's way, through a pidfd, with the exit status
+        sid2 = new_id()
+        task2 = await s.rt.create(dataclasses.replace(req, container_id=sid2))
+        await s.rt.start_task(sid2)
+        assert await s.rt.kill_task(task2, 0) == 128 + signal.SIGKILL
+        assert linux.proc_start_time(task2.pid) is None
+        assert await s.rt.kill_task(task2, 0) in (128 + signal.SIGKILL, None)  # gone: no error
+        await s.rt.delete(sid2)
         await s.ns.destroy(pinned.netns_path, pinned.userns_path)
 
 
