@@ -30,7 +30,7 @@ from podfsm.core.requests import (
     SetAside,
 )
 from podfsm.drivers import linux
-from podfsm.drivers.runtime import kill_task_then_status
+from podfsm.drivers.runtime import kill_task_then_status, pause_problem
 
 
 @dataclass
@@ -79,6 +79,12 @@ class FakeNamespaces:
             userns_inode=user if req.userns_path else None,
             netns_owner_inode=user if req.netns_path else None,
         )
+
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        # the fake pins name real namespaces (this process's), so the real check applies
+        if not ns.netns_path or not ns.userns_path:
+            return None
+        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
 
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         self.faults.check("ns.destroy")
@@ -203,6 +209,9 @@ class FakeRuntime:
 
     async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
         return await kill_task_then_status(self.wait_exit_status, task, grace)
+
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        return pause_problem(task, ns)
 
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         for proc in self.containers.values():

@@ -5,7 +5,6 @@ events, failpoints, pin paths and the checks of a pause process.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
@@ -245,39 +244,15 @@ class ControllerBase:
         """None when the recorded pause process is alive, the same process (not a reuse of
         its pid), and in the pinned user and net namespaces; else what is wrong."""
         assert rec.task is not None
-        ns = rec.namespaces
-        pid = rec.task.pid
-        want_user = (ns.userns_inode if ns and ns.userns_inode else
-                     linux.ns_inode("/proc/self/ns/user"))
-        want_net = (ns.netns_inode if ns and ns.netns_inode else
-                    linux.ns_inode("/proc/self/ns/net"))
-        try:
-            if linux.proc_start_time(pid) != rec.task.start_time:
-                raise ProcessLookupError(errno.ESRCH, "pause process exited")
-            got_user = linux.ns_inode(f"/proc/{pid}/ns/user")
-            got_net = linux.ns_inode(f"/proc/{pid}/ns/net")
-        except OSError as exc:
-            return f"pause pid {pid} is gone: {exc.strerror}"
-        if got_user != want_user or got_net != want_net:
-            return (f"pause pid {pid} is in user ns {got_user} / net ns {got_net}, "
-                    f"expected {want_user} / {want_net}")
-        return None
+        # any handler answers alike: the check reads the process, not the runtime's state
+        return self._runtimes.get(rec.runtime, self._rt).task_problem(rec.task, rec.namespaces)
 
     def _check_netns_owner(self, rec: SandboxRecord) -> None:
         """Refuse to let the runtime near a netns that the pod's user namespace does not own:
         crun would silently bind the host's /sys if mounting sysfs failed."""
-        ns = rec.namespaces
-        if ns is None or not ns.netns_path or not ns.userns_path:
-            return
-        try:
-            owner = linux.netns_owner_inode(ns.netns_path)
-            userns = linux.ns_inode(ns.userns_path)
-        except OSError as exc:
-            raise StepFailed("verify namespaces", f"pinned namespaces unusable: {exc}") from None
-        if owner != userns or userns != ns.userns_inode:
-            raise StepFailed("verify namespaces",
-                             f"netns {ns.netns_path} is owned by user namespace {owner}, "
-                             f"not the pod's {ns.userns_inode}")
+        problem = self._ns.owner_problem(rec.namespaces) if rec.namespaces else None
+        if problem is not None:
+            raise StepFailed("verify namespaces", problem)
 
     def _net_request(self, rec: SandboxRecord) -> NetworkRequest:
         md = rec.config.metadata

@@ -41,6 +41,12 @@ class NamespaceDriver(Protocol):
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         """Unpin both (MNT_DETACH + unlink). Idempotent: missing pins are not an error."""
 
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        """None when the pinned netns is owned by the pinned user namespace, the one `ns`
+        records (or the pod does not have both); else what is wrong. Checked before the
+        runtime is let near the netns: crun would silently bind the host's /sys if mounting
+        sysfs failed."""
+
 
 class NetworkDriver(Protocol):
     network_name: str
@@ -94,6 +100,11 @@ class RuntimeDriver(Protocol):
         """End the pause process `task` (SIGTERM, SIGKILL after `grace` seconds) through a
         pidfd and wait until it is gone; its exit status as `wait_exit_status` gives it, or
         None when unknown (or the pid is no longer the task's). StepFailed if it survives."""
+
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        """None when the pause process `task` is alive, the same process (not a reuse of its
+        pid), and in the user and net namespaces `ns` records (the host's when None or
+        unset); else what is wrong."""
 
     async def kill(self, container_id: str, signal: int) -> None:
         """Send `signal` to the task; no error if it is already gone."""

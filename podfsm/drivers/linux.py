@@ -110,6 +110,25 @@ def netns_owner_inode(netns_path: str) -> int:
         os.close(fd)
 
 
+def netns_owner_problem(netns_path: str, userns_path: str,
+                        want_userns_inode: int | None = None) -> str | None:
+    """None when the user namespace pinned at `userns_path` (of inode `want_userns_inode`, when
+    given) owns the netns at `netns_path`; else what is wrong, in words. The one check of a
+    netns's owner for the namespace and runtime drivers."""
+    try:
+        owner = netns_owner_inode(netns_path)
+        userns = ns_inode(userns_path)
+    except OSError as exc:
+        return f"cannot inspect the pod's namespaces: {exc}"
+    if owner != userns:
+        return (f"the netns {netns_path} is not owned by the pod's user namespace {userns_path} "
+                f"(owner inode {owner}, user namespace inode {userns})")
+    if want_userns_inode is not None and userns != want_userns_inode:
+        return (f"the user namespace pinned at {userns_path} (inode {userns}) is not the pod's "
+                f"(inode {want_userns_inode})")
+    return None
+
+
 def is_mountpoint_pin(path: str) -> bool:
     """True when `path` is a live namespace pin (a bind mount of an nsfs inode)."""
     try:

@@ -309,6 +309,11 @@ class WorkerPoolNamespaces:
         release()
         return result
 
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        if not ns.netns_path or not ns.userns_path:
+            return None
+        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
+
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         """Unpin the netns, then the userns (MNT_DETACH + unlink). Idempotent: missing pins are
         not an error. Works without the pool (also before start and after close)."""

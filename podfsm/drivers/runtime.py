@@ -35,7 +35,7 @@ import anyio
 
 from podfsm.core.errors import PodfsmError, PrerequisiteMissing, StepFailed
 from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
-from podfsm.core.records import TaskInfo
+from podfsm.core.records import PinnedNamespaces, TaskInfo
 from podfsm.core.requests import PauseRequest
 from podfsm.drivers import linux
 from podfsm.drivers.reaper import ReaperClient, ReaperError
@@ -380,6 +380,9 @@ class OciRuntime:
     async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
         return await kill_task_then_status(self.wait_exit_status, task, grace)
 
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        return pause_problem(task, ns)
+
     async def _kill_and_wait(self, task: TaskInfo) -> None:
         """SIGKILL a live pause process and wait until it is reaped.
 
@@ -527,19 +530,31 @@ def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
     """
     if req.userns_path is None or req.netns_path is None:
         return
+    problem = linux.netns_owner_problem(req.netns_path, req.userns_path)
+    if problem is not None:
+        raise StepFailed(STEP, f"{runtime} create failed: {problem}: the pod could not mount "
+                               "its own sysfs")
+
+
+def pause_problem(task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+    """RuntimeDriver.task_problem: the one implementation (the fakes' pause is a real process
+    too)."""
+    want_user = (ns.userns_inode if ns and ns.userns_inode else
+                 linux.ns_inode("/proc/self/ns/user"))
+    want_net = (ns.netns_inode if ns and ns.netns_inode else
+                linux.ns_inode("/proc/self/ns/net"))
+    pid = task.pid
     try:
-        owner = linux.netns_owner_inode(req.netns_path)
-        userns = linux.ns_inode(req.userns_path)
+        if linux.proc_start_time(pid) != task.start_time:
+            raise ProcessLookupError(errno.ESRCH, "pause process exited")
+        got_user = linux.ns_inode(f"/proc/{pid}/ns/user")
+        got_net = linux.ns_inode(f"/proc/{pid}/ns/net")
     except OSError as exc:
-        raise StepFailed(STEP, f"{runtime} create failed: cannot inspect the pod's namespaces: "
-                               f"{exc}") from exc
-    if owner != userns:
-        raise StepFailed(
-            STEP,
-            f"{runtime} create failed: the netns {req.netns_path} is not owned by the pod's user "
-            f"namespace {req.userns_path} (owner inode {owner}, user namespace inode {userns}): "
-            "the pod could not mount its own sysfs",
-        )
+        return f"pause pid {pid} is gone: {exc.strerror}"
+    if got_user != want_user or got_net != want_net:
+        return (f"pause pid {pid} is in user ns {got_user} / net ns {got_net}, "
+                f"expected {want_user} / {want_net}")
+    return None
 
 
 def _check_joined(runtime: str, req: PauseRequest, pid: int) -> None:

@@ -11,7 +11,6 @@ statuses) is inside it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import os
 import secrets
@@ -116,6 +115,9 @@ async def test_namespaces_contract(kind: str) -> None:
         assert linux.ns_inode(pinned.userns_path) == pinned.userns_inode
         assert linux.netns_owner_inode(pinned.netns_path) == pinned.netns_owner_inode
         assert pinned.netns_owner_inode == pinned.userns_inode
+        assert s.ns.owner_problem(pinned) is None
+        wrong = pinned.model_copy(update={"userns_inode": pinned.userns_inode + 1})
+        assert "is not the pod's" in (s.ns.owner_problem(wrong) or "")
         # a pin path that exists is refused, and the pins there are left alone
         with pytest.raises(StepFailed, match="already exists"):
             await s.ns.create(req)
@@ -132,6 +134,11 @@ async def test_namespaces_contract(kind: str) -> None:
         host = await s.ns.create(s.ns_request(new_id(), userns=False))
         assert host.userns_path is None and host.netns_path
         assert linux.netns_owner_inode(host.netns_path) == linux.ns_inode("/proc/self/ns/user")
+        assert s.ns.owner_problem(host) is None  # no user namespace of its own: nothing to check
+        if kind != "fake":  # a fake netns pin names the host's own netns, owned by the host
+            swapped = pinned.model_copy(update={"netns_path": host.netns_path})
+            assert "is not owned by the pod's user namespace" in (
+                s.ns.owner_problem(swapped) or "")
         # teardown: gone, and idempotent (twice, nothing, never made)
         for made in (pinned, host):
             await s.ns.destroy(made.netns_path, made.userns_path)
@@ -189,9 +196,13 @@ async def test_runtime_contract(kind: str) -> None:
         await s.rt.start_task(sid)
         assert await s.rt.state(sid) == "running"
         assert await s.rt.wait_exit_status(task, 0.2) is None  # alive: the wait times out
+        assert s.rt.task_problem(task, pinned) is None  # in the pinned namespaces
+        if kind != "fake":  # the fake pause runs in the host's namespaces
+            assert "expected" in (s.rt.task_problem(task, None) or "")  # not in the host's
         await s.rt.kill(sid, signal.SIGKILL)
         assert await s.rt.wait_exit_status(task, 5.0) == 128 + signal.SIGKILL
         assert await s.rt.state(sid) == "stopped"
+        assert "is gone" in (s.rt.task_problem(task, pinned) or "")
         await s.rt.kill(sid, signal.SIGKILL)  # gone already: not an error
         await s.rt.delete(sid)
         assert await s.rt.state(sid) is None
@@ -202,7 +213,7 @@ async def test_runtime_contract(kind: str) -> None:
         assert await s.rt.state(new_id()) is None
         # kill_task: the teardown's way, through a pidfd, with the exit status
         sid2 = new_id()
-        task2 = await s.rt.create(dataclasses.replace(req, container_id=sid2))
+        task2 = await s.rt.create(replace(req, container_id=sid2))
         await s.rt.start_task(sid2)
         assert await s.rt.kill_task(task2, 0) == 128 + signal.SIGKILL
         assert linux.proc_start_time(task2.pid) is None
