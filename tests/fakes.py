@@ -154,6 +154,9 @@ class FakeRuntime:
     def bundle_path(self, container_id: str) -> str:
         return f"/nonexistent/bundles/{container_id}"
 
+    def bundle_ids(self) -> list[str]:
+        return list(self.containers)  # a fake bundle lives as long as its container
+
     async def create(self, req: PauseRequest) -> TaskInfo:
         if req.container_id in self.containers:
             raise StepFailed("runtime", f"container {req.container_id} already exists")

@@ -142,10 +142,10 @@ class Recovery(Run):
                 ids.update(await rt.list_containers())
             except PodfsmError as exc:
                 self.recovery_problems.append(f"orphan containers ({rt.name}): {exc}")
-        bundles_dir = os.path.dirname(self._rt.bundle_path("0" * 64))
-        for d in (os.path.join(self.config.run_dir, "sandboxes"), bundles_dir):
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                ids.update(n for n in os.listdir(d) if SANDBOX_ID.match(n))
+        ids.update(n for n in self._rt.bundle_ids() if SANDBOX_ID.match(n))
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            ids.update(n for n in os.listdir(os.path.join(self.config.run_dir, "sandboxes"))
+                       if SANDBOX_ID.match(n))
         ids.update(self._set_aside_ids)
         for sid in sorted(ids - known):
             await self._collect_orphan(sid)

@@ -75,7 +75,7 @@ class Run(Teardown):
         or AppArmor settings where the facility is enabled (podfsm does not apply them; on a
         host without them containerd ignores them too, and so does podfsm)."""
         for name in pod.linux.sysctls:
-            if not os.path.exists("/proc/sys/" + name.replace(".", "/")):
+            if not self._host.sysctl_exists(name):
                 raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
         sc = pod.linux.security_context
         lsms = self._host.security_modules()

@@ -90,6 +90,10 @@ class RuntimeDriver(Protocol):
     def bundle_path(self, container_id: str) -> str:
         """Where the bundle of `container_id` lives (under run_dir)."""
 
+    def bundle_ids(self) -> list[str]:
+        """The names of the bundle directories under run_dir: a `create` cut short by a crash
+        can leave a bundle of a container the runtime does not list (for orphan collection)."""
+
     async def create(self, req: PauseRequest) -> TaskInfo:
         """Write the bundle and run `create --pid-file`; the pause process exists, not started."""
 
@@ -150,6 +154,9 @@ class HostDriver(Protocol):
     def read_seccomp_profile(self, path: str, limit: int) -> bytes:
         """The content of a Localhost seccomp profile, read at admission (so synchronous and
         bounded): OSError if unreadable, ValueError if not a regular file or over `limit`."""
+
+    def sysctl_exists(self, name: str) -> bool:
+        """Whether the kernel has the sysctl `name` ("net.ipv4.ip_forward"), at admission."""
 
     def security_modules(self) -> frozenset[str]:
         """The Linux security modules enabled on the host that podfsm would have to apply:

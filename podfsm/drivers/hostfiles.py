@@ -151,6 +151,9 @@ class HostFiles:
             raise ValueError(f"{path} is larger than {limit} bytes")
         return text
 
+    def sysctl_exists(self, name: str) -> bool:
+        return os.path.exists("/proc/sys/" + name.replace(".", "/"))
+
     def security_modules(self) -> frozenset[str]:
         return frozenset(name for name, on in (("selinux", selinux_enabled()),
                                                ("apparmor", apparmor_enabled())) if on)

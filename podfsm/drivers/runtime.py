@@ -234,6 +234,12 @@ class OciRuntime:
         _check_id(container_id)
         return os.path.join(self.bundles_dir, container_id)
 
+    def bundle_ids(self) -> list[str]:
+        try:
+            return os.listdir(self.bundles_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _exists(self, container_id: str) -> bool:
         # Both runtimes keep one directory per container under --root, from create to delete.
         return os.path.isdir(os.path.join(self.root, container_id))

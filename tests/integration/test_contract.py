@@ -187,6 +187,7 @@ async def test_runtime_contract(kind: str) -> None:
         assert linux.proc_start_time(task.pid) == task.start_time  # that very process
         assert await s.rt.state(sid) == "created"
         assert sid in await s.rt.list_containers()
+        assert sid in s.rt.bundle_ids()
         assert (await s.rt.states())[sid] == "created"
         # an id that exists is refused, and the container is left alone
         with pytest.raises(StepFailed, match="already exists"):
@@ -208,6 +209,7 @@ async def test_runtime_contract(kind: str) -> None:
         assert await s.rt.state(sid) is None
         assert sid not in await s.rt.list_containers()
         assert sid not in await s.rt.states()
+        assert sid not in s.rt.bundle_ids()
         await s.rt.delete(sid)  # idempotent
         await s.rt.delete(new_id())  # never existed
         assert await s.rt.state(new_id()) is None
