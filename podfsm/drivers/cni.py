@@ -32,7 +32,8 @@ from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.records import NetworkResult
 from podfsm.core.requests import InterfaceInfo, NetworkRequest
 from podfsm.drivers import linux
-from podfsm.drivers.reaper import ReaperClient, ReaperError
+from podfsm.drivers.reaper import ReaperError
+from podfsm.drivers.reaperclient import ReaperClient
 
 STEP = "cni"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"

@@ -38,7 +38,8 @@ from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
 from podfsm.core.records import PinnedNamespaces, TaskInfo
 from podfsm.core.requests import PauseRequest
 from podfsm.drivers import linux
-from podfsm.drivers.reaper import ReaperClient, ReaperError
+from podfsm.drivers.reaper import ReaperError
+from podfsm.drivers.reaperclient import ReaperClient
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import pytest
 
 from podfsm import SandboxRunError, State
 from podfsm.core.errors import UnsafeDirectory
-from podfsm.drivers import linux, reaper
+from podfsm.drivers import linux, reaper, reaperclient
 from podfsm.drivers.runtime import OciRuntime, container_cgroup_dirs
 from tests.integration.conftest import destroy_env, make_env, pod, running
 from tests.integration.test_durability import child
@@ -218,7 +218,7 @@ async def test_a_killed_command_takes_every_process_it_started(end: str) -> None
     # does): killing the group alone would leave it waiting forever.
     marker = f"6543.{os.getpid()}3"
     run_dir = tempfile.mkdtemp(prefix="pfsm-")  # short: the reaper's socket path must fit
-    client = reaper.ReaperClient(run_dir, idle_exit=0.3)
+    client = reaperclient.ReaperClient(run_dir, idle_exit=0.3)
     try:
         argv = ["sh", "-c", f"setsid sleep {marker} & sleep {marker}"]
         if end == "timeout":

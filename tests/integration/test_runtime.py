@@ -24,7 +24,8 @@ from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.requests import PauseRequest
 from podfsm.core.spec import IDMapping
 from podfsm.drivers import linux
-from podfsm.drivers.reaper import ReaperClient, exit_file
+from podfsm.drivers.reaper import exit_file
+from podfsm.drivers.reaperclient import ReaperClient
 from podfsm.drivers.runtime import OciRuntime, pause_pids
 
 pytestmark = pytest.mark.integration
