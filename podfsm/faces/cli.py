@@ -1,7 +1,7 @@
 """The `podfsm` command line.
 
     podfsm serve [--socket S] [--state-dir D] [--run-dir D] [--netns-dir D] [--runtime R]
-                 [--cni-conf-dir D] [--host H --port P] [--cri-socket PATH]
+                 [--cni-conf-dir D] [--host H --port P [--token-file F]] [--cri-socket PATH]
     podfsm runp FILE [--runtime R]      run a sandbox from a crictl pod config; prints its id
     podfsm pods [-o table|json] [-q]    list sandboxes
     podfsm inspectp ID [-o table|json]  one sandbox's status and history
@@ -98,7 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "/run/podfsm/podfsm.sock), mode 0660")
     p.add_argument("--host", help="TCP address to listen on too (needs --port; default "
                    "127.0.0.1)")
-    p.add_argument("--port", type=int, help="also listen on this TCP port (the web page)")
+    p.add_argument("--port", type=int, help="also listen on this TCP port (the web page); TCP "
+                   "requests need the token of --token-file")
+    p.add_argument("--token-file", metavar="PATH", help="the TCP token, mode 0600, created "
+                   "with a random token when missing (default: http-token beside the socket)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection whose request head takes longer (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection whose request body takes longer (default 30)")
+    p.add_argument("--max-event-streams", type=int, default=64, metavar="N",
+                   help="event streams open at once; more get 503 (default 64)")
     p.add_argument("--cri-socket", default="/run/podfsm/cri.sock", metavar="PATH",
                    help="unix socket of the CRI v1 gRPC face, mode 0660, there once recovery "
                    "is done (default /run/podfsm/cri.sock; '' for none)")
@@ -230,6 +239,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.host is not None and args.port is None:
         raise _UsageError("--host needs --port")
+    if args.token_file is not None and args.port is None:
+        raise _UsageError("--token-file needs --port (the unix socket takes no token)")
+    if min(args.header_timeout, args.body_timeout) <= 0 or args.max_event_streams < 1:
+        raise _UsageError("--header-timeout, --body-timeout and --max-event-streams must be "
+                          "positive")
     try:
         cfg = ControllerConfig.model_validate(_dirs(args))
     except ValidationError as exc:
@@ -242,7 +256,10 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         asyncio.run(serve(cfg, resolve_socket(args.socket), args.host, args.port,
-                          args.cri_socket or None))
+                          token_file=args.token_file, header_timeout=args.header_timeout,
+                          body_timeout=args.body_timeout,
+                          max_streams=args.max_event_streams,
+                          cri_socket=args.cri_socket or None))
     except PodfsmError as exc:
         print(f"podfsm serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -392,13 +409,19 @@ async def _rmp(c: Client, args: argparse.Namespace) -> int:
 
 async def _each(ids: list[str], c: Client, done: str,
                 action: Callable[[str], Awaitable[object]]) -> int:
-    """Apply `action` to every id; report each failure and go on (as crictl does)."""
+    """Apply `action` to every id; report each failure and go on (as crictl does). Stop and
+    remove are idempotent, as in the CRI: an id that names no sandbox is stopped and removed
+    already, and gets crictl's line and exit 0."""
     code = EXIT_OK
     for given in ids:
+        sandbox_id = given
         try:
             sandbox_id = await c.resolve_id(given)
             await action(sandbox_id)
         except ApiError as exc:
+            if exc.status == 404:
+                print(f"{done} sandbox {sandbox_id}")
+                continue
             print(f"podfsm: {given}: {exc.message}", file=sys.stderr)
             code = EXIT_FAILED
             continue

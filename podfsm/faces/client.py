@@ -98,11 +98,15 @@ class Client:
         resp = await self._send("GET", f"/v1/sandboxes/{sandbox_id}")
         return SandboxStatus.model_validate_json(resp.content)
 
-    async def stop_sandbox(self, sandbox_id: str) -> SandboxStatus:
+    async def stop_sandbox(self, sandbox_id: str) -> SandboxStatus | None:
+        """Stop it: its status (NotReady), or None when there is no such sandbox (stopping
+        is idempotent, as the CRI's StopPodSandbox)."""
         resp = await self._send("POST", f"/v1/sandboxes/{sandbox_id}/stop")
-        return SandboxStatus.model_validate_json(resp.content)
+        return None if resp.status_code == 204 else SandboxStatus.model_validate_json(
+            resp.content)
 
     async def remove_sandbox(self, sandbox_id: str) -> None:
+        """Remove it; an unknown id is removed already (idempotent, as RemovePodSandbox)."""
         await self._send("DELETE", f"/v1/sandboxes/{sandbox_id}")
 
     async def graph(self, fmt: str, sandbox_id: str | None = None) -> bytes:

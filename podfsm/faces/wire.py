@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from podfsm.core.records import SandboxStatus
 
 DEFAULT_SOCKET = "/run/podfsm/podfsm.sock"
+#: the diagram formats of faces/graph.py (a test keeps the two in step)
+GraphFormat = Literal["mmd", "dot", "svg", "png"]
+#: event sequence numbers are counted from 1 and never reach this
+MAX_SEQ = (1 << 53) - 1
+#: a sandbox id as the server takes it: 64 lower-case hex digits (the CLI expands prefixes)
+SANDBOX_ID_PATTERN = "^[0-9a-f]{64}$"
 
 
 class ErrorBody(BaseModel):
@@ -29,9 +35,37 @@ class SandboxList(BaseModel):
 
 
 class Health(BaseModel):
-    """GET /healthz."""
+    """GET /healthz. It answers without a token, so it says no more than this (recovery
+    problems go to the daemon's log)."""
 
     status: Literal["ok", "starting", "recovering"]
-    sandboxes: int
-    recovery_problems: list[str]
 
+
+# ---------------------------------------------------------------------- query parameters
+# Each operation's query parameters are one model: the server validates a request's query
+# string with it and the OpenAPI document lists its fields, so a new parameter is one field.
+
+
+class _Query(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class RunQuery(_Query):
+    """POST /v1/sandboxes."""
+
+    runtime_handler: str = Field(default="", max_length=256, description=(
+        "the OCI runtime of this sandbox (runc or crun; empty: the daemon's); unknown: 422"))
+
+
+class GraphQuery(_Query):
+    """GET /v1/graph and GET /v1/sandboxes/{sandbox_id}/graph."""
+
+    format: GraphFormat = Field(default="svg", description="the diagram's format")
+
+
+class EventsQuery(_Query):
+    """GET /v1/events."""
+
+    since: int | None = Field(default=None, ge=0, le=MAX_SEQ, description=(
+        "resume after this event seq, as Last-Event-ID does (the header wins when both are "
+        "given); a seq the daemon has not reached starts afresh"))

@@ -110,8 +110,21 @@ def test_a_sandbox_appears_reaches_ready_and_disappears_live(tmp_path: Path) -> 
     try:
         use_env_network(env)
         with serving(env, port=0) as d, d.client() as api, chromium(tmp_path) as browser:
-            browser.get(f"http://127.0.0.1:{d.tcp_port}/")
             wait = WebDriverWait(browser, 15, poll_frequency=0.05)
+            base = f"http://127.0.0.1:{d.tcp_port}/"
+            # without the token the page loads but gets nothing, and says how to get in
+            browser.get(base)
+            wait.until(lambda _: "no token" in browser.find_element(By.ID, "conn").text)
+            assert not browser.find_elements(By.CSS_SELECTOR, "#conn.live")
+            # the URL serve printed: the token becomes a cookie the page's script cannot read
+            m = re.search(r"open (http://\S+/\?token=\S+)", d.log_text())
+            assert m and m.group(1) == f"{base}?token={d.token}", d.log_text()
+            browser.get(m.group(1))
+            assert browser.current_url == base  # the token is gone from the address bar
+            cookie = browser.get_cookie(f"podfsm_token_{d.tcp_port}")
+            assert cookie is not None and cookie["value"] == d.token
+            assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+            assert d.token not in browser.execute_script("return document.cookie")
 
             def present(css: str) -> bool:
                 return bool(browser.find_elements(By.CSS_SELECTOR, css))
@@ -132,7 +145,8 @@ def test_a_sandbox_appears_reaches_ready_and_disappears_live(tmp_path: Path) -> 
             browser.execute_script("window.podfsmNotReloaded = true")
 
             # a sandbox made through the API appears and reaches Ready, diagram and all
-            r = api.post("/v1/sandboxes", content=(PODS / "userns-allocated.json").read_bytes())
+            r = api.post("/v1/sandboxes", content=(PODS / "userns-allocated.json").read_bytes(),
+                         headers={"content-type": "application/json"})
             assert r.status_code == 201, r.text
             st = r.json()
             card = f'section.pod[data-id="{st["id"]}"]'

@@ -116,7 +116,8 @@ def test_render_diagram(tmp_path: Path) -> None:
     try:
         use_env_network(env)
         with serving(env) as d, d.client() as c:
-            r = c.post("/v1/sandboxes", content=(PODS / "node-userns.json").read_bytes())
+            r = c.post("/v1/sandboxes", content=(PODS / "node-userns.json").read_bytes(),
+                       headers={"content-type": "application/json"})
             assert r.status_code == 201, r.text
             sandbox_id = r.json()["id"]
             c.post(f"/v1/sandboxes/{sandbox_id}/stop")

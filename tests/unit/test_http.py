@@ -27,10 +27,11 @@ from starlette.routing import Route
 
 from podfsm import Controller, PrerequisiteMissing, SandboxStatus
 from podfsm.core.records import TransitionEvent
-from podfsm.core.spec import NamespaceMode, Protocol
+from podfsm.core.spec import NamespaceMode, PodSandboxConfig, Protocol
 from podfsm.faces import graph
 from podfsm.faces.http import (
     PAGE,
+    TOKEN_FILE,
     Daemon,
     DaemonError,
     ErrorBody,
@@ -40,6 +41,8 @@ from podfsm.faces.http import (
     create_app,
     openapi_document,
 )
+from podfsm.faces.http import events as http_events
+from podfsm.faces.http.openapi import ALLOWED
 from tests.fakes import FakeNamespaces, Rig
 
 
@@ -150,8 +153,7 @@ def test_inspect_json_carries_the_design_fields(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/v1/sandboxes/{}"), ("POST", "/v1/sandboxes/{}/stop"),
-    ("DELETE", "/v1/sandboxes/{}"), ("GET", "/v1/sandboxes/{}/graph"),
+    ("GET", "/v1/sandboxes/{}"), ("GET", "/v1/sandboxes/{}/graph"),
 ])
 def test_an_unknown_sandbox_is_404(client: httpx.Client, method: str, path: str) -> None:
     resp = client.request(method, path.format("f" * 64))
@@ -159,6 +161,44 @@ def test_an_unknown_sandbox_is_404(client: httpx.Client, method: str, path: str)
     err = error_of(resp)
     assert err.kind == "SandboxNotFound"
     assert "f" * 64 in err.error
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/sandboxes/{}/stop"), ("DELETE", "/v1/sandboxes/{}"),
+])
+def test_stopping_or_removing_an_unknown_sandbox_succeeds(
+    client: httpx.Client, method: str, path: str,
+) -> None:
+    # as the CRI's StopPodSandbox and RemovePodSandbox (and crictl stopp/rmp): idempotent
+    resp = client.request(method, path.format("f" * 64))
+    assert resp.status_code == 204 and resp.content == b""
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/sandboxes/{}"), ("POST", "/v1/sandboxes/{}/stop"),
+    ("DELETE", "/v1/sandboxes/{}"), ("GET", "/v1/sandboxes/{}/graph"),
+])
+@pytest.mark.parametrize("bad", ["x", "F" * 64, "f" * 63, "f" * 65])
+def test_a_malformed_sandbox_id_is_400(client: httpx.Client, method: str, path: str,
+                                       bad: str) -> None:
+    resp = client.request(method, path.format(bad))
+    assert resp.status_code == 400
+    assert "64 lower-case hex digits" in error_of(resp).error
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_pod_config_that_is_not_application_json_is_415(
+    client: httpx.Client, rig: Rig, content_type: str | None,
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    resp = client.post("/v1/sandboxes", content=json.dumps(pod()), headers=headers)
+    assert resp.status_code == 415
+    assert error_of(resp).kind == "UnsupportedMediaType"
+    assert rig.store.records == {}
+    # a body on stop must be JSON too; no body needs no type
+    resp = client.post(f"/v1/sandboxes/{'f' * 64}/stop", content=b"x", headers=headers)
+    assert resp.status_code == 415
 
 
 def test_a_reserved_name_is_409(client: httpx.Client) -> None:
@@ -193,7 +233,8 @@ def test_a_reserved_name_is_409(client: httpx.Client) -> None:
 def test_an_invalid_pod_config_is_422_and_creates_nothing(
     client: httpx.Client, rig: Rig, body: bytes, says: str,
 ) -> None:
-    resp = client.post("/v1/sandboxes", content=body)
+    resp = client.post("/v1/sandboxes", content=body,
+                       headers={"content-type": "application/json"})
     assert resp.status_code == 422
     err = error_of(resp)
     assert err.kind == "InvalidPodConfig"
@@ -202,7 +243,8 @@ def test_an_invalid_pod_config_is_422_and_creates_nothing(
 
 
 def test_a_body_over_a_mebibyte_is_413(client: httpx.Client) -> None:
-    resp = client.post("/v1/sandboxes", content=b" " * ((1 << 20) + 1))
+    resp = client.post("/v1/sandboxes", content=b" " * ((1 << 20) + 1),
+                       headers={"content-type": "application/json"})
     assert resp.status_code == 413
     assert error_of(resp).kind == "PayloadTooLarge"
 
@@ -260,8 +302,8 @@ def test_503_while_recovering(client: httpx.Client, served: Served) -> None:
     finally:
         served.ctl.recovering = False
     assert client.get("/v1/sandboxes").status_code == 200
-    assert client.get("/healthz").json() == {"status": "ok", "sandboxes": 0,
-                                              "recovery_problems": []}
+    # unauthenticated on TCP: it says nothing but the status (recovery problems are logged)
+    assert client.get("/healthz").json() == {"status": "ok"}
 
 
 async def test_503_while_the_controller_is_starting(rig: Rig) -> None:
@@ -285,10 +327,12 @@ async def test_create_app_serves_an_entered_controller(rig: Rig) -> None:
     rig.nothing_left()
 
 
-async def test_a_bug_answers_500_in_json_too(rig: Rig) -> None:
+async def test_a_bug_answers_500_in_json_too_without_its_internals(
+    rig: Rig, caplog: pytest.LogCaptureFixture,
+) -> None:
     class Buggy(Controller):
         async def list_sandboxes(self) -> list[SandboxStatus]:
-            raise RuntimeError("oops")
+            raise RuntimeError("oops in /var/lib/podfsm/secret")
 
     app = Shim(Buggy(rig.cfg, namespaces=rig.ns, network=rig.net, runtime=rig.rt,
                      store=rig.store)).app
@@ -296,8 +340,12 @@ async def test_a_bug_answers_500_in_json_too(rig: Rig) -> None:
                                  base_url="http://podfsm") as c:
         resp = await c.get("/v1/sandboxes")
     assert resp.status_code == 500
-    assert error_of(resp) == ErrorBody(error="internal error: RuntimeError: oops",
-                                       kind="InternalError")
+    err = error_of(resp)
+    assert err.kind == "InternalError"
+    assert "oops" not in resp.text and "/var/lib" not in resp.text and "Runtime" not in resp.text
+    incident = err.error.split("incident ")[1].split(":")[0]
+    # the details are in the log, under the incident number the answer gives
+    assert any(incident in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
@@ -305,6 +353,20 @@ def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
     assert resp.status_code == 404 and error_of(resp).kind == "NotFound"
     resp = client.delete("/v1/graph")
     assert resp.status_code == 405 and error_of(resp).kind == "MethodNotAllowed"
+
+
+def test_a_405_allows_every_method_of_the_resource(client: httpx.Client) -> None:
+    doc = client.get("/openapi.json").json()
+    sid = "f" * 64
+    for path, item in doc["paths"].items():
+        methods = {m.upper() for m in item if m != "parameters"}
+        allow = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+        for method in {"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} - methods:
+            resp = client.request(method, path.replace("{sandbox_id}", sid))
+            assert resp.status_code == 405, (method, path)
+            assert resp.headers["allow"] == allow, (method, path)
+    assert client.options("/v1/sandboxes").headers["allow"] == "GET, HEAD, POST"
+    assert client.options(f"/v1/sandboxes/{sid}").headers["allow"] == "DELETE, GET, HEAD"
 
 
 # ---------------------------------------------------------------------- diagrams, docs, page
@@ -334,13 +396,21 @@ def test_an_unknown_diagram_format_is_400(client: httpx.Client) -> None:
 
 def test_the_openapi_document_describes_every_route(client: httpx.Client, rig: Rig) -> None:
     doc = client.get("/openapi.json").json()
-    assert doc == json.loads(json.dumps(openapi_document()))
+    assert doc == json.loads(json.dumps(openapi_document(rig.controller().runtime_handlers)))
     assert doc["openapi"].startswith("3.")
     documented = {(path, m.upper()) for path, item in doc["paths"].items()
                   for m in item if m != "parameters"}
-    routes = {(r.path, m) for r in Shim(rig.controller()).app.routes
-              if isinstance(r, Route) for m in (r.methods or set()) - {"HEAD"}}
-    assert routes - {("/", "GET"), ("/openapi.json", "GET")} == documented
+    routes = {r.path for r in Shim(rig.controller()).starlette.routes if isinstance(r, Route)}
+    assert routes - {"/", "/openapi.json", "/v1/sandboxes/{sandbox_id:path}"} == {
+        path for path, _ in documented}
+    assert {(p, m) for p, ms in ALLOWED.items() for m in ms if m != "HEAD"} == documented
+    # links lead from the id a run returns to every operation that takes one
+    links = doc["paths"]["/v1/sandboxes"]["post"]["responses"]["201"]["links"]
+    takes_id = {op["operationId"] for path, item in doc["paths"].items() if "{sandbox_id}" in path
+                for m, op in item.items() if m != "parameters"}
+    assert {link["operationId"] for link in links.values()} == takes_id
+    assert all(link["parameters"] == {"sandbox_id": "$response.body#/id"}
+               for link in links.values())
     for name in ("PodSandboxConfig", "SandboxStatus", "TransitionEvent", "ErrorBody",
                  "SandboxList", "Health"):
         assert name in doc["components"]["schemas"]
@@ -419,6 +489,57 @@ def test_events_stream_with_ids_and_resume_after_last_event_id(client: httpx.Cli
         assert [i for i, _ in read_events(both.iter_lines(), 1)] == [5]
     with client.stream("GET", "/v1/events", params={"since": "4"}) as since:
         assert [i for i, _ in read_events(since.iter_lines(), 1)] == [5]
+
+
+async def test_a_client_that_falls_behind_is_dropped_and_resumes_from_its_last_id(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_events, "QUEUE", 3)
+    async with rig.controller() as ctl:
+        shim = Shim(ctl)
+        chunks: list[bytes] = []
+        unblock = anyio.Event()
+
+        async def send(message: Any) -> None:
+            body = message.get("body", b"")
+            chunks.append(body)
+            if body.startswith(b"id: "):
+                await unblock.wait()  # a client that reads nothing more
+
+        async def receive() -> Any:
+            await anyio.sleep_forever()
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/events", "query_string": b"",
+                 "headers": []}
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(http_events.EventStream(shim), scope, receive, send)
+                for i in range(3):  # 12 transitions while the client is stuck on the first
+                    await ctl.run_sandbox(PodSandboxConfig.model_validate(pod(f"p{i}")))
+                assert len(shim.streams) == 1
+                unblock.set()
+        # the stream ended by itself: the first event and the queue, nothing held for later
+        ids = [int(c.split(b"\n")[0][4:]) for c in chunks if c.startswith(b"id: ")]
+        # (the first run may begin before the stream subscribes)
+        assert ids == list(range(ids[0], ids[0] + 4)) and ids[0] <= 2
+        assert chunks[-1] == b"" and shim.streams == set()
+        # the client resumes after the last id it got, from the controller's backlog
+        resumed: list[int] = []
+        with anyio.fail_after(10), anyio.CancelScope() as done:
+            async def collect(message: Any) -> None:
+                body = message.get("body", b"")
+                if body.startswith(b"id: "):
+                    resumed.append(int(body.split(b"\n")[0][4:]))
+                    if resumed[-1] == 12:
+                        done.cancel()
+
+            await http_events.EventStream(shim)(
+                {**scope, "headers": [(b"last-event-id", str(ids[-1]).encode())]},
+                receive, collect)
+        assert resumed == list(range(ids[-1] + 1, 13))
+        for st in await ctl.list_sandboxes():
+            await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
 
 
 def test_a_fresh_stream_replays_nothing_and_beats_its_heart(client: httpx.Client) -> None:
@@ -512,8 +633,21 @@ def test_a_port_listens_on_loopback_only(rig: Rig, sock_dir: str) -> None:
         assert tcp_listeners() == {("127.0.0.1", port)}
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
         assert stat.S_IMODE(os.stat(served.socket).st_mode) == 0o660
+        # TCP needs the token, kept 0600 beside the socket unless --token-file says otherwise
+        token_file = os.path.join(sock_dir, TOKEN_FILE)
+        assert served.daemon.token_file == token_file
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        token = Path(token_file).read_text().strip()
+        assert token == served.daemon.token and len(token) >= 32
+        url = f"http://127.0.0.1:{port}/v1/sandboxes"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"authorization": f"Bearer {token}x"}).status_code == 401
+        assert httpx.get(url, headers={"authorization": f"Bearer {token}"}).status_code == 200
+        with served.client() as c:  # the unix socket takes none
+            assert c.get("/v1/sandboxes").status_code == 200
     finally:
         served.stop()
+        os.unlink(os.path.join(sock_dir, TOKEN_FILE))
     assert tcp_listeners() == set()
 
 

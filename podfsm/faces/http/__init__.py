@@ -31,6 +31,7 @@ from podfsm.faces.http.app import DEFAULT_HEARTBEAT, MAX_BODY, PAGE, Shim, creat
 from podfsm.faces.http.daemon import (
     DEFAULT_GRACEFUL_TIMEOUT,
     SOCKET_MODE,
+    TOKEN_FILE,
     Daemon,
     bind_tcp_socket,
     bind_unix_socket,
@@ -52,6 +53,7 @@ __all__ = [
     "MAX_BODY",
     "PAGE",
     "SOCKET_MODE",
+    "TOKEN_FILE",
     "BadRequest",
     "Daemon",
     "DaemonError",

@@ -1,4 +1,9 @@
-"""The Starlette application of the HTTP face: its routes over one Controller."""
+"""The Starlette application of the HTTP face: its routes over one Controller.
+
+The routes come from openapi.OPERATIONS, the table the document is built from: one route per
+path, whose methods are exactly the document's, so a 405's `Allow` lists every method of the
+resource. On TCP, guard.TcpGuard wraps the application (token, Host, Origin).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import contextlib
 import http
 import json
 import logging
-from collections.abc import Iterator
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any, Literal
 
@@ -16,23 +23,36 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from podfsm.controller import Controller
-from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxRunError
+from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound, SandboxRunError
 from podfsm.core.spec import parse_pod_config
 from podfsm.faces import graph
 from podfsm.faces.http.errors import (
     BadRequest,
+    Forbidden,
     PayloadTooLarge,
     ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
     error_response,
     json_response,
     number,
+    parse_query,
 )
-from podfsm.faces.http.events import EventStream
-from podfsm.faces.http.openapi import openapi_document
-from podfsm.faces.wire import ErrorBody, Health, SandboxList
+from podfsm.faces.http.events import DEFAULT_MAX_STREAMS, EventStream
+from podfsm.faces.http.guard import TcpGuard
+from podfsm.faces.http.openapi import ALLOWED, OPERATIONS, openapi_document
+from podfsm.faces.wire import (
+    SANDBOX_ID_PATTERN,
+    ErrorBody,
+    GraphQuery,
+    Health,
+    RunQuery,
+    SandboxList,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +64,62 @@ PAGE = resources.files(__package__).joinpath("static/index.html").read_text(enco
 
 
 class Shim:
-    """The HTTP face of one Controller. `app` is the Starlette application.
+    """The HTTP face of one Controller. `app` is the ASGI application.
 
     `ready` False answers 503 to everything that needs the controller (as does a controller
-    that is recovering); `serve` sets it once the Controller is entered.
+    that is recovering); `serve` sets it once the Controller is entered. `guard` (TCP's
+    token, Host and Origin checks) applies to requests that arrive on a TCP listener.
     """
 
     def __init__(self, ctl: Controller, *, ready: bool = True,
-                 heartbeat: float = DEFAULT_HEARTBEAT) -> None:
+                 heartbeat: float = DEFAULT_HEARTBEAT,
+                 max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self.ctl = ctl
         self.ready = ready
         self.heartbeat = heartbeat
-        self._streams: set[anyio.CancelScope] = set()
+        self.max_streams = max_streams
+        #: the cancel scopes of the open event streams
+        self.streams: set[anyio.CancelScope] = set()
         self._closing = False
         self._machine_graphs: dict[str, bytes] = {}
-        self._openapi = openapi_document()
-        self.app = Starlette(
-            routes=[
-                Route("/", self.page, methods=["GET"]),
-                Route("/healthz", self.healthz, methods=["GET"]),
-                Route("/openapi.json", self.openapi, methods=["GET"]),
-                Route("/v1/sandboxes", self.list_sandboxes, methods=["GET"]),
-                Route("/v1/sandboxes", self.run_sandbox, methods=["POST"]),
-                Route("/v1/sandboxes/{sandbox_id}", self.sandbox_status, methods=["GET"]),
-                Route("/v1/sandboxes/{sandbox_id}", self.remove_sandbox, methods=["DELETE"]),
-                Route("/v1/sandboxes/{sandbox_id}/stop", self.stop_sandbox, methods=["POST"]),
-                Route("/v1/sandboxes/{sandbox_id}/graph", self.sandbox_graph, methods=["GET"]),
-                Route("/v1/graph", self.machine_graph, methods=["GET"]),
-                Route("/v1/events", EventStream(self), methods=["GET"]),
-            ],
+        self._openapi = openapi_document(getattr(ctl, "runtime_handlers", None))
+        routes = [Route("/", self.page, methods=["GET"]),
+                  Route("/openapi.json", self.openapi, methods=["GET"])]
+        routes += [Route(path, _Resource(path, {op.method.upper(): self._endpoint(op.handler)
+                                                for op in OPERATIONS if op.path == path}))
+                   for path in ALLOWED]
+        # what no route above takes under /v1/sandboxes/ ("%2F", "a/b", "") has a malformed id
+        routes.append(Route("/v1/sandboxes/{sandbox_id:path}", _MalformedId()))
+        self.starlette = Starlette(
+            routes=routes,
             exception_handlers={
                 PodfsmError: self._on_error,
                 ValidationError: self._on_error,
                 HTTPException: self._on_http_exception,
-                Exception: self._on_crash,  # a bug: answer JSON too (uvicorn logs the trace)
+                Exception: self._on_crash,  # a bug: answer JSON too, log the trace
             },
         )
-        # "/v1/sandboxes/%2F" and the like are unknown sandboxes (404), not redirects
-        self.app.router.redirect_slashes = False
+        # "/v1/sandboxes/%2F" and the like are malformed ids (400), not redirects
+        self.starlette.router.redirect_slashes = False
+        #: None on the unix socket only; `Daemon` sets it when it listens on TCP
+        self.guard: TcpGuard | None = None
+        self.app: ASGIApp = self._app
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if self.guard is not None and scope["type"] == "http" and server and server[1]:
+            try:
+                await self.guard(scope, receive, send, self.starlette)
+            except (Unauthorized, Forbidden) as exc:
+                await error_response(exc)(scope, receive, send)
+            return
+        await self.starlette(scope, receive, send)
+
+    def _endpoint(self, name: str) -> ASGIApp:
+        if name == "events":
+            return EventStream(self)
+        handler: Callable[[Request], Awaitable[Response]] = getattr(self, name)
+        return request_response(handler)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -99,34 +137,44 @@ class Shim:
     def close_streams(self) -> None:
         """End every event stream now and refuse new ones (graceful shutdown)."""
         self._closing = True
-        for scope in list(self._streams):
+        for scope in list(self.streams):
             scope.cancel()
 
     @contextlib.contextmanager
     def stream_scope(self) -> Iterator[anyio.CancelScope]:
         """A cancel scope that close_streams() cancels."""
         with anyio.CancelScope() as scope:
-            self._streams.add(scope)
+            self.streams.add(scope)
             try:
                 yield scope
             finally:
-                self._streams.discard(scope)
+                self.streams.discard(scope)
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, PodfsmError) and error_response(exc).status_code >= 500 and not (
+                isinstance(exc, SandboxRunError | ServiceUnavailable)):
+            return await self._on_crash(request, exc)
         if isinstance(exc, PodfsmError) and not isinstance(exc, ServiceUnavailable | BadRequest):
             log.log(logging.ERROR if isinstance(exc, SandboxRunError) else logging.INFO,
                     "%s %s: %s", request.method, request.url.path, exc)
         return error_response(exc)
 
     async def _on_crash(self, request: Request, exc: Exception) -> Response:
-        return json_response(ErrorBody(error=f"internal error: {type(exc).__name__}: {exc}",
-                               kind="InternalError"), 500)
+        # The text of an unexpected exception may name host paths and internals: it goes to
+        # the log, under an incident number that the answer gives.
+        incident = secrets.token_hex(4)
+        log.error("%s %s: incident %s", request.method, request.url.path, incident,
+                  exc_info=exc)
+        return json_response(ErrorBody(
+            error=f"internal error (incident {incident}: the daemon's log has the details)",
+            kind="InternalError"), 500)
 
     async def _on_http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = http.HTTPStatus(exc.status_code).phrase.replace(" ", "")
-        return json_response(ErrorBody(error=f"{request.method} {request.url.path}: {exc.detail}",
-                               kind=kind), exc.status_code, dict(exc.headers or {}))
+        return json_response(ErrorBody(error=f"{request.method} {request.url.path}: "
+                                       f"{exc.detail}", kind=kind),
+                             exc.status_code, dict(exc.headers or {}))
 
     # ------------------------------------------------------------------ endpoints
 
@@ -135,11 +183,9 @@ class Shim:
 
     async def healthz(self, request: Request) -> Response:
         status: Literal["ok", "starting", "recovering"] = (
-            "starting" if not self.ready else "recovering" if self.ctl.recovering else "ok")
-        sandboxes = len(await self.ctl.list_sandboxes()) if status == "ok" else 0
-        body = Health(status=status, sandboxes=sandboxes,
-                      recovery_problems=list(self.ctl.recovery_problems))
-        return json_response(body, 200 if status == "ok" else 503)
+            "starting" if not self.ready or self._closing
+            else "recovering" if self.ctl.recovering else "ok")
+        return json_response(Health(status=status), 200 if status == "ok" else 503)
 
     async def openapi(self, request: Request) -> Response:
         return Response(json.dumps(self._openapi), media_type="application/json")
@@ -151,42 +197,93 @@ class Shim:
 
     async def run_sandbox(self, request: Request) -> Response:
         ctl = self.controller()
+        _require_json(request, empty_too=True)
         pod = parse_pod_config(_decode_json(await _read_body(request)))
-        handler = request.query_params.get("runtime_handler") or None
-        st = await ctl.run_sandbox(pod, runtime_handler=handler)
+        query = parse_query(RunQuery, request)
+        st = await ctl.run_sandbox(pod, runtime_handler=query.runtime_handler or None)
         return json_response(st, 201, {"location": f"/v1/sandboxes/{st.id}"})
 
     async def sandbox_status(self, request: Request) -> Response:
-        sandbox_id = request.path_params["sandbox_id"]
-        return json_response(await self.controller().sandbox_status(sandbox_id))
+        ctl = self.controller()
+        return json_response(await ctl.sandbox_status(_sandbox_id(request)))
 
     async def stop_sandbox(self, request: Request) -> Response:
+        # As the CRI's StopPodSandbox (and crictl stopp): stopping what is not there succeeds.
         ctl = self.controller()
-        sandbox_id = request.path_params["sandbox_id"]
-        await ctl.sandbox_status(sandbox_id)  # 404 for an unknown id
-        await ctl.stop_sandbox(sandbox_id)
-        return json_response(await ctl.sandbox_status(sandbox_id))
+        sandbox_id = _sandbox_id(request)
+        try:
+            await ctl.stop_sandbox(sandbox_id)
+            return json_response(await ctl.sandbox_status(sandbox_id))
+        except SandboxNotFound:
+            return Response(status_code=204)
 
     async def remove_sandbox(self, request: Request) -> Response:
+        # As the CRI's RemovePodSandbox: removing what is not there succeeds.
         ctl = self.controller()
-        sandbox_id = request.path_params["sandbox_id"]
-        await ctl.sandbox_status(sandbox_id)  # 404 for an unknown id
-        await ctl.remove_sandbox(sandbox_id)
+        await ctl.remove_sandbox(_sandbox_id(request))
         return Response(status_code=204)
 
     async def sandbox_graph(self, request: Request) -> Response:
-        fmt = _graph_format(request)
-        st = await self.controller().sandbox_status(request.path_params["sandbox_id"])
+        ctl = self.controller()
+        fmt = parse_query(GraphQuery, request).format
+        st = await ctl.sandbox_status(_sandbox_id(request))
         body = await anyio.to_thread.run_sync(graph.render, fmt, st)
         return Response(body, media_type=graph.MEDIA_TYPES[fmt],
                         headers={"cache-control": "no-store"})
 
     async def machine_graph(self, request: Request) -> Response:
-        fmt = _graph_format(request)
+        fmt = parse_query(GraphQuery, request).format
         body = self._machine_graphs.get(fmt)
         if body is None:
             body = self._machine_graphs[fmt] = await anyio.to_thread.run_sync(graph.render, fmt)
         return Response(body, media_type=graph.MEDIA_TYPES[fmt])
+
+
+class _Resource:
+    """One path's methods; any other method is 405 with an `Allow` listing all of them."""
+
+    def __init__(self, path: str, methods: dict[str, ASGIApp]) -> None:
+        if "GET" in methods:
+            methods.setdefault("HEAD", methods["GET"])
+        self._methods = methods
+        self._allow = ", ".join(ALLOWED[path])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self._methods.get(scope["method"])
+        if app is None:
+            raise HTTPException(405, headers={"allow": self._allow})
+        if scope["method"] == "POST":
+            _require_json(Request(scope), empty_too=False)
+        await app(scope, receive, send)
+
+
+class _MalformedId:
+    """Any method on a path under /v1/sandboxes/ that no resource takes: a 400."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _sandbox_id(Request(scope))
+        raise HTTPException(404)  # an id with no slash never gets here
+
+
+def _sandbox_id(request: Request) -> str:
+    sandbox_id: str = request.path_params["sandbox_id"]
+    if not re.fullmatch(SANDBOX_ID_PATTERN.strip("^$"), sandbox_id):
+        raise BadRequest(f"{sandbox_id!r} is not a sandbox id (64 lower-case hex digits)")
+    return sandbox_id
+
+
+def _require_json(request: Request, *, empty_too: bool) -> None:
+    """Refuse a POST body that is not application/json (a cross-site form or text/plain
+    request cannot send one without a CORS preflight, which podfsm never grants)."""
+    headers = request.headers
+    has_body = number(headers.get("content-length")) not in (None, 0) or (
+        "transfer-encoding" in headers)
+    if not (has_body or empty_too):
+        return
+    media = headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(
+            f"the request body must be application/json, not {media or 'untyped'}")
 
 
 async def _read_body(request: Request) -> bytes:
@@ -208,15 +305,6 @@ def _decode_json(body: bytes) -> Any:
         raise InvalidPodConfig(f"the request body is not a JSON pod config: {exc}") from None
 
 
-def _graph_format(request: Request) -> str:
-    fmt = request.query_params.get("format", "svg")
-    if fmt not in graph.FORMATS:
-        raise BadRequest(f"format {fmt!r} is not one of {', '.join(graph.FORMATS)}")
-    return fmt
-
-
-
-def create_app(ctl: Controller, *, heartbeat: float = DEFAULT_HEARTBEAT) -> Starlette:
+def create_app(ctl: Controller, *, heartbeat: float = DEFAULT_HEARTBEAT) -> ASGIApp:
     """The HTTP shim over `ctl`, which the caller has entered (`async with ctl`)."""
     return Shim(ctl, heartbeat=heartbeat).app
-

@@ -12,21 +12,30 @@ import socket
 import stat
 import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
-import anyio
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from podfsm import __version__
 from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.faces.http.app import DEFAULT_HEARTBEAT, Shim
 from podfsm.faces.http.errors import DaemonError
+from podfsm.faces.http.events import DEFAULT_MAX_STREAMS
+from podfsm.faces.http.guard import TcpGuard, listening_names, load_or_create_token
 from podfsm.faces.wire import DEFAULT_SOCKET
 
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
 DEFAULT_GRACEFUL_TIMEOUT = 30
+#: seconds a request's head, then its body, may take to arrive
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+#: the token file's name beside the unix socket, unless --token-file says otherwise
+TOKEN_FILE = "http-token"
 
 
 class _Server(uvicorn.Server):
@@ -47,19 +56,80 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class _BoundedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request: its head must arrive within
+    `header_timeout` of its first byte (or of the connection), its body within `body_timeout`
+    of its head. A connection that misses one is closed: 20 half-sent requests (slowloris)
+    hold nothing for longer than that. Idle keep-alive connections are uvicorn's own timeout."""
+
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+    body_timeout = DEFAULT_BODY_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._waiting_for: object = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(h11.IDLE)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm(h11.IDLE)  # the first byte of the next request on this connection
+        super().data_received(data)
+        state = self.conn.their_state
+        if state is h11.SEND_BODY and self._waiting_for is not h11.SEND_BODY:
+            self._arm(h11.SEND_BODY)
+        elif state is not h11.IDLE and state is not h11.SEND_BODY:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, waiting_for: object) -> None:
+        self._disarm()
+        self._waiting_for = waiting_for
+        timeout = self.header_timeout if waiting_for is h11.IDLE else self.body_timeout
+        self._deadline = self.loop.call_later(timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = None
+        self._waiting_for = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.info("closing a connection that sent %s too slowly",
+                     "a request's head" if self._waiting_for is h11.IDLE else "a request body")
+            self.transport.close()
+
+
 class Daemon:
     """`podfsm serve`: a Controller and the HTTP shim on a unix socket, and on TCP if a port is
-    given. `run()` returns after a graceful shutdown (SIGTERM/SIGINT in the main thread, or
-    `request_exit()` from anywhere); the sandboxes keep running.
+    given (with a token: see guard.py). `run()` returns after a graceful shutdown
+    (SIGTERM/SIGINT in the main thread, or `request_exit()` from anywhere); the sandboxes keep
+    running.
+
+    The sockets are bound only once the Controller is entered (its recovery done): a client
+    that waits for the socket file to appear is never answered 503 "starting".
 
     `controller` replaces the Controller built from `cfg` (tests pass one with fake drivers).
+    `token_file` (TCP only) defaults to `http-token` beside the unix socket.
     """
 
     def __init__(self, cfg: ControllerConfig, socket_path: str | None = None,
                  host: str | None = None, port: int | None = None, *,
                  controller: Controller | None = None,
+                 token_file: str | None = None,
                  heartbeat: float = DEFAULT_HEARTBEAT,
                  graceful_timeout: int = DEFAULT_GRACEFUL_TIMEOUT,
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 max_streams: int = DEFAULT_MAX_STREAMS,
                  cri_socket: str | None = None) -> None:
         if host is not None and port is None:
             raise DaemonError("a host to listen on needs a port (--port)")
@@ -67,17 +137,23 @@ class Daemon:
         self.socket_path = socket_path or DEFAULT_SOCKET
         self.host = host or "127.0.0.1"
         self.port = port
+        self.token_file = token_file or os.path.join(
+            os.path.dirname(self.socket_path) or ".", TOKEN_FILE)
         self._ctl = controller
         #: where the CRI face (podfsm.faces.cri) listens, from recovery done until shutdown;
         #: None: no CRI socket
         self.cri_socket = cri_socket
         self._heartbeat = heartbeat
         self._graceful_timeout = graceful_timeout
-        #: set once the listeners accept connections (they answer 503 until the
-        #: Controller has recovered)
+        self._protocol = type("BoundedH11", (_BoundedH11,), {
+            "header_timeout": header_timeout, "body_timeout": body_timeout})
+        self._max_streams = max_streams
+        #: set once the listeners accept connections (the Controller has recovered)
         self.listening = threading.Event()
         #: the TCP address bound, when a port was given (port 0 picks one)
         self.tcp_address: tuple[str, int] | None = None
+        #: the token TCP requests need, when a port was given
+        self.token: str | None = None
         self._server: _Server | None = None
         self._exit_requested = False
 
@@ -88,52 +164,47 @@ class Daemon:
             self._server.should_exit = True
 
     async def run(self) -> None:
-        """Listen, enter the Controller, serve until asked to exit, leave the Controller."""
+        """Enter the Controller, listen, serve until asked to exit, leave the Controller."""
+        if self.port is not None:
+            self.token = load_or_create_token(self.token_file)
+        _clear_stale_socket(self.socket_path)  # refuse at once if another daemon answers
         ctl = self._ctl or Controller(self.cfg)
-        shim = Shim(ctl, ready=False, heartbeat=self._heartbeat)
-        config = uvicorn.Config(shim.app, http="h11", ws="none", lifespan="off",
+        shim = Shim(ctl, ready=False, heartbeat=self._heartbeat, max_streams=self._max_streams)
+        config = uvicorn.Config(shim.app, http=self._protocol, interface="asgi3", ws="none",
+                                lifespan="off",
                                 log_config=None, timeout_graceful_shutdown=self._graceful_timeout)
         server = self._server = _Server(config, shim)
-        server.should_exit = self._exit_requested
+        with self._signals():
+            async with ctl, self._cri(ctl):
+                n = len(await ctl.list_sandboxes())
+                log.info("controller ready: %d sandbox(es) recovered%s", n,
+                         f", problems: {ctl.recovery_problems}" if ctl.recovery_problems else "")
+                server.should_exit = self._exit_requested
+                try:
+                    await self._listen_and_serve(shim, server)
+                finally:
+                    shim.ready = False
+                    log.info("leaving the controller; sandboxes keep running")
+
+    async def _listen_and_serve(self, shim: Shim, server: _Server) -> None:
         listeners = [bind_unix_socket(self.socket_path)]
         inode = os.lstat(self.socket_path).st_ino
-        failure: list[BaseException] = []
         try:
             if self.port is not None:
                 listeners.append(bind_tcp_socket(self.host, self.port))
                 self.tcp_address = listeners[-1].getsockname()[:2]
+                assert self.token is not None
+                shim.guard = TcpGuard(self.token, listening_names(self.host, self.tcp_address[1]),
+                                      self.tcp_address[1])
+            shim.ready = True
             self._log_listeners()
-            done = anyio.Event()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._hold_controller, ctl, shim, done, failure)
-                try:
-                    with self._signals():
-                        self.listening.set()
-                        await server.serve(sockets=listeners)
-                finally:
-                    done.set()
+            self.listening.set()
+            await server.serve(sockets=listeners)
         finally:
             _unlink_socket(self.socket_path, inode)
             for sock in listeners:
                 sock.close()
             self.listening.clear()
-        if failure:
-            raise failure[0]
-
-    async def _hold_controller(self, ctl: Controller, shim: Shim, done: anyio.Event,
-                               failure: list[BaseException]) -> None:
-        try:
-            async with ctl, self._cri(ctl):
-                shim.ready = True
-                n = len(await ctl.list_sandboxes())
-                log.info("controller ready: %d sandbox(es) recovered%s", n,
-                         f", problems: {ctl.recovery_problems}" if ctl.recovery_problems else "")
-                await done.wait()
-                shim.ready = False
-                log.info("leaving the controller; sandboxes keep running")
-        except Exception as exc:
-            failure.append(exc)
-            self.request_exit()
 
     @contextlib.asynccontextmanager
     async def _cri(self, ctl: Controller) -> AsyncIterator[None]:
@@ -176,13 +247,15 @@ class Daemon:
         if self.tcp_address is not None:
             host, port = self.tcp_address
             shown = f"[{host}]" if ":" in host else host
-            log.info("and on http://%s:%d/ (the web page is there)", shown, port)
+            log.info("and on http://%s:%d/ (the web page is there; token in %s): open "
+                     "http://%s:%d/?token=%s", shown, port, self.token_file, shown, port,
+                     self.token)
 
 
 async def serve(cfg: ControllerConfig, socket_path: str | None, host: str | None,
-                port: int | None, cri_socket: str | None = None) -> None:
-    """Run `podfsm serve` until SIGTERM/SIGINT: see Daemon."""
-    await Daemon(cfg, socket_path, host, port, cri_socket=cri_socket).run()
+                port: int | None, **options: Any) -> None:
+    """Run `podfsm serve` until SIGTERM/SIGINT: see Daemon (`options` are its keywords)."""
+    await Daemon(cfg, socket_path, host, port, **options).run()
 
 
 def bind_unix_socket(path: str) -> socket.socket:

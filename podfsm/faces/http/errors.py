@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
 from starlette.responses import Response
 
 from podfsm.core.errors import (
@@ -16,6 +18,8 @@ from podfsm.core.errors import (
 )
 from podfsm.core.spec import describe_validation_error
 from podfsm.faces.wire import ErrorBody
+
+Q = TypeVar("Q", bound=BaseModel)
 
 
 class ServiceUnavailable(PodfsmError):
@@ -30,6 +34,18 @@ class PayloadTooLarge(PodfsmError):
     """The request body is larger than MAX_BODY."""
 
 
+class Unauthorized(PodfsmError):
+    """TCP: the request carries no valid token."""
+
+
+class Forbidden(PodfsmError):
+    """TCP: a Host that is not one of the listening names, or a foreign Origin."""
+
+
+class UnsupportedMediaType(PodfsmError):
+    """A request body that is not application/json."""
+
+
 class DaemonError(PodfsmError):
     """`serve` cannot listen where it was asked to."""
 
@@ -41,6 +57,9 @@ _STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (ValidationError, 422),
     (BadRequest, 400),
     (PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (Unauthorized, 401),
+    (Forbidden, 403),
     (ServiceUnavailable, 503),
     (PodfsmError, 500),  # SandboxRunError and every other real failure of the system
 )
@@ -56,7 +75,8 @@ def error_response(exc: Exception) -> Response:
                          leftovers=list(exc.leftovers))
     else:
         body = ErrorBody(error=str(exc), kind=type(exc).__name__)
-    headers = {"retry-after": "1"} if status == 503 else None
+    headers = ({"retry-after": "1"} if status == 503 else
+               {"www-authenticate": 'Bearer realm="podfsm"'} if status == 401 else None)
     return json_response(body, status, headers)
 
 
@@ -71,3 +91,13 @@ def json_response(model: BaseModel, status: int = 200,
 def number(text: str | None) -> int | None:
     """`text` as a non-negative integer in ASCII digits, else None."""
     return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
+
+
+def parse_query(model: type[Q], request: Request) -> Q:
+    """The request's query string as `model` (the operation's query model in wire.py)."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'query'}: {e['msg']}"
+                             for e in exc.errors())
+        raise BadRequest(f"bad query parameter: {problems}") from None

@@ -1,113 +1,249 @@
-"""The OpenAPI document of the HTTP face, built from the pydantic models that validate."""
+"""The OpenAPI document of the HTTP face, built from the pydantic models that validate.
+
+One table, OPERATIONS, lists every operation: its method and path, its query model (the same
+model the handler validates the query string with), its body model and its answers. The routes
+of app.py are built from the same table, so the document, the router and a 405's `Allow` list
+the same methods. A new query parameter is a field of the operation's query model in wire.py.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from podfsm import __version__
 from podfsm.core.records import SandboxStatus, TransitionEvent
 from podfsm.core.spec import PodSandboxConfig
 from podfsm.faces import graph
-from podfsm.faces.wire import ErrorBody, Health, SandboxList
+from podfsm.faces.wire import (
+    SANDBOX_ID_PATTERN,
+    ErrorBody,
+    EventsQuery,
+    GraphQuery,
+    Health,
+    RunQuery,
+    SandboxList,
+)
+
+REF = "#/components/schemas/{model}"
+#: the scheme name of the TCP listener's token (the unix socket needs none)
+BEARER = "token"
+
+#: what each error status means, wherever it is answered
+ERRORS: dict[int, str] = {
+    400: "a malformed parameter (a sandbox id is 64 lower-case hex digits)",
+    401: "TCP only: no valid token (`Authorization: Bearer TOKEN` or the page's cookie)",
+    403: "TCP only: a Host that is not one of the listening names, or a foreign Origin",
+    404: "no sandbox with that id",
+    409: "a sandbox with that name, namespace, uid and attempt exists",
+    413: "the body is over 1 MiB",
+    415: "the body is not `application/json`",
+    422: "the pod config is refused (nothing was created)",
+    500: "the run failed: `step` says which step, `leftovers` what unwinding left",
+    503: "the controller is starting, recovering or shutting down; retry",
+}
+#: answered by every operation that needs the controller (503) or, on TCP, a token (401, 403)
+_GUARDED = (401, 403, 503)
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models."""
-    ref_template = "#/components/schemas/{model}"
+@dataclass(frozen=True)
+class Operation:
+    """One operation of the API. `handler` names the Shim method that serves it."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    handler: str
+    #: status -> (description, body model name or None, or a {media: schema} content map)
+    ok: dict[int, tuple[str, Any]]
+    errors: tuple[int, ...] = ()
+    query: type[BaseModel] | None = None
+    body: type[BaseModel] | None = None
+    body_description: str = ""
+    headers: tuple[dict[str, Any], ...] = ()
+    #: False: served without a token on TCP too
+    guarded: bool = True
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _per_sandbox(operation_id: str) -> dict[str, Any]:
+    return {"operationId": operation_id, "parameters": {"sandbox_id": "$response.body#/id"}}
+
+
+#: one Server-Sent Event of /v1/events: `id` its seq, `data` a TransitionEvent in JSON
+_SSE_EVENT = {"type": "object", "properties": {
+    "id": {"type": "string", "pattern": "^[0-9]+$"},
+    "event": {"type": "string", "enum": ["message"]},
+    "data": {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"$ref": REF.format(model="TransitionEvent")}}}}
+_DIAGRAM = {media: {"schema": {"type": "string"}} for media in graph.MEDIA_TYPES.values()}
+_RUN_LINKS = {"GetSandbox": _per_sandbox("sandboxStatus"),
+              "StopSandbox": _per_sandbox("stopSandbox"),
+              "SandboxGraph": _per_sandbox("sandboxGraph"),
+              "RemoveSandbox": _per_sandbox("removeSandbox")}
+_SANDBOX = "/v1/sandboxes/{sandbox_id}"
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("get", "/healthz", "healthz", "Is the controller serving?", "healthz",
+              {200: ("serving", "Health"), 503: ("starting or recovering", "Health")},
+              guarded=False),
+    Operation("get", "/v1/sandboxes", "listSandboxes", "Every sandbox, oldest first",
+              "list_sandboxes", {200: ("the sandboxes", "SandboxList")}),
+    Operation("post", "/v1/sandboxes", "runSandbox",
+              "Run a sandbox from a crictl pod config, up to Ready", "run_sandbox",
+              {201: ("Ready", "SandboxStatus")}, (400, 409, 413, 415, 422, 500),
+              query=RunQuery, body=PodSandboxConfig, body_description=(
+                  "the CRI PodSandboxConfig as `crictl runp` reads it: snake_case or "
+                  "lowerCamelCase keys, enums as names or numbers"),
+              links=_RUN_LINKS),
+    Operation("get", _SANDBOX, "sandboxStatus", "One sandbox's status", "sandbox_status",
+              {200: ("its status", "SandboxStatus")}, (400, 404)),
+    Operation("delete", _SANDBOX, "removeSandbox",
+              "Stop if needed, delete everything: the sandbox disappears (idempotent: an "
+              "unknown id is removed already)", "remove_sandbox",
+              {204: ("removed, or there was no such sandbox", None)}, (400, 500)),
+    Operation("post", f"{_SANDBOX}/stop", "stopSandbox",
+              "Kill the task, CNI DEL, unpin: NotReady (idempotent: an unknown id is stopped "
+              "already)", "stop_sandbox",
+              {200: ("its status, NotReady", "SandboxStatus"),
+               204: ("there is no such sandbox", None)}, (400, 500),
+              links={"GetSandbox": _per_sandbox("sandboxStatus"),
+                     "RemoveSandbox": _per_sandbox("removeSandbox")}),
+    Operation("get", f"{_SANDBOX}/graph", "sandboxGraph",
+              "The machine with this sandbox's state and path drawn on it", "sandbox_graph",
+              {200: ("the diagram", _DIAGRAM)}, (400, 404), query=GraphQuery),
+    Operation("get", "/v1/graph", "machineGraph", "The state machine's diagram",
+              "machine_graph", {200: ("the diagram", _DIAGRAM)}, (400,), query=GraphQuery),
+    Operation("get", "/v1/events", "events",
+              "Transitions as Server-Sent Events; `data:` is a TransitionEvent", "events",
+              {200: ("the event stream", {"text/event-stream": {"schema": _SSE_EVENT}})},
+              (400,), query=EventsQuery,
+              headers=({"name": "Last-Event-ID", "in": "header", "required": False,
+                        "description": "resume after this event seq (what a reconnecting "
+                                       "EventSource sends); anything but digits is ignored",
+                        "schema": {"type": "string"}},)),
+)
+
+#: every path's methods, upper case, as a 405's Allow lists them
+ALLOWED: dict[str, tuple[str, ...]] = {}
+for _op in OPERATIONS:
+    _methods = {*ALLOWED.get(_op.path, ()), _op.method.upper()}
+    if "GET" in _methods:
+        _methods.add("HEAD")
+    ALLOWED[_op.path] = tuple(sorted(_methods))
+
+
+def _content(spec: Any) -> dict[str, Any]:
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {"content": {"application/json": {"schema": {"$ref": REF.format(model=spec)}}}}
+    return {"content": spec}
+
+
+def _query_parameters(model: type[BaseModel] | None) -> list[dict[str, Any]]:
+    if model is None:
+        return []
+    schema = model.model_json_schema(mode="validation", ref_template=REF)
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        description = prop.pop("description", "")
+        prop.pop("title", None)
+        if "anyOf" in prop:  # `X | None = None`: absent is the None, so the value is an X
+            prop = {**next(s for s in prop.pop("anyOf") if s.get("type") != "null"), **prop}
+            if prop.get("default", 0) is None:
+                del prop["default"]
+        params.append({"name": name, "in": "query", "required": name in schema.get(
+            "required", []), "description": description, "schema": prop})
+    return params
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    out: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary}
+    params = [*_query_parameters(op.query), *op.headers]
+    if params:
+        out["parameters"] = params
+    if op.body is not None:
+        out["requestBody"] = {"required": True, "description": op.body_description,
+                              **_content(op.body.__name__)}
+    responses: dict[str, Any] = {}
+    for status, (description, spec) in op.ok.items():
+        responses[str(status)] = {"description": description, **_content(spec)}
+        if op.links and spec is not None:  # links read the id from a body
+            responses[str(status)]["links"] = op.links
+    for status in sorted({*op.errors, *(_GUARDED if op.guarded else ())}):
+        responses[str(status)] = {"description": ERRORS[status], **_content("ErrorBody")}
+    out["responses"] = responses
+    out["security"] = [{BEARER: []}] if op.guarded else []
+    return out
+
+
+def _ecma(pattern: str) -> str:
+    """A model's pattern (Python's re) in JSON Schema's dialect (ECMA-262), same meaning for
+    any string JSON can carry: `\\Z` is ECMA's `$` (which, unlike Python's, never matches
+    before a trailing newline), and surrogates, which no well-formed JSON string holds, leave
+    the character classes (the validators of the dialect refuse them)."""
+    pattern = pattern.replace("\\ud800-\\udfff", "").replace("\\ud800-\\uf8ff", "\\ue000-\\uf8ff")
+    return pattern[:-2] + "$" if pattern.endswith("\\Z") else pattern
+
+
+def _portable(node: Any) -> Any:
+    """`node` (a JSON schema) with every pattern in JSON Schema's dialect."""
+    if isinstance(node, list):
+        return [_portable(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "pattern" and isinstance(value, str):
+            out[key] = _ecma(value)
+        elif key == "patternProperties" and isinstance(value, dict):
+            out[key] = {_ecma(k): _portable(v) for k, v in value.items()}
+        else:
+            out[key] = _portable(value)
+    return out
+
+
+def openapi_document(runtime_handlers: list[str] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models.
+    `runtime_handlers` (the daemon's installed ones) become the choices of runSandbox's
+    `runtime_handler`, which the server checks against the same list."""
     _, top = models_json_schema(
         [(PodSandboxConfig, "validation"), (SandboxStatus, "serialization"),
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
          (ErrorBody, "serialization"), (Health, "serialization")],
-        ref_template=ref_template, by_alias=False,
+        ref_template=REF, by_alias=False,
     )
-
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": ref_template.format(model=name)}
-
-    def json_body(name: str, description: str) -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": ref(name)}}}
-
-    def errors(*codes: int) -> dict[str, Any]:
-        meaning = {
-            400: "a malformed parameter", 404: "no sandbox with that id",
-            409: "a sandbox with that name, namespace, uid and attempt exists",
-            413: "the body is over 1 MiB",
-            422: "the pod config is refused (nothing was created)",
-            500: "the run failed: `step` says which step, `leftovers` what unwinding left",
-            503: "the controller is starting or recovering; retry",
-        }
-        return {str(c): json_body("ErrorBody", meaning[c]) for c in codes}
-
     sandbox_id = {"name": "sandbox_id", "in": "path", "required": True,
-                  "description": "the sandbox's id (64 hex digits)", "schema": {"type": "string"}}
-    fmt = {"name": "format", "in": "query", "required": False,
-           "schema": {"type": "string", "enum": list(graph.FORMATS), "default": "svg"}}
-    diagram = {"200": {"description": "the diagram", "content": {
-        media: {"schema": {"type": "string"}} for media in graph.MEDIA_TYPES.values()}}}
-    paths: dict[str, Any] = {
-        "/healthz": {"get": {
-            "operationId": "healthz", "summary": "Is the controller serving?",
-            "responses": {"200": json_body("Health", "serving"),
-                          "503": json_body("Health", "starting or recovering")}}},
-        "/v1/sandboxes": {
-            "get": {"operationId": "listSandboxes", "summary": "Every sandbox, oldest first",
-                    "responses": {"200": json_body("SandboxList", "the sandboxes"),
-                                  **errors(503)}},
-            "post": {"operationId": "runSandbox",
-                     "summary": "Run a sandbox from a crictl pod config, up to Ready",
-                     "parameters": [{"name": "runtime_handler", "in": "query",
-                                     "required": False, "schema": {"type": "string"},
-                                     "description": "the OCI runtime of this sandbox (runc or "
-                                     "crun; default: the daemon's); unknown: 422"}],
-                     "requestBody": {"required": True, "description": (
-                         "the CRI PodSandboxConfig as `crictl runp` reads it: snake_case or "
-                         "lowerCamelCase keys, enums as names or numbers"),
-                         "content": {"application/json": {"schema": ref("PodSandboxConfig")}}},
-                     "responses": {"201": json_body("SandboxStatus", "Ready"),
-                                   **errors(409, 413, 422, 500, 503)}}},
-        "/v1/sandboxes/{sandbox_id}": {
-            "parameters": [sandbox_id],
-            "get": {"operationId": "sandboxStatus", "summary": "One sandbox's status",
-                    "responses": {"200": json_body("SandboxStatus", "its status"),
-                                  **errors(404, 503)}},
-            "delete": {"operationId": "removeSandbox",
-                       "summary": "Stop if needed, delete everything: the sandbox disappears",
-                       "responses": {"204": {"description": "removed"},
-                                     **errors(404, 500, 503)}}},
-        "/v1/sandboxes/{sandbox_id}/stop": {
-            "parameters": [sandbox_id],
-            "post": {"operationId": "stopSandbox",
-                     "summary": "Kill the task, CNI DEL, unpin: NotReady (idempotent)",
-                     "responses": {"200": json_body("SandboxStatus", "its status, NotReady"),
-                                   **errors(404, 500, 503)}}},
-        "/v1/sandboxes/{sandbox_id}/graph": {
-            "parameters": [sandbox_id],
-            "get": {"operationId": "sandboxGraph",
-                    "summary": "The machine with this sandbox's state and path drawn on it",
-                    "parameters": [fmt], "responses": {**diagram, **errors(400, 404, 503)}}},
-        "/v1/graph": {"get": {
-            "operationId": "machineGraph", "summary": "The state machine's diagram",
-            "parameters": [fmt], "responses": {**diagram, **errors(400)}}},
-        "/v1/events": {"get": {
-            "operationId": "events",
-            "summary": "Transitions as Server-Sent Events; `data:` is a TransitionEvent",
-            "parameters": [
-                {"name": "since", "in": "query", "required": False,
-                 "description": "resume after this event seq (as Last-Event-ID does)",
-                 "schema": {"type": "integer", "minimum": 0}},
-                {"name": "Last-Event-ID", "in": "header", "required": False,
-                 "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "the event stream", "content": {
-                "text/event-stream": {"schema": {"type": "string"}}}}, **errors(400, 503)}}},
-    }
+                  "description": "the sandbox's id (64 hex digits; the CLI expands prefixes)",
+                  "schema": {"type": "string", "pattern": SANDBOX_ID_PATTERN}}
+    paths: dict[str, Any] = {}
+    for op in OPERATIONS:
+        item = paths.setdefault(op.path, {})
+        if "{sandbox_id}" in op.path:
+            item["parameters"] = [sandbox_id]
+        item[op.method] = _operation(op)
+        for param in item[op.method].get("parameters", []):
+            if param["name"] == "runtime_handler" and runtime_handlers is not None:
+                param["schema"] = {**param["schema"], "enum": ["", *runtime_handlers]}
+                param["schema"].pop("maxLength", None)
     return {
         "openapi": "3.1.0",
         "info": {"title": "podfsm", "version": __version__,
                  "description": "Pod sandboxes as finite-state machines: the HTTP shim of "
-                                "`podfsm serve`, on its unix socket."},
+                                "`podfsm serve`, on its unix socket and, with a token, on "
+                                "TCP."},
         "paths": paths,
-        "components": {"schemas": top["$defs"]},
+        "components": {
+            "schemas": _portable(top["$defs"]),
+            "securitySchemes": {BEARER: {
+                "type": "http", "scheme": "bearer",
+                "description": "TCP only: the token of `serve --token-file` (the unix "
+                               "socket needs none; access to it is its file mode)"}},
+        },
     }
-
