@@ -22,14 +22,15 @@ from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import StepFailed
 from podfsm.core.records import NetworkResult, PinnedNamespaces, SandboxRecord, TaskInfo
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import (
+from podfsm.core.requests import (
     InterfaceInfo,
     NamespaceRequest,
     NetworkRequest,
     PauseRequest,
     SetAside,
 )
+from podfsm.drivers import linux
+from podfsm.drivers.runtime import kill_task_then_status, pause_problem
 
 
 @dataclass
@@ -63,8 +64,8 @@ class FakeNamespaces:
             if p in self.pinned:
                 raise StepFailed("namespaces", f"pin path {p} already exists")
         self.faults.check("ns.create")
-        user = nsutil.ns_inode("/proc/self/ns/user")
-        net = nsutil.ns_inode("/proc/self/ns/net")
+        user = linux.ns_inode("/proc/self/ns/user")
+        net = linux.ns_inode("/proc/self/ns/net")
         # A "pin" is a symlink to this process's own namespace, so the orchestrator's
         # inode and owner checks run for real against it.
         for path, kind in ((req.netns_path, "net"), (req.userns_path, "user")):
@@ -78,6 +79,12 @@ class FakeNamespaces:
             userns_inode=user if req.userns_path else None,
             netns_owner_inode=user if req.netns_path else None,
         )
+
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        # the fake pins name real namespaces (this process's), so the real check applies
+        if not ns.netns_path or not ns.userns_path:
+            return None
+        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
 
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         self.faults.check("ns.destroy")
@@ -147,6 +154,9 @@ class FakeRuntime:
     def bundle_path(self, container_id: str) -> str:
         return f"/nonexistent/bundles/{container_id}"
 
+    def bundle_ids(self) -> list[str]:
+        return list(self.containers)  # a fake bundle lives as long as its container
+
     async def create(self, req: PauseRequest) -> TaskInfo:
         if req.container_id in self.containers:
             raise StepFailed("runtime", f"container {req.container_id} already exists")
@@ -154,7 +164,7 @@ class FakeRuntime:
         self.requests.append(req)
         proc = await asyncio.create_subprocess_exec("sleep", "1000")
         self.containers[req.container_id] = proc
-        start = nsutil.proc_start_time(proc.pid)
+        start = linux.proc_start_time(proc.pid)
         assert start is not None
         return TaskInfo(pid=proc.pid, start_time=start)
 
@@ -199,6 +209,12 @@ class FakeRuntime:
                 proc.kill()
                 with contextlib.suppress(ProcessLookupError):
                     await proc.wait()
+
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        return await kill_task_then_status(self.wait_exit_status, task, grace)
+
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        return pause_problem(task, ns)
 
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         for proc in self.containers.values():

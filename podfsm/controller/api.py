@@ -24,10 +24,10 @@ from podfsm.core.records import (
     SandboxStatus,
     TransitionEvent,
 )
+from podfsm.core.requests import InterfaceInfo
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import nsutil, sysinfo
-from podfsm.drivers.base import InterfaceInfo
+from podfsm.drivers import factory, linux, sysinfo
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,14 @@ class Controller(Recovery):
         stack = self._exit_stack
         try:
             if self._store is None:
-                from podfsm.drivers.store import FileStore
-
-                fs = FileStore(cfg.state_dir)
+                fs = factory.store(cfg)
                 fs.open()
                 stack.callback(fs.close)
                 self._store = fs
             # run_dir 0711: the pod's root (a high host uid) walks down to the pause rootfs;
             # netns_dir 0755, as `ip netns` makes /run/netns
-            nsutil.secure_dir(cfg.run_dir, 0o711, "run dir")
-            nsutil.secure_dir(cfg.netns_dir, 0o755, "netns dir")
+            linux.secure_dir(cfg.run_dir, 0o711, "run dir")
+            linux.secure_dir(cfg.netns_dir, 0o755, "netns dir")
             # run_dir holds our runtime root and sandbox directories: a second controller on
             # it (even with another state_dir) would collect our sandboxes as its orphans.
             stack.callback(os.close, lock_dir(cfg.run_dir, "run dir"))
@@ -153,7 +151,7 @@ class Controller(Recovery):
             ids.update(await rt.list_containers())
         return sorted(ids)
 
-    async def reserved_addresses(self) -> set[str]:
+    async def reserved_container_ids(self) -> set[str]:
         """Container ids holding an address in the pod network's IPAM store."""
         return await self._net.reserved_container_ids()
 

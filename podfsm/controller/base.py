@@ -5,7 +5,6 @@ events, failpoints, pin paths and the checks of a pause process.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
@@ -13,10 +12,10 @@ import os
 import re
 import signal
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -32,16 +31,11 @@ from podfsm.core.records import (
     TaskInfo,
     TransitionEvent,
 )
+from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger, lifecycle_kind
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import (
-    HostDriver,
-    NamespaceDriver,
-    NetworkDriver,
-    NetworkRequest,
-    RuntimeDriver,
-    Store,
-)
+from podfsm.core.steps import Compensation
+from podfsm.drivers import factory, linux
+from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
@@ -75,9 +69,8 @@ class Sandbox:
 
 @dataclass
 class Undo:
-    label: str
+    step: Compensation
     action: Callable[[], Awaitable[None]]
-    trigger: Trigger | None
 
 
 class ControllerBase:
@@ -97,18 +90,18 @@ class ControllerBase:
     ) -> None:
         self.config = cfg = config or ControllerConfig()
         self._real = namespaces is None and network is None and runtime is None
-        self._ns = namespaces or _real_namespaces(cfg)
-        self._net = network or _real_network(cfg)
+        self._ns = namespaces or factory.namespaces(cfg)
+        self._net = network or factory.network(cfg)
         #: the default runtime handler (cfg.runtime) and every installed one, by name; a
         #: sandbox keeps the name of its own (SandboxRecord.runtime) for its whole life
-        self._rt = runtime or _real_runtime(cfg, cfg.runtime)
+        self._rt = runtime or factory.runtime(cfg, cfg.runtime)
         self._runtimes: dict[str, RuntimeDriver] = {self._rt.name: self._rt}
         extra = runtimes if runtimes is not None else (
-            _other_real_runtimes(cfg) if self._real else ())
+            factory.other_runtimes(cfg) if self._real else ())
         for rt in extra:
             self._runtimes.setdefault(rt.name, rt)
         # With fake drivers no pause ever runs: the files are written, no tmpfs is mounted.
-        self._host = host or _real_host(mount_shm=self._real)
+        self._host = host or factory.host(mount_shm=self._real)
         self._store: Store | None = store
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)
@@ -225,6 +218,16 @@ class ControllerBase:
         for sub in list(self._subscribers):
             sub.put(ev)
 
+    @contextlib.asynccontextmanager
+    async def _failpoints_around(self, step: str | None) -> AsyncIterator[None]:
+        """The `step.before` failpoint, the step, then `step.after` (not reached when the
+        step raises). None: a step without failpoints."""
+        if step is not None:
+            await self._hit(f"{step}.before")
+        yield
+        if step is not None:
+            await self._hit(f"{step}.after")
+
     async def _hit(self, name: str) -> None:
         point = self._failpoints.get(name)
         if point is None or not point.take():
@@ -241,39 +244,15 @@ class ControllerBase:
         """None when the recorded pause process is alive, the same process (not a reuse of
         its pid), and in the pinned user and net namespaces; else what is wrong."""
         assert rec.task is not None
-        ns = rec.namespaces
-        pid = rec.task.pid
-        want_user = (ns.userns_inode if ns and ns.userns_inode else
-                     nsutil.ns_inode("/proc/self/ns/user"))
-        want_net = (ns.netns_inode if ns and ns.netns_inode else
-                    nsutil.ns_inode("/proc/self/ns/net"))
-        try:
-            if nsutil.proc_start_time(pid) != rec.task.start_time:
-                raise ProcessLookupError(errno.ESRCH, "pause process exited")
-            got_user = nsutil.ns_inode(f"/proc/{pid}/ns/user")
-            got_net = nsutil.ns_inode(f"/proc/{pid}/ns/net")
-        except OSError as exc:
-            return f"pause pid {pid} is gone: {exc.strerror}"
-        if got_user != want_user or got_net != want_net:
-            return (f"pause pid {pid} is in user ns {got_user} / net ns {got_net}, "
-                    f"expected {want_user} / {want_net}")
-        return None
+        # any handler answers alike: the check reads the process, not the runtime's state
+        return self._runtimes.get(rec.runtime, self._rt).task_problem(rec.task, rec.namespaces)
 
     def _check_netns_owner(self, rec: SandboxRecord) -> None:
         """Refuse to let the runtime near a netns that the pod's user namespace does not own:
         crun would silently bind the host's /sys if mounting sysfs failed."""
-        ns = rec.namespaces
-        if ns is None or not ns.netns_path or not ns.userns_path:
-            return
-        try:
-            owner = nsutil.netns_owner_inode(ns.netns_path)
-            userns = nsutil.ns_inode(ns.userns_path)
-        except OSError as exc:
-            raise StepFailed("verify namespaces", f"pinned namespaces unusable: {exc}") from None
-        if owner != userns or userns != ns.userns_inode:
-            raise StepFailed("verify namespaces",
-                             f"netns {ns.netns_path} is owned by user namespace {owner}, "
-                             f"not the pod's {ns.userns_inode}")
+        problem = self._ns.owner_problem(rec.namespaces) if rec.namespaces else None
+        if problem is not None:
+            raise StepFailed("verify namespaces", problem)
 
     def _net_request(self, rec: SandboxRecord) -> NetworkRequest:
         md = rec.config.metadata
@@ -333,7 +312,7 @@ def lock_dir(path: str, what: str) -> int:
 
 
 def same_process(task: TaskInfo) -> bool:
-    return nsutil.proc_start_time(task.pid) == task.start_time
+    return linux.proc_start_time(task.pid) == task.start_time
 
 
 def pin_problem(rec: SandboxRecord) -> str | None:
@@ -346,7 +325,7 @@ def pin_problem(rec: SandboxRecord) -> str | None:
         if not path or not inode:
             continue
         try:
-            ok = nsutil.ns_inode(path) == inode
+            ok = linux.ns_inode(path) == inode
         except OSError:
             ok = False
         if not ok:
@@ -363,47 +342,3 @@ def describe(exc: BaseException) -> str:
         return describe(exc.cause)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, PodfsmError) else text
-
-
-def _real_namespaces(cfg: ControllerConfig) -> NamespaceDriver:
-    from podfsm.drivers.namespaces import WorkerPoolNamespaces
-
-    return WorkerPoolNamespaces(workers=cfg.workers, idle_exit=cfg.worker_idle_exit)
-
-
-def _real_network(cfg: ControllerConfig) -> NetworkDriver:
-    from podfsm.drivers.cni import CniNetwork
-
-    return CniNetwork(
-        conf_dir=cfg.cni_conf_dir,
-        bin_dirs=cfg.cni_bin_dirs,
-        default_name=cfg.default_network_name,
-        default_bridge=cfg.default_bridge,
-        default_subnet=cfg.default_subnet,
-        reaper_run_dir=cfg.run_dir,
-        plugin_timeout=cfg.command_timeout,
-    )
-
-
-def _real_runtime(cfg: ControllerConfig, name: Literal["runc", "crun"]) -> RuntimeDriver:
-    from podfsm.drivers.runtime import OciRuntime
-
-    binary = cfg.runtime_binary if name == cfg.runtime else None
-    return OciRuntime(name, cfg.run_dir, binary=binary, pause_binary=cfg.pause_binary,
-                      command_timeout=cfg.command_timeout)
-
-
-def _other_real_runtimes(cfg: ControllerConfig) -> list[RuntimeDriver]:
-    """The handlers besides the default one that are installed here (found on PATH): each
-    keeps its own root, <run_dir>/runtime/<name>, and shares the reaper."""
-    from podfsm.drivers.runtime import installed
-
-    others: list[Literal["runc", "crun"]] = [n for n in ("runc", "crun")
-                                              if n != cfg.runtime and installed(n)]
-    return [_real_runtime(cfg, n) for n in others]
-
-
-def _real_host(*, mount_shm: bool) -> HostDriver:
-    from podfsm.drivers.hostfiles import HostFiles
-
-    return HostFiles(mount_shm=mount_shm)

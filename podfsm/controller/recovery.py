@@ -21,10 +21,12 @@ from podfsm.controller.base import (
     same_process,
 )
 from podfsm.controller.run import Run
+from podfsm.core import steps
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import PinnedNamespaces, SandboxRecord
+from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger
-from podfsm.drivers.base import NetworkRequest
+from podfsm.core.steps import Compensation
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
@@ -140,10 +142,10 @@ class Recovery(Run):
                 ids.update(await rt.list_containers())
             except PodfsmError as exc:
                 self.recovery_problems.append(f"orphan containers ({rt.name}): {exc}")
-        bundles_dir = os.path.dirname(self._rt.bundle_path("0" * 64))
-        for d in (os.path.join(self.config.run_dir, "sandboxes"), bundles_dir):
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                ids.update(n for n in os.listdir(d) if SANDBOX_ID.match(n))
+        ids.update(n for n in self._rt.bundle_ids() if SANDBOX_ID.match(n))
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            ids.update(n for n in os.listdir(os.path.join(self.config.run_dir, "sandboxes"))
+                       if SANDBOX_ID.match(n))
         ids.update(self._set_aside_ids)
         for sid in sorted(ids - known):
             await self._collect_orphan(sid)
@@ -163,20 +165,19 @@ class Recovery(Run):
         netns = self.netns_pin_path(sid)
         # Which handler made it is not known without a record: delete is idempotent, so every
         # handler is asked.
-        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            (f"{rt.name} delete", functools.partial(rt.delete, sid))
-            for rt in self._runtimes.values()
-        ]
-        steps += [
-            ("CNI DEL", lambda: self._net.detach(
+        actions: dict[Compensation, list[tuple[str, Callable[[], Awaitable[None]]]]] = {
+            steps.DELETE_CONTAINER: [(f"{rt.name} delete", functools.partial(rt.delete, sid))
+                                     for rt in self._runtimes.values()],
+            steps.DETACH_NETWORK: [(steps.DETACH_NETWORK.label, lambda: self._net.detach(
                 NetworkRequest(sandbox_id=sid,
-                               netns_path=netns if os.path.lexists(netns) else None), None)),
-            ("unpin", lambda: self._ns.destroy(netns, self.userns_pin_path(sid))),
-            # before the directory goes: never remove through a live mount
-            ("unmount /dev/shm", lambda: self._host.release_shm(self.shm_path(sid))),
-        ]
+                               netns_path=netns if os.path.lexists(netns) else None), None))],
+            steps.UNPIN_NAMESPACES: [(steps.UNPIN_NAMESPACES.label,
+                                      lambda: self._ns.destroy(netns, self.userns_pin_path(sid)))],
+            steps.RELEASE_SHM: [(steps.RELEASE_SHM.label,
+                                 lambda: self._host.release_shm(self.shm_path(sid)))],
+        }
         failed = False
-        for label, action in steps:
+        for label, action in (a for step in steps.ORPHAN_ORDER for a in actions[step]):
             try:
                 await action()
             except Exception as exc:

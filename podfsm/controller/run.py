@@ -13,7 +13,7 @@ import anyio
 
 from podfsm.controller.base import Sandbox, Undo, describe, now
 from podfsm.controller.teardown import Teardown
-from podfsm.core import idmap
+from podfsm.core import idmap, steps
 from podfsm.core.errors import (
     InvalidPodConfig,
     NameReserved,
@@ -24,9 +24,9 @@ from podfsm.core.errors import (
 )
 from podfsm.core.ocispec import runtime_default_seccomp, seccomp_from_profile
 from podfsm.core.records import SandboxRecord
+from podfsm.core.requests import NamespaceRequest, PauseRequest
 from podfsm.core.spec import IDMapping, PodSandboxConfig, ProfileType
 from podfsm.core.states import Trigger
-from podfsm.drivers.base import NamespaceRequest, PauseRequest
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Run(Teardown):
         or AppArmor settings where the facility is enabled (podfsm does not apply them; on a
         host without them containerd ignores them too, and so does podfsm)."""
         for name in pod.linux.sysctls:
-            if not os.path.exists("/proc/sys/" + name.replace(".", "/")):
+            if not self._host.sysctl_exists(name):
                 raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
         sc = pod.linux.security_context
         lsms = self._host.security_modules()
@@ -209,13 +209,15 @@ class Run(Teardown):
                 try:
                     await u.action()
                 except Exception as exc:
-                    log.error("sandbox %s: undo %s failed: %s", sb.record.id, u.label, exc)
-                    leftovers.append(f"{u.label}: {describe(exc)}")
+                    log.error("sandbox %s: undo %s failed: %s", sb.record.id, u.step.label,
+                              exc)
+                    leftovers.append(f"{u.step.label}: {describe(exc)}")
                     continue
-                if u.trigger is not None and sb.machine.may(u.trigger):
+                trigger = u.step.trigger
+                if trigger is not None and sb.machine.may(trigger):
                     # The step is undone on the system: a record that cannot be written now
                     # must not stop the rest of the unwinding.
-                    await self._save_or_log(sb, u.trigger, error=message)
+                    await self._save_or_log(sb, trigger, error=message)
         if scope.cancelled_caught:
             leftovers.append(f"unwinding timed out after {self.config.unwind_timeout}s")
         if not leftovers:
@@ -234,11 +236,10 @@ class Run(Teardown):
         sandbox's run directory: both exist before anything else of it does, so a crash at
         any later point leaves either a record to recover or a directory that names an orphan.
         """
-        await self._hit("save_record.before")
-        # Durable (fsync): it precedes the CNI ADD, whose address reservation outlives a reboot
-        # on disk; later writes need not be (see podfsm.drivers.store).
-        await self._store_save(sb.record, durable=True)
-        await self._hit("save_record.after")
+        async with self._failpoints_around("save_record"):
+            # Durable (fsync): it precedes the CNI ADD, whose address reservation outlives a
+            # reboot on disk; later writes need not be (see podfsm.drivers.store).
+            await self._store_save(sb.record, durable=True)
         # 0711: the pod's mapped root must reach the files bound from here (runc and crun open
         # bind sources inside the pod's user namespace); nothing here is listable by others.
         os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o711, exist_ok=True)
@@ -247,7 +248,7 @@ class Run(Teardown):
     async def _setup_files(self, sb: Sandbox, undo: list[Undo]) -> None:
         """hostname, hosts, resolv.conf, the /dev/shm tmpfs and the log directory. Recorded
         with the next write; until then the teardown finds the tmpfs by its derived path."""
-        undo.append(Undo("remove sandbox files", lambda: self._remove_files(sb), None))
+        undo.append(Undo(steps.REMOVE_FILES, lambda: self._remove_files(sb)))
         try:
             files = await self._host.setup_files(self.sandbox_run_dir(sb.record.id),
                                                  sb.record.config)
@@ -258,22 +259,20 @@ class Run(Teardown):
     async def _setup_namespaces(self, sb: Sandbox, undo: list[Undo]) -> None:
         rec = sb.record
         pod = rec.config
-        undo.append(Undo("unpin namespaces", lambda: self._teardown_namespaces(sb),
-                          Trigger.TEARDOWN_NAMESPACES))
+        undo.append(Undo(steps.UNPIN_NAMESPACES, lambda: self._teardown_namespaces(sb)))
         if rec.planned_netns_path or rec.planned_userns_path:
-            await self._hit("pin_namespaces.before")
-            # Shielded, as every step whose work goes on in another process once begun: a
-            # cancellation takes effect after it, and the unwinding then knows what exists.
-            with anyio.CancelScope(shield=True):
-                pinned = await self._ns.create(NamespaceRequest(
-                    sandbox_id=rec.id,
-                    netns_path=rec.planned_netns_path,
-                    userns_path=rec.planned_userns_path,
-                    uid_mapping=rec.uid_mapping,
-                    gid_mapping=rec.gid_mapping,
-                ))
-            sb.record = rec = rec.evolve(namespaces=pinned)
-            await self._hit("pin_namespaces.after")
+            async with self._failpoints_around("pin_namespaces"):
+                # Shielded, as every step whose work goes on in another process once begun: a
+                # cancellation takes effect after it, and the unwinding then knows what exists.
+                with anyio.CancelScope(shield=True):
+                    pinned = await self._ns.create(NamespaceRequest(
+                        sandbox_id=rec.id,
+                        netns_path=rec.planned_netns_path,
+                        userns_path=rec.planned_userns_path,
+                        uid_mapping=rec.uid_mapping,
+                        gid_mapping=rec.gid_mapping,
+                    ))
+                sb.record = rec = rec.evolve(namespaces=pinned)
             if pinned.userns_path and pinned.netns_path and (
                 pinned.netns_owner_inode != pinned.userns_inode
             ):
@@ -282,59 +281,55 @@ class Run(Teardown):
                                  f"{pinned.netns_owner_inode}, not the pod's "
                                  f"{pinned.userns_inode}")
         if pod.pod_netns:
-            undo.append(Undo("CNI DEL", lambda: self._teardown_network(sb), None))
-            await self._hit("cni_add.before")
-            # Not shielded: a cancelled ADD kills the running plugin, and CNI DEL (registered
-            # above) releases whatever it had done.
-            result = await self._net.attach(self._net_request(rec))
-            sb.record = rec.evolve(network=result)
-            await self._hit("cni_add.after")
+            undo.append(Undo(steps.DETACH_NETWORK, lambda: self._teardown_network(sb)))
+            async with self._failpoints_around("cni_add"):
+                # Not shielded: a cancelled ADD kills the running plugin, and CNI DEL
+                # (registered above) releases whatever it had done.
+                result = await self._net.attach(self._net_request(rec))
+                sb.record = rec.evolve(network=result)
         await self._save(sb, Trigger.SETUP_NAMESPACES, pending=Trigger.CREATE_CONTAINER.value)
 
     async def _create_container(self, sb: Sandbox, undo: list[Undo]) -> None:
         rec = sb.record
         self._check_netns_owner(rec)
-        undo.append(Undo("runtime delete", lambda: self._teardown_container(sb),
-                          Trigger.DELETE_CONTAINER))
-        await self._hit("runtime_create.before")
-        ns = rec.namespaces
-        pod = rec.config
-        sc = pod.linux.security_context
-        rt = self._runtime(rec.runtime)
-        with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
-            task = await rt.create(PauseRequest(
-                container_id=rec.id,
-                hostname=pod.effective_hostname,
-                netns_path=ns.netns_path if ns else None,
-                userns_path=ns.userns_path if ns else None,
-                uid_mapping=rec.uid_mapping,
-                gid_mapping=rec.gid_mapping,
-                cgroup_parent=self.cgroup_parent(rec),
-                annotations=dict(pod.annotations),
-                annotation_patterns=self.config.pod_annotations,
-                sysctls=dict(pod.linux.sysctls),
-                run_as_user=sc.run_as_user.value if sc.run_as_user else None,
-                run_as_group=sc.run_as_group.value if sc.run_as_group else None,
-                supplemental_groups=tuple(sc.supplemental_groups),
-                seccomp=rec.seccomp_profile,
-                host_pid=pod.host_pid,
-                host_ipc=pod.host_ipc,
-                files=rec.files,
-                resources=pod.linux.resources,
-            ))
-        sb.record = rec.evolve(container_created=True, task=task,
-                               bundle_path=rt.bundle_path(rec.id))
-        await self._hit("runtime_create.after")
+        undo.append(Undo(steps.DELETE_CONTAINER, lambda: self._teardown_container(sb)))
+        async with self._failpoints_around("runtime_create"):
+            ns = rec.namespaces
+            pod = rec.config
+            sc = pod.linux.security_context
+            rt = self._runtime(rec.runtime)
+            with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
+                task = await rt.create(PauseRequest(
+                    container_id=rec.id,
+                    hostname=pod.effective_hostname,
+                    netns_path=ns.netns_path if ns else None,
+                    userns_path=ns.userns_path if ns else None,
+                    uid_mapping=rec.uid_mapping,
+                    gid_mapping=rec.gid_mapping,
+                    cgroup_parent=self.cgroup_parent(rec),
+                    annotations=dict(pod.annotations),
+                    annotation_patterns=self.config.pod_annotations,
+                    sysctls=dict(pod.linux.sysctls),
+                    run_as_user=sc.run_as_user.value if sc.run_as_user else None,
+                    run_as_group=sc.run_as_group.value if sc.run_as_group else None,
+                    supplemental_groups=tuple(sc.supplemental_groups),
+                    seccomp=rec.seccomp_profile,
+                    host_pid=pod.host_pid,
+                    host_ipc=pod.host_ipc,
+                    files=rec.files,
+                    resources=pod.linux.resources,
+                ))
+            sb.record = rec.evolve(container_created=True, task=task,
+                                   bundle_path=rt.bundle_path(rec.id))
         await self._save(sb, Trigger.CREATE_CONTAINER, pending=Trigger.START_TASK.value)
 
     async def _start_task(self, sb: Sandbox, undo: list[Undo]) -> None:
         rec = sb.record
         self._check_netns_owner(rec)
-        undo.append(Undo("kill task", lambda: self._teardown_task(sb), Trigger.KILL_TASK))
-        await self._hit("runtime_start.before")
-        with anyio.CancelScope(shield=True):  # so does `start`
-            await self._runtime(rec.runtime).start_task(rec.id)
-        await self._hit("runtime_start.after")
+        undo.append(Undo(steps.KILL_TASK, lambda: self._teardown_task(sb)))
+        async with self._failpoints_around("runtime_start"):
+            with anyio.CancelScope(shield=True):  # so does `start`
+                await self._runtime(rec.runtime).start_task(rec.id)
         # Written together with mark_ready: the check in between touches nothing, and a crash
         # there leaves `pending=start_task`, which recovery treats the same way.
         await self._save(sb, Trigger.START_TASK, persist=False)

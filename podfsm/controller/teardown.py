@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 from typing import Any
 
 import anyio
 
 from podfsm.controller.base import ControllerBase, Sandbox, describe, now, pins_exist
+from podfsm.core import steps
 from podfsm.core.errors import PodfsmError, StepFailed
 from podfsm.core.records import TaskInfo
 from podfsm.core.states import State, Trigger
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +30,15 @@ class Teardown(ControllerBase):
             sb.supervisor = None
         if task is None:
             return
-        await self._hit("runtime_kill.before")
-        status = await self._kill_and_wait(sb.record.runtime, task)
-        changes: dict[str, Any] = {"task": None}
-        if sb.record.exit_status is None and status is not None:
-            changes.update(exit_status=status, finished_at=now())
-        sb.record = sb.record.evolve(**changes)
-        await self._hit("runtime_kill.after")
+        async with self._failpoints_around(steps.KILL_TASK.failpoint):
+            status = await self._kill_and_wait(sb.record.runtime, task)
+            changes: dict[str, Any] = {"task": None}
+            if sb.record.exit_status is None and status is not None:
+                changes.update(exit_status=status, finished_at=now())
+            sb.record = sb.record.evolve(**changes)
 
     async def _kill_and_wait(self, runtime: str, task: TaskInfo) -> int | None:
-        try:
-            pidfd = os.pidfd_open(task.pid)
-        except ProcessLookupError:
-            return await self._exit_status(runtime, task, 0.05)
-        try:
-            if nsutil.proc_start_time(task.pid) != task.start_time:
-                return None  # not our process any more: it exited long ago
-            grace = self.config.stop_grace
-            steps = ((signal.SIGTERM, grace),) if grace > 0 else ()
-            for sig, wait in (*steps, (signal.SIGKILL, 10.0)):
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, sig)
-                with anyio.move_on_after(wait):
-                    await anyio.wait_readable(pidfd)
-                    break
-            else:
-                raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
-        finally:
-            os.close(pidfd)
-        return await self._exit_status(runtime, task, 1.0)
+        return await self._runtime(runtime).kill_task(task, self.config.stop_grace)
 
     async def _exit_status(self, runtime: str, task: TaskInfo, timeout: float) -> int | None:
         """The task's exit status from the reaper, or None when it cannot be learned (the
@@ -71,22 +51,21 @@ class Teardown(ControllerBase):
 
     async def _teardown_container(self, sb: Sandbox) -> None:
         rec = sb.record
-        await self._hit("runtime_delete.before")
-        await self._runtime(rec.runtime).delete(rec.id)
-        # The runtime removes only the container's own cgroup; the parents podfsm caused to
-        # exist under its cgroup root go too when no other pod uses them.
-        await self._host.remove_cgroup_parent(self.cgroup_parent(rec), self.config.cgroup_root)
-        sb.record = sb.record.evolve(container_created=False, bundle_path=None)
-        await self._hit("runtime_delete.after")
+        async with self._failpoints_around(steps.DELETE_CONTAINER.failpoint):
+            await self._runtime(rec.runtime).delete(rec.id)
+            # The runtime removes only the container's own cgroup; the parents podfsm caused to
+            # exist under its cgroup root go too when no other pod uses them.
+            await self._host.remove_cgroup_parent(self.cgroup_parent(rec),
+                                                  self.config.cgroup_root)
+            sb.record = sb.record.evolve(container_created=False, bundle_path=None)
 
     async def _teardown_network(self, sb: Sandbox) -> None:
         rec = sb.record
         if not rec.config.pod_netns:
             return
-        await self._hit("cni_del.before")
-        await self._net.detach(self._net_request(rec), rec.network)
-        sb.record = sb.record.evolve(network=None)
-        await self._hit("cni_del.after")
+        async with self._failpoints_around(steps.DETACH_NETWORK.failpoint):
+            await self._net.detach(self._net_request(rec), rec.network)
+            sb.record = sb.record.evolve(network=None)
 
     async def _release_shm(self, sb: Sandbox) -> None:
         """Unmount the pod's /dev/shm tmpfs (at stop, as containerd does; the files stay
@@ -105,15 +84,14 @@ class Teardown(ControllerBase):
 
     async def _teardown_namespaces(self, sb: Sandbox) -> None:
         rec = sb.record
-        await self._hit("unpin_namespaces.before")
-        ns = rec.namespaces
-        await self._ns.destroy(
-            (ns.netns_path if ns else None) or rec.planned_netns_path,
-            (ns.userns_path if ns else None) or rec.planned_userns_path,
-        )
-        # The sandbox's run directory stays until the record goes (see _forget).
-        sb.record = sb.record.evolve(namespaces=None)
-        await self._hit("unpin_namespaces.after")
+        async with self._failpoints_around(steps.UNPIN_NAMESPACES.failpoint):
+            ns = rec.namespaces
+            await self._ns.destroy(
+                (ns.netns_path if ns else None) or rec.planned_netns_path,
+                (ns.userns_path if ns else None) or rec.planned_userns_path,
+            )
+            # The sandbox's run directory stays until the record goes (see _forget).
+            sb.record = sb.record.evolve(namespaces=None)
 
     def _nothing_left(self, sb: Sandbox) -> bool:
         rec = sb.record
@@ -129,15 +107,16 @@ class Teardown(ControllerBase):
             return
         await self._save(sb, pending=intent)
         errors: list[str] = []
-        for label, piece in (("kill task", self._teardown_task),
-                             ("runtime delete", self._teardown_container),
-                             ("CNI DEL", self._teardown_network),
-                             ("unpin namespaces", self._teardown_namespaces),
-                             ("unmount /dev/shm", self._release_shm)):
+        pieces = {steps.KILL_TASK: self._teardown_task,
+                  steps.DELETE_CONTAINER: self._teardown_container,
+                  steps.DETACH_NETWORK: self._teardown_network,
+                  steps.UNPIN_NAMESPACES: self._teardown_namespaces,
+                  steps.RELEASE_SHM: self._release_shm}
+        for step in steps.STOP_ORDER:
             try:
-                await piece(sb)
+                await pieces[step](sb)
             except Exception as exc:
-                errors.append(f"{label}: {describe(exc)}")
+                errors.append(f"{step.label}: {describe(exc)}")
         trig = (Trigger.STOP,) if sb.machine.may(Trigger.STOP) else ()
         error = "; ".join(errors) or None
         pending = None if intent == "stop" and not errors else intent
@@ -159,7 +138,7 @@ class Teardown(ControllerBase):
         try:
             await self._remove_files(sb)
         except OSError as exc:
-            raise StepFailed("remove sandbox files", describe(exc)) from exc
+            raise StepFailed(steps.REMOVE_FILES.label, describe(exc)) from exc
         if sb.supervisor is not None:
             sb.supervisor.cancel()
             sb.supervisor = None
@@ -173,7 +152,7 @@ class Teardown(ControllerBase):
         finally:
             self._flush(sb)
         with contextlib.suppress(OSError):
-            nsutil.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
+            linux.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
 
     def _supervise(self, sb: Sandbox, task: TaskInfo) -> None:
         """Watch the pause task through a pidfd: readable the moment it exits, no polling."""
@@ -182,7 +161,7 @@ class Teardown(ControllerBase):
             pidfd = os.pidfd_open(task.pid)
         except ProcessLookupError:
             pidfd = -1
-        if pidfd >= 0 and nsutil.proc_start_time(task.pid) != task.start_time:
+        if pidfd >= 0 and linux.proc_start_time(task.pid) != task.start_time:
             os.close(pidfd)
             pidfd = -1
         scope = anyio.CancelScope()

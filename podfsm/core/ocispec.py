@@ -13,8 +13,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from podfsm.core.requests import PauseRequest
 from podfsm.core.spec import DNSConfig, IDMapping, LinuxContainerResources
-from podfsm.drivers.base import PauseRequest
 
 OCI_VERSION = "1.0.2"
 DEFAULT_CGROUP_PARENT = "/podfsm"

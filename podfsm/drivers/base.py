@@ -1,6 +1,7 @@
 """The small interfaces between the orchestrator and the system.
 
-The orchestrator (podfsm.controller) talks to the world only through these Protocols. Real
+The orchestrator (podfsm.controller) talks to the world only through these Protocols; the
+value types they take and return live in :mod:`podfsm.core.requests`. Real
 drivers live beside this module; fakes for unit tests live in tests/fakes.py, and a contract test
 runs the same behaviour against both.
 """
@@ -8,7 +9,6 @@ runs the same behaviour against both.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from podfsm.core.records import (
@@ -18,23 +18,14 @@ from podfsm.core.records import (
     SandboxRecord,
     TaskInfo,
 )
-from podfsm.core.spec import IDMapping, LinuxContainerResources, PodSandboxConfig, PortMapping
-
-
-@dataclass(frozen=True)
-class NamespaceRequest:
-    """What to create for one sandbox.
-
-    userns_path None: the pod stays in the host user namespace (mode NODE).
-    netns_path None: the pod uses the host network namespace (network NODE).
-    With both set, the netns is created INSIDE the new user namespace (owned by it).
-    """
-
-    sandbox_id: str
-    netns_path: str | None
-    userns_path: str | None
-    uid_mapping: IDMapping | None = None
-    gid_mapping: IDMapping | None = None
+from podfsm.core.requests import (
+    InterfaceInfo,
+    NamespaceRequest,
+    NetworkRequest,
+    PauseRequest,
+    SetAside,
+)
+from podfsm.core.spec import PodSandboxConfig
 
 
 class NamespaceDriver(Protocol):
@@ -50,30 +41,11 @@ class NamespaceDriver(Protocol):
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         """Unpin both (MNT_DETACH + unlink). Idempotent: missing pins are not an error."""
 
-
-@dataclass(frozen=True)
-class NetworkRequest:
-    sandbox_id: str  # used as CNI_CONTAINERID
-    netns_path: str | None  # None or missing: DEL still releases the address
-    pod_name: str = ""
-    pod_namespace: str = ""
-    pod_uid: str = ""
-    ifname: str = "eth0"
-    port_mappings: tuple[PortMapping, ...] = ()
-
-
-@dataclass(frozen=True)
-class InterfaceInfo:
-    """An interface as read back from inside the pod's netns."""
-
-    name: str
-    mac: str
-    addresses: tuple[str, ...] = field(default_factory=tuple)  # "10.x.y.z/24"
-    up: bool = False
-    rx_bytes: int = 0
-    rx_errors: int = 0
-    tx_bytes: int = 0
-    tx_errors: int = 0
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        """None when the pinned netns is owned by the pinned user namespace, the one `ns`
+        records (or the pod does not have both); else what is wrong. Checked before the
+        runtime is let near the netns: crun would silently bind the host's /sys if mounting
+        sysfs failed."""
 
 
 class NetworkDriver(Protocol):
@@ -106,35 +78,6 @@ class NetworkDriver(Protocol):
         still an executable file); else what is wrong, in words."""
 
 
-@dataclass(frozen=True)
-class PauseRequest:
-    """Everything needed to generate the pause container's config.json (see core.ocispec)."""
-
-    container_id: str
-    hostname: str
-    netns_path: str | None
-    userns_path: str | None
-    uid_mapping: IDMapping | None
-    gid_mapping: IDMapping | None
-    cgroup_parent: str = ""
-    #: the pod's annotations; only those matching `annotation_patterns` reach the spec
-    annotations: dict[str, str] = field(default_factory=dict)
-    annotation_patterns: tuple[str, ...] = ()
-    sysctls: dict[str, str] = field(default_factory=dict)
-    #: the pause process's uid, gid (None: 0) and supplementary groups
-    run_as_user: int | None = None
-    run_as_group: int | None = None
-    supplemental_groups: tuple[int, ...] = ()
-    #: the OCI linux.seccomp object, or None for no filter
-    seccomp: dict[str, Any] | None = None
-    host_pid: bool = False
-    host_ipc: bool = False
-    #: the sandbox's files on the host (see SandboxFiles), bound read-only into the pause
-    files: SandboxFiles | None = None
-    #: linux.resources of the pod, handed to the runtime as containerd does (annotations)
-    resources: LinuxContainerResources | None = None
-
-
 class RuntimeDriver(Protocol):
     name: str  # "runc" or "crun"
 
@@ -147,11 +90,25 @@ class RuntimeDriver(Protocol):
     def bundle_path(self, container_id: str) -> str:
         """Where the bundle of `container_id` lives (under run_dir)."""
 
+    def bundle_ids(self) -> list[str]:
+        """The names of the bundle directories under run_dir: a `create` cut short by a crash
+        can leave a bundle of a container the runtime does not list (for orphan collection)."""
+
     async def create(self, req: PauseRequest) -> TaskInfo:
         """Write the bundle and run `create --pid-file`; the pause process exists, not started."""
 
     async def start_task(self, container_id: str) -> None:
         """Run `start`."""
+
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        """End the pause process `task` (SIGTERM, SIGKILL after `grace` seconds) through a
+        pidfd and wait until it is gone; its exit status as `wait_exit_status` gives it, or
+        None when unknown (or the pid is no longer the task's). StepFailed if it survives."""
+
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        """None when the pause process `task` is alive, the same process (not a reuse of its
+        pid), and in the user and net namespaces `ns` records (the host's when None or
+        unset); else what is wrong."""
 
     async def kill(self, container_id: str, signal: int) -> None:
         """Send `signal` to the task; no error if it is already gone."""
@@ -198,17 +155,12 @@ class HostDriver(Protocol):
         """The content of a Localhost seccomp profile, read at admission (so synchronous and
         bounded): OSError if unreadable, ValueError if not a regular file or over `limit`."""
 
+    def sysctl_exists(self, name: str) -> bool:
+        """Whether the kernel has the sysctl `name` ("net.ipv4.ip_forward"), at admission."""
+
     def security_modules(self) -> frozenset[str]:
         """The Linux security modules enabled on the host that podfsm would have to apply:
         "selinux", "apparmor"."""
-
-
-@dataclass(frozen=True)
-class SetAside:
-    """A record the store could not read, moved out of the way so the others still load."""
-
-    sandbox_id: str
-    problem: str  # what was wrong and where the record went, as logged
 
 
 class Store(Protocol):

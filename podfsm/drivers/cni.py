@@ -30,9 +30,10 @@ from podfsm.core import cniconf
 from podfsm.core.cniconf import NetworkConfigList
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.records import NetworkResult
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import InterfaceInfo, NetworkRequest
-from podfsm.drivers.reaper import ReaperClient, ReaperError
+from podfsm.core.requests import InterfaceInfo, NetworkRequest
+from podfsm.drivers import linux
+from podfsm.drivers.reaper import ReaperError
+from podfsm.drivers.reaperclient import ReaperClient
 
 STEP = "cni"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
@@ -519,10 +520,10 @@ def _open_netns(path: str) -> int:
     except OSError as exc:
         raise StepFailed(STEP, f"cannot open network namespace {path}: {exc}") from None
     try:
-        nstype = fcntl.ioctl(fd, nsutil.NS_GET_NSTYPE)
+        nstype = fcntl.ioctl(fd, linux.NS_GET_NSTYPE)
     except OSError:
         nstype = -1
-    if nstype != nsutil.CLONE_NEWNET:
+    if nstype != linux.CLONE_NEWNET:
         os.close(fd)
         # A pin file whose mount is gone is an ordinary empty file: the namespace is gone.
         raise StepFailed(STEP, f"{path} is not a network namespace (not pinned any more?)")
@@ -570,7 +571,7 @@ async def _netlink_socket_in(netns_path: str) -> socket.socket:
         sock: socket.socket | None = None
         error: BaseException | None = None
         try:
-            nsutil.setns(fd, nsutil.CLONE_NEWNET)
+            linux.setns(fd, linux.CLONE_NEWNET)
             sock = socket.socket(
                 socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_ROUTE
             )

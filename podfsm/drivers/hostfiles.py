@@ -23,7 +23,7 @@ import anyio
 from podfsm.core.ocispec import LOCALHOST_HOSTS, SHM_OPTIONS, resolv_conf
 from podfsm.core.records import SandboxFiles
 from podfsm.core.spec import PodSandboxConfig
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 HOST_HOSTS = "/etc/hosts"
@@ -107,8 +107,8 @@ class HostFiles:
             if not pod.host_ipc:
                 os.mkdir(files.shm_path, 0o700)
                 if self._mount_shm:
-                    nsutil.mount("shm", files.shm_path, "tmpfs",
-                                 nsutil.MS_NOSUID | nsutil.MS_NODEV | nsutil.MS_NOEXEC,
+                    linux.mount("shm", files.shm_path, "tmpfs",
+                                 linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
                                  SHM_OPTIONS)
                     files = files.model_copy(update={"shm_mounted": True})
             elif not os.path.isdir(HOST_SHM):
@@ -151,6 +151,9 @@ class HostFiles:
             raise ValueError(f"{path} is larger than {limit} bytes")
         return text
 
+    def sysctl_exists(self, name: str) -> bool:
+        return os.path.exists("/proc/sys/" + name.replace(".", "/"))
+
     def security_modules(self) -> frozenset[str]:
         return frozenset(name for name, on in (("selinux", selinux_enabled()),
                                                ("apparmor", apparmor_enabled())) if on)
@@ -161,10 +164,10 @@ def _release_shm(shm_path: str) -> None:
     if shm_path == HOST_SHM:
         return
     try:
-        nsutil.umount2(shm_path, nsutil.UMOUNT_NOFOLLOW)
+        linux.umount2(shm_path, linux.UMOUNT_NOFOLLOW)
     except OSError as exc:
         if exc.errno == errno.EBUSY:  # a process has a file open there: let it go lazily
-            nsutil.umount2(shm_path, nsutil.MNT_DETACH | nsutil.UMOUNT_NOFOLLOW)
+            linux.umount2(shm_path, linux.MNT_DETACH | linux.UMOUNT_NOFOLLOW)
         elif exc.errno not in (errno.EINVAL, errno.ENOENT):
             raise
     try:

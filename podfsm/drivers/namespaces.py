@@ -18,32 +18,29 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 from podfsm.core.errors import StepFailed
 from podfsm.core.records import PinnedNamespaces
+from podfsm.core.requests import NamespaceRequest
 from podfsm.core.spec import IDMapping
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceRequest
+from podfsm.drivers import PACKAGE_DIR, linux
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 STEP = "namespaces"
-# The directory holding the podfsm package.
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 # How a worker starts: like `python -m podfsm.drivers.nsworker`, but without running
 # podfsm/__init__.py, which imports the whole controller (pydantic, pyroute2, ...). The worker
-# needs only nsworker and nsutil (stdlib only): a small process forks faster on every request,
+# needs only nsworker and linux (stdlib only): a small process forks faster on every request,
 # and a broken import elsewhere in podfsm cannot break namespace creation. `-I` keeps
 # PYTHONPATH and friends from injecting code into a root process.
 _BOOTSTRAP = """\
 import os, sys, types
-root = sys.argv[1]
-for name in ("podfsm", "podfsm.drivers"):
+pkg = sys.argv[1]
+for name, path in (("podfsm", pkg), ("podfsm.drivers", os.path.join(pkg, "drivers"))):
     mod = types.ModuleType(name)
-    mod.__path__ = [os.path.join(root, *name.split("."))]
+    mod.__path__ = [path]
     sys.modules[name] = mod
 from podfsm.drivers import nsworker
 sys.exit(nsworker.main())
@@ -92,7 +89,7 @@ class _Worker:
     async def spawn(self, timeout: float) -> None:
         """Start a worker process and wait for its ready line."""
         proc = await asyncio.create_subprocess_exec(
-            self.python, "-I", "-c", _BOOTSTRAP, _PACKAGE_ROOT,
+            self.python, "-I", "-c", _BOOTSTRAP, PACKAGE_DIR,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         self.proc, self.pid, self._next_id = proc, proc.pid, 1
@@ -312,6 +309,11 @@ class WorkerPoolNamespaces:
         release()
         return result
 
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        if not ns.netns_path or not ns.userns_path:
+            return None
+        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
+
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         """Unpin the netns, then the userns (MNT_DETACH + unlink). Idempotent: missing pins are
         not an error. Works without the pool (also before start and after close)."""
@@ -496,7 +498,7 @@ def _unpin_all(paths: list[str]) -> list[str]:
     failed = []
     for path in paths:
         try:
-            nsutil.unpin(path)
+            linux.unpin(path)
         except OSError as exc:
             failed.append(f"{path}: {exc}")
     return failed

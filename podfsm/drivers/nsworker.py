@@ -51,7 +51,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, BinaryIO, NoReturn
 
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 
 HOOKS_ENV = "PODFSM_NSWORKER_TEST_HOOKS"
 PIDFILE_ENV = "PODFSM_NSWORKER_TEST_PIDFILE"
@@ -170,7 +170,7 @@ def _helper_main(flags: list[int], ready_w: int, release_r: int,
                 os.close(fd)
         try:
             for flag in flags:
-                nsutil.unshare(flag)
+                linux.unshare(flag)
         except OSError as exc:
             os.write(ready_w, f"E{exc.errno or 0}:{exc.strerror or exc}".encode(errors="replace"))
         else:
@@ -189,8 +189,8 @@ class Worker:
         self.hooks = hooks or {}
         self.pidfile = pidfile
         # The worker never unshares, so these stay the host's (the embedding program's).
-        self.own_netns = nsutil.ns_inode("/proc/self/ns/net")
-        self.own_userns = nsutil.ns_inode("/proc/self/ns/user")
+        self.own_netns = linux.ns_inode("/proc/self/ns/net")
+        self.own_userns = linux.ns_inode("/proc/self/ns/user")
 
     # -- requests -------------------------------------------------------------------------
 
@@ -231,8 +231,8 @@ class Worker:
         try:
             # Two unshare calls, user first: the netns is then created inside, and owned by,
             # the new user namespace.
-            flags = ([nsutil.CLONE_NEWUSER] if userns else []) + (
-                [nsutil.CLONE_NEWNET] if netns else [])
+            flags = ([linux.CLONE_NEWUSER] if userns else []) + (
+                [linux.CLONE_NEWNET] if netns else [])
             helper.fork(flags)
             step = "unshare"
             helper.wait_unshared()
@@ -283,14 +283,14 @@ class Worker:
     def _verify(self, netns: str | None, userns: str | None) -> dict[str, Any]:
         userns_ino = netns_ino = owner = None
         if userns is not None:
-            userns_ino = nsutil.ns_inode(userns)
+            userns_ino = linux.ns_inode(userns)
             if userns_ino == self.own_userns:
                 raise RuntimeError(f"{userns} pins the host's user namespace, not a new one")
         if netns is not None:
-            netns_ino = nsutil.ns_inode(netns)
+            netns_ino = linux.ns_inode(netns)
             if netns_ino == self.own_netns:
                 raise RuntimeError(f"{netns} pins the host's network namespace, not a new one")
-            owner = nsutil.netns_owner_inode(netns)
+            owner = linux.netns_owner_inode(netns)
             want = userns_ino if userns_ino is not None else self.own_userns
             if owner != want:
                 raise RuntimeError(
@@ -376,9 +376,9 @@ def _pin(source: str, target: str, dir_mode: int, pinned: list[str]) -> None:
     pinned.append(target)
     os.close(fd)
     try:
-        nsutil.mount(source, target, None, nsutil.MS_BIND)
+        linux.mount(source, target, None, linux.MS_BIND)
     except OSError as exc:
-        # nsutil names only the target; ENOENT here usually means the source is gone.
+        # linux names only the target; ENOENT here usually means the source is gone.
         raise OSError(exc.errno, f"bind-mounting {source}: {os.strerror(exc.errno or 0)}",
                       target) from None
 
@@ -388,7 +388,7 @@ def _unpin_all(paths: Iterable[str]) -> list[tuple[str, str]]:
     failed = []
     for path in paths:
         try:
-            nsutil.unpin(path)
+            linux.unpin(path)
         except OSError as exc:
             failed.append((path, str(exc)))
     return failed

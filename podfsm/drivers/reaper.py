@@ -30,6 +30,10 @@ Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request 
 
 The process exits by itself when it has no child, no client and nothing happened for
 IDLE_EXIT_SECONDS, so nothing outlives the pods and clients that needed it.
+
+This module is the helper process and its protocol (names, limits, errors); its client,
+`ReaperClient`, lives in :mod:`podfsm.drivers.reaperclient`, as the namespace workers
+(nsworker) and their pool (namespaces) do.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
-import itertools
 import json
 import logging
 import os
@@ -50,9 +53,9 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 
 SOCKET_NAME = "reaper.sock"
 LOCK_NAME = "reaper.lock"
@@ -67,7 +70,6 @@ LINE_LIMIT = 4 * 1024 * 1024
 #: Exit statuses of processes nobody asked about (the runtime's helpers), kept in case a
 #: `watch` or `wait_exit` for them arrives late.
 MAX_UNWATCHED_EXITS = 1024
-_IDEMPOTENT_OPS = frozenset({"ping", "watch", "wait_exit", "forget"})
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 _PR_SET_NAME = 15
 _CGROUP2_HYBRID_MOUNT = "/sys/fs/cgroup/unified"
@@ -123,11 +125,11 @@ def _mount_workaround() -> None:
     in a namespace of the command's own changes nothing for anybody else. Runs between fork and
     exec, which is safe only because this process is single-threaded.
     """
-    nsutil.unshare(nsutil.CLONE_NEWNS)
+    linux.unshare(linux.CLONE_NEWNS)
     # Nothing the runtime mounts may propagate back to the host.
-    nsutil.mount(None, "/", None, nsutil.MS_REC | nsutil.MS_PRIVATE)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     if _is_mountpoint(_CGROUP2_HYBRID_MOUNT):
-        nsutil.umount2(_CGROUP2_HYBRID_MOUNT, nsutil.MNT_DETACH)
+        linux.umount2(_CGROUP2_HYBRID_MOUNT, linux.MNT_DETACH)
 
 
 #: Every file the reaper opens in run_dir: a symlink planted there is never followed.
@@ -285,7 +287,7 @@ class ReaperServer:
             if info is None or info.si_pid == 0:
                 return
             pid = info.si_pid
-            start_time = nsutil.proc_start_time(pid) or 0
+            start_time = linux.proc_start_time(pid) or 0
             try:
                 _, wait_status = os.waitpid(pid, 0)
             except ChildProcessError:
@@ -477,7 +479,7 @@ class ReaperServer:
 
     def _watch(self, pid: int, start_time: int | None) -> dict[str, Any]:
         if start_time is None:
-            start_time = nsutil.proc_start_time(pid)
+            start_time = linux.proc_start_time(pid)
             if start_time is None:
                 # Already reaped: the most recent status recorded for that pid tells its start.
                 known = [k for k in self._exits if k[0] == pid]
@@ -488,7 +490,7 @@ class ReaperServer:
         self._watched.add(key)
         if key in self._exits:
             self._persist(key, self._exits[key])
-        child = key in self._exits or nsutil.parent_pid(pid) == os.getpid()
+        child = key in self._exits or linux.parent_pid(pid) == os.getpid()
         return {"pid": pid, "start_time": start_time, "child": child}
 
     async def _wait_exit(self, pid: int, start_time: int, timeout: float) -> dict[str, Any]:
@@ -499,11 +501,11 @@ class ReaperServer:
             status = self._read_exit_file(key)
         if status is not None:
             return {"status": status, "exited": True}
-        if nsutil.proc_start_time(pid) != start_time:
+        if linux.proc_start_time(pid) != start_time:
             # Gone (or the pid now names another process) and never reaped here: a previous
             # reaper was its parent, or pid 1 after that reaper died.
             return {"status": None, "exited": True}
-        if nsutil.parent_pid(pid) == os.getpid():
+        if linux.parent_pid(pid) == os.getpid():
             self._watched.add(key)
             fut: asyncio.Future[int | None] = self._loop.create_future()
             self._waiters.setdefault(key, []).append(fut)
@@ -529,7 +531,7 @@ class ReaperServer:
         except ProcessLookupError:
             return {"status": None, "exited": True}
         try:
-            if nsutil.proc_start_time(pid) != start_time:
+            if linux.proc_start_time(pid) != start_time:
                 return {"status": None, "exited": True}
             readable: asyncio.Future[None] = self._loop.create_future()
 
@@ -694,7 +696,7 @@ def _daemon(run_dir: str, ready_fd: int | None, idle_exit: float) -> int:
         if lock_fd is None:
             report("running")
             return 0
-        nsutil.set_child_subreaper()
+        linux.set_child_subreaper()
         _set_process_name()
         sock = _bind(socket_path(run_dir))
         server = ReaperServer(run_dir, idle_exit=idle_exit)
@@ -756,258 +758,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = 1
     # Never run the launcher's cleanup (atexit, buffered stdio) twice.
     os._exit(rc)
-
-
-# -- the client -------------------------------------------------------------------------------
-
-
-#: The podfsm package directory, for the bootstrap below.
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Starts `main` with `podfsm` as a bare package: podfsm/__init__.py imports the whole controller
-#: (pydantic, pyroute2, ...), about 140 ms and 15 MB this long-lived process does not need. It is
-#: `python -m podfsm.drivers.reaper` without that, and independent of the caller's cwd and
-#: PYTHONPATH. asyncio imports ssl when it can (and with it OpenSSL, ~4.5 MB resident); the
-#: reaper never speaks TLS, and asyncio works without ssl, so the import is refused.
-_BOOTSTRAP = (
-    "import sys, types\n"
-    "sys.modules['ssl'] = None\n"
-    "pkg = types.ModuleType('podfsm')\n"
-    "pkg.__path__ = [sys.argv[1]]\n"
-    "sys.modules['podfsm'] = pkg\n"
-    "from podfsm.drivers.reaper import main\n"
-    "sys.exit(main(sys.argv[2:]))\n"
-)
-
-
-class RunResult(NamedTuple):
-    """What a command run by the reaper produced."""
-
-    rc: int
-    stdout: str
-    stderr: str
-
-
-class WatchResult(NamedTuple):
-    """A process the reaper now watches; `child` is False when it cannot learn its status."""
-
-    pid: int
-    start_time: int
-    child: bool
-
-
-class ReaperClient:
-    """Talks to the reaper of `run_dir`, starting it when needed.
-
-    `idle_exit` is passed to a reaper this client starts: the seconds it lingers once it has no
-    child, no client and no request.
-
-    One connection carries concurrent requests (each with its own id, answered by one reader
-    task). A lost connection fails the requests in flight with ReaperError; the next request
-    reconnects, starting a new reaper if the old one is gone.
-    """
-
-    def __init__(
-        self,
-        run_dir: str,
-        *,
-        python: str = sys.executable,
-        start_timeout: float = 10.0,
-        idle_exit: float = IDLE_EXIT_SECONDS,
-    ) -> None:
-        self.run_dir = os.path.abspath(run_dir)
-        self.idle_exit = idle_exit
-        self.socket_path = socket_path(self.run_dir)
-        self._python = python
-        self._start_timeout = start_timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._ids = itertools.count(1)
-        self._connect_lock = asyncio.Lock()
-        self.reaper_pid: int | None = None
-
-    @property
-    def connected(self) -> bool:
-        """True while the connection to the reaper is open."""
-        return self._writer is not None and not self._writer.is_closing()
-
-    async def connect(self) -> None:
-        """Connect, starting the reaper if its socket is missing or refuses; returns once the
-        reaper has answered a ping. Raises ReaperError when it cannot be started or reached
-        within the start timeout."""
-        async with self._connect_lock:
-            if self.connected:
-                return
-            await self._drop_connection()  # what is left of a lost connection
-            deadline = time.monotonic() + self._start_timeout
-            why: BaseException | None = None
-            while time.monotonic() < deadline:
-                try:
-                    reader, writer = await asyncio.open_unix_connection(
-                        self.socket_path, limit=LINE_LIMIT
-                    )
-                except (FileNotFoundError, ConnectionError) as exc:
-                    why = exc
-                    # The launcher returns once a reaper listens, or after waiting for the lock
-                    # of one that is exiting: either way the next attempt can connect.
-                    await self._launch()
-                    continue
-                self._reader, self._writer = reader, writer
-                self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
-                try:
-                    reply = await self._send({"op": "ping"})
-                except ReaperError as exc:
-                    # It exited (idle) between accept and ping: start over.
-                    why = exc
-                    await self._drop_connection()
-                    continue
-                self.reaper_pid = int(reply["pid"])
-                return
-            raise ReaperError(f"cannot reach the reaper at {self.socket_path}: {why}")
-
-    async def _launch(self) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            self._python, "-I", "-c", _BOOTSTRAP, _PACKAGE_DIR, "--run-dir", self.run_dir,
-            "--idle-exit", str(self.idle_exit),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            why = err.decode(errors="replace").strip()
-            raise ReaperError(f"cannot start the reaper for {self.run_dir}: {why}")
-
-    async def _read_replies(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                reply = json.loads(line)
-                fut = self._pending.pop(reply.get("id"), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
-        except (ConnectionError, ValueError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            pending, self._pending = self._pending, {}
-            for fut in pending.values():
-                if not fut.done():
-                    fut.set_exception(ReaperConnectionLost("lost the connection to the reaper"))
-            writer.close()
-
-    async def _drop_connection(self) -> None:
-        task, writer = self._reader_task, self._writer
-        self._reader_task = self._writer = self._reader = None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _request(self, req: dict[str, Any], *, reconnect: bool = True) -> dict[str, Any]:
-        if not self.connected:
-            if not reconnect:
-                raise ReaperConnectionLost("not connected to the reaper")
-            await self.connect()
-        try:
-            return await self._send(req)
-        except ReaperConnectionLost:
-            # Only requests that may be repeated are: a `run` may have done its work already.
-            if not reconnect or req["op"] not in _IDEMPOTENT_OPS:
-                raise
-        await self.connect()
-        return await self._send(req)
-
-    async def _send(self, req: dict[str, Any]) -> dict[str, Any]:
-        writer = self._writer
-        if writer is None or writer.is_closing():
-            raise ReaperConnectionLost("not connected to the reaper")
-        rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        try:
-            writer.write(json.dumps({**req, "id": rid}).encode() + b"\n")
-            reply = await fut
-        finally:
-            self._pending.pop(rid, None)
-        if "error" in reply:
-            raise ReaperError(f"reaper {req.get('op')}: {reply['error']}")
-        return reply
-
-    async def run(
-        self,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        mount_workaround: bool = False,
-        timeout: float = 30.0,
-        *,
-        output_file: str | None = None,
-        input: str | None = None,
-        cwd: str | None = None,
-    ) -> RunResult:
-        """Run `argv` as the reaper's child and return (rc, stdout, stderr).
-
-        `mount_workaround` runs it in a private mount namespace without the hybrid cgroup2
-        mount (crun). With `output_file`, stdout and stderr go there and `stderr` is its tail.
-        Raises ReaperError if the command cannot be started or is killed at `timeout`.
-        """
-        req: dict[str, Any] = {
-            "op": "run", "argv": list(argv), "mount_workaround": mount_workaround,
-            "timeout": timeout,
-        }
-        if env is not None:
-            req["env"] = dict(env)
-        if output_file is not None:
-            req["output_file"] = output_file
-        if input is not None:
-            req["input"] = input
-        if cwd is not None:
-            req["cwd"] = cwd
-        reply = await self._request(req)
-        return RunResult(int(reply["rc"]), str(reply["stdout"]), str(reply["stderr"]))
-
-    async def watch(self, pid: int, start_time: int | None = None) -> WatchResult:
-        """Have the reaper persist the exit status of `pid` (started at `start_time`, or the
-        process now holding that pid, or the last one reaped with it)."""
-        req: dict[str, Any] = {"op": "watch", "pid": pid}
-        if start_time is not None:
-            req["start_time"] = start_time
-        reply = await self._request(req)
-        return WatchResult(int(reply["pid"]), int(reply["start_time"]), bool(reply["child"]))
-
-    async def wait_exit(self, pid: int, start_time: int, timeout: float) -> int | None:
-        """The shell-style exit status of (pid, start_time) once reaped, or None when it did
-        not exit within `timeout` or its status cannot be known."""
-        reply = await self._request(
-            {"op": "wait_exit", "pid": pid, "start_time": start_time, "timeout": timeout}
-        )
-        status = reply.get("status")
-        return None if status is None else int(status)
-
-    async def forget(self, pid: int, start_time: int) -> None:
-        """Drop the recorded exit status of (pid, start_time) and its file."""
-        await self._request({"op": "forget", "pid": pid, "start_time": start_time})
-
-    async def ping(self) -> dict[str, Any]:
-        """The reaper's pid and counters."""
-        return await self._request({"op": "ping"})
-
-    async def shutdown(self) -> None:
-        """Ask the reaper to exit as soon as none of its children is alive."""
-        with contextlib.suppress(ReaperError):
-            await self._request({"op": "shutdown"}, reconnect=False)
-        await self.close()
-
-    async def close(self) -> None:
-        """Disconnect. The reaper keeps running while it has children."""
-        await self._drop_connection()
 
 
 if __name__ == "__main__":

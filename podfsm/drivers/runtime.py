@@ -28,15 +28,18 @@ import signal
 import stat
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
-from podfsm.core.errors import PrerequisiteMissing, StepFailed
+import anyio
+
+from podfsm.core.errors import PodfsmError, PrerequisiteMissing, StepFailed
 from podfsm.core.ocispec import DEFAULT_CGROUP_PARENT, cgroups_path, pause_spec
-from podfsm.core.records import TaskInfo
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import PauseRequest
-from podfsm.drivers.reaper import ReaperClient, ReaperError
+from podfsm.core.records import PinnedNamespaces, TaskInfo
+from podfsm.core.requests import PauseRequest
+from podfsm.drivers import linux
+from podfsm.drivers.reaper import ReaperError
+from podfsm.drivers.reaperclient import ReaperClient
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +235,12 @@ class OciRuntime:
         _check_id(container_id)
         return os.path.join(self.bundles_dir, container_id)
 
+    def bundle_ids(self) -> list[str]:
+        try:
+            return os.listdir(self.bundles_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _exists(self, container_id: str) -> bool:
         # Both runtimes keep one directory per container under --root, from create to delete.
         return os.path.isdir(os.path.join(self.root, container_id))
@@ -309,7 +318,7 @@ class OciRuntime:
                 ) from exc
             task_file = os.path.join(bundle, "task.json")
             # None when the pause already died: the reaper then knows its start time.
-            start_time = nsutil.proc_start_time(pid)
+            start_time = linux.proc_start_time(pid)
             if start_time is not None:
                 # Written before the reaper persists anything for it: a crash in between
                 # leaves a task.json that delete() uses to make the reaper forget it.
@@ -371,29 +380,25 @@ class OciRuntime:
                 if exc.errno != errno.ENOENT:
                     log.info("cgroup %s stays: %s", d, exc.strerror)
         try:
-            nsutil.remove_flat_dir(bundle)
+            linux.remove_flat_dir(bundle)
         except OSError as exc:
             raise StepFailed(STEP, f"cannot remove the bundle {bundle}: {exc}") from exc
+
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        return await kill_task_then_status(self.wait_exit_status, task, grace)
+
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        return pause_problem(task, ns)
 
     async def _kill_and_wait(self, task: TaskInfo) -> None:
         """SIGKILL a live pause process and wait until it is reaped.
 
         `runc delete --force` of a running container polls for the end of the process in
         100 ms steps; the reaper sees it in under a millisecond, after which delete takes ~5 ms.
-        The pidfd makes sure the signal reaches this very process, not a reuse of its pid.
         """
-        try:
-            pidfd = os.pidfd_open(task.pid)
-        except ProcessLookupError:
-            return
-        try:
-            if nsutil.proc_start_time(task.pid) != task.start_time:
+        with contextlib.suppress(StepFailed):  # `delete --force` tries again
+            if not await end_process(task, 0):
                 return
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        finally:
-            os.close(pidfd)
         with contextlib.suppress(ReaperError):
             await self._reaper.wait_exit(task.pid, task.start_time, timeout=2.0)
 
@@ -482,6 +487,48 @@ def _open_path_for_mapped_root(run_dir: str) -> str | None:
         path = parent
 
 
+async def end_process(task: TaskInfo, grace: float) -> bool | None:
+    """End the pause process `task` through a pidfd, so a reuse of its pid is never signalled:
+    SIGTERM, then SIGKILL after `grace` seconds (at once when `grace` is 0); return once it has
+    exited. True: it was running and has exited; False: it was gone already; None: its pid
+    belongs to another process now (it exited long ago). StepFailed if it survives SIGKILL.
+
+    The one implementation of ending a pause process, for every RuntimeDriver (and the fakes).
+    """
+    try:
+        pidfd = os.pidfd_open(task.pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if linux.proc_start_time(task.pid) != task.start_time:
+            return None
+        term = ((signal.SIGTERM, grace),) if grace > 0 else ()
+        for sig, wait in (*term, (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+            with anyio.move_on_after(wait):
+                await anyio.wait_readable(pidfd)
+                return True
+        raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
+    finally:
+        os.close(pidfd)
+
+
+async def kill_task_then_status(
+    wait_exit_status: Callable[[TaskInfo, float], Awaitable[int | None]],
+    task: TaskInfo, grace: float,
+) -> int | None:
+    """RuntimeDriver.kill_task on `end_process` and the driver's own `wait_exit_status`."""
+    ended = await end_process(task, grace)
+    if ended is None:
+        return None
+    try:
+        return await wait_exit_status(task, 1.0 if ended else 0.05)
+    except PodfsmError as exc:
+        log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
+        return None
+
+
 def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
     """Refuse a netns that the pod's user namespace does not own.
 
@@ -490,19 +537,31 @@ def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
     """
     if req.userns_path is None or req.netns_path is None:
         return
+    problem = linux.netns_owner_problem(req.netns_path, req.userns_path)
+    if problem is not None:
+        raise StepFailed(STEP, f"{runtime} create failed: {problem}: the pod could not mount "
+                               "its own sysfs")
+
+
+def pause_problem(task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+    """RuntimeDriver.task_problem: the one implementation (the fakes' pause is a real process
+    too)."""
+    want_user = (ns.userns_inode if ns and ns.userns_inode else
+                 linux.ns_inode("/proc/self/ns/user"))
+    want_net = (ns.netns_inode if ns and ns.netns_inode else
+                linux.ns_inode("/proc/self/ns/net"))
+    pid = task.pid
     try:
-        owner = nsutil.netns_owner_inode(req.netns_path)
-        userns = nsutil.ns_inode(req.userns_path)
+        if linux.proc_start_time(pid) != task.start_time:
+            raise ProcessLookupError(errno.ESRCH, "pause process exited")
+        got_user = linux.ns_inode(f"/proc/{pid}/ns/user")
+        got_net = linux.ns_inode(f"/proc/{pid}/ns/net")
     except OSError as exc:
-        raise StepFailed(STEP, f"{runtime} create failed: cannot inspect the pod's namespaces: "
-                               f"{exc}") from exc
-    if owner != userns:
-        raise StepFailed(
-            STEP,
-            f"{runtime} create failed: the netns {req.netns_path} is not owned by the pod's user "
-            f"namespace {req.userns_path} (owner inode {owner}, user namespace inode {userns}): "
-            "the pod could not mount its own sysfs",
-        )
+        return f"pause pid {pid} is gone: {exc.strerror}"
+    if got_user != want_user or got_net != want_net:
+        return (f"pause pid {pid} is in user ns {got_user} / net ns {got_net}, "
+                f"expected {want_user} / {want_net}")
+    return None
 
 
 def _check_joined(runtime: str, req: PauseRequest, pid: int) -> None:
@@ -511,7 +570,7 @@ def _check_joined(runtime: str, req: PauseRequest, pid: int) -> None:
         if path is None:
             continue
         try:
-            ok = nsutil.ns_inode(f"/proc/{pid}/ns/{kind}") == nsutil.ns_inode(path)
+            ok = linux.ns_inode(f"/proc/{pid}/ns/{kind}") == linux.ns_inode(path)
         except OSError as exc:
             raise StepFailed(
                 STEP, f"{runtime} create failed: the pause process {pid} is gone: {exc}"

@@ -48,8 +48,8 @@ import anyio
 
 from podfsm.core.errors import ControllerLocked, StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import SetAside
+from podfsm.core.requests import SetAside
+from podfsm.drivers import linux
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class FileStore:
         """Create the directories and take the controller lock (non-blocking). Raises
         ControllerLocked when another controller holds it, StateDirError when the state dir
         cannot be used (missing and not creatable, read-only)."""
-        nsutil.secure_dir(self.state_dir, 0o700, "state dir")
+        linux.secure_dir(self.state_dir, 0o700, "state dir")
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             fd = os.open(os.path.join(self.state_dir, "lock"),

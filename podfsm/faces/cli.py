@@ -278,13 +278,13 @@ def _failpoints(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from podfsm.faces.demo import main as demo_main
+    from podfsm.tools.demo import main as demo_main
 
     return demo_main(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from podfsm.faces.bench import main as bench_main
+    from podfsm.tools.bench import main as bench_main
 
     return bench_main(args)
 

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from podfsm import Controller, ControllerConfig, State
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 from podfsm.drivers.runtime import cgroup_parent_dirs, pause_pids, remove_new_dirs
 
 pytestmark = pytest.mark.integration
@@ -186,7 +186,7 @@ def destroy_env(env: Env) -> None:
     # the network is this test's own: its whole IPAM store goes
     shutil.rmtree(os.path.join(CNI_STORE, env.network), ignore_errors=True)
     for m in sorted(env.mounts(), key=len, reverse=True):
-        nsutil.unpin(m)
+        linux.unpin(m)
     subprocess.run(["ip", "link", "del", env.bridge], capture_output=True, check=False)
     shutil.rmtree(env.tmp, ignore_errors=True)
     _release_slot(env.slot)

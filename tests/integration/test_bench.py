@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from podfsm.faces.bench import BENCH_BRIDGE, BENCH_NETWORK
+from podfsm.tools.bench import BENCH_BRIDGE, BENCH_NETWORK
 
 pytestmark = pytest.mark.integration
 

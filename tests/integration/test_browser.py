@@ -25,7 +25,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux as nsutil
 from tests.integration.conftest import destroy_env, make_env
 from tests.integration.test_faces import PNG_MAGIC, PODS, serving, use_env_network
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from podfsm.faces.chaos import leftovers, run_chaos
+from podfsm.tools.chaos import leftovers, run_chaos
 from tests.integration.conftest import destroy_env, make_env, pod
 
 pytestmark = pytest.mark.integration

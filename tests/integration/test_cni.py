@@ -26,8 +26,9 @@ import pytest
 
 from podfsm.core import cniconf
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import NetworkDriver, NetworkRequest
+from podfsm.core.requests import NetworkRequest
+from podfsm.drivers import linux
+from podfsm.drivers.base import NetworkDriver
 from podfsm.drivers.cni import CniNetwork
 
 pytestmark = [
@@ -62,8 +63,8 @@ def make_netns(pin: Path, userns: bool) -> None:
             os.close(ready_r)
             os.close(done_w)
             if userns:
-                nsutil.unshare(nsutil.CLONE_NEWUSER)
-            nsutil.unshare(nsutil.CLONE_NEWNET)
+                linux.unshare(linux.CLONE_NEWUSER)
+            linux.unshare(linux.CLONE_NEWNET)
             os.write(ready_w, b"1")
             os.read(done_r, 1)  # hold the namespaces until the parent has pinned them
             code = 0
@@ -79,7 +80,7 @@ def make_netns(pin: Path, userns: bool) -> None:
                 with open(f"/proc/{pid}/{name}", "w") as f:
                     f.write(ID_MAP)
         os.close(os.open(pin, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
-        nsutil.mount(f"/proc/{pid}/ns/net", str(pin), None, nsutil.MS_BIND)
+        linux.mount(f"/proc/{pid}/ns/net", str(pin), None, linux.MS_BIND)
     finally:
         os.close(done_w)
         os.close(ready_r)
@@ -189,7 +190,7 @@ async def net(tmp_path: Path) -> AsyncIterator[Net]:
             with contextlib.suppress(Exception):
                 await drv.detach(req, None)
         for pin in n.pins:
-            nsutil.unpin(str(pin))
+            linux.unpin(str(pin))
         await run("ip", "link", "del", n.bridge)
         shutil.rmtree(os.path.join(STORE, n.name), ignore_errors=True)
 
@@ -226,7 +227,7 @@ async def test_add_check_del_in_a_userns_owned_netns(net: Net) -> None:
     assert not drv.separate_loopback
 
     pin = net.pin(userns=True)
-    assert nsutil.netns_owner_inode(pin) != os.stat("/proc/self/ns/user").st_ino
+    assert linux.netns_owner_inode(pin) != os.stat("/proc/self/ns/user").st_ino
     req = net.request(drv, pin)
     res = await drv.attach(req)
 
@@ -283,11 +284,11 @@ async def test_del_after_the_netns_is_gone_still_releases(net: Net) -> None:
     for r, res in zip(reqs, results, strict=True):
         assert reservation(net.name, res.ip) == r.sandbox_id
 
-    nsutil.unpin(pins[0])  # the path is gone
+    linux.unpin(pins[0])  # the path is gone
     await drv.detach(reqs[0], results[0])
     assert reservation(net.name, results[0].ip) is None
 
-    nsutil.unpin(pins[1])
+    linux.unpin(pins[1])
     Path(pins[1]).touch()  # a stale, unmounted pin file left at the path
     await drv.detach(NetworkRequest(sandbox_id=reqs[1].sandbox_id, netns_path=pins[1]), None)
     assert reservation(net.name, results[1].ip) is None

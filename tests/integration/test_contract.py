@@ -26,18 +26,11 @@ import pytest
 
 from podfsm.core.errors import PodfsmError, StepFailed
 from podfsm.core.records import SandboxRecord
+from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import (
-    NamespaceDriver,
-    NamespaceRequest,
-    NetworkDriver,
-    NetworkRequest,
-    PauseRequest,
-    RuntimeDriver,
-    Store,
-)
+from podfsm.drivers import linux
+from podfsm.drivers.base import NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.drivers.cni import CniNetwork
 from podfsm.drivers.namespaces import WorkerPoolNamespaces
 from podfsm.drivers.runtime import OciRuntime
@@ -118,14 +111,17 @@ async def test_namespaces_contract(kind: str) -> None:
         assert (pinned.netns_path, pinned.userns_path) == (req.netns_path, req.userns_path)
         assert pinned.netns_path and pinned.userns_path
         # the pins hold what the result says, and the netns is owned by that user namespace
-        assert nsutil.ns_inode(pinned.netns_path) == pinned.netns_inode
-        assert nsutil.ns_inode(pinned.userns_path) == pinned.userns_inode
-        assert nsutil.netns_owner_inode(pinned.netns_path) == pinned.netns_owner_inode
+        assert linux.ns_inode(pinned.netns_path) == pinned.netns_inode
+        assert linux.ns_inode(pinned.userns_path) == pinned.userns_inode
+        assert linux.netns_owner_inode(pinned.netns_path) == pinned.netns_owner_inode
         assert pinned.netns_owner_inode == pinned.userns_inode
+        assert s.ns.owner_problem(pinned) is None
+        wrong = pinned.model_copy(update={"userns_inode": pinned.userns_inode + 1})
+        assert "is not the pod's" in (s.ns.owner_problem(wrong) or "")
         # a pin path that exists is refused, and the pins there are left alone
         with pytest.raises(StepFailed, match="already exists"):
             await s.ns.create(req)
-        assert nsutil.ns_inode(pinned.netns_path) == pinned.netns_inode
+        assert linux.ns_inode(pinned.netns_path) == pinned.netns_inode
         # a user namespace goes with a mapping, and a mapping with a user namespace
         other = s.ns_request(new_id())
         for bad in (replace(other, uid_mapping=None, gid_mapping=None),
@@ -137,7 +133,12 @@ async def test_namespaces_contract(kind: str) -> None:
         # a node-userns netns: no user namespace pin, owned by the host's user namespace
         host = await s.ns.create(s.ns_request(new_id(), userns=False))
         assert host.userns_path is None and host.netns_path
-        assert nsutil.netns_owner_inode(host.netns_path) == nsutil.ns_inode("/proc/self/ns/user")
+        assert linux.netns_owner_inode(host.netns_path) == linux.ns_inode("/proc/self/ns/user")
+        assert s.ns.owner_problem(host) is None  # no user namespace of its own: nothing to check
+        if kind != "fake":  # a fake netns pin names the host's own netns, owned by the host
+            swapped = pinned.model_copy(update={"netns_path": host.netns_path})
+            assert "is not owned by the pod's user namespace" in (
+                s.ns.owner_problem(swapped) or "")
         # teardown: gone, and idempotent (twice, nothing, never made)
         for made in (pinned, host):
             await s.ns.destroy(made.netns_path, made.userns_path)
@@ -183,29 +184,43 @@ async def test_runtime_contract(kind: str) -> None:
                            netns_path=pinned.netns_path, userns_path=pinned.userns_path,
                            uid_mapping=MAPPING, gid_mapping=MAPPING)
         task = await s.rt.create(req)
-        assert nsutil.proc_start_time(task.pid) == task.start_time  # that very process
+        assert linux.proc_start_time(task.pid) == task.start_time  # that very process
         assert await s.rt.state(sid) == "created"
         assert sid in await s.rt.list_containers()
+        assert sid in s.rt.bundle_ids()
         assert (await s.rt.states())[sid] == "created"
         # an id that exists is refused, and the container is left alone
         with pytest.raises(StepFailed, match="already exists"):
             await s.rt.create(req)
         assert await s.rt.state(sid) == "created"
-        assert nsutil.proc_start_time(task.pid) == task.start_time
+        assert linux.proc_start_time(task.pid) == task.start_time
         await s.rt.start_task(sid)
         assert await s.rt.state(sid) == "running"
         assert await s.rt.wait_exit_status(task, 0.2) is None  # alive: the wait times out
+        assert s.rt.task_problem(task, pinned) is None  # in the pinned namespaces
+        if kind != "fake":  # the fake pause runs in the host's namespaces
+            assert "expected" in (s.rt.task_problem(task, None) or "")  # not in the host's
         await s.rt.kill(sid, signal.SIGKILL)
         assert await s.rt.wait_exit_status(task, 5.0) == 128 + signal.SIGKILL
         assert await s.rt.state(sid) == "stopped"
+        assert "is gone" in (s.rt.task_problem(task, pinned) or "")
         await s.rt.kill(sid, signal.SIGKILL)  # gone already: not an error
         await s.rt.delete(sid)
         assert await s.rt.state(sid) is None
         assert sid not in await s.rt.list_containers()
         assert sid not in await s.rt.states()
+        assert sid not in s.rt.bundle_ids()
         await s.rt.delete(sid)  # idempotent
         await s.rt.delete(new_id())  # never existed
         assert await s.rt.state(new_id()) is None
+        # kill_task: the teardown's way, through a pidfd, with the exit status
+        sid2 = new_id()
+        task2 = await s.rt.create(replace(req, container_id=sid2))
+        await s.rt.start_task(sid2)
+        assert await s.rt.kill_task(task2, 0) == 128 + signal.SIGKILL
+        assert linux.proc_start_time(task2.pid) is None
+        assert await s.rt.kill_task(task2, 0) in (128 + signal.SIGKILL, None)  # gone: no error
+        await s.rt.delete(sid2)
         await s.ns.destroy(pinned.netns_path, pinned.userns_path)
 
 

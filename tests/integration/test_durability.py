@@ -32,7 +32,7 @@ from podfsm.core import failpoints as fp
 from podfsm.core.errors import ControllerLocked, StateDirError, StepFailed
 from podfsm.core.idmap import find_overlap
 from podfsm.core.states import TRANSITIONS
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 from podfsm.drivers.store import FileStore
 from tests.integration.conftest import (
     Env,
@@ -91,7 +91,7 @@ def _session_members(sid: int) -> list[int]:
     namespace workers; the reaper starts its own session and outlives crashes by design)."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        rest = nsutil.proc_stat(int(pid))
+        rest = linux.proc_stat(int(pid))
         if rest is None:
             continue
         if rest[0] != "Z" and int(rest[3]) == sid:
@@ -239,7 +239,7 @@ async def test_killed_at_a_random_moment_recovers_and_leaks_nothing(runtime: str
 
 def _pinned(netns_dir: str) -> bool:
     names = os.listdir(netns_dir) if os.path.isdir(netns_dir) else []
-    return any(nsutil.is_mountpoint_pin(os.path.join(netns_dir, n)) for n in names)
+    return any(linux.is_mountpoint_pin(os.path.join(netns_dir, n)) for n in names)
 
 
 async def test_slow_cni_add_killed_then_not_ready_with_netns_kept() -> None:
@@ -256,7 +256,7 @@ async def test_slow_cni_add_killed_then_not_ready_with_netns_kept() -> None:
         async with running(env) as ctl:
             (st,) = await ctl.list_sandboxes()
             assert st.state is State.NOT_READY
-            assert st.netns_path and nsutil.is_mountpoint_pin(st.netns_path)  # kept, not closed
+            assert st.netns_path and linux.is_mountpoint_pin(st.netns_path)  # kept, not closed
             assert st.netns_path.startswith(env.cfg.netns_dir)
             await ctl.stop_sandbox(st.id)
             assert not os.path.lexists(st.netns_path)
@@ -697,7 +697,7 @@ async def test_another_controllers_pins_are_never_touched() -> None:
         async with running(mine) as ctl:
             assert await ctl.list_sandboxes() == []
             assert ours.netns_path and not os.path.lexists(ours.netns_path)
-            assert nsutil.is_mountpoint_pin(st.netns_path)  # theirs: untouched
+            assert linux.is_mountpoint_pin(st.netns_path)  # theirs: untouched
             assert st.pid is not None and os.path.exists(f"/proc/{st.pid}")
         async with running(theirs) as other:
             again = await other.sandbox_status(st.id)

@@ -36,7 +36,7 @@ import pytest
 from podfsm.core import cniconf
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import STATES, TRANSITIONS
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux as nsutil
 from tests.integration.conftest import Env, destroy_env, make_env
 
 pytestmark = pytest.mark.integration

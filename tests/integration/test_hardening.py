@@ -17,7 +17,7 @@ import pytest
 
 from podfsm import SandboxRunError, State
 from podfsm.core.errors import UnsafeDirectory
-from podfsm.drivers import nsutil, reaper
+from podfsm.drivers import linux, reaper, reaperclient
 from podfsm.drivers.runtime import OciRuntime, container_cgroup_dirs
 from tests.integration.conftest import destroy_env, make_env, pod, running
 from tests.integration.test_durability import child
@@ -81,15 +81,15 @@ def test_a_symlink_is_never_followed_by_unpin_or_directory_removal(tmp_path: Pat
     # A mount that a symlink points at: unpinning the link removes the link only.
     mounted = tmp_path / "mounted"
     mounted.write_text("")
-    nsutil.mount("/proc/self/ns/net", str(mounted), None, nsutil.MS_BIND)
+    linux.mount("/proc/self/ns/net", str(mounted), None, linux.MS_BIND)
     try:
         link = tmp_path / "pin"
         link.symlink_to(mounted)
-        nsutil.unpin(str(link))
+        linux.unpin(str(link))
         assert not os.path.lexists(link)
-        assert nsutil.is_mountpoint_pin(str(mounted))
+        assert linux.is_mountpoint_pin(str(mounted))
     finally:
-        nsutil.unpin(str(mounted))
+        linux.unpin(str(mounted))
     # A directory that a symlink points at: removing the link's "directory" touches nothing.
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -97,13 +97,13 @@ def test_a_symlink_is_never_followed_by_unpin_or_directory_removal(tmp_path: Pat
     bundle = tmp_path / "bundle"
     bundle.symlink_to(precious)
     with pytest.raises(OSError):
-        nsutil.remove_flat_dir(str(bundle))
+        linux.remove_flat_dir(str(bundle))
     assert (precious / "file").read_text() == "keep"
     # ... and a symlink inside a directory goes as a link
     run = tmp_path / "run"
     run.mkdir()
     (run / "link").symlink_to(precious)
-    nsutil.remove_flat_dir(str(run))
+    linux.remove_flat_dir(str(run))
     assert not run.exists() and (precious / "file").read_text() == "keep"
 
 
@@ -139,7 +139,7 @@ def _processes_with(marker: str) -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        fields = nsutil.proc_stat(int(pid))
+        fields = linux.proc_stat(int(pid))
         if marker.encode() in cmd and fields is not None and fields[0] != "Z":
             out.append(int(pid))
     return out
@@ -218,7 +218,7 @@ async def test_a_killed_command_takes_every_process_it_started(end: str) -> None
     # does): killing the group alone would leave it waiting forever.
     marker = f"6543.{os.getpid()}3"
     run_dir = tempfile.mkdtemp(prefix="pfsm-")  # short: the reaper's socket path must fit
-    client = reaper.ReaperClient(run_dir, idle_exit=0.3)
+    client = reaperclient.ReaperClient(run_dir, idle_exit=0.3)
     try:
         argv = ["sh", "-c", f"setsid sleep {marker} & sleep {marker}"]
         if end == "timeout":

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from podfsm.core.errors import StepFailed
+from podfsm.core.requests import NamespaceRequest
 from podfsm.core.spec import IDMapping
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceRequest
-from podfsm.drivers.namespaces import _BOOTSTRAP, _PACKAGE_ROOT, WorkerPoolNamespaces
+from podfsm.drivers import PACKAGE_DIR, linux
+from podfsm.drivers.namespaces import _BOOTSTRAP, WorkerPoolNamespaces
 from podfsm.drivers.nsworker import HOOKS_ENV, PIDFILE_ENV
 
 pytestmark = [
@@ -35,8 +35,8 @@ pytestmark = [
 
 UID = IDMapping(container_id=0, host_id=100000, length=65536)
 GID = IDMapping(container_id=0, host_id=200000, length=65536)
-OWN_NETNS = nsutil.ns_inode("/proc/self/ns/net")
-OWN_USERNS = nsutil.ns_inode("/proc/self/ns/user")
+OWN_NETNS = linux.ns_inode("/proc/self/ns/net")
+OWN_USERNS = linux.ns_inode("/proc/self/ns/user")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def scrub(root: Path) -> None:
             return
         for point in points:
             with contextlib.suppress(OSError):
-                nsutil.umount2(point, nsutil.MNT_DETACH)
+                linux.umount2(point, linux.MNT_DETACH)
     raise AssertionError(f"cannot unmount {mounts_under(root)}")
 
 
@@ -77,7 +77,7 @@ def worker_pids() -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        if nsutil.parent_pid(int(entry)) != me:
+        if linux.parent_pid(int(entry)) != me:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
@@ -156,13 +156,13 @@ async def test_pod_user_and_network_namespaces(pool: WorkerPoolNamespaces,
     # New namespaces: not the test process's own.
     assert pinned.netns_inode not in (None, OWN_NETNS)
     assert pinned.userns_inode not in (None, OWN_USERNS)
-    assert nsutil.ns_inode(req.netns_path) == pinned.netns_inode
-    assert nsutil.ns_inode(req.userns_path) == pinned.userns_inode
+    assert linux.ns_inode(req.netns_path) == pinned.netns_inode
+    assert linux.ns_inode(req.userns_path) == pinned.userns_inode
     # The netns is owned by the pinned user namespace (NS_GET_USERNS), as reported.
-    assert nsutil.netns_owner_inode(req.netns_path) == pinned.userns_inode
+    assert linux.netns_owner_inode(req.netns_path) == pinned.userns_inode
     assert pinned.netns_owner_inode == pinned.userns_inode
-    assert nsutil.is_mountpoint_pin(req.netns_path)
-    assert nsutil.is_mountpoint_pin(req.userns_path)
+    assert linux.is_mountpoint_pin(req.netns_path)
+    assert linux.is_mountpoint_pin(req.userns_path)
 
     # A process inside the pinned user namespace sees exactly the requested maps, and
     # setgroups was left "allow" (containerd #10742).
@@ -196,7 +196,7 @@ async def test_userns_mode_node_netns_owned_by_host(pool: WorkerPoolNamespaces,
     assert pinned.userns_path is None and pinned.userns_inode is None
     assert pinned.netns_inode not in (None, OWN_NETNS)
     # Without a pod user namespace the netns belongs to the host's.
-    assert nsutil.netns_owner_inode(req.netns_path) == OWN_USERNS
+    assert linux.netns_owner_inode(req.netns_path) == OWN_USERNS
     assert pinned.netns_owner_inode == OWN_USERNS
     assert files_under(tmp_path) == ["netns/hostuser"]
     await pool.destroy(pinned.netns_path, pinned.userns_path)
@@ -254,7 +254,7 @@ async def test_same_path_twice_at_once(pool: WorkerPoolNamespaces, tmp_path: Pat
     assert "already exists" in str(refused[0])
     # The loser's refusal left the winner's pins alone.
     assert req.netns_path is not None
-    assert nsutil.ns_inode(req.netns_path) == ok[0].netns_inode
+    assert linux.ns_inode(req.netns_path) == ok[0].netns_inode
     assert len(mounts_under(tmp_path)) == 2
     await pool.destroy(req.netns_path, req.userns_path)
     assert_clean(tmp_path)
@@ -420,15 +420,15 @@ async def test_twenty_concurrent_creates(pool: WorkerPoolNamespaces, tmp_path: P
         for req, pinned in zip(reqs, results, strict=True):
             assert req.netns_path is not None
             assert pinned.netns_path == req.netns_path
-            assert nsutil.netns_owner_inode(req.netns_path) == pinned.userns_inode
+            assert linux.netns_owner_inode(req.netns_path) == pinned.userns_inode
         assert len(mounts_under(tmp_path)) == 40
     finally:
         await asyncio.gather(*(pool.destroy(r.netns_path, r.userns_path) for r in reqs))
     assert_clean(tmp_path)
     # The workers themselves never unshared.
     for pid in worker_pids():
-        assert nsutil.ns_inode(f"/proc/{pid}/ns/net") == OWN_NETNS
-        assert nsutil.ns_inode(f"/proc/{pid}/ns/user") == OWN_USERNS
+        assert linux.ns_inode(f"/proc/{pid}/ns/net") == OWN_NETNS
+        assert linux.ns_inode(f"/proc/{pid}/ns/user") == OWN_USERNS
 
 
 async def test_create_timing(pool: WorkerPoolNamespaces, tmp_path: Path) -> None:
@@ -451,7 +451,7 @@ async def test_create_timing(pool: WorkerPoolNamespaces, tmp_path: Path) -> None
 
 async def test_worker_protocol(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-c", _BOOTSTRAP, _PACKAGE_ROOT,
+        sys.executable, "-I", "-c", _BOOTSTRAP, PACKAGE_DIR,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout

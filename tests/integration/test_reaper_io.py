@@ -9,7 +9,7 @@ import tempfile
 import anyio
 import pytest
 
-from podfsm.drivers.reaper import ReaperClient
+from podfsm.drivers.reaperclient import ReaperClient
 
 pytestmark = pytest.mark.integration
 

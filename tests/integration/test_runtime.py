@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import pytest
 
 from podfsm.core.errors import PrerequisiteMissing, StepFailed
+from podfsm.core.requests import PauseRequest
 from podfsm.core.spec import IDMapping
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import PauseRequest
-from podfsm.drivers.reaper import ReaperClient, exit_file
+from podfsm.drivers import linux
+from podfsm.drivers.reaper import exit_file
+from podfsm.drivers.reaperclient import ReaperClient
 from podfsm.drivers.runtime import OciRuntime, pause_pids
 
 pytestmark = pytest.mark.integration
@@ -46,8 +47,8 @@ def _pin_namespaces(directory: str) -> Pins:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            nsutil.unshare(nsutil.CLONE_NEWUSER)
-            nsutil.unshare(nsutil.CLONE_NEWNET)
+            linux.unshare(linux.CLONE_NEWUSER)
+            linux.unshare(linux.CLONE_NEWNET)
             os.write(ready_w, b"1")
             os.read(done_r, 1)
         finally:
@@ -63,10 +64,10 @@ def _pin_namespaces(directory: str) -> Pins:
         for kind, path in (("user", pins.userns), ("net", pins.netns)):
             with open(path, "x"):
                 pass
-            nsutil.mount(f"/proc/{pid}/ns/{kind}", path, None, nsutil.MS_BIND)
+            linux.mount(f"/proc/{pid}/ns/{kind}", path, None, linux.MS_BIND)
     except BaseException:
         for path in (pins.userns, pins.netns):
-            nsutil.unpin(path)
+            linux.unpin(path)
         raise
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -83,7 +84,7 @@ def _pin_host_owned_netns(path: str) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            nsutil.unshare(nsutil.CLONE_NEWNET)
+            linux.unshare(linux.CLONE_NEWNET)
             os.write(ready_w, b"1")
             os.read(done_r, 1)
         finally:
@@ -94,7 +95,7 @@ def _pin_host_owned_netns(path: str) -> None:
         assert os.read(ready_r, 1) == b"1"
         with open(path, "x"):
             pass
-        nsutil.mount(f"/proc/{pid}/ns/net", path, None, nsutil.MS_BIND)
+        linux.mount(f"/proc/{pid}/ns/net", path, None, linux.MS_BIND)
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -108,8 +109,8 @@ def pins(tmp_path: os.PathLike[str]) -> Iterator[Pins]:
     try:
         yield p
     finally:
-        nsutil.unpin(p.netns)
-        nsutil.unpin(p.userns)
+        linux.unpin(p.netns)
+        linux.unpin(p.userns)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -263,9 +264,9 @@ async def test_pause_joins_the_pinned_namespaces_and_sees_only_its_own_sysfs(
     await oci.start_task("pause0")
     t2 = time.perf_counter()
     assert await oci.state("pause0") == "running"
-    assert task.start_time == nsutil.proc_start_time(task.pid)
-    assert nsutil.ns_inode(f"/proc/{task.pid}/ns/user") == nsutil.ns_inode(pins.userns)
-    assert nsutil.ns_inode(f"/proc/{task.pid}/ns/net") == nsutil.ns_inode(pins.netns)
+    assert task.start_time == linux.proc_start_time(task.pid)
+    assert linux.ns_inode(f"/proc/{task.pid}/ns/user") == linux.ns_inode(pins.userns)
+    assert linux.ns_inode(f"/proc/{task.pid}/ns/net") == linux.ns_inode(pins.netns)
     assert _read(f"/proc/{task.pid}/uid_map").split() == ["0", "100000", "65536"]
     assert _read(f"/proc/{task.pid}/gid_map").split() == ["0", "100000", "65536"]
     # Seen through the pause process's own mount namespace: a sysfs of the pod's netns, which
@@ -327,7 +328,7 @@ async def test_delete_removes_container_bundle_and_exit_record_and_is_idempotent
     assert await oci.list_containers() == []
     assert _runtime_list(oci.name, oci.root) == []
     assert not os.path.exists(bundle)
-    assert nsutil.proc_start_time(task.pid) != task.start_time  # the pause process is gone
+    assert linux.proc_start_time(task.pid) != task.start_time  # the pause process is gone
     assert not os.path.exists(exit_file(oci.run_dir, task.pid, task.start_time))
     await oci.delete("pause0")
     await oci.delete("never-created")
@@ -340,7 +341,7 @@ async def test_create_refuses_an_existing_id_and_keeps_that_container(
     with pytest.raises(StepFailed, match="already exists"):
         await oci.create(pause_request(pins))
     assert await oci.state("pause0") == "created"
-    assert nsutil.proc_start_time(task.pid) == task.start_time
+    assert linux.proc_start_time(task.pid) == task.start_time
 
 
 async def test_states_reports_every_container_in_one_call(oci: OciRuntime, pins: Pins) -> None:
@@ -389,7 +390,7 @@ async def test_a_netns_not_owned_by_the_pods_userns_is_refused_before_the_runtim
         assert await oci.list_containers() == []
         assert not os.path.exists(oci.bundle_path("foreign0"))
     finally:
-        nsutil.unpin(foreign)
+        linux.unpin(foreign)
 
 
 async def test_userns_with_host_network_gets_the_host_sys_read_only(
@@ -397,8 +398,8 @@ async def test_userns_with_host_network_gets_the_host_sys_read_only(
 ) -> None:
     task = await oci.create(pause_request(pins, netns=False))
     await oci.start_task("pause0")
-    assert nsutil.ns_inode(f"/proc/{task.pid}/ns/user") == nsutil.ns_inode(pins.userns)
-    assert nsutil.ns_inode(f"/proc/{task.pid}/ns/net") == nsutil.ns_inode("/proc/self/ns/net")
+    assert linux.ns_inode(f"/proc/{task.pid}/ns/user") == linux.ns_inode(pins.userns)
+    assert linux.ns_inode(f"/proc/{task.pid}/ns/net") == linux.ns_inode("/proc/self/ns/net")
     inside = sorted(os.listdir(f"/proc/{task.pid}/root/sys/class/net"))
     assert inside == sorted(os.listdir("/sys/class/net"))
     assert "ro" in _sys_mount_options(task.pid)
@@ -407,8 +408,8 @@ async def test_userns_with_host_network_gets_the_host_sys_read_only(
 async def test_host_namespaces_without_userns(oci: OciRuntime, pins: Pins) -> None:
     task = await oci.create(pause_request(pins, userns=False))
     await oci.start_task("pause0")
-    assert nsutil.ns_inode(f"/proc/{task.pid}/ns/user") == nsutil.ns_inode("/proc/self/ns/user")
-    assert nsutil.ns_inode(f"/proc/{task.pid}/ns/net") == nsutil.ns_inode(pins.netns)
+    assert linux.ns_inode(f"/proc/{task.pid}/ns/user") == linux.ns_inode("/proc/self/ns/user")
+    assert linux.ns_inode(f"/proc/{task.pid}/ns/net") == linux.ns_inode(pins.netns)
     assert sorted(os.listdir(f"/proc/{task.pid}/root/sys/class/net")) == ["lo"]
 
 

@@ -25,7 +25,7 @@ from podfsm import (
 )
 from podfsm.core import cniconf
 from podfsm.core.idmap import find_overlap
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 from tests.integration.conftest import (
     Env,
     destroy_env,
@@ -62,17 +62,17 @@ async def test_mapping_ownership_and_sysfs_are_the_pods(env: Env) -> None:
         assert " ".join(Path(f"/proc/{st.pid}/uid_map").read_text().split()) == "0 2000000 65536"
         assert Path(f"/proc/{st.pid}/setgroups").read_text().strip() == "allow"
         # containerd: the netns is owned by the pod's user namespace, which is the pause pid's
-        pause_user = nsutil.ns_inode(f"/proc/{st.pid}/ns/user")
-        assert nsutil.netns_owner_inode(st.netns_path) == pause_user
-        host_user = nsutil.ns_inode("/proc/self/ns/user")
-        assert pause_user == nsutil.ns_inode(st.userns_path) != host_user
-        assert nsutil.ns_inode(f"/proc/{st.pid}/ns/net") == nsutil.ns_inode(st.netns_path)
+        pause_user = linux.ns_inode(f"/proc/{st.pid}/ns/user")
+        assert linux.netns_owner_inode(st.netns_path) == pause_user
+        host_user = linux.ns_inode("/proc/self/ns/user")
+        assert pause_user == linux.ns_inode(st.userns_path) != host_user
+        assert linux.ns_inode(f"/proc/{st.pid}/ns/net") == linux.ns_inode(st.netns_path)
         # a real sysfs of the pod's netns, not the host's
         in_pod = sorted(os.listdir(f"/proc/{st.pid}/root/sys/class/net"))
         assert in_pod == ["eth0", "lo"]
         assert env.bridge not in in_pod and env.bridge in os.listdir("/sys/class/net")
         # the pins are bind mounts of nsfs inodes
-        assert nsutil.is_mountpoint_pin(st.netns_path) and nsutil.is_mountpoint_pin(st.userns_path)
+        assert linux.is_mountpoint_pin(st.netns_path) and linux.is_mountpoint_pin(st.userns_path)
 
 
 async def test_cni_address_is_on_eth0_and_answers_ping(env: Env) -> None:
@@ -123,13 +123,13 @@ async def test_node_user_namespace_and_host_network_variants(env: Env) -> None:
         node = await ctl.run_sandbox(pod("node-userns", userns={"mode": "NODE"}))
         assert node.userns_path is None and node.netns_path
         assert node.pid is not None
-        assert nsutil.ns_inode(f"/proc/{node.pid}/ns/user") == nsutil.ns_inode("/proc/self/ns/user")
-        assert nsutil.netns_owner_inode(node.netns_path) == nsutil.ns_inode("/proc/self/ns/user")
+        assert linux.ns_inode(f"/proc/{node.pid}/ns/user") == linux.ns_inode("/proc/self/ns/user")
+        assert linux.netns_owner_inode(node.netns_path) == linux.ns_inode("/proc/self/ns/user")
         hostnet = await ctl.run_sandbox(pod("host-net", network="NODE"))
         assert hostnet.netns_path is None and hostnet.userns_path and hostnet.ip == ""
         assert hostnet.pid is not None
-        host_net = nsutil.ns_inode("/proc/self/ns/net")
-        assert nsutil.ns_inode(f"/proc/{hostnet.pid}/ns/net") == host_net
+        host_net = linux.ns_inode("/proc/self/ns/net")
+        assert linux.ns_inode(f"/proc/{hostnet.pid}/ns/net") == host_net
         # the host's /sys bound read-only: the host's interfaces are visible, nothing is writable
         assert env.bridge in os.listdir(f"/proc/{hostnet.pid}/root/sys/class/net")
         for st in (node, hostnet):

@@ -386,10 +386,10 @@ def test_demo_and_bench_options_and_delegation(monkeypatch: pytest.MonkeyPatch) 
         seen.append(("demo", args.runtime))
         return 5
 
-    module = types.ModuleType("podfsm.faces.bench")
+    module = types.ModuleType("podfsm.tools.bench")
     module.main = fake_bench  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "podfsm.faces.bench", module)
-    monkeypatch.setattr("podfsm.faces.demo.main", fake_demo)
+    monkeypatch.setitem(sys.modules, "podfsm.tools.bench", module)
+    monkeypatch.setattr("podfsm.tools.demo.main", fake_demo)
     assert main(["bench", "-n", "2"]) == 7
     assert main(["demo", "--runtime", "runc"]) == 5
     assert seen == [("bench", 2), ("demo", "runc")]

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from podfsm.core.ocispec import cgroups_path, pause_spec
+from podfsm.core.requests import PauseRequest
 from podfsm.core.spec import IDMapping
-from podfsm.drivers.base import PauseRequest
 
 ROOTFS = "/run/podfsm/pause-rootfs"
 NETNS = "/run/netns/cni-1234"

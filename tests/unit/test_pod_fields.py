@@ -18,6 +18,7 @@ from podfsm import InvalidPodConfig, State
 from podfsm.core import ocispec
 from podfsm.core.errors import SandboxRunError
 from podfsm.core.records import SandboxFiles
+from podfsm.core.requests import PauseRequest
 from podfsm.core.spec import (
     TEXT,
     DNSConfig,
@@ -27,7 +28,6 @@ from podfsm.core.spec import (
     ProfileType,
     parse_pod_config,
 )
-from podfsm.drivers.base import PauseRequest
 from tests.fakes import Rig
 
 MAP = IDMapping(host_id=1 << 20, container_id=0, length=65536)

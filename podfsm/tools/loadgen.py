@@ -2,7 +2,7 @@
 then StopPodSandbox and RemovePodSandbox) through a CRI socket, CONCURRENCY at a time, timed per
 call. Run as its own process so its CPU is not counted as the server's.
 
-    python -m podfsm.faces.cri.loadgen SOCKET COUNT CONCURRENCY TAG
+    python -m podfsm.tools.loadgen SOCKET COUNT CONCURRENCY TAG
 
 Prints JSON: {"run_ms": [...], "stop_remove_ms": [...], "wall_s": ...}.
 """

@@ -38,7 +38,7 @@ from podfsm.core.errors import PodfsmError
 from podfsm.core.idmap import find_overlap
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import TRANSITIONS, State
-from podfsm.drivers import nsutil
+from podfsm.drivers import linux
 from podfsm.drivers.runtime import container_cgroup_dirs, pause_pids
 
 CNI_STORE = "/var/lib/cni/networks"
@@ -124,7 +124,7 @@ def violations(ctl: Controller, sts: list[SandboxStatus]) -> list[str]:
 
 
 def _ready_problems(st: SandboxStatus) -> list[str]:
-    if st.pid is None or nsutil.proc_stat(st.pid) is None:
+    if st.pid is None or linux.proc_stat(st.pid) is None:
         return [f"its pause pid {st.pid} is not alive"]
     problems = []
     for kind, pin in (("net", st.netns_path), ("user", st.userns_path)):
@@ -175,7 +175,7 @@ def _session(sid: int) -> list[int]:
     reaper has its own session and outlives the controller by design)."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        fields = nsutil.proc_stat(int(pid))
+        fields = linux.proc_stat(int(pid))
         if fields is not None and fields[0] != "Z" and int(fields[3]) == sid:
             out.append(int(pid))
     return out
@@ -278,7 +278,7 @@ def _start_child(spec: dict[str, Any], failpoints: str, out_path: str,
     nobody reads while it works would block it)."""
     with open(out_path, "wb") as out, open(out_path + ".err", "wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "podfsm.faces.chaos", json.dumps(spec)],
+            [sys.executable, "-m", "podfsm.tools.chaos", json.dumps(spec)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
             env={**os.environ, "PODFSM_FAILPOINTS": failpoints})
 

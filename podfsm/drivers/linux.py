@@ -1,5 +1,6 @@
-"""Thin ctypes wrappers over the Linux calls Python 3.11 lacks: unshare, setns, mount, umount2,
-and the namespace ioctls. Errors are OSError with errno and the path, like os.* raises.
+"""The Linux calls the drivers share: ctypes wrappers over those Python 3.11 lacks (unshare,
+setns, mount, umount2, the namespace ioctls), /proc reads (a process's start time and parent),
+pins and directories. Errors are OSError with errno and the path, like os.* raises.
 
 unshare(CLONE_NEWUSER) and setns into a user namespace fail with EINVAL in a process with more
 than one thread: call those only in a single-threaded child (see nsworker).
@@ -107,6 +108,25 @@ def netns_owner_inode(netns_path: str) -> int:
             os.close(owner)
     finally:
         os.close(fd)
+
+
+def netns_owner_problem(netns_path: str, userns_path: str,
+                        want_userns_inode: int | None = None) -> str | None:
+    """None when the user namespace pinned at `userns_path` (of inode `want_userns_inode`, when
+    given) owns the netns at `netns_path`; else what is wrong, in words. The one check of a
+    netns's owner for the namespace and runtime drivers."""
+    try:
+        owner = netns_owner_inode(netns_path)
+        userns = ns_inode(userns_path)
+    except OSError as exc:
+        return f"cannot inspect the pod's namespaces: {exc}"
+    if owner != userns:
+        return (f"the netns {netns_path} is not owned by the pod's user namespace {userns_path} "
+                f"(owner inode {owner}, user namespace inode {userns})")
+    if want_userns_inode is not None and userns != want_userns_inode:
+        return (f"the user namespace pinned at {userns_path} (inode {userns}) is not the pod's "
+                f"(inode {want_userns_inode})")
+    return None
 
 
 def is_mountpoint_pin(path: str) -> bool:

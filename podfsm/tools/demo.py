@@ -13,8 +13,8 @@ import tempfile
 from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
-from podfsm.drivers import nsutil
-from podfsm.faces.hostcare import host_left_as_found
+from podfsm.drivers import linux
+from podfsm.tools.hostcare import host_left_as_found
 
 DEMO_NETWORK = "podfsm-demo"
 DEMO_BRIDGE = "podfsm-demo0"
@@ -75,15 +75,15 @@ async def run_demo(cfg: ControllerConfig) -> int:
             p.check(uid_map == want, "uid_map inside the pod", f"{uid_map!r} (allocated {want!r})")
             p.check(gid_map == st.gid_mappings[0].line(), "gid_map inside the pod", repr(gid_map))
             p.check(_read(f"/proc/{pid}/setgroups") == "allow", "setgroups", "allow")
-            owner = nsutil.netns_owner_inode(st.netns_path)
-            userns = nsutil.ns_inode(st.userns_path)
-            pause_user = nsutil.ns_inode(f"/proc/{pid}/ns/user")
-            host_user = nsutil.ns_inode("/proc/self/ns/user")
+            owner = linux.netns_owner_inode(st.netns_path)
+            userns = linux.ns_inode(st.userns_path)
+            pause_user = linux.ns_inode(f"/proc/{pid}/ns/user")
+            host_user = linux.ns_inode("/proc/self/ns/user")
             p.check(owner == userns == pause_user != host_user,
                     "netns owned by the pod's user namespace",
                     f"NS_GET_USERNS(netns) = {owner}, pinned userns = {userns}, "
                     f"pause userns = {pause_user}, host userns = {host_user}")
-            p.check(nsutil.ns_inode(f"/proc/{pid}/ns/net") == nsutil.ns_inode(st.netns_path),
+            p.check(linux.ns_inode(f"/proc/{pid}/ns/net") == linux.ns_inode(st.netns_path),
                     "pause joined the pinned netns", st.netns_path)
             inside = sorted(os.listdir(f"/proc/{pid}/root/sys/class/net"))
             pod_ifaces = sorted(i.name for i in await ctl.sandbox_interfaces(st.id))
@@ -105,7 +105,7 @@ async def run_demo(cfg: ControllerConfig) -> int:
         p.check(not left, "no pinned namespace or mount left", str(left or "none"))
         containers = await ctl.runtime_containers()
         p.check(not containers, f"no {cfg.runtime} container left", str(containers or "none"))
-        reserved = st.id in await ctl.reserved_addresses()
+        reserved = st.id in await ctl.reserved_container_ids()
         p.check(not reserved, "the pod's IP is released", st.ip)
         p.check(not os.path.exists(f"/proc/{st.pid}"), "the pause process is gone",
                 f"pid {st.pid}")

@@ -34,13 +34,12 @@ import anyio
 from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import PodfsmError
-from podfsm.core.records import TaskInfo
+from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping
 from podfsm.core.states import State
-from podfsm.drivers import nsutil
-from podfsm.drivers.base import NamespaceRequest, NetworkRequest, PauseRequest
+from podfsm.drivers import factory, linux
 from podfsm.drivers.runtime import pause_pids
-from podfsm.faces.hostcare import host_left_as_found
+from podfsm.tools.hostcare import host_left_as_found
 
 BENCH_NETWORK = "podfsm-bench"
 BENCH_BRIDGE = "podfsm-bench0"
@@ -115,7 +114,7 @@ def podfsm_pids(run_dir: str) -> list[int]:
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         if pid == me:
             continue
-        fields = nsutil.proc_stat(pid)
+        fields = linux.proc_stat(pid)
         if fields is None:
             continue
         argv = _cmdline(pid)
@@ -128,7 +127,7 @@ def podfsm_pids(run_dir: str) -> list[int]:
 def cpu_ticks_by_pid(pids: list[int]) -> dict[int, int]:
     out = {}
     for pid in pids:
-        fields = nsutil.proc_stat(pid)
+        fields = linux.proc_stat(pid)
         if fields is not None:
             out[pid] = int(fields[11]) + int(fields[12])  # utime + stime, not children's
     return out
@@ -205,7 +204,7 @@ def scrub(tmp: str, runtime: str) -> None:
         mounts = [line.split()[4] for line in f]
     for target in sorted((m for m in mounts if m.startswith(tmp + "/")), reverse=True):
         with contextlib.suppress(OSError):
-            nsutil.umount2(target, nsutil.MNT_DETACH)
+            linux.umount2(target, linux.MNT_DETACH)
 
 
 async def _measure(level: Level, cfg: ControllerConfig,
@@ -266,14 +265,9 @@ def _progress(label: str, count: int) -> Callable[[int], None]:
 
 async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Level:
     """The system steps driven directly through the drivers: no controller around them."""
-    from podfsm.drivers.cni import CniNetwork
-    from podfsm.drivers.namespaces import WorkerPoolNamespaces
-    from podfsm.drivers.runtime import OciRuntime
-
-    ns = WorkerPoolNamespaces(workers=cfg.workers)
-    net = CniNetwork(cfg.cni_conf_dir, cfg.cni_bin_dirs, cfg.default_network_name,
-                     cfg.default_bridge, cfg.default_subnet, reaper_run_dir=cfg.run_dir)
-    rt = OciRuntime(cfg.runtime, cfg.run_dir, pause_binary=cfg.pause_binary)
+    ns = factory.namespaces(cfg)
+    net = factory.network(cfg)
+    rt = factory.runtime(cfg, cfg.runtime)
     await ns.start()
     await rt.start()
     await net.start()
@@ -293,8 +287,7 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Leve
                                                 pinned.userns_path, m, m))
             await rt.start_task(sid)
             t1 = time.perf_counter()
-            await _kill_wait(task, 10.0)
-            await rt.wait_exit_status(task, 1.0)
+            await rt.kill_task(task, 0)
             await rt.delete(sid)
             await net.detach(nreq, result)
             await ns.destroy(netns, userns)
@@ -307,25 +300,6 @@ async def raw_level(cfg: ControllerConfig, count: int, concurrency: int) -> Leve
         await rt.close()
         await ns.close()
     return level
-
-
-async def _kill_wait(task: TaskInfo, grace: float) -> None:
-    fd = os.pidfd_open(task.pid)
-    try:
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        def exited() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, exited)
-        try:
-            await asyncio.wait_for(done, grace)
-        finally:
-            loop.remove_reader(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- podfsm
@@ -350,7 +324,7 @@ async def podfsm_level(ctl: Controller, cfg: ControllerConfig, count: int,
 async def cri_level(ctl: Controller, cfg: ControllerConfig, count: int,
                     concurrency: int) -> Level:
     """The same lifecycles as podfsm_level, through the CRI face: a CriServer on this
-    controller, driven by a load generator in its own process (podfsm.faces.cri.loadgen), so
+    controller, driven by a load generator in its own process (podfsm.tools.loadgen), so
     the controller's CPU here less podfsm_level's is the gRPC server's."""
     from podfsm.faces.cri import CriServer
 
@@ -363,7 +337,7 @@ async def cri_level(ctl: Controller, cfg: ControllerConfig, count: int,
         kinds = {pid: process_kind(pid) for pid in pids}
         c0 = cpu_ticks_by_pid(pids)
         gen = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "podfsm.faces.cri.loadgen", sock, str(count),
+            sys.executable, "-m", "podfsm.tools.loadgen", sock, str(count),
             str(concurrency), f"g{concurrency}x", stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
         out, err = await gen.communicate()
@@ -577,9 +551,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def chaos_main(runtimes: list[str], rounds: int, *, as_json: bool = False) -> int:
-    """`podfsm bench --chaos N`: the chaos run of podfsm.faces.chaos on each runtime, in the
+    """`podfsm bench --chaos N`: the chaos run of podfsm.tools.chaos on each runtime, in the
     bench's own world; 1 when an invariant was broken or something was left."""
-    from podfsm.faces.chaos import run_chaos
+    from podfsm.tools.chaos import run_chaos
 
     def progress(rep: Any) -> None:
         print(f"  chaos {rep.runtime}: round {rep.rounds}/{rounds}, "

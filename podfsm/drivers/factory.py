@@ -1,0 +1,70 @@
+"""The one place that builds the real drivers from a ControllerConfig: the Controller uses it
+for every driver it is not handed, and the benchmark for the drivers it measures alone, so both
+measure and run the same configuration.
+
+Each driver module is imported only when its driver is built: a Controller on fake drivers
+(the unit tests) never loads pyroute2 or starts a reaper.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from podfsm.config import ControllerConfig
+from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver
+
+if TYPE_CHECKING:
+    from podfsm.drivers.store import FileStore
+
+
+def namespaces(cfg: ControllerConfig) -> NamespaceDriver:
+    from podfsm.drivers.namespaces import WorkerPoolNamespaces
+
+    return WorkerPoolNamespaces(workers=cfg.workers, idle_exit=cfg.worker_idle_exit)
+
+
+def network(cfg: ControllerConfig) -> NetworkDriver:
+    from podfsm.drivers.cni import CniNetwork
+
+    return CniNetwork(
+        conf_dir=cfg.cni_conf_dir,
+        bin_dirs=cfg.cni_bin_dirs,
+        default_name=cfg.default_network_name,
+        default_bridge=cfg.default_bridge,
+        default_subnet=cfg.default_subnet,
+        reaper_run_dir=cfg.run_dir,
+        plugin_timeout=cfg.command_timeout,
+    )
+
+
+def runtime(cfg: ControllerConfig, name: Literal["runc", "crun"]) -> RuntimeDriver:
+    """The driver of runtime handler `name`; `cfg.runtime_binary` applies to the default one."""
+    from podfsm.drivers.runtime import OciRuntime
+
+    binary = cfg.runtime_binary if name == cfg.runtime else None
+    return OciRuntime(name, cfg.run_dir, binary=binary, pause_binary=cfg.pause_binary,
+                      command_timeout=cfg.command_timeout)
+
+
+def other_runtimes(cfg: ControllerConfig) -> list[RuntimeDriver]:
+    """The handlers besides the default one that are installed here (found on PATH): each
+    keeps its own root, <run_dir>/runtime/<name>, and shares the reaper."""
+    from podfsm.drivers.runtime import installed
+
+    others: list[Literal["runc", "crun"]] = [n for n in ("runc", "crun")
+                                              if n != cfg.runtime and installed(n)]
+    return [runtime(cfg, n) for n in others]
+
+
+def host(*, mount_shm: bool) -> HostDriver:
+    """`mount_shm` False: the files are written but no tmpfs is mounted (no pause will run)."""
+    from podfsm.drivers.hostfiles import HostFiles
+
+    return HostFiles(mount_shm=mount_shm)
+
+
+def store(cfg: ControllerConfig) -> FileStore:
+    """The record store under `cfg.state_dir`, not yet opened (FileStore.open takes its lock)."""
+    from podfsm.drivers.store import FileStore
+
+    return FileStore(cfg.state_dir)
