@@ -25,7 +25,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from podfsm.drivers import linux as nsutil
+from podfsm.drivers import linux
 from tests.integration.conftest import destroy_env, make_env
 from tests.integration.test_faces import PNG_MAGIC, PODS, serving, use_env_network
 
@@ -51,7 +51,7 @@ def descendants(pid: int) -> dict[int, str]:
     children: dict[int, list[tuple[int, str]]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = nsutil.proc_stat(int(entry))
+            fields = linux.proc_stat(int(entry))
             if fields is not None:
                 children.setdefault(int(fields[1]), []).append((int(entry), fields[19]))
     found: dict[int, str] = {}
@@ -65,7 +65,7 @@ def descendants(pid: int) -> dict[int, str]:
 
 
 def _alive(pid: int, started: str) -> bool:
-    fields = nsutil.proc_stat(pid)
+    fields = linux.proc_stat(pid)
     return fields is not None and fields[19] == started and fields[0] != "Z"
 
 
@@ -90,7 +90,7 @@ def chromium(tmp: Path) -> Iterator[webdriver.Chrome]:
     driver = webdriver.Chrome(service=service, options=options)
     assert service.process is not None
     driver_pid = service.process.pid
-    tree = {driver_pid: str(nsutil.proc_start_time(driver_pid)), **descendants(driver_pid)}
+    tree = {driver_pid: str(linux.proc_start_time(driver_pid)), **descendants(driver_pid)}
     try:
         yield driver
     finally:

@@ -36,7 +36,7 @@ import pytest
 from podfsm.core import cniconf
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import STATES, TRANSITIONS
-from podfsm.drivers import linux as nsutil
+from podfsm.drivers import linux
 from tests.integration.conftest import Env, destroy_env, make_env
 
 pytestmark = pytest.mark.integration
@@ -247,7 +247,7 @@ def svg_current(svg: bytes) -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
-    fields = nsutil.proc_stat(pid)
+    fields = linux.proc_stat(pid)
     return fields is not None and fields[0] != "Z"
 
 
