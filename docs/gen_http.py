@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from podfsm.config import ControllerConfig
 from podfsm.core import spec
 from podfsm.faces.http import Shim
 
@@ -37,6 +38,8 @@ class _NoController:
     recovering = False
     recovery_problems: tuple[str, ...] = ()
     last_event_seq = 0
+    #: the default configuration: its id pool's bounds are in the document
+    config = ControllerConfig()
 
 
 def document() -> dict[str, Any]:
@@ -67,13 +70,13 @@ def _type(schema: dict[str, Any]) -> str:
     if "$ref" in schema:
         name = schema["$ref"].removeprefix(SCHEMAS)
         return f"[{name}](#{_anchor(name)})"
+    if "enum" in schema:  # narrower than an anyOf beside it (the modes a field supports)
+        return "one of " + ", ".join(f"`{json.dumps(v)}`" for v in schema["enum"])
     if "anyOf" in schema:
         parts = [s for s in schema["anyOf"] if s.get("type") != "null"]
         nullable = len(parts) < len(schema["anyOf"])
         text = " or ".join(_type(s) for s in parts)
         return f"{text} or null" if nullable else text
-    if "enum" in schema:
-        return "one of " + ", ".join(f"`{json.dumps(v)}`" for v in schema["enum"])
     kind = schema.get("type", "any")
     if kind == "array":
         return f"list of {_type(schema.get('items', {}))}"
@@ -91,6 +94,8 @@ def _constraints(schema: dict[str, Any]) -> str:
                       ("minLength", "length >= {}"), ("maxLength", "length <= {}")):
         if key in schema:
             words.append(text.format(schema[key]))
+    if "pattern" in schema.get("propertyNames", {}):
+        words.append(f"names match `{schema['propertyNames']['pattern']}`")
     return ", ".join(words)
 
 
@@ -168,6 +173,10 @@ def _schema(name: str, schema: dict[str, Any]) -> list[str]:
                    f"| {default} | {_constraints(sub)} |")
     if schema.get("additionalProperties") is False:
         out += ["", "No other fields."]
+    rules = {k: schema[k] for k in ("anyOf", "allOf", "if", "then", "else") if k in schema}
+    if rules:
+        out += ["", "Rules between fields, as JSON Schema states them:", "", "```json",
+                json.dumps(rules, indent=1), "```"]
     out.append("")
     return out
 
@@ -245,9 +254,16 @@ def render(doc: dict[str, Any] | None = None) -> str:
         "interpreter's shared AST-constructor depth counter (\"AST constructor recursion depth",
         "mismatch\", python/cpython#106905). Rules between fields are in the schema where JSON",
         "Schema can say them (`localhost_ref` only with `profile_type` Localhost, `run_as_group`",
-        "only beside `run_as_user`, `host_ip` an IPv4 or IPv6 address); for the rest (the",
-        "userns_options mappings' arithmetic, namespace_options combinations) runSandbox's",
-        "documented 422 is an accepted answer to schema-valid data. The run:",
+        "only beside `run_as_user`, the supported namespace modes, the userns_options mappings",
+        "(both or neither, one each, `container_id` 0, `host_id` and `length` inside the id",
+        "space and the daemon's id pool, `length` up to its `idmap_max_length`), `privileged`",
+        "and NODE pid/ipc only without a pod user namespace, net. and ipc sysctls only with the",
+        "pod's own namespace, `host_port` only with a `container_port` and the pod's own",
+        "network); the pool bounds are the daemon's own configuration (this page shows the",
+        "defaults). What JSON Schema cannot say (`host_id + length` inside the pool, run_as_user",
+        "inside the mapped ids, overlaps with other sandboxes, the host's sysctls, LSMs and",
+        "seccomp files; tests/integration/schemathesis.toml lists them) keeps runSandbox's",
+        "documented 422 an accepted answer to schema-valid data. The run:",
         "",
         "```sh",
         "podfsm serve --port 8080 &    # the token is in http-token beside the socket",

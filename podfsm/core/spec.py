@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 from podfsm.core.errors import InvalidPodConfig
 
@@ -155,16 +156,56 @@ class IDMapping(_Model):
         return self.container_id <= container_id < self.container_id + self.length
 
 
+def _mode_enum(*modes: NamespaceMode) -> JsonDict:
+    """A JSON schema `enum` of these modes, by name and by number (as the field takes them)."""
+    return {"enum": [x for m in modes for x in (m.name, int(m))]}
+
+
+#: the JSON schemas of a mode that is (or, absent, defaults to) POD, and of NODE
+_POD_MODE, _NODE_MODE = _mode_enum(NamespaceMode.POD), _mode_enum(NamespaceMode.NODE)
+#: a userns_options that gives the pod its own user namespace (mode POD, or absent: POD)
+_POD_USERNS: JsonDict = {"type": "object", "properties": {"mode": _POD_MODE}}
+#: the one mapping mode POD takes, as _namespaces checks it: container_id 0, host_id not 0,
+#: length > 0, host_id + length <= 2**32 - 1 (the sum is not said; each side's bound is)
+_POD_MAPPING: JsonDict = {"properties": {"container_id": {"const": 0},
+                               "host_id": {"minimum": 1, "maximum": ID_SPACE - 2},
+                               "length": {"minimum": 1, "maximum": ID_SPACE - 2}}}
+
+
 class UserNamespace(_Model):
-    mode: Mode = NamespaceMode.POD
+    # PodSandboxConfig._namespaces' mapping rules, stated in the JSON schema: NODE takes no
+    # mapping; POD takes uids and gids both (one mapping each) or neither.
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["mode"], "properties": {"mode": _NODE_MODE}},
+         "then": {"properties": {"uids": {"maxItems": 0}, "gids": {"maxItems": 0}}},
+         "else": {"anyOf": [
+             {"required": ["uids", "gids"],
+              "properties": {"uids": {"minItems": 1, "maxItems": 1},
+                             "gids": {"minItems": 1, "maxItems": 1}}},
+             {"properties": {"uids": {"maxItems": 0}, "gids": {"maxItems": 0}}}]}},
+        {"properties": {"uids": {"items": _POD_MAPPING}, "gids": {"items": _POD_MAPPING}}},
+    ]})
+
+    mode: Mode = Field(default=NamespaceMode.POD,
+                       json_schema_extra=_mode_enum(NamespaceMode.POD, NamespaceMode.NODE))
     uids: list[IDMapping] = Field(default_factory=list, max_length=16)
     gids: list[IDMapping] = Field(default_factory=list, max_length=16)
 
 
 class NamespaceOption(_Model):
-    network: Mode = NamespaceMode.POD
-    pid: Mode = NamespaceMode.POD
-    ipc: Mode = NamespaceMode.POD
+    # _namespaces' rules in the JSON schema: the modes it supports, and no host pid or ipc
+    # namespace for a pod with its own user namespace
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["userns_options"], "properties": {"userns_options": _POD_USERNS}},
+         "then": {"properties": {"pid": {"not": _NODE_MODE}, "ipc": {"not": _NODE_MODE}}}},
+    ]})
+
+    network: Mode = Field(default=NamespaceMode.POD,
+                          json_schema_extra=_mode_enum(NamespaceMode.POD, NamespaceMode.NODE))
+    pid: Mode = Field(default=NamespaceMode.POD, json_schema_extra=_mode_enum(
+        NamespaceMode.POD, NamespaceMode.CONTAINER, NamespaceMode.NODE))
+    ipc: Mode = Field(default=NamespaceMode.POD,
+                      json_schema_extra=_mode_enum(NamespaceMode.POD, NamespaceMode.NODE))
     target_id: str = Field(default="", max_length=0,
                            description="only meaningful with mode TARGET, which is refused")
     userns_options: UserNamespace | None = None
@@ -214,10 +255,15 @@ class SecurityProfile(_Model):
 
 
 class LinuxSandboxSecurityContext(_Model):
-    # _user's rule in the JSON schema: run_as_group (not null) only beside a run_as_user
+    # _user's rule in the JSON schema: run_as_group (not null) only beside a run_as_user; and
+    # _namespaces': privileged only without a pod user namespace
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"properties": {"run_as_group": {"type": "null"}}},
         {"required": ["run_as_user"], "properties": {"run_as_user": {"type": "object"}}},
+    ], "allOf": [
+        {"if": {"required": ["privileged"], "properties": {"privileged": {"const": True}}},
+         "then": {"properties": {"namespace_options": {"properties": {
+             "userns_options": {"not": _POD_USERNS}}}}}},
     ]})
 
     namespace_options: NamespaceOption = Field(default_factory=NamespaceOption)
@@ -287,18 +333,43 @@ _IPC_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
                 "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced")
 
 
+_IPC_SYSCTL_TEXT = (r"kernel\.(" + "|".join(n.removeprefix("kernel.") for n in _IPC_SYSCTLS)
+                    + r")|fs\.mqueue(\.[a-zA-Z0-9_-]+)+")
+#: the names _sysctls accepts (a sysctl name, namespaced: net.* or ipc), for the JSON schema
+SYSCTL_NAME = rf"^(net(\.[a-zA-Z0-9_-]+)+|{_IPC_SYSCTL_TEXT})\Z"
+
+
+def _mode_is(field: str, mode: NamespaceMode) -> JsonDict:
+    """The JSON schema of a security_context (under `linux`) whose namespace_options.`field`
+    is `mode`."""
+    return {"required": ["security_context"], "properties": {"security_context": {
+        "required": ["namespace_options"], "properties": {"namespace_options": {
+            "required": [field], "properties": {field: _mode_enum(mode)}}}}}}
+
+
 def is_ipc_sysctl(name: str) -> bool:
     """True for the sysctls of the ipc namespace (kernel.shm*/msg*/sem, fs.mqueue.*)."""
     return name in _IPC_SYSCTLS or name.startswith("fs.mqueue.")
 
 
 class LinuxPodSandboxConfig(_Model):
+    # _namespaces' sysctl rules in the JSON schema: none of a namespace the pod shares with
+    # the host
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": _mode_is("network", NamespaceMode.NODE),
+         "then": {"properties": {"sysctls": {"propertyNames": {"not": {"pattern": r"^net\."}}}}}},
+        {"if": _mode_is("ipc", NamespaceMode.NODE),
+         "then": {"properties": {"sysctls": {"propertyNames": {
+             "not": {"pattern": rf"^({_IPC_SYSCTL_TEXT})\Z"}}}}}},
+    ]})
+
     cgroup_parent: str = Field(default="", max_length=1024, pattern=CGROUP_PARENT)
     security_context: LinuxSandboxSecurityContext = Field(
         default_factory=LinuxSandboxSecurityContext
     )
     sysctls: dict[Annotated[str, Field(max_length=256)], Text] = Field(
-        default_factory=dict, max_length=128)
+        default_factory=dict, max_length=128,
+        json_schema_extra={"propertyNames": {"maxLength": 256, "pattern": SYSCTL_NAME}})
     overhead: LinuxContainerResources | None = None
     resources: LinuxContainerResources | None = None
 
@@ -390,6 +461,11 @@ class DNSConfig(_Model):
 
 
 class PortMapping(_Model):
+    # _ports' rule in the JSON schema
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["host_port"], "properties": {"host_port": {"minimum": 1}}},
+        "then": {"required": ["container_port"], "properties": {"container_port": {"minimum": 1}}}})
+
     protocol: Proto = Protocol.TCP
     container_port: int = Field(default=0, ge=0, le=65535)
     host_port: int = Field(default=0, ge=0, le=65535)
@@ -423,6 +499,13 @@ def _no_windows(v: dict[str, Any] | None) -> dict[str, Any] | None:
 class PodSandboxConfig(_Model):
     """The CRI PodSandboxConfig. Validation here is the only gate before the system is touched
     (with the few checks of the host and the configuration the controller adds at admission)."""
+
+    # _namespaces' port rule in the JSON schema: no host_port with the host's network
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["linux"], "properties": {
+            "linux": _mode_is("network", NamespaceMode.NODE)}},
+        "then": {"properties": {"port_mappings": {"items": {"properties": {
+            "host_port": {"const": 0}}}}}}})
 
     metadata: PodSandboxMetadata
     hostname: str = Field(default="", max_length=63, pattern=rf"^({_DNS_LABEL})?\Z")

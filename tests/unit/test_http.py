@@ -396,7 +396,8 @@ def test_an_unknown_diagram_format_is_400(client: httpx.Client) -> None:
 
 def test_the_openapi_document_describes_every_route(client: httpx.Client, rig: Rig) -> None:
     doc = client.get("/openapi.json").json()
-    assert doc == json.loads(json.dumps(openapi_document(rig.controller().runtime_handlers)))
+    ctl = rig.controller()
+    assert doc == json.loads(json.dumps(openapi_document(ctl.runtime_handlers, ctl.config)))
     assert doc["openapi"].startswith("3.")
     documented = {(path, m.upper()) for path, item in doc["paths"].items()
                   for m in item if m != "parameters"}

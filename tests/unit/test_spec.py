@@ -128,3 +128,118 @@ def test_critest_names_are_accepted_and_give_a_dns_label_hostname() -> None:
     assert cfg.effective_hostname == name.lower()[:63].strip("-")
     unicode = parse_pod_config({"metadata": {"name": "Ünïcode pod"}})
     assert unicode.effective_hostname == "n-code-pod"
+
+
+# ------------------------------------------------- the JSON schema says what the validator does
+
+_MAP = {"host_id": 1 << 20, "container_id": 0, "length": 65536}
+
+
+def _pod(userns: Any = None, privileged: bool | None = None, sysctls: Any = None,
+         ports: Any = None, **modes: Any) -> dict[str, Any]:
+    ns: dict[str, Any] = dict(modes)
+    if userns is not None:
+        ns["userns_options"] = userns
+    sc: dict[str, Any] = {"namespace_options": ns}
+    if privileged is not None:
+        sc["privileged"] = privileged
+    linux: dict[str, Any] = {"security_context": sc}
+    if sysctls is not None:
+        linux["sysctls"] = sysctls
+    pod: dict[str, Any] = {"metadata": {"name": "a"}, "linux": linux}
+    if ports is not None:
+        pod["port_mappings"] = ports
+    return pod
+
+
+def _schema_validator(config: Any = None) -> Any:
+    import jsonschema_rs  # schemathesis' validator, so the same reading of the document
+
+    from podfsm.faces.http.openapi import openapi_document
+
+    doc = openapi_document(None, config)
+    return jsonschema_rs.Draft202012Validator(
+        {"$ref": "#/components/schemas/PodSandboxConfig", "components": doc["components"]})
+
+
+@pytest.mark.parametrize(("pod", "accepted"), [
+    (_pod(userns={}), True),
+    (_pod(userns={"mode": "NODE"}), True),
+    (_pod(userns={"mode": "NODE", "uids": [_MAP], "gids": [_MAP]}), False),
+    (_pod(userns={"mode": 2, "gids": [_MAP]}), False),
+    (_pod(userns={"mode": "CONTAINER"}), False),
+    (_pod(userns={"uids": [_MAP], "gids": [_MAP]}), True),
+    (_pod(userns={"mode": 0, "uids": [_MAP]}), False),
+    (_pod(userns={"gids": [_MAP]}), False),
+    (_pod(userns={"uids": [_MAP, _MAP], "gids": [_MAP]}), False),
+    (_pod(userns={"uids": [_MAP], "gids": [{**_MAP, "container_id": 1}]}), False),
+    (_pod(userns={"uids": [{**_MAP, "host_id": 0}], "gids": [_MAP]}), False),
+    (_pod(userns={"uids": [_MAP], "gids": [{**_MAP, "length": 0}]}), False),
+    (_pod(userns={"uids": [{**_MAP, "host_id": (1 << 32) - 2, "length": 1}], "gids": [_MAP]}),
+     True),
+    (_pod(network="CONTAINER"), False),
+    (_pod(network="TARGET"), False),
+    (_pod(pid="CONTAINER"), True),
+    (_pod(pid=3), False),
+    (_pod(ipc="CONTAINER"), False),
+    (_pod(privileged=True), True),
+    (_pod(privileged=True, userns={}), False),
+    (_pod(privileged=True, userns={"mode": "POD"}), False),
+    (_pod(privileged=True, userns={"mode": "NODE"}), True),
+    (_pod(privileged=False, userns={}), True),
+    (_pod(pid="NODE", userns={}), False),
+    (_pod(ipc=2, userns={"uids": [_MAP], "gids": [_MAP]}), False),
+    (_pod(pid="NODE", ipc="NODE", userns={"mode": "NODE"}), True),
+    (_pod(pid="NODE", ipc="NODE"), True),
+    (_pod(sysctls={"net.ipv4.ip_forward": "1", "kernel.shmmax": "1"}), True),
+    (_pod(sysctls={"net.ipv4.ip_forward": "1"}, network="NODE"), False),
+    (_pod(sysctls={"fs.mqueue.msg_max": "1"}, network="NODE"), True),
+    (_pod(sysctls={"kernel.shmmax": "1"}, ipc="NODE"), False),
+    (_pod(sysctls={"fs.mqueue.msg_max": "1"}, ipc=2), False),
+    (_pod(sysctls={"net.core.somaxconn": "1"}, ipc="NODE"), True),
+    (_pod(sysctls={"vm.swappiness": "1"}), False),
+    (_pod(sysctls={"kernel.semx": "1"}), False),
+    (_pod(sysctls={"net": "1"}), False),
+    (_pod(ports=[{"host_port": 80}]), False),
+    (_pod(ports=[{"host_port": 80, "container_port": 80}]), True),
+    (_pod(ports=[{"host_port": 80, "container_port": 80}], network="NODE"), False),
+    (_pod(ports=[{"container_port": 80}], network="NODE"), True),
+])
+def test_the_json_schema_states_the_namespace_rules(pod: dict[str, Any], accepted: bool) -> None:
+    """Each rule of _namespaces (and _ports, _sysctls) is in the document: a client generated
+    from it, or schemathesis, sends only what is accepted and learns what is refused."""
+    try:
+        parse_pod_config(pod)
+        valid = True
+    except InvalidPodConfig:
+        valid = False
+    assert valid is accepted
+    assert _schema_validator().is_valid(pod) is accepted
+
+
+def test_host_id_plus_length_is_the_rule_the_schema_cannot_state() -> None:
+    # each side's bound is stated, their sum is arithmetic JSON Schema has no word for
+    pod = _pod(userns={"uids": [{**_MAP, "host_id": (1 << 32) - 10, "length": 10}],
+                       "gids": [_MAP]})
+    with pytest.raises(InvalidPodConfig, match="runs past the last id"):
+        parse_pod_config(pod)
+    assert _schema_validator().is_valid(pod)
+
+
+def test_the_daemons_id_pool_is_in_its_document() -> None:
+    from podfsm.config import ControllerConfig
+
+    cfg = ControllerConfig(idmap_pool_start=1 << 20, idmap_pool_size=1 << 20,
+                           idmap_max_length=1 << 17)
+    schema = _schema_validator(cfg)
+    end = (1 << 20) + (1 << 20)
+    for mapping, inside in (({**_MAP}, True), ({**_MAP, "host_id": 65536}, False),
+                            ({**_MAP, "host_id": end - 1, "length": 1}, True),
+                            ({**_MAP, "host_id": end}, False),
+                            ({**_MAP, "length": 1 << 17}, True),
+                            ({**_MAP, "length": (1 << 17) + 1}, False)):
+        assert schema.is_valid(_pod(userns={"uids": [mapping], "gids": [_MAP]})) is inside, \
+            mapping
+    # the static document (no daemon) has only the id space's bounds
+    assert _schema_validator().is_valid(_pod(userns={"uids": [{**_MAP, "host_id": 65536}],
+                                                     "gids": [_MAP]}))

@@ -82,7 +82,8 @@ class Shim:
         self.streams: set[anyio.CancelScope] = set()
         self._closing = False
         self._machine_graphs: dict[str, bytes] = {}
-        self._openapi = openapi_document(getattr(ctl, "runtime_handlers", None))
+        self._openapi = openapi_document(getattr(ctl, "runtime_handlers", None),
+                                         getattr(ctl, "config", None))
         routes = [Route("/", self.page, methods=["GET"]),
                   Route("/openapi.json", self.openapi, methods=["GET"])]
         routes += [Route(path, _Resource(path, {op.method.upper(): self._endpoint(op.handler)

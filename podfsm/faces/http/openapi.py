@@ -15,8 +15,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from podfsm import __version__
+from podfsm.config import ControllerConfig
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.core.spec import PodSandboxConfig
+from podfsm.core.spec import ID_SPACE, PodSandboxConfig
 from podfsm.faces import graph
 from podfsm.faces.wire import (
     SANDBOX_ID_PATTERN,
@@ -209,10 +210,23 @@ def _portable(node: Any) -> Any:
     return out
 
 
-def openapi_document(runtime_handlers: list[str] | None = None) -> dict[str, Any]:
+def _id_pool(config: ControllerConfig) -> dict[str, Any]:
+    """The schema of a requested id mapping that the daemon's id pool takes, as the
+    controller checks it at admission: host ids inside the pool, at most idmap_max_length of
+    them (that host_id + length stays inside too is arithmetic JSON Schema cannot say)."""
+    end = min(config.idmap_pool_start + config.idmap_pool_size, ID_SPACE - 1)
+    mapping = {"properties": {
+        "host_id": {"minimum": config.idmap_pool_start, "maximum": end - 1},
+        "length": {"maximum": min(config.idmap_max_length, end - config.idmap_pool_start)}}}
+    return {"properties": {"uids": {"items": mapping}, "gids": {"items": mapping}}}
+
+
+def openapi_document(runtime_handlers: list[str] | None = None,
+                     config: ControllerConfig | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models.
     `runtime_handlers` (the daemon's installed ones) become the choices of runSandbox's
-    `runtime_handler`, which the server checks against the same list."""
+    `runtime_handler`, which the server checks against the same list; `config` (the daemon's)
+    adds its id pool's bounds to the user namespace mappings a pod may ask for."""
     _, top = models_json_schema(
         [(PodSandboxConfig, "validation"), (SandboxStatus, "serialization"),
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
@@ -232,6 +246,10 @@ def openapi_document(runtime_handlers: list[str] | None = None) -> dict[str, Any
             if param["name"] == "runtime_handler" and runtime_handlers is not None:
                 param["schema"] = {**param["schema"], "enum": ["", *runtime_handlers]}
                 param["schema"].pop("maxLength", None)
+    schemas = _portable(top["$defs"])
+    if config is not None:
+        userns = schemas["UserNamespace"]
+        userns["allOf"] = [*userns.get("allOf", ()), _id_pool(config)]
     return {
         "openapi": "3.1.0",
         "info": {"title": "podfsm", "version": __version__,
@@ -240,7 +258,7 @@ def openapi_document(runtime_handlers: list[str] | None = None) -> dict[str, Any
                                 "TCP."},
         "paths": paths,
         "components": {
-            "schemas": _portable(top["$defs"]),
+            "schemas": schemas,
             "securitySchemes": {BEARER: {
                 "type": "http", "scheme": "bearer",
                 "description": "TCP only: the token of `serve --token-file` (the unix "
