@@ -159,7 +159,8 @@ def _schema_validator(config: Any = None) -> Any:
 
     doc = openapi_document(None, config)
     return jsonschema_rs.Draft202012Validator(
-        {"$ref": "#/components/schemas/PodSandboxConfig", "components": doc["components"]})
+        {"$ref": "#/components/schemas/PodSandboxConfig", "components": doc["components"]},
+        validate_formats=True)
 
 
 @pytest.mark.parametrize(("pod", "accepted"), [
