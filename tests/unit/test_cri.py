@@ -431,7 +431,7 @@ def test_serve_refuses_a_cri_socket_another_server_answers_on(rig: Rig, sock_dir
         live.listen()
         daemon = Daemon(rig.cfg, os.path.join(sock_dir, "podfsm.sock"),
                         controller=rig.controller(), cri_socket=cri)
-        with pytest.raises(PrerequisiteMissing, match="already answers on the CRI socket"):
+        with pytest.raises(PrerequisiteMissing, match="CRI socket: another server already answers"):
             asyncio.run(daemon.run())
         assert os.listdir(sock_dir) == ["cri.sock"]  # its own socket is gone, the other's kept
     os.unlink(cri)

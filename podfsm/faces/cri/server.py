@@ -19,8 +19,6 @@ import functools
 import json
 import logging
 import os
-import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -41,6 +39,7 @@ from podfsm.core.errors import (
     StateDirError,
 )
 from podfsm.faces.cri import convert
+from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
 
 log = logging.getLogger(__name__)
 
@@ -310,25 +309,11 @@ class CriServer:
         if server is not None:
             await server.stop(grace)
         if self._inode is not None:
-            with contextlib.suppress(OSError):
-                if os.lstat(self.socket_path).st_ino == self._inode:
-                    os.unlink(self.socket_path)
+            unlink_if_ours(self.socket_path, self._inode)
             self._inode = None
 
 
 def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file nobody answers on; refuse a live one or any other file."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise PrerequisiteMissing(f"{path} exists and is not a socket: refusing to replace it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise PrerequisiteMissing(f"another server already answers on the CRI socket {path}")
+    problem = stale_socket_problem(path)
+    if problem is not None:
+        raise PrerequisiteMissing(f"CRI socket: {problem}")

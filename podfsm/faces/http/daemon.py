@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,6 +24,7 @@ from podfsm.faces.http.app import DEFAULT_HEARTBEAT, Shim
 from podfsm.faces.http.errors import DaemonError
 from podfsm.faces.http.events import DEFAULT_MAX_STREAMS
 from podfsm.faces.http.guard import TcpGuard, listening_names, load_or_create_token
+from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
 from podfsm.faces.wire import DEFAULT_SOCKET
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class Daemon:
             self.listening.set()
             await server.serve(sockets=listeners)
         finally:
-            _unlink_socket(self.socket_path, inode)
+            unlink_if_ours(self.socket_path, inode)
             for sock in listeners:
                 sock.close()
             self.listening.clear()
@@ -280,29 +280,11 @@ def bind_unix_socket(path: str) -> socket.socket:
 
 
 def _clear_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise DaemonError(f"{path} exists and is not a socket: refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody answers: a daemon that died left it
-        return
-    finally:
-        probe.close()
-    raise DaemonError(f"another podfsm daemon already answers on {path}")
+    problem = stale_socket_problem(path)
+    if problem is not None:
+        raise DaemonError(problem)
 
 
-def _unlink_socket(path: str, inode: int) -> None:
-    """Remove the socket file if it is still the one we bound."""
-    with contextlib.suppress(OSError):
-        if os.lstat(path).st_ino == inode:
-            os.unlink(path)
 
 
 def bind_tcp_socket(host: str, port: int) -> socket.socket:
