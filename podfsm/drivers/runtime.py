@@ -28,6 +28,7 @@ import signal
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -370,10 +371,15 @@ class OciRuntime:
             with contextlib.suppress(ReaperError):
                 await self._reaper.forget(task.pid, task.start_time)
         # A `create` killed halfway (timeout, or a controller SIGKILLed) leaves the container's
-        # cgroups behind with no state that `delete` could find them by: remove them. Empty
-        # ones only: rmdir never removes a cgroup that still has a process, which belongs to a
-        # live container (orphan collection asks every handler to delete an id).
-        for d in container_cgroup_dirs(bundle, container_id) if ours else ():
+        # cgroups behind with no state that `delete` could find them by, sometimes with the
+        # container's init still in them, waiting for a `start` that never comes (crun's
+        # calls setsid, so it outlives the group kill and is reparented to the reaper). The
+        # runtime knows the container no more, so what is left in its own cgroup is this
+        # container's and is killed, then the cgroups go.
+        dirs = container_cgroup_dirs(bundle, container_id) if ours else []
+        if dirs and not self._exists(container_id):
+            await _empty_cgroups(dirs, container_id)
+        for d in dirs:
             try:
                 os.rmdir(d)
             except OSError as exc:
@@ -623,6 +629,35 @@ def pause_pids(run_dir: str) -> list[int]:
             if (exe.st_dev, exe.st_ino) == (st.st_dev, st.st_ino):
                 pids.append(int(pid))
     return pids
+
+
+async def _empty_cgroups(dirs: list[str], container_id: str, within: float = 2.0) -> None:
+    """SIGKILL every process left in the container's cgroup directories and wait (briefly)
+    until they are empty. A pid is signalled through a pidfd taken after checking that the
+    process is still in this container's cgroup, so a reused pid is never hit."""
+    deadline = time.monotonic() + within
+    while True:
+        pids: set[int] = set()
+        for d in dirs:
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in _read_text(os.path.join(d, "cgroup.procs")).split())
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if container_id in _read_text(f"/proc/{pid}/cgroup"):
+                    log.warning("killing pid %d left in the cgroup of container %s", pid,
+                                container_id)
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        await asyncio.sleep(0.01)
 
 
 def cgroup_parent_dirs(parent: str = DEFAULT_CGROUP_PARENT) -> set[str]:

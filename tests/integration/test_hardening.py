@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -269,6 +272,41 @@ async def test_delete_removes_the_cgroups_a_create_killed_halfway_left(runtime: 
         assert not os.path.exists(rt.bundle_path(cid))
         await rt.close()
     finally:
+        for d in container_cgroup_dirs("", cid) + made[::-1]:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        destroy_env(env)
+
+
+async def test_delete_kills_what_a_create_killed_halfway_left_in_its_cgroup(runtime: str) -> None:
+    # crun's container init calls setsid: a `create` killed halfway can leave it alive in the
+    # container's cgroup, waiting for a start that never comes, with no runtime state left.
+    env = make_env(runtime)
+    cid = "d8" * 32
+    made: list[str] = []
+    lingering = subprocess.Popen(["sleep", "60"])  # noqa: ASYNC220 (starts at once)
+    reaped = threading.Thread(target=lingering.wait, daemon=True)  # reap it as it dies
+    reaped.start()
+    try:
+        rt = OciRuntime(runtime, env.cfg.run_dir)  # type: ignore[arg-type]
+        await rt.start()
+        unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")  # cgroup v2 only
+        for hierarchy in ("",) if unified else ("pids/", "memory/"):
+            parent = f"/sys/fs/cgroup/{hierarchy}podfsm"
+            if not os.path.isdir(parent):
+                os.mkdir(parent)
+                made.append(parent)
+            os.mkdir(f"{parent}/{cid}")
+            Path(f"{parent}/{cid}/cgroup.procs").write_text(str(lingering.pid))
+        os.makedirs(rt.bundle_path(cid))  # the create was this controller's
+        await rt.delete(cid)
+        reaped.join(5)
+        assert lingering.poll() == -signal.SIGKILL
+        assert container_cgroup_dirs("", cid) == []
+        await rt.close()
+    finally:
+        if lingering.poll() is None:
+            lingering.kill()
         for d in container_cgroup_dirs("", cid) + made[::-1]:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
