@@ -9,6 +9,7 @@ import fcntl
 import os
 import platform
 import random
+import shlex
 import shutil
 import struct
 import subprocess
@@ -112,6 +113,35 @@ class Env:
         return {k: v for k, v in found.items() if v}
 
 
+PORTMAP_CHAINS = ("CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK")
+
+
+def nat_rules() -> str:
+    return subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@contextlib.contextmanager
+def portmap_chains_removed_if_new() -> Iterator[None]:
+    """portmap leaves its top-level chains and their jumps; remove them if this test made
+    them (another session's pods may use them otherwise: then they stay)."""
+    before = nat_rules()
+    try:
+        yield
+    finally:
+        # not while another session's pod has a port mapping (its per-pod CNI-DN- chain)
+        if not any(f":{c} " in before for c in PORTMAP_CHAINS) and "CNI-DN-" not in nat_rules():
+            for rule in nat_rules().splitlines():
+                if rule.startswith("-A ") and any(f"-j {c}" in rule for c in PORTMAP_CHAINS):
+                    subprocess.run(["iptables", "-t", "nat", "-D", *shlex.split(rule)[1:]],
+                                   capture_output=True, check=False)
+            for c in PORTMAP_CHAINS:
+                subprocess.run(["iptables", "-t", "nat", "-F", c], capture_output=True,
+                               check=False)
+                subprocess.run(["iptables", "-t", "nat", "-X", c], capture_output=True,
+                               check=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _leave_host_as_found() -> Iterator[None]:
     """Put back what the runs change on the host: ip_forward (the bridge plugin's isGateway
@@ -121,7 +151,9 @@ def _leave_host_as_found() -> Iterator[None]:
         before = f.read()
     made = [d for d in ("/var/lib/cni", CNI_STORE) if not os.path.exists(d)]
     cgroups = cgroup_parent_dirs()
-    yield
+    # every pod with a port mapping (pod-config tests, schemathesis' generated pods) runs portmap
+    with portmap_chains_removed_if_new():
+        yield
     remove_new_dirs(cgroups)
     with open(path, "w") as f:
         f.write(before)

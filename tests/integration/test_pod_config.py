@@ -4,15 +4,12 @@ name the field and leave nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +17,9 @@ import anyio
 import pytest
 
 from podfsm import InvalidPodConfig, State
-from tests.integration.conftest import Env, pod, running
+from tests.integration.conftest import Env, nat_rules, pod, portmap_chains_removed_if_new, running
 
 pytestmark = pytest.mark.integration
-
-PORTMAP_CHAINS = ("CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK")
-
 
 def host_address() -> str:
     """The host's own non-loopback IPv4 address (portmap does not DNAT 127.0.0.1 without
@@ -37,32 +31,6 @@ def host_address() -> str:
         if not dev.startswith("pfsm") and not addr.startswith("10.240."):
             return addr
     pytest.fail("no non-loopback IPv4 address on this host")
-
-
-def nat_rules() -> str:
-    return subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True,
-                          check=True).stdout
-
-
-@contextlib.contextmanager
-def portmap_chains_removed_if_new() -> Iterator[None]:
-    """portmap leaves its top-level chains and their jumps; remove them if this test made
-    them (another session's pods may use them otherwise: then they stay)."""
-    before = nat_rules()
-    try:
-        yield
-    finally:
-        # not while another session's pod has a port mapping (its per-pod CNI-DN- chain)
-        if not any(f":{c} " in before for c in PORTMAP_CHAINS) and "CNI-DN-" not in nat_rules():
-            for rule in nat_rules().splitlines():
-                if rule.startswith("-A ") and any(f"-j {c}" in rule for c in PORTMAP_CHAINS):
-                    subprocess.run(["iptables", "-t", "nat", "-D", *shlex.split(rule)[1:]],
-                                   capture_output=True, check=False)
-            for c in PORTMAP_CHAINS:
-                subprocess.run(["iptables", "-t", "nat", "-F", c], capture_output=True,
-                               check=False)
-                subprocess.run(["iptables", "-t", "nat", "-X", c], capture_output=True,
-                               check=False)
 
 
 LISTENER = """
