@@ -243,6 +243,21 @@ async def test_a_killed_command_takes_every_process_it_started(end: str) -> None
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _make_container_cgroups(cid: str, made: list[str]) -> list[str]:
+    """The container's cgroup dirs as a create killed halfway leaves them (the podfsm parents
+    it had to make are added to `made`)."""
+    unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")  # cgroup v2 only
+    leaves = []
+    for hierarchy in ("",) if unified else ("pids/", "memory/"):
+        parent = f"/sys/fs/cgroup/{hierarchy}podfsm"
+        if not os.path.isdir(parent):
+            os.mkdir(parent)
+            made.append(parent)
+        os.mkdir(f"{parent}/{cid}")
+        leaves.append(f"{parent}/{cid}")
+    return leaves
+
+
 async def test_delete_removes_the_cgroups_a_create_killed_halfway_left(runtime: str) -> None:
     # What a `create` killed halfway leaves: the container's cgroups, and no state the runtime
     # could find them by.
@@ -253,12 +268,7 @@ async def test_delete_removes_the_cgroups_a_create_killed_halfway_left(runtime: 
         rt = OciRuntime(runtime, env.cfg.run_dir)  # type: ignore[arg-type]
         await rt.start()
         unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")  # cgroup v2 only
-        for hierarchy in ("",) if unified else ("pids/", "memory/"):
-            parent = f"/sys/fs/cgroup/{hierarchy}podfsm"
-            if not os.path.isdir(parent):
-                os.mkdir(parent)
-                made.append(parent)
-            os.mkdir(f"{parent}/{cid}")
+        _make_container_cgroups(cid, made)
         assert len(container_cgroup_dirs("", cid)) == (1 if unified else 2)
         # cgroup paths are global: a controller on another run_dir leaves them alone
         other = OciRuntime(runtime, os.path.join(env.tmp, "other-run"))  # type: ignore[arg-type]
@@ -290,14 +300,8 @@ async def test_delete_kills_what_a_create_killed_halfway_left_in_its_cgroup(runt
     try:
         rt = OciRuntime(runtime, env.cfg.run_dir)  # type: ignore[arg-type]
         await rt.start()
-        unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")  # cgroup v2 only
-        for hierarchy in ("",) if unified else ("pids/", "memory/"):
-            parent = f"/sys/fs/cgroup/{hierarchy}podfsm"
-            if not os.path.isdir(parent):
-                os.mkdir(parent)
-                made.append(parent)
-            os.mkdir(f"{parent}/{cid}")
-            Path(f"{parent}/{cid}/cgroup.procs").write_text(str(lingering.pid))
+        for leaf in _make_container_cgroups(cid, made):
+            Path(f"{leaf}/cgroup.procs").write_text(str(lingering.pid))
         os.makedirs(rt.bundle_path(cid))  # the create was this controller's
         await rt.delete(cid)
         reaped.join(5)
