@@ -18,8 +18,6 @@ import shutil
 import socket
 import stat
 
-import anyio
-
 from podfsm.core.ocispec import LOCALHOST_HOSTS, SHM_OPTIONS, resolv_conf
 from podfsm.core.records import SandboxFiles
 from podfsm.core.spec import PodSandboxConfig
@@ -85,8 +83,12 @@ class HostFiles:
         self._resolv = resolv_conf_path
         self._hosts = hosts_path
 
+    # The calls below run on the event loop, not in a worker thread: each is a few small file
+    # writes or unlinks and a tmpfs mount or unmount (tens of microseconds each), less than a
+    # trip to a thread and back costs in wake-ups (see docs/performance.md).
+
     async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
-        return await anyio.to_thread.run_sync(self._setup, sandbox_dir, pod)
+        return self._setup(sandbox_dir, pod)
 
     def _setup(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
         # network NODE: the host's UTS name and its /etc/hosts, as the pod shares its network
@@ -122,10 +124,10 @@ class HostFiles:
         return files
 
     async def release_shm(self, shm_path: str) -> None:
-        await anyio.to_thread.run_sync(_release_shm, shm_path)
+        _release_shm(shm_path)
 
     async def remove_files(self, files: SandboxFiles) -> None:
-        await anyio.to_thread.run_sync(self._remove, files)
+        self._remove(files)
 
     def _remove(self, files: SandboxFiles) -> None:
         if files.shm_path != HOST_SHM:
@@ -137,7 +139,7 @@ class HostFiles:
             _remove_empty_dirs(files.log_directory, files.log_directory_created)
 
     async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str) -> None:
-        await anyio.to_thread.run_sync(remove_cgroup_parent, cgroup_parent, cgroup_root)
+        remove_cgroup_parent(cgroup_parent, cgroup_root)
 
     def read_seccomp_profile(self, path: str, limit: int) -> bytes:
         # O_NONBLOCK and a regular file only: a FIFO or a device named by the pod must not
