@@ -197,9 +197,14 @@ class ControllerBase:
                         sub.put(ev)
 
     async def _store_save(self, rec: SandboxRecord, durable: bool = False) -> None:
+        if not durable:
+            # A write that need not be durable completes without suspending (FileStore writes
+            # in place, inline), so no cancellation can cut it short: no scope needed.
+            await self.store.save(rec)
+            return
         # Never abandoned halfway: a cancelled write would go on in its thread.
         with anyio.CancelScope(shield=True):
-            await self.store.save(rec, durable=durable)
+            await self.store.save(rec, durable=True)
 
     async def _save_or_log(self, sb: Sandbox, *triggers: Trigger, error: str | None = None,
                            **changes: Any) -> None:

@@ -131,10 +131,13 @@ class SandboxRecord(_Frozen):
         """A copy with `changes` applied. Not re-validated: the orchestrator is the only
         caller and passes typed values (mypy checks them); a full dump and validate per step
         cost more CPU than everything else the controller does."""
-        unknown = changes.keys() - type(self).model_fields.keys()
+        unknown = changes.keys() - _RECORD_FIELDS
         if unknown:
             raise TypeError(f"SandboxRecord has no field(s) {sorted(unknown)}")
         return self.model_copy(update=changes)
+
+
+_RECORD_FIELDS = frozenset(SandboxRecord.model_fields)
 
 
 class SandboxStatus(_Frozen):
