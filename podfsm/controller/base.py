@@ -60,7 +60,7 @@ class FailpointError(StepFailed):
 class Sandbox:
     record: SandboxRecord
     machine: SandboxMachine
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     supervisor: anyio.CancelScope | None = None
     removed: bool = False
     #: transitions not yet published (see Controller._save)
@@ -107,7 +107,10 @@ class ControllerBase:
         self._failpoints = fp.parse(spec)
         self._sandboxes: dict[str, Sandbox] = {}
         self._names: dict[str, str] = {}  # reserved name -> sandbox id
-        self._limiter = anyio.CapacityLimiter(cfg.max_parallel)
+        # fast_acquire, here and on each sandbox's lock: a free token or lock is taken without
+        # a trip through the event loop (a checkpoint per acquisition cost ~50 us of CPU, five
+        # a lifecycle); every holder awaits I/O soon after, so nobody starves.
+        self._limiter = anyio.Semaphore(cfg.max_parallel, fast_acquire=True)
         self._tg: TaskGroup | None = None
         self._exit_stack = contextlib.AsyncExitStack()
         self._subscribers: set[Subscriber[TransitionEvent]] = set()

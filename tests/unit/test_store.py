@@ -53,6 +53,20 @@ def framed(body: bytes, seq: int = 0) -> bytes:
     return b"podfsm-record %d %d %08x\n%s\n" % (seq, len(body), zlib.crc32(body), body)
 
 
+def test_evolve_makes_what_model_copy_makes() -> None:
+    rec = record(1)
+    changes: dict[str, Any] = {"state": State.READY, "pending": None, "leftovers": ["x"]}
+    mine, theirs = rec.evolve(**changes), rec.model_copy(update=changes)
+    assert mine == theirs and type(mine) is SandboxRecord
+    assert mine.model_fields_set == theirs.model_fields_set
+    assert mine.model_dump_json() == theirs.model_dump_json()
+    assert rec.state is State.UNKNOWN and rec.leftovers == []  # the original is untouched
+    with pytest.raises(TypeError, match="no field"):
+        rec.evolve(bogus=1)
+    with pytest.raises(ValueError, match="frozen"):
+        mine.state = State.NOT_READY
+
+
 async def test_save_and_load_round_trip(store: FileStore) -> None:
     a, b = record(1), record(2, state=State.READY, pending=None)
     await store.save(a, durable=True)
