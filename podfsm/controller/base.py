@@ -13,6 +13,7 @@ import re
 import signal
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -46,6 +47,10 @@ E = TypeVar("E")
 EVENT_BACKLOG = 1024
 #: What a sandbox id looks like (secrets.token_hex(32)); only such names are collected as ours.
 SANDBOX_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+#: what _failpoints_around gives when no failpoint is set (stateless, so shared)
+_NO_FAILPOINTS: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
 def now() -> datetime:
@@ -226,15 +231,18 @@ class ControllerBase:
         for sub in list(self._subscribers):
             sub.put(ev)
 
-    @contextlib.asynccontextmanager
-    async def _failpoints_around(self, step: str | None) -> AsyncIterator[None]:
+    def _failpoints_around(self, step: str | None) -> AbstractAsyncContextManager[None]:
         """The `step.before` failpoint, the step, then `step.after` (not reached when the
         step raises). None: a step without failpoints."""
-        if step is not None:
-            await self._hit(f"{step}.before")
+        if step is None or not self._failpoints:
+            return _NO_FAILPOINTS  # the usual case: no generator made and run per step
+        return self._failpoints_of(step)
+
+    @contextlib.asynccontextmanager
+    async def _failpoints_of(self, step: str) -> AsyncIterator[None]:
+        await self._hit(f"{step}.before")
         yield
-        if step is not None:
-            await self._hit(f"{step}.after")
+        await self._hit(f"{step}.after")
 
     async def _hit(self, name: str) -> None:
         point = self._failpoints.get(name)
