@@ -29,7 +29,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -40,7 +40,7 @@ from podfsm.core.records import PinnedNamespaces, TaskInfo
 from podfsm.core.requests import PauseRequest
 from podfsm.drivers import linux
 from podfsm.drivers.reaper import ReaperError
-from podfsm.drivers.reaperclient import ReaperClient
+from podfsm.drivers.reaperclient import ReaperClient, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,9 @@ class OciRuntime:
         return [self._resolved, "--root", self.root, *args]
 
     async def _run(
-        self, verb: str, args: Sequence[str], *, output_file: str | None = None
-    ) -> tuple[int, str, str]:
+        self, verb: str, args: Sequence[str], *, output_file: str | None = None,
+        then: Mapping[str, Any] | None = None,
+    ) -> RunResult:
         argv = self._argv(verb, *args)
         # crun refuses hybrid cgroups only where it creates the container's cgroups: `create`.
         # Its other verbs work on hybrid hosts as they are (measured here: start, kill, list,
@@ -265,7 +266,7 @@ class OciRuntime:
         try:
             return await self._reaper.run(
                 argv, mount_workaround=workaround, timeout=self.command_timeout,
-                output_file=output_file,
+                output_file=output_file, then=then,
             )
         except ReaperError as exc:
             raise StepFailed(STEP, f"{self.name} {verb} failed: {exc}") from exc
@@ -305,32 +306,23 @@ class OciRuntime:
             raise StepFailed(STEP, f"cannot write the bundle {bundle}: {exc}") from exc
         try:
             # The container inherits the runtime's stdio: a file, never a pipe someone waits on.
-            rc, _, err = await self._run(
+            # Create, then (in the same reaper request) read the pid file, write task.json and
+            # watch the pause process: task.json is written before the reaper persists
+            # anything for the process, so a crash in between leaves a task.json that
+            # delete() uses to make the reaper forget it.
+            res = await self._run(
                 "create", ["--bundle", bundle, "--pid-file", pid_file, req.container_id],
                 output_file=os.path.join(bundle, "pause.log"),
+                then={"watch_pid_file": pid_file,
+                      "task_file": os.path.join(bundle, "task.json")},
             )
-            if rc != 0:
-                raise self._failed("create", err)
-            try:
-                pid = _read_pid(pid_file)
-            except (OSError, ValueError) as exc:
+            if res.rc != 0:
+                raise self._failed("create", res.stderr)
+            if res.watched is None:
                 raise StepFailed(
-                    STEP, f"{self.name} create left no usable pid file {pid_file}: {exc}"
-                ) from exc
-            task_file = os.path.join(bundle, "task.json")
-            # None when the pause already died: the reaper then knows its start time.
-            start_time = linux.proc_start_time(pid)
-            if start_time is not None:
-                # Written before the reaper persists anything for it: a crash in between
-                # leaves a task.json that delete() uses to make the reaper forget it.
-                _write_json(task_file, TaskInfo(pid=pid, start_time=start_time).model_dump())
-            try:
-                watched = await self._reaper.watch(pid, start_time)
-            except ReaperError as exc:
-                raise StepFailed(STEP, f"cannot supervise the pause process {pid}: {exc}") from exc
-            task = TaskInfo(pid=watched.pid, start_time=watched.start_time)
-            if start_time is None:
-                _write_json(task_file, task.model_dump())
+                    STEP, f"{self.name} create left no usable pid file {pid_file}, or the "
+                          f"pause process cannot be supervised: {res.then_error}")
+            task = TaskInfo(pid=res.watched.pid, start_time=res.watched.start_time)
             _check_joined(self.name, req, task.pid)
             return task
         except BaseException:
@@ -341,17 +333,17 @@ class OciRuntime:
     async def start_task(self, container_id: str) -> None:
         """Run `start`."""
         _check_id(container_id)
-        rc, _, err = await self._run("start", [container_id])
-        if rc != 0:
-            raise self._failed("start", err)
+        res = await self._run("start", [container_id])
+        if res.rc != 0:
+            raise self._failed("start", res.stderr)
 
     async def kill(self, container_id: str, signal: int) -> None:
         """Send `signal` to the task; no error if it is already gone."""
         _check_id(container_id)
         signum = int(signal)
-        rc, _, err = await self._run("kill", [container_id, str(signum)])
-        if rc != 0 and not _gone(err):
-            raise self._failed("kill", err)
+        res = await self._run("kill", [container_id, str(signum)])
+        if res.rc != 0 and not _gone(res.stderr):
+            raise self._failed("kill", res.stderr)
 
     async def delete(self, container_id: str) -> None:
         """`delete --force` and remove the bundle. Idempotent."""
@@ -361,13 +353,18 @@ class OciRuntime:
         # cgroup paths are global: only a container of this root (or whose bundle this
         # controller wrote) may have its cgroups removed here
         ours = os.path.isdir(bundle) or self._exists(container_id)
+        forgotten = False
         if self._exists(container_id):
             if task is not None:
                 await self._kill_and_wait(task)
-            rc, _, err = await self._run("delete", ["--force", container_id])
-            if rc != 0 and self._exists(container_id):
-                raise self._failed("delete", err)
-        if task is not None:
+            # delete, then (same request) forget the pause's exit status
+            then = None if task is None else {
+                "forget": {"pid": task.pid, "start_time": task.start_time}}
+            res = await self._run("delete", ["--force", container_id], then=then)
+            if res.rc != 0 and self._exists(container_id):
+                raise self._failed("delete", res.stderr)
+            forgotten = res.rc == 0 and res.then_error is None
+        if task is not None and not forgotten:
             with contextlib.suppress(ReaperError):
                 await self._reaper.forget(task.pid, task.start_time)
         # A `create` killed halfway (timeout, or a controller SIGKILLed) leaves the container's
@@ -413,7 +410,7 @@ class OciRuntime:
         _check_id(container_id)
         if not self._exists(container_id):
             return None
-        rc, out, err = await self._run("state", [container_id])
+        rc, out, err = (await self._run("state", [container_id]))[:3]
         if rc != 0:
             if _gone(err) or not self._exists(container_id):
                 return None
@@ -444,7 +441,7 @@ class OciRuntime:
         fd, path = tempfile.mkstemp(prefix="list-", suffix=".json", dir=self.run_dir)
         os.close(fd)
         try:
-            rc, _, err = await self._run("list", ["--format", "json"], output_file=path)
+            rc, _, err = (await self._run("list", ["--format", "json"], output_file=path))[:3]
             out = await asyncio.to_thread(_read_text, path)
         finally:
             os.unlink(path)
