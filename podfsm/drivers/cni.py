@@ -65,6 +65,7 @@ class _Step:
 
     conf: NetworkConfigList
     index: int
+    #: the variables set over the inherited environment (CNI_*, PATH)
     env: dict[str, str]
     prev: Mapping[str, Any] | None = None
     chained: bool = False
@@ -154,10 +155,11 @@ class CniNetwork:
             needed += [t for t in cniconf.required_plugins(loopback) if t not in needed]
         paths = await asyncio.to_thread(self._find_plugins, needed, conf.source)
 
-        env = dict(os.environ)
-        env.setdefault("PATH", _FALLBACK_PATH)
-        env["CNI_PATH"] = ":".join(self.bin_dirs)
-        self._base_env = env
+        # What a plugin gets over the environment it inherits (this process's, or the reaper's,
+        # which it inherited from the controller that started it): PATH, as plugins such as
+        # portmap run iptables, and CNI_PATH; _env adds the per-call CNI_* variables.
+        self._base_env = {"PATH": os.environ.get("PATH") or _FALLBACK_PATH,
+                          "CNI_PATH": ":".join(self.bin_dirs)}
         self._plugin_paths = paths
         self._conflist = conf
         self._loopback = loopback
@@ -442,7 +444,7 @@ class CniNetwork:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=step.env,
+                env={**os.environ, **step.env},
                 cwd="/",
                 process_group=0,  # a timeout kills what the plugin started too
             )

@@ -13,8 +13,11 @@ Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request 
 `error` (a message). Requests on one connection may be answered out of order.
 
 - `ping` -> {pid, runs, watched}: the reaper's pid, commands in flight, processes watched
-- `run` {argv, env?, input?, cwd?, mount_workaround?, timeout?, output_file?, then?}
-  -> {rc, stdout, stderr}: `input` is the command's stdin. `output_file`: stdout and stderr go
+- `run` {argv, env?, env_add?, input?, cwd?, mount_workaround?, timeout?, output_file?, then?}
+  -> {rc, stdout, stderr}: `env` is the command's environment (default: the reaper's own,
+  which it inherited from the client that started it), `env_add` variables set over it (the
+  CNI_* ones: a plugin run then carries a few variables, not the caller's whole environment);
+  `input` is the command's stdin. `output_file`: stdout and stderr go
   to that file (for `create`, whose container inherits the runtime's stdio); its tail is
   returned as `stderr`. Each command is its own process group; at `timeout` the whole group is
   killed and the reply is {error: "timeout after N s ..."}. A command whose client disconnects
@@ -34,6 +37,9 @@ Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request 
 - `wait_exit` {pid, start_time, timeout} -> {status, exited}: `status` is the shell-style exit
   status (code, or 128+signal) as soon as it is reaped; null with exited=true when the process is
   gone but its status cannot be known (it was never our child); null with exited=false at timeout.
+- `kill` {pid, start_time, grace?} -> {ended, status}: end that process through a pidfd
+  (SIGTERM, SIGKILL after `grace` s) and wait for it: `ended` is "exited", "gone" (before) or
+  "reused" (the pid names another process); `status` as `wait_exit` gives it.
 - `forget` {pid, start_time} -> {}: drop the recorded status and its file.
 - `shutdown` -> {}: exit as soon as no child is alive (pause processes are never abandoned).
 
@@ -402,6 +408,10 @@ class ReaperServer:
             raise ValueError("argv is empty")
         raw_env = req.get("env")
         env = None if raw_env is None else {str(k): str(v) for k, v in raw_env.items()}
+        env_add = req.get("env_add")
+        if env_add:
+            env = {**(os.environ if env is None else env),
+                   **{str(k): str(v) for k, v in env_add.items()}}
         output_file = req.get("output_file")
         stdin_data = req.get("input")
         cwd = req.get("cwd")
@@ -667,6 +677,53 @@ class ReaperServer:
         finally:
             os.close(pidfd)
 
+    async def _kill(self, pid: int, start_time: int, grace: float) -> dict[str, Any]:
+        """End (pid, start_time) through a pidfd, so a reuse of its pid is never signalled:
+        SIGTERM, then SIGKILL after `grace` seconds (at once when 0); then its status.
+
+        {ended: "exited" | "gone" | "reused", status}: "exited" when it was running and has
+        exited now (status its exit status when this process reaped it, else null), "gone"
+        when it had exited already (status as `wait_exit` tells it), "reused" when the pid
+        names another process now (status null). Raises if it survives SIGKILL.
+        """
+        assert self._loop is not None
+        key = (pid, start_time)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return {"ended": "gone", **await self._wait_exit(pid, start_time, 0.0)}
+        try:
+            if linux.proc_start_time(pid) != start_time:
+                if key in self._exits or self._read_exit_file(key) is not None:
+                    return {"ended": "gone", **await self._wait_exit(pid, start_time, 0.0)}
+                return {"ended": "reused", "status": None}
+            ended: asyncio.Future[None] = self._loop.create_future()
+
+            def on_exit() -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+            self._loop.add_reader(pidfd, on_exit)
+            try:
+                term = ((signal.SIGTERM, grace),) if grace > 0 else ()
+                for sig, wait in (*term, (signal.SIGKILL, 10.0)):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, sig)
+                    try:
+                        async with asyncio.timeout(wait):
+                            await asyncio.shield(ended)
+                        break
+                    except TimeoutError:
+                        continue
+                else:
+                    raise RuntimeError(f"pid {pid} survived SIGKILL")
+            finally:
+                self._loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        # Exited: as our child, its status comes with the SIGCHLD that is on its way.
+        return {"ended": "exited", **await self._wait_exit(pid, start_time, 1.0)}
+
     def _forget(self, pid: int, start_time: int) -> None:
         key = (pid, start_time)
         self._exits.pop(key, None)
@@ -691,6 +748,9 @@ class ReaperServer:
             return await self._wait_exit(
                 int(req["pid"]), int(req["start_time"]), float(req.get("timeout") or 0.0)
             )
+        if op == "kill":
+            return await self._kill(int(req["pid"]), int(req["start_time"]),
+                                    float(req.get("grace") or 0.0))
         if op == "forget":
             self._forget(int(req["pid"]), int(req["start_time"]))
             return {}

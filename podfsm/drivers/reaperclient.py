@@ -26,7 +26,7 @@ from podfsm.drivers.reaper import (
 )
 
 #: requests that may be sent again on a new connection when the reaper was lost mid-way
-_IDEMPOTENT_OPS = frozenset({"ping", "watch", "wait_exit", "forget"})
+_IDEMPOTENT_OPS = frozenset({"ping", "watch", "wait_exit", "kill", "forget"})
 
 
 #: Starts `main` with `podfsm` as a bare package: podfsm/__init__.py imports the whole controller
@@ -69,7 +69,8 @@ class ChainStep(NamedTuple):
     """One command of a `chain` request."""
 
     argv: Sequence[str]
-    env: Mapping[str, str] | None = None
+    #: variables set over the reaper's own environment
+    env_add: Mapping[str, str] | None = None
     input: str | None = None
     #: the previous step's output (a JSON object) becomes this input's `prevResult`
     prev_result: bool = False
@@ -91,8 +92,8 @@ def _step_error(reply: Mapping[str, Any]) -> ReaperError:
 
 def _step(step: ChainStep, timeout: float, cwd: str | None) -> dict[str, Any]:
     req: dict[str, Any] = {"argv": list(step.argv), "timeout": timeout}
-    if step.env is not None:
-        req["env"] = dict(step.env)
+    if step.env_add is not None:
+        req["env_add"] = dict(step.env_add)
     if step.input is not None:
         req["input"] = step.input
     if step.prev_result:
@@ -316,6 +317,16 @@ class ReaperClient:
         )
         status = reply.get("status")
         return None if status is None else int(status)
+
+    async def kill(self, pid: int, start_time: int, grace: float = 0.0
+                   ) -> tuple[str, int | None]:
+        """End (pid, start_time) through a pidfd, SIGTERM then SIGKILL after `grace` seconds
+        (at once when 0), and wait for it: ("exited" | "gone" | "reused", its exit status or
+        None when it cannot be known)."""
+        reply = await self._request(
+            {"op": "kill", "pid": pid, "start_time": start_time, "grace": grace})
+        status = reply.get("status")
+        return str(reply["ended"]), None if status is None else int(status)
 
     async def forget(self, pid: int, start_time: int) -> None:
         """Drop the recorded exit status of (pid, start_time) and its file."""

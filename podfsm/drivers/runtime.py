@@ -189,6 +189,7 @@ class OciRuntime:
         #: an ancestor of the rootfs that a pod's mapped root cannot traverse, if any
         self._unreachable: str | None = None
         self._reaper = ReaperClient(self.run_dir)
+        self._cgroup_roots: list[str] | None = None
 
     @property
     def reaper(self) -> ReaperClient:
@@ -373,7 +374,9 @@ class OciRuntime:
         # calls setsid, so it outlives the group kill and is reparented to the reaper). The
         # runtime knows the container no more, so what is left in its own cgroup is this
         # container's and is killed, then the cgroups go.
-        dirs = container_cgroup_dirs(bundle, container_id) if ours else []
+        if self._cgroup_roots is None:
+            self._cgroup_roots = _cgroup_roots()  # the hierarchies are mounted at boot
+        dirs = container_cgroup_dirs(bundle, container_id, self._cgroup_roots) if ours else []
         if dirs and not self._exists(container_id):
             await _empty_cgroups(dirs, container_id)
         for d in dirs:
@@ -388,6 +391,16 @@ class OciRuntime:
             raise StepFailed(STEP, f"cannot remove the bundle {bundle}: {exc}") from exc
 
     async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        # One reaper request: it signals through a pidfd, sees the exit and reaps the status.
+        try:
+            _, status = await self._reaper.kill(task.pid, task.start_time, grace)
+            return status
+        except ReaperError as exc:
+            if "survived SIGKILL" in str(exc):
+                raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL") \
+                    from None
+            log.warning("the reaper could not end pause pid %d (%s): ending it here",
+                        task.pid, exc)
         return await kill_task_then_status(self.wait_exit_status, task, grace)
 
     def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
@@ -605,11 +618,6 @@ def _gone(stderr: str) -> bool:
     )
 
 
-def _read_pid(path: str) -> int:
-    with open(path, "rb") as f:
-        return int(f.read().strip())
-
-
 def pause_pids(run_dir: str) -> list[int]:
     """Live processes running the pause binary of `run_dir`'s pause rootfs: the pause
     processes of that controller, whatever its records say (for tools and tests that must
@@ -666,19 +674,44 @@ def cgroup_parent_dirs(parent: str = DEFAULT_CGROUP_PARENT) -> set[str]:
             if os.path.isdir(d)}
 
 
-def container_cgroup_dirs(bundle: str, container_id: str) -> list[str]:
-    """The directories of the container's cgroup in every mounted hierarchy: `cgroupsPath`
-    from the bundle's config.json (the default parent without one), accepted only as an
-    absolute, normalized path that ends in the container id."""
+def _cgroup_roots() -> list[str]:
+    """The mount points of the cgroup hierarchies under /sys/fs/cgroup (one with cgroup v2,
+    one per controller and the unified one with v1 or hybrid)."""
+    roots = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            # "... mount_point options [optional...] - fstype source super_options"
+            try:
+                fstype = fields[fields.index("-") + 1]
+            except (ValueError, IndexError):
+                continue
+            mount_point = fields[4]
+            if fstype in ("cgroup", "cgroup2") and (
+                    mount_point == "/sys/fs/cgroup" or mount_point.startswith("/sys/fs/cgroup/")):
+                roots.append(mount_point)
+    return sorted(set(roots))
+
+
+def container_cgroup_dirs(bundle: str, container_id: str,
+                          roots: Sequence[str] | None = None) -> list[str]:
+    """The directories of the container's cgroup in every mounted hierarchy (`roots`, else
+    read now): `cgroupsPath` from the bundle's config.json (the default parent without one),
+    accepted only as an absolute, normalized path that ends in the container id."""
     path: Any = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         path = json.loads(_read_text(os.path.join(bundle, "config.json")))["linux"]["cgroupsPath"]
     if not (isinstance(path, str) and path.startswith("/") and os.path.normpath(path) == path
             and os.path.basename(path) == container_id):
         path = cgroups_path(container_id)
-    rel = glob.escape(path.lstrip("/"))
-    return [d for d in glob.glob(f"/sys/fs/cgroup/*/{rel}") + glob.glob(f"/sys/fs/cgroup/{rel}")
-            if os.path.isdir(d) and not os.path.islink(d)]
+    rel = path.lstrip("/")
+    found = []
+    for root in _cgroup_roots() if roots is None else roots:
+        d = os.path.join(root, rel)
+        # a stat each, against two globs listing every hierarchy: this runs at every delete
+        if os.path.isdir(d) and not os.path.islink(d):
+            found.append(d)
+    return found
 
 
 def remove_new_dirs(before: set[str]) -> None:
