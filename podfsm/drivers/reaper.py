@@ -270,6 +270,9 @@ class ReaperServer:
         self._shutdown = False
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: the environment commands inherit: a plain copy, as os.environ decodes and encodes
+        #: every variable each time it is copied
+        self._environ = dict(os.environ)
         os.makedirs(os.path.join(self.run_dir, EXITS_DIR), mode=0o700, exist_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -410,7 +413,7 @@ class ReaperServer:
         env = None if raw_env is None else {str(k): str(v) for k, v in raw_env.items()}
         env_add = req.get("env_add")
         if env_add:
-            env = {**(os.environ if env is None else env),
+            env = {**(self._environ if env is None else env),
                    **{str(k): str(v) for k, v in env_add.items()}}
         output_file = req.get("output_file")
         stdin_data = req.get("input")
@@ -448,7 +451,7 @@ class ReaperServer:
                 else:
                     # the cwd asked for is this process's own (the reaper works in "/")
                     pid = os.posix_spawn(
-                        _which(argv[0], env), argv, os.environ if env is None else env,
+                        _which(argv[0], env), argv, self._environ if env is None else env,
                         file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0),
                                       (os.POSIX_SPAWN_DUP2, stdout, 1),
                                       (os.POSIX_SPAWN_DUP2, stderr, 2)],
