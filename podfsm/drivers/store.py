@@ -18,12 +18,13 @@ still runs CNI DEL. Measured on ext4: a create + rename costs 40-280 us of kerne
 allocation, the forced flush of the new data), a trip to a thread ~100 us, an in-place write
 ~3 us; a lifecycle writes six records.
 
-Slot files are recycled rather than created and unlinked: `delete` truncates a sandbox's slots
-and moves them to <state_dir>/spare (up to MAX_SPARES), and a new sandbox's slots are spares
+Slot files are recycled rather than created and unlinked: `delete` moves a sandbox's slots to
+<state_dir>/spare and empties them (up to MAX_SPARES), and a new sandbox's slots are spares
 renamed into place, its durable first write going to a spare as its temporary file. Creating a
-file costs the allocation of an inode, 20 us on a quiet ext4 and 300-500 us on one with many
-recently deleted inodes (ext4 skips those while it looks for a free one), where a rename costs
-~40 us; a lifecycle needs two slot files.
+file costs the allocation of an inode, ~30 us of kernel CPU in a quiet ext4 block group and
+300-500 us in one where many inodes were deleted recently (ext4 skips those while it looks for
+a free one; measured on this project's test VM), where a rename costs ~40 us; a lifecycle needs
+two slot files.
 
 Records carry `schema_version`; `migrate` brings an older record up to date step by step. A
 record that cannot be used is set aside in <state_dir>/corrupt (with a logged error) so every
