@@ -173,7 +173,7 @@ def test_the_name_pattern_agrees_with_the_printable_rule() -> None:
         not chr(cp).isprintable() and unicodedata.category(chr(cp)) != "Cn")]
     assert wrong == []
     for c in ("\U000e0041", "\U000f0000", "\u202e", "\x85"):  # a tag, private use, bidi, NEL
-        with pytest.raises(InvalidPodConfig, match="metadata.name"):
+        with pytest.raises(InvalidPodConfig, match=r"metadata\.name"):
             parse_pod_config({"metadata": {"name": f"web{c}"}})
     for c in ("\U0001f600", "\u0378", "\U000e0080"):  # an emoji; unassigned ones
         assert parse_pod_config({"metadata": {"name": f"web{c}"}}).metadata.name == f"web{c}"
