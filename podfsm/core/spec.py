@@ -36,16 +36,17 @@ from podfsm.core.errors import InvalidPodConfig
 UNSAFE = (r"\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff"
           r"\ud800-\udfff")
 #: and, for names: every character str.isprintable refuses (Unicode 14, Python 3.11) but
-#: unassigned ones: controls, format characters (bidi, zero-width, the invisible tag characters),
-#: separators but the space, surrogates and private use. It covers UNSAFE. The JSON schema
-#: carries it too (the planes above the BMP as literal characters, which both Python's re and
-#: ECMA-262 take); tests/unit/test_spec.py checks it against unicodedata of the Python it runs on.
+#: unassigned and private-use ones, which have no control, format or separator function:
+#: controls, format characters (bidi, zero-width, the invisible tag characters), separators but
+#: the space, surrogates. It covers UNSAFE. The JSON schema carries it too (the planes above
+#: the BMP as literal characters, which both Python's re and ECMA-262 take; no large range, as
+#: a schema-driven generator expands each range a character at a time);
+#: tests/unit/test_pod_fields.py checks it against unicodedata of the Python it runs on.
 _UNPRINTABLE = (r"\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2"
                 r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
-                r"\ud800-\uf8ff\ufeff\ufff9-\ufffb"
+                r"\ud800-\udfff\ufeff\ufff9-\ufffb"
                 "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
-                "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\U000f0000-\U000ffffd"
-                "\U00100000-\U0010fffd")
+                "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f")
 _UNPRINTABLE_RE = re.compile(f"[{_UNPRINTABLE}]")
 TEXT = rf"^[^{UNSAFE}]*\Z"
 #: printable text without ';' and '=' (CNI_ARGS separators)
@@ -71,8 +72,10 @@ LOG_DIRECTORY = rf"^(/({PATH_SEGMENT}?/)*{PATH_SEGMENT}(/{PATH_SEGMENT}?)*)?\Z"
 CPUSET = r"^[0-9,\-]*\Z"
 _SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 ID_SPACE = 1 << 32  # uid_t range
-#: (uid_t)-1 means "no id": never a valid uid or gid
-MAX_ID = ID_SPACE - 2
+#: the largest uid or gid a process may be given: Kubernetes validates run_as_user,
+#: run_as_group and supplemental groups as 0-2147483647, and runc refuses more ("uids and gids
+#: must be in range 0-2147483647")
+MAX_ID = (1 << 31) - 1
 
 Text = Annotated[str, Field(max_length=4096, pattern=TEXT)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=TEXT)]
@@ -428,10 +431,11 @@ class LinuxPodSandboxConfig(_Model):
     overhead: LinuxContainerResources | None = None
     resources: LinuxContainerResources | None = None
 
-    @field_validator("cgroup_parent")
+    @field_validator("cgroup_parent", mode="before")
     @classmethod
-    def _cgroup_parent(cls, v: str) -> str:
-        return _no_dotdot(v, "linux.cgroup_parent", 1024)
+    def _cgroup_parent(cls, v: Any) -> Any:
+        # before the pattern, which says the same less readably
+        return _no_dotdot(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
 
     @field_validator("sysctls")
     @classmethod
@@ -461,8 +465,8 @@ class PodSandboxMetadata(_Model):
     @classmethod
     def _printable(cls, v: Any, info: ValidationInfo) -> Any:
         # The same rule as the pattern, said in words: what str.isprintable refuses but
-        # unassigned code points, which are no control, format or separator character (and
-        # which a JSON schema could not list).
+        # unassigned and private-use code points, which are no control, format or separator
+        # character (and which a JSON schema could not list).
         if not isinstance(v, str):
             return v
         where = f"metadata.{info.field_name}"
@@ -580,10 +584,12 @@ class PodSandboxConfig(_Model):
     windows: Annotated[dict[str, Any] | None, AfterValidator(_no_windows)] = Field(
         default=None, json_schema_extra={"maxProperties": 0})
 
-    @field_validator("log_directory")
+    @field_validator("log_directory", mode="before")
     @classmethod
-    def _log_directory(cls, v: str) -> str:
-        if v and v.rstrip("/") == "":
+    def _log_directory(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if v and (not v.startswith("/") or v.rstrip("/") == ""):
             raise ValueError(f"log_directory {v!r} must be an absolute path without '..', not /")
         return _no_dotdot(v, "log_directory", LOG_DIRECTORY_MAX)
 

@@ -197,7 +197,7 @@ def _ecma(pattern: str) -> str:
     before a trailing newline); surrogates, which no well-formed JSON string holds, leave
     the character classes (the validators of the dialect refuse them); a character beyond the
     BMP (`\\U0001d173`, which ECMA-262 spells otherwise) is written as itself."""
-    pattern = pattern.replace("\\ud800-\\udfff", "").replace("\\ud800-\\uf8ff", "\\ue000-\\uf8ff")
+    pattern = pattern.replace("\\ud800-\\udfff", "")
     pattern = re.sub(r"\\U([0-9a-fA-F]{8})", lambda m: chr(int(m[1], 16)), pattern)
     return pattern[:-2] + "$" if pattern.endswith("\\Z") else pattern
 
