@@ -849,23 +849,22 @@ def schemathesis_argv(port: int, token: str, examples: int, report: Path) -> lis
 
 
 @dataclass
-class StatefulRun:
-    """What the stateful phase did, from the NDJSON report."""
+class SchemathesisRun:
+    """What schemathesis did, from its NDJSON report."""
 
-    #: each link it followed (schemathesis' name for it) -> the statuses the target answered
+    #: each link the stateful phase followed (schemathesis' name) -> the statuses answered
     links: dict[str, set[int]]
-    #: each sandbox a linked run made -> its calls, in order: (method, path template, status)
-    lifecycles: dict[str, list[tuple[str, str, int]]]
+    #: each sandbox a run made, in any phase -> its calls in order: (method, path template,
+    #: status, phase)
+    lifecycles: dict[str, list[tuple[str, str, int, str]]]
 
 
-def _stateful(report: Path) -> StatefulRun:
-    run = StatefulRun({}, {})
+def _schemathesis_run(report: Path) -> SchemathesisRun:
+    run = SchemathesisRun({}, {})
     for line in report.read_text().splitlines():
         scenario = json.loads(line).get("ScenarioFinished", {})
-        if scenario.get("phase") != "stateful":
-            continue
-        cases = scenario["recorder"].get("cases", {})
-        answers = scenario["recorder"].get("interactions", {})
+        cases = scenario.get("recorder", {}).get("cases", {})
+        answers = scenario.get("recorder", {}).get("interactions", {})
         for case_id, case in cases.items():
             response = (answers.get(case_id) or {}).get("response")
             if not response:
@@ -879,20 +878,24 @@ def _stateful(report: Path) -> StatefulRun:
                 sandbox = json.loads(base64.b64decode(response["content"]["$base64"]))["id"]
             if sandbox in run.lifecycles or status == 201:
                 run.lifecycles.setdefault(sandbox, []).append(
-                    (value["method"], value["path"], status))
+                    (value["method"], value["path"], status, scenario["phase"]))
     return run
 
 
-def _whole(calls: list[tuple[str, str, int]]) -> bool:
-    """Run, then status, graph and stop, then remove, each answered 2xx."""
-    done = [(m, p) for m, p, status in calls if 200 <= status < 300]
-    ends = [("POST", "/v1/sandboxes"), ("DELETE", "/v1/sandboxes/{sandbox_id}")]
-    middle = [("GET", "/v1/sandboxes/{sandbox_id}"), ("GET", "/v1/sandboxes/{sandbox_id}/graph"),
-              ("POST", "/v1/sandboxes/{sandbox_id}/stop")]
-    if not done or done[0] != ends[0] or ends[1] not in done:
+def _whole(calls: list[tuple[str, str, int, str]]) -> bool:
+    """Made by a run; then, along the stateful phase's links, asked for, drawn and stopped,
+    then removed; each answered 2xx."""
+    if not calls or calls[0][:3] != ("POST", "/v1/sandboxes", 201):
         return False
-    before_remove = done[:done.index(ends[1])]
-    return all(call in before_remove for call in middle)
+    linked = [(m, p) for m, p, status, phase in calls[1:]
+              if 200 <= status < 300 and phase == "stateful"]
+    remove = ("DELETE", "/v1/sandboxes/{sandbox_id}")
+    if remove not in linked:
+        return False
+    before = linked[:linked.index(remove)]
+    return all(call in before for call in (
+        ("GET", "/v1/sandboxes/{sandbox_id}"), ("GET", "/v1/sandboxes/{sandbox_id}/graph"),
+        ("POST", "/v1/sandboxes/{sandbox_id}/stop")))
 
 
 def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
@@ -915,18 +918,17 @@ def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
             assert "No issues found" in out, out
             assert "Warning" not in out and "WARNING" not in out, out
             # the stateful phase followed the document's links from a run to each operation
-            # that takes its id, and drove whole lifecycles: a sandbox that a linked run made
-            # was asked for, drawn, stopped and removed, each answered 2xx
-            stateful = _stateful(report)
+            # that takes its id, and drove whole lifecycles: a sandbox that a run made was
+            # asked for, drawn, stopped and then removed along its links, each answered 2xx
+            done = _schemathesis_run(report)
             covered = re.search(r"API Links: +(\d+) covered / (\d+) selected", out)
             assert covered, out
             print(f"stateful links covered: {covered[1]} of {covered[2]}")
             for link in LIFECYCLE_LINKS:
-                assert any(200 <= s < 300 for s in stateful.links.get(link, ())), (
-                    link, stateful.links)
-            whole = [sid for sid, calls in stateful.lifecycles.items() if _whole(calls)]
-            print(f"whole lifecycles: {len(whole)} of {len(stateful.lifecycles)} linked runs")
-            assert whole, stateful.lifecycles
+                assert any(200 <= s < 300 for s in done.links.get(link, ())), (link, done.links)
+            whole = [sid for sid, calls in done.lifecycles.items() if _whole(calls)]
+            print(f"whole lifecycles: {len(whole)} of {len(done.lifecycles)} sandboxes run")
+            assert whole, done.lifecycles
             with d.client() as c:
                 for item in c.get("/v1/sandboxes").json()["items"]:
                     assert c.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
