@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Route
 
-from podfsm import Controller, PrerequisiteMissing, SandboxStatus
+from podfsm import Controller, ControllerConfig, PrerequisiteMissing, SandboxStatus
 from podfsm.core.records import TransitionEvent
 from podfsm.core.spec import NamespaceMode, PodSandboxConfig, Protocol
 from podfsm.faces import graph
@@ -283,6 +283,31 @@ def test_the_document_states_what_the_models_only_check() -> None:
     assert "mapping" in sc["run_as_user"]["description"]
     assert "exist" in schemas["LinuxPodSandboxConfig"]["properties"]["sysctls"]["description"]
     assert "409" in schemas["UserNamespace"]["properties"]["uids"]["description"]
+
+
+def test_the_schemathesis_hooks_repair_what_the_schema_cannot_state(
+        client: httpx.Client) -> None:
+    # tests/integration/schemathesis_hooks.py keeps generated configs to the rules the
+    # document says in words; what it makes of a config that breaks each of them is run
+    from tests.integration.schemathesis_hooks import SECCOMP_PROFILE, repair_pod_config
+
+    pool_end = ControllerConfig().idmap_pool_start + ControllerConfig().idmap_pool_size
+    near_end = {"host_id": pool_end - 10, "container_id": 0, "length": 65536}
+    body = pod(log_directory="/x/" + "\u00e9" * 200, linux={
+        "sysctls": {"net.nope": "?"}, "cgroup_parent": "/podfsm/" + "\u00e9" * 200,
+        "security_context": {
+            "run_as_user": {"value": 70000}, "run_as_group": {"value": 123456},
+            "supplemental_groups": [5, 99999], "seccomp": {
+                "profile_type": "Localhost", "localhost_ref": "/nonexistent/profile.json"},
+            "namespace_options": {"userns_options": {
+                "mode": "POD", "uids": [near_end], "gids": [dict(near_end)]}}}})
+    assert client.post("/v1/sandboxes", json=body).status_code == 422
+    repair_pod_config(body, pool_end)
+    sc = body["linux"]["security_context"]
+    assert sc["seccomp"]["localhost_ref"] == SECCOMP_PROFILE and body["linux"]["sysctls"] == {}
+    assert sc["run_as_user"]["value"] < 10 and sc["supplemental_groups"] == [5, 99999 % 10]
+    resp = client.post("/v1/sandboxes", json=body)
+    assert resp.status_code == 201, resp.text
 
 
 @pytest.mark.parametrize(("server", "ok"), [
