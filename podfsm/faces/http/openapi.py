@@ -255,7 +255,8 @@ def openapi_document(runtime_handlers: list[str] | None = None,
     """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models.
     `runtime_handlers` (the daemon's installed ones) become the choices of runSandbox's
     `runtime_handler`, which the server checks against the same list; `config` (the daemon's)
-    adds its id pool's bounds to the user namespace mappings a pod may ask for."""
+    adds its id pool's bounds to the user namespace mappings a pod may ask for, and its
+    cgroup_root to linux.cgroup_parent."""
     _, top = models_json_schema(
         [(PodSandboxConfig, "validation"), (SandboxStatus, "serialization"),
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
