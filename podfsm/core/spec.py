@@ -316,8 +316,8 @@ class LinuxSandboxSecurityContext(_Model):
         pattern=r"^(|unconfined|runtime/default|docker/default|localhost/"
                 rf"/[^{UNSAFE}]*)\Z")
     seccomp: SecurityProfile | None = None
-    apparmor: SecurityProfile | None = Field(
-        default=None, description=_LSM.format("AppArmor") + " (but Unconfined)")
+    apparmor: SecurityProfile | None = Field(default=None, description=(
+        "any profile but Unconfined is " + _LSM.format("AppArmor")))
     supplemental_groups_policy: GroupsPolicy = SupplementalGroupsPolicy.Merge
 
     @model_validator(mode="after")
