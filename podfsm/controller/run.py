@@ -15,6 +15,7 @@ from podfsm.controller.base import Sandbox, Undo, describe, now
 from podfsm.controller.teardown import Teardown
 from podfsm.core import idmap, steps
 from podfsm.core.errors import (
+    IdRangeUnavailable,
     InvalidPodConfig,
     NameReserved,
     PodfsmError,
@@ -153,7 +154,7 @@ class Run(Teardown):
                 uid_map = idmap.allocate(uids_in_use + gids_in_use, cfg.idmap_pool_start,
                                          cfg.idmap_pool_size)
             except ValueError as exc:
-                raise InvalidPodConfig(str(exc)) from None
+                raise IdRangeUnavailable(str(exc)) from None
             return uid_map, uid_map, True
         pool_end = cfg.idmap_pool_start + cfg.idmap_pool_size
         for kind, want in (("uids", uid_map), ("gids", gid_map)):
@@ -170,7 +171,7 @@ class Run(Teardown):
         for kind, want, used in (("uid", uid_map, uids_in_use), ("gid", gid_map, gids_in_use)):
             clash = idmap.find_overlap(want, used)
             if clash is not None:
-                raise InvalidPodConfig(
+                raise IdRangeUnavailable(
                     f"{kind} mapping host ids {want.host_id}-{want.host_end - 1} overlap another "
                     f"sandbox's {clash.host_id}-{clash.host_end - 1}"
                 )
