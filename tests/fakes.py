@@ -30,7 +30,12 @@ from podfsm.core.requests import (
     SetAside,
 )
 from podfsm.drivers import linux
-from podfsm.drivers.runtime import kill_task_then_status, pause_problem
+from podfsm.drivers.runtime import (
+    kill_task_then_status,
+    pause_alive,
+    pause_problem,
+    wait_process_exit,
+)
 
 
 @dataclass
@@ -212,6 +217,12 @@ class FakeRuntime:
 
     async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
         return await kill_task_then_status(self.wait_exit_status, task, grace)
+
+    async def wait_task_exit(self, task: TaskInfo) -> None:
+        await wait_process_exit(task)
+
+    def task_alive(self, task: TaskInfo) -> bool:
+        return pause_alive(task)
 
     def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
         return pause_problem(task, ns)

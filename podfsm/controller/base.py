@@ -28,7 +28,6 @@ from podfsm.core.records import (
     LifecycleEvent,
     SandboxRecord,
     SandboxStatus,
-    TaskInfo,
     TransitionEvent,
 )
 from podfsm.core.requests import NetworkRequest
@@ -240,12 +239,17 @@ class ControllerBase:
         else:
             raise FailpointError(name, "injected failure")
 
+    def _task_driver(self, rec: SandboxRecord) -> RuntimeDriver:
+        """The driver that checks and watches the pause process of `rec`: its own handler's,
+        else the default one (these read the process, not the runtime's state, so any handler
+        answers alike, also for a record whose handler is no longer installed)."""
+        return self._runtimes.get(rec.runtime, self._rt)
+
     def _task_problem(self, rec: SandboxRecord) -> str | None:
         """None when the recorded pause process is alive, the same process (not a reuse of
         its pid), and in the pinned user and net namespaces; else what is wrong."""
         assert rec.task is not None
-        # any handler answers alike: the check reads the process, not the runtime's state
-        return self._runtimes.get(rec.runtime, self._rt).task_problem(rec.task, rec.namespaces)
+        return self._task_driver(rec).task_problem(rec.task, rec.namespaces)
 
     def _check_netns_owner(self, rec: SandboxRecord) -> None:
         """Refuse to let the runtime near a netns that the pod's user namespace does not own:
@@ -309,10 +313,6 @@ def lock_dir(path: str, what: str) -> int:
         os.close(fd)
         raise ControllerLocked(f"another podfsm controller is using {what} {path}") from None
     return fd
-
-
-def same_process(task: TaskInfo) -> bool:
-    return linux.proc_start_time(task.pid) == task.start_time
 
 
 def pin_problem(rec: SandboxRecord) -> str | None:

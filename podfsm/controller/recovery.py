@@ -18,7 +18,6 @@ from podfsm.controller.base import (
     describe,
     now,
     pin_problem,
-    same_process,
 )
 from podfsm.controller.run import Run
 from podfsm.core import steps
@@ -107,7 +106,7 @@ class Recovery(Run):
     async def _reattach(self, sb: Sandbox, world: _World) -> None:
         rec = sb.record
         task = rec.task
-        if task is None or not same_process(task):
+        if task is None or not self._task_driver(rec).task_alive(task):
             status = (await self._exit_status(rec.runtime, task, 0.2) if task is not None
                       else None)
             msg = "task exited while podfsm was down"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any
 
 import anyio
@@ -155,25 +154,17 @@ class Teardown(ControllerBase):
             linux.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
 
     def _supervise(self, sb: Sandbox, task: TaskInfo) -> None:
-        """Watch the pause task through a pidfd: readable the moment it exits, no polling."""
+        """Watch the pause task in the background: its runtime driver returns the moment it
+        exits (no polling). The scope is the supervision: stop and remove cancel it."""
         assert self._tg is not None
-        try:
-            pidfd = os.pidfd_open(task.pid)
-        except ProcessLookupError:
-            pidfd = -1
-        if pidfd >= 0 and linux.proc_start_time(task.pid) != task.start_time:
-            os.close(pidfd)
-            pidfd = -1
         scope = anyio.CancelScope()
         sb.supervisor = scope
-        self._tg.start_soon(self._watch, sb, task, pidfd, scope)
+        self._tg.start_soon(self._watch, sb, task, scope)
 
-    async def _watch(self, sb: Sandbox, task: TaskInfo, pidfd: int,
-                     scope: anyio.CancelScope) -> None:
+    async def _watch(self, sb: Sandbox, task: TaskInfo, scope: anyio.CancelScope) -> None:
         try:
             with scope:
-                if pidfd >= 0:
-                    await anyio.wait_readable(pidfd)
+                await self._task_driver(sb.record).wait_task_exit(task)
                 status = await self._exit_status(sb.record.runtime, task, 1.0)
                 async with sb.lock:
                     if sb.removed or sb.record.task != task or sb.supervisor is not scope:
@@ -184,7 +175,3 @@ class Teardown(ControllerBase):
                                          finished_at=now())
         except Exception:
             log.exception("sandbox %s: supervising pid %d failed", sb.record.id, task.pid)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-

@@ -105,6 +105,16 @@ class RuntimeDriver(Protocol):
         pidfd and wait until it is gone; its exit status as `wait_exit_status` gives it, or
         None when unknown (or the pid is no longer the task's). StepFailed if it survives."""
 
+    async def wait_task_exit(self, task: TaskInfo) -> None:
+        """Return once the pause process `task` has exited, or at once when it is gone
+        already or its pid belongs to another process now. The exit is noticed the moment it
+        happens (a pidfd becomes readable), never by polling; a cancelled wait leaves nothing
+        open. This is the controller's exit supervision."""
+
+    def task_alive(self, task: TaskInfo) -> bool:
+        """True while the pause process `task` exists (a zombie counts), the same process,
+        not a reuse of its pid."""
+
     def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
         """None when the pause process `task` is alive, the same process (not a reuse of its
         pid), and in the user and net namespaces `ns` records (the host's when None or

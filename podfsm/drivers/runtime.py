@@ -393,6 +393,12 @@ class OciRuntime:
     async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
         return await kill_task_then_status(self.wait_exit_status, task, grace)
 
+    async def wait_task_exit(self, task: TaskInfo) -> None:
+        await wait_process_exit(task)
+
+    def task_alive(self, task: TaskInfo) -> bool:
+        return pause_alive(task)
+
     def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
         return pause_problem(task, ns)
 
@@ -493,6 +499,17 @@ def _open_path_for_mapped_root(run_dir: str) -> str | None:
         path = parent
 
 
+def _task_pidfd(task: TaskInfo) -> int | None:
+    """A pidfd of the pause process `task`, for the caller to close; None when its pid belongs
+    to another process now (it exited long ago). ProcessLookupError when no process has the pid.
+    The start time is checked after the pidfd is taken, so the pidfd cannot be of a reuse."""
+    pidfd = os.pidfd_open(task.pid)
+    if not pause_alive(task):
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
 async def end_process(task: TaskInfo, grace: float) -> bool | None:
     """End the pause process `task` through a pidfd, so a reuse of its pid is never signalled:
     SIGTERM, then SIGKILL after `grace` seconds (at once when `grace` is 0); return once it has
@@ -502,12 +519,12 @@ async def end_process(task: TaskInfo, grace: float) -> bool | None:
     The one implementation of ending a pause process, for every RuntimeDriver (and the fakes).
     """
     try:
-        pidfd = os.pidfd_open(task.pid)
+        pidfd = _task_pidfd(task)
     except ProcessLookupError:
         return False
+    if pidfd is None:
+        return None
     try:
-        if linux.proc_start_time(task.pid) != task.start_time:
-            return None
         term = ((signal.SIGTERM, grace),) if grace > 0 else ()
         for sig, wait in (*term, (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
@@ -516,6 +533,22 @@ async def end_process(task: TaskInfo, grace: float) -> bool | None:
                 await anyio.wait_readable(pidfd)
                 return True
         raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL")
+    finally:
+        os.close(pidfd)
+
+
+async def wait_process_exit(task: TaskInfo) -> None:
+    """RuntimeDriver.wait_task_exit: the one implementation (the fakes' pause is a real
+    process too). A pidfd is readable the moment its process exits (a zombie, reaped or not,
+    has exited), so the exit is seen within milliseconds and nothing polls."""
+    try:
+        pidfd = _task_pidfd(task)
+    except ProcessLookupError:
+        return
+    if pidfd is None:
+        return
+    try:
+        await anyio.wait_readable(pidfd)
     finally:
         os.close(pidfd)
 
@@ -549,6 +582,12 @@ def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
                                "its own sysfs")
 
 
+def pause_alive(task: TaskInfo) -> bool:
+    """RuntimeDriver.task_alive: the one implementation. /proc/<pid>/stat's start time tells
+    the process from a later one that reuses its pid."""
+    return linux.proc_start_time(task.pid) == task.start_time
+
+
 def pause_problem(task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
     """RuntimeDriver.task_problem: the one implementation (the fakes' pause is a real process
     too)."""
@@ -558,7 +597,7 @@ def pause_problem(task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
                 linux.ns_inode("/proc/self/ns/net"))
     pid = task.pid
     try:
-        if linux.proc_start_time(pid) != task.start_time:
+        if not pause_alive(task):
             raise ProcessLookupError(errno.ESRCH, "pause process exited")
         got_user = linux.ns_inode(f"/proc/{pid}/ns/user")
         got_net = linux.ns_inode(f"/proc/{pid}/ns/net")

@@ -17,11 +17,13 @@ import secrets
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 
 from podfsm.core.errors import PodfsmError, StepFailed
@@ -200,8 +202,26 @@ async def test_runtime_contract(kind: str) -> None:
         assert s.rt.task_problem(task, pinned) is None  # in the pinned namespaces
         if kind != "fake":  # the fake pause runs in the host's namespaces
             assert "expected" in (s.rt.task_problem(task, None) or "")  # not in the host's
-        await s.rt.kill(sid, signal.SIGKILL)
+        # exit supervision: the wait goes on while the task lives (and can be cancelled), a
+        # kill -9 from outside ends it at once, and a reuse of the pid is never waited on
+        assert s.rt.task_alive(task)
+        with anyio.move_on_after(0.2) as waiting:
+            await s.rt.wait_task_exit(task)
+        assert waiting.cancelled_caught
+        reused = task.model_copy(update={"start_time": task.start_time + 1})
+        assert not s.rt.task_alive(reused)
+        with anyio.fail_after(0.5):
+            await s.rt.wait_task_exit(reused)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(s.rt.wait_task_exit, task)
+            await anyio.sleep(0.05)
+            t0 = time.perf_counter()
+            os.kill(task.pid, signal.SIGKILL)
+        assert time.perf_counter() - t0 < 0.2  # noticed, not polled for
         assert await s.rt.wait_exit_status(task, 5.0) == 128 + signal.SIGKILL
+        assert not s.rt.task_alive(task)
+        with anyio.fail_after(0.5):
+            await s.rt.wait_task_exit(task)  # gone: returns at once
         assert await s.rt.state(sid) == "stopped"
         assert "is gone" in (s.rt.task_problem(task, pinned) or "")
         await s.rt.kill(sid, signal.SIGKILL)  # gone already: not an error
