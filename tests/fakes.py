@@ -29,7 +29,7 @@ from podfsm.core.requests import (
     PauseRequest,
     SetAside,
 )
-from podfsm.drivers import linux
+from podfsm.drivers import linux, namespaces
 from podfsm.drivers.runtime import (
     kill_task_then_status,
     pause_alive,
@@ -85,11 +85,18 @@ class FakeNamespaces:
             netns_owner_inode=user if req.netns_path else None,
         )
 
+    # The fake pins name real namespaces (this process's): the real checks and listing apply.
     def owner_problem(self, ns: PinnedNamespaces) -> str | None:
-        # the fake pins name real namespaces (this process's), so the real check applies
-        if not ns.netns_path or not ns.userns_path:
-            return None
-        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
+        return namespaces.owner_problem(ns)
+
+    def pin_problem(self, ns: PinnedNamespaces) -> str | None:
+        return namespaces.pin_problem(ns)
+
+    def pins_exist(self, *paths: str | None) -> bool:
+        return namespaces.pins_exist(*paths)
+
+    def pins_in(self, directory: str, prefix: str) -> list[str]:
+        return namespaces.pins_in(directory, prefix)
 
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         self.faults.check("ns.destroy")

@@ -33,7 +33,7 @@ from podfsm.core.records import (
 from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger, lifecycle_kind
 from podfsm.core.steps import Compensation
-from podfsm.drivers import factory, linux
+from podfsm.drivers import factory
 from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.engine import SandboxMachine
 
@@ -313,28 +313,6 @@ def lock_dir(path: str, what: str) -> int:
         os.close(fd)
         raise ControllerLocked(f"another podfsm controller is using {what} {path}") from None
     return fd
-
-
-def pin_problem(rec: SandboxRecord) -> str | None:
-    """None when the recorded pins still hold the recorded namespaces."""
-    ns = rec.namespaces
-    if ns is None:
-        return None
-    for kind, path, inode in (("netns", ns.netns_path, ns.netns_inode),
-                              ("userns", ns.userns_path, ns.userns_inode)):
-        if not path or not inode:
-            continue
-        try:
-            ok = linux.ns_inode(path) == inode
-        except OSError:
-            ok = False
-        if not ok:
-            return f"the {kind} pin {path} no longer holds the pod's namespace"
-    return None
-
-
-def pins_exist(rec: SandboxRecord) -> bool:
-    return any(p and os.path.lexists(p) for p in (rec.planned_netns_path, rec.planned_userns_path))
 
 
 def describe(exc: BaseException) -> str:

@@ -17,7 +17,6 @@ from podfsm.controller.base import (
     Sandbox,
     describe,
     now,
-    pin_problem,
 )
 from podfsm.controller.run import Run
 from podfsm.core import steps
@@ -113,7 +112,8 @@ class Recovery(Run):
             await self._save(sb, Trigger.TASK_EXIT, exit_status=status,
                              finished_at=rec.finished_at or now(), error=msg)
             return
-        problem = self._task_problem(rec) or pin_problem(rec)
+        problem = self._task_problem(rec) or (
+            self._ns.pin_problem(rec.namespaces) if rec.namespaces else None)
         said = world.runtime_states.get(rec.runtime, {}).get(rec.id)
         if problem is None and said != "running":
             problem = f"the runtime says the container is {said or 'gone'} ({rec.runtime})"

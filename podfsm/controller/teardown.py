@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from podfsm.controller.base import ControllerBase, Sandbox, describe, now, pins_exist
+from podfsm.controller.base import ControllerBase, Sandbox, describe, now
 from podfsm.core import steps
 from podfsm.core.errors import PodfsmError, StepFailed
 from podfsm.core.records import TaskInfo
@@ -96,7 +96,8 @@ class Teardown(ControllerBase):
         rec = sb.record
         return (sb.machine.current is State.NOT_READY and rec.task is None
                 and not rec.container_created and rec.network is None
-                and rec.namespaces is None and rec.pending is None and not pins_exist(rec))
+                and rec.namespaces is None and rec.pending is None
+                and not self._ns.pins_exist(rec.planned_netns_path, rec.planned_userns_path))
 
     async def _stop(self, sb: Sandbox, intent: str = "stop") -> None:
         """Tear down everything on the system, keep the record: NotReady. Tries every piece,

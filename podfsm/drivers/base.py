@@ -47,6 +47,19 @@ class NamespaceDriver(Protocol):
         runtime is let near the netns: crun would silently bind the host's /sys if mounting
         sysfs failed."""
 
+    def pin_problem(self, ns: PinnedNamespaces) -> str | None:
+        """None when each pin `ns` records still holds the namespace it records (the same
+        inode); else which pin no longer does. Checked after a restart, before a sandbox is
+        supervised again."""
+
+    def pins_exist(self, *paths: str | None) -> bool:
+        """Whether anything is at any of `paths` (None is skipped): a pin, mounted or not, or
+        whatever took its place; a symlink counts and is not followed."""
+
+    def pins_in(self, directory: str, prefix: str) -> list[str]:
+        """The names of the entries of `directory` that start with `prefix` (the netns pins a
+        controller tags as its own), sorted; none when `directory` is missing."""
+
 
 class NetworkDriver(Protocol):
     network_name: str

@@ -120,6 +120,17 @@ async def test_namespaces_contract(kind: str) -> None:
         assert s.ns.owner_problem(pinned) is None
         wrong = pinned.model_copy(update={"userns_inode": pinned.userns_inode + 1})
         assert "is not the pod's" in (s.ns.owner_problem(wrong) or "")
+        # the pins hold what was recorded; they exist; the netns pin is listed by its prefix
+        assert s.ns.pin_problem(pinned) is None
+        moved = pinned.model_copy(update={"netns_inode": pinned.netns_inode + 1})
+        assert "netns pin" in (s.ns.pin_problem(moved) or "")
+        assert s.ns.pins_exist(None, pinned.netns_path)
+        assert s.ns.pins_exist(pinned.userns_path)
+        assert not s.ns.pins_exist(None, pinned.netns_path + "-never")
+        name = os.path.basename(pinned.netns_path)
+        assert s.ns.pins_in(s.netns_dir, name[:8]) == [name]
+        assert s.ns.pins_in(s.netns_dir, "none-") == []
+        assert s.ns.pins_in(os.path.join(s.netns_dir, "missing"), "") == []
         # a pin path that exists is refused, and the pins there are left alone
         with pytest.raises(StepFailed, match="already exists"):
             await s.ns.create(req)
@@ -145,8 +156,11 @@ async def test_namespaces_contract(kind: str) -> None:
         for made in (pinned, host):
             await s.ns.destroy(made.netns_path, made.userns_path)
             assert not any(x and os.path.lexists(x) for x in (made.netns_path, made.userns_path))
+            assert not s.ns.pins_exist(made.netns_path, made.userns_path)
+            assert "no longer holds" in (s.ns.pin_problem(made) or "")
             await s.ns.destroy(made.netns_path, made.userns_path)
         await s.ns.destroy(None, None)
+        assert s.ns.pins_in(s.netns_dir, name[:8]) == []
         never = s.ns_request(new_id())
         await s.ns.destroy(never.netns_path, never.userns_path)
 
