@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -12,9 +11,9 @@ from typing import Any
 
 import anyio
 
-from podfsm.controller.base import Subscriber, lock_dir
+from podfsm.controller.base import Subscriber
 from podfsm.controller.recovery import Recovery
-from podfsm.core.errors import InvalidPodConfig, PodfsmError, PrerequisiteMissing, SandboxNotFound
+from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound
 from podfsm.core.records import (
     FilesystemUsage,
     InterfaceStats,
@@ -27,7 +26,7 @@ from podfsm.core.records import (
 from podfsm.core.requests import InterfaceInfo
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import factory, linux, sysinfo
+from podfsm.drivers import factory, sysinfo
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,8 @@ class Controller(Recovery):
 
     async def __aenter__(self) -> Controller:
         cfg = self.config
-        if self._real and os.geteuid() != 0:
-            raise PrerequisiteMissing(
-                "podfsm must run as root: it creates namespaces, mounts and containers"
-            )
+        if self._real:
+            factory.require_root()
         stack = self._exit_stack
         try:
             if self._store is None:
@@ -61,13 +58,7 @@ class Controller(Recovery):
                 fs.open()
                 stack.callback(fs.close)
                 self._store = fs
-            # run_dir 0711: the pod's root (a high host uid) walks down to the pause rootfs;
-            # netns_dir 0755, as `ip netns` makes /run/netns
-            linux.secure_dir(cfg.run_dir, 0o711, "run dir")
-            linux.secure_dir(cfg.netns_dir, 0o755, "netns dir")
-            # run_dir holds our runtime root and sandbox directories: a second controller on
-            # it (even with another state_dir) would collect our sandboxes as its orphans.
-            stack.callback(os.close, lock_dir(cfg.run_dir, "run dir"))
+            stack.callback(factory.claim_dirs(cfg))
             await self._ns.start()
             stack.push_async_callback(self._ns.close)
             for rt in self._runtimes.values():

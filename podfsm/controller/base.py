@@ -5,8 +5,6 @@ events, failpoints, pin paths and the checks of a pause process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -22,7 +20,7 @@ from anyio.abc import TaskGroup
 
 from podfsm.config import ControllerConfig
 from podfsm.core import failpoints as fp
-from podfsm.core.errors import ControllerLocked, PodfsmError, SandboxRunError, StepFailed
+from podfsm.core.errors import PodfsmError, SandboxRunError, StepFailed
 from podfsm.core.records import (
     HistoryEntry,
     LifecycleEvent,
@@ -113,7 +111,7 @@ class ControllerBase:
         self._lifecycle_subscribers: set[Subscriber[LifecycleEvent]] = set()
         self._backlog: deque[TransitionEvent] = deque(maxlen=EVENT_BACKLOG)
         self._seq = 0
-        self._tag = hashlib.sha256(os.path.realpath(cfg.state_dir).encode()).hexdigest()[:8]
+        self._tag = factory.controller_tag(cfg)
         self.recovery_problems: list[str] = []
         self._set_aside_ids: set[str] = set()
         self.recovering = False
@@ -139,8 +137,13 @@ class ControllerBase:
     def netns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.config.netns_dir, f"podfsm-{self._tag}-{sandbox_id[:16]}")
 
+    @property
+    def sandboxes_dir(self) -> str:
+        """Where the sandboxes' run directories live."""
+        return os.path.join(self.config.run_dir, "sandboxes")
+
     def sandbox_run_dir(self, sandbox_id: str) -> str:
-        return os.path.join(self.config.run_dir, "sandboxes", sandbox_id)
+        return os.path.join(self.sandboxes_dir, sandbox_id)
 
     def shm_path(self, sandbox_id: str) -> str:
         """Where the sandbox's /dev/shm tmpfs is mounted (see drivers.hostfiles)."""
@@ -300,19 +303,6 @@ class Subscriber(Generic[E]):
             return await self._recv.receive()
         except anyio.EndOfStream:
             return None
-
-
-def lock_dir(path: str, what: str) -> int:
-    """Take the controller lock of directory `path` (non-blocking); the fd holds it."""
-    fd = os.open(os.path.join(path, "controller.lock"),
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ControllerLocked(f"another podfsm controller is using {what} {path}") from None
-    return fd
 
 
 def describe(exc: BaseException) -> str:

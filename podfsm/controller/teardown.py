@@ -13,7 +13,6 @@ from podfsm.core import steps
 from podfsm.core.errors import PodfsmError, StepFailed
 from podfsm.core.records import TaskInfo
 from podfsm.core.states import State, Trigger
-from podfsm.drivers import linux
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ class Teardown(ControllerBase):
         finally:
             self._flush(sb)
         with contextlib.suppress(OSError):
-            linux.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
+            self._host.remove_sandbox_dir(self.sandbox_run_dir(sb.record.id))
 
     def _supervise(self, sb: Sandbox, task: TaskInfo) -> None:
         """Watch the pause task in the background: its runtime driver returns the moment it

@@ -154,9 +154,22 @@ class RuntimeDriver(Protocol):
 
 
 class HostDriver(Protocol):
-    """What a sandbox needs from the host besides namespaces, network and runtime: its files
-    (hostname, hosts, resolv.conf), its /dev/shm tmpfs, its log directory, and the cleaning of
-    the cgroup parent directories the runtime leaves."""
+    """What a sandbox needs from the host besides namespaces, network and runtime: its run
+    directory, its files (hostname, hosts, resolv.conf), its /dev/shm tmpfs, its log
+    directory, and the cleaning of the cgroup parent directories the runtime leaves."""
+
+    def create_sandbox_dir(self, path: str) -> None:
+        """Create the sandbox's run directory `path`, mode 0711 whatever the umask (the pod's
+        mapped root must reach the files bound from there; nothing in it is listable by
+        others), parents as needed. Idempotent."""
+
+    def remove_sandbox_dir(self, path: str) -> None:
+        """Remove the sandbox's run directory `path` with what is left in it, never following
+        a symlink (one at `path` is refused). Idempotent; OSError when it cannot be removed."""
+
+    def sandbox_dirs(self, parent: str) -> list[str]:
+        """The names of the entries of `parent`, where the sandboxes' run directories live
+        (for orphan collection); none when `parent` is missing or not a directory."""
 
     async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
         """Write the files under `sandbox_dir`, mount the /dev/shm tmpfs (unless ipc NODE) and

@@ -1,5 +1,6 @@
-"""The sandbox's files on the host: hostname, hosts and resolv.conf, the per-pod /dev/shm
-tmpfs, the log directory, and the cgroup parent directories the runtime leaves behind.
+"""The sandbox's files on the host: its run directory, hostname, hosts and resolv.conf, the
+per-pod /dev/shm tmpfs, the log directory, and the cgroup parent directories the runtime leaves
+behind.
 
 containerd writes the same files under the sandbox's root directory and mounts the shm tmpfs
 there (internal/cri/server/podsandbox/sandbox_run_linux.go, setupSandboxFiles); the pause
@@ -84,6 +85,19 @@ class HostFiles:
         self._mount_shm = mount_shm
         self._resolv = resolv_conf_path
         self._hosts = hosts_path
+
+    def create_sandbox_dir(self, path: str) -> None:
+        os.makedirs(path, mode=0o711, exist_ok=True)
+        os.chmod(path, 0o711)  # makedirs' mode went through the umask
+
+    def remove_sandbox_dir(self, path: str) -> None:
+        linux.remove_flat_dir(path)
+
+    def sandbox_dirs(self, parent: str) -> list[str]:
+        try:
+            return os.listdir(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
         return await anyio.to_thread.run_sync(self._setup, sandbox_dir, pod)
