@@ -128,10 +128,6 @@ class FakeNetwork:
         self.reserved[req.sandbox_id] = ip
         return NetworkResult(network_name=self.network_name, ip=ip)
 
-    async def check(self, req: NetworkRequest, result: NetworkResult) -> None:
-        if self.reserved.get(req.sandbox_id) != result.ip:
-            raise StepFailed("cni", "CHECK failed")
-
     async def detach(self, req: NetworkRequest, result: NetworkResult | None) -> None:
         self.faults.check("cni.del")
         self.reserved.pop(req.sandbox_id, None)
@@ -187,11 +183,6 @@ class FakeRuntime:
             await self.containers[container_id].wait()
         self.started.add(container_id)
 
-    async def kill(self, container_id: str, sig: int) -> None:
-        proc = self.containers.get(container_id)
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(sig)
-
     async def delete(self, container_id: str) -> None:
         self.faults.check("runtime.delete")
         proc = self.containers.pop(container_id, None)
@@ -200,19 +191,13 @@ class FakeRuntime:
             proc.kill()
             await proc.wait()
 
-    async def state(self, container_id: str) -> str | None:
-        proc = self.containers.get(container_id)
-        if proc is None:
-            return None
-        if proc.returncode is not None:
-            return "stopped"
-        return "running" if container_id in self.started else "created"
-
     async def list_containers(self) -> list[str]:
         return list(self.containers)
 
     async def states(self) -> dict[str, str]:
-        return {cid: s for cid in self.containers if (s := await self.state(cid)) is not None}
+        return {cid: "stopped" if proc.returncode is not None
+                else "running" if cid in self.started else "created"
+                for cid, proc in self.containers.items()}
 
     async def kill_all(self) -> None:
         """Kill and reap every fake pause process still running (a test's clean-up)."""

@@ -62,8 +62,6 @@ class NamespaceDriver(Protocol):
 
 
 class NetworkDriver(Protocol):
-    network_name: str
-
     async def start(self) -> None:
         """Load the network config and check the plugins exist. Called once."""
 
@@ -73,9 +71,6 @@ class NetworkDriver(Protocol):
     async def attach(self, req: NetworkRequest) -> NetworkResult:
         """CNI ADD through the conflist's plugins, prevResult chained. Raises StepFailed with
         the plugin's own message on failure (and has already run DEL for what it added)."""
-
-    async def check(self, req: NetworkRequest, result: NetworkResult) -> None:
-        """CNI CHECK; raises StepFailed if the attachment is not as the result says."""
 
     async def detach(self, req: NetworkRequest, result: NetworkResult | None) -> None:
         """CNI DEL in reverse order. Idempotent; succeeds when the netns is already gone."""
@@ -133,14 +128,8 @@ class RuntimeDriver(Protocol):
         pid), and in the user and net namespaces `ns` records (the host's when None or
         unset); else what is wrong."""
 
-    async def kill(self, container_id: str, signal: int) -> None:
-        """Send `signal` to the task; no error if it is already gone."""
-
     async def delete(self, container_id: str) -> None:
         """`delete --force` and remove the bundle. Idempotent."""
-
-    async def state(self, container_id: str) -> str | None:
-        """The runtime's status ("created", "running", "stopped"), or None if unknown to it."""
 
     async def list_containers(self) -> list[str]:
         """Ids of every container under this controller's runtime root."""

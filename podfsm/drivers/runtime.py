@@ -345,14 +345,6 @@ class OciRuntime:
         if rc != 0:
             raise self._failed("start", err)
 
-    async def kill(self, container_id: str, signal: int) -> None:
-        """Send `signal` to the task; no error if it is already gone."""
-        _check_id(container_id)
-        signum = int(signal)
-        rc, _, err = await self._run("kill", [container_id, str(signum)])
-        if rc != 0 and not _gone(err):
-            raise self._failed("kill", err)
-
     async def delete(self, container_id: str) -> None:
         """`delete --force` and remove the bundle. Idempotent."""
         _check_id(container_id)
@@ -413,23 +405,6 @@ class OciRuntime:
                 return
         with contextlib.suppress(ReaperError):
             await self._reaper.wait_exit(task.pid, task.start_time, timeout=2.0)
-
-    async def state(self, container_id: str) -> str | None:
-        """The runtime's status ("created", "running", "stopped"), or None if unknown to it."""
-        _check_id(container_id)
-        if not self._exists(container_id):
-            return None
-        rc, out, err = await self._run("state", [container_id])
-        if rc != 0:
-            if _gone(err) or not self._exists(container_id):
-                return None
-            raise self._failed("state", err)
-        try:
-            status = json.loads(out)["status"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StepFailed(STEP, f"{self.name} state gave unreadable output: {out[:200]!r}") \
-                from exc
-        return str(status)
 
     async def list_containers(self) -> list[str]:
         """Ids of every container under this controller's runtime root."""
@@ -630,21 +605,6 @@ def _check_joined(runtime: str, req: PauseRequest, pid: int) -> None:
 def _check_id(container_id: str) -> None:
     if not _CONTAINER_ID.match(container_id):
         raise StepFailed(STEP, f"invalid container id {container_id!r}")
-
-
-def _gone(stderr: str) -> bool:
-    """The runtime says the container or its process no longer exists."""
-    s = stderr.lower()
-    return any(
-        p in s
-        for p in (
-            "does not exist",
-            "not running",
-            "no such process",
-            "no such file or directory",
-            "container not found",
-        )
-    )
 
 
 def _read_pid(path: str) -> int:
