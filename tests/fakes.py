@@ -2,9 +2,10 @@
 
 They keep the real drivers' observable contract (checked by tests/integration/test_contract.py):
 create/attach/create refuse to leave anything on failure, teardown is idempotent, DEL works
-without a netns. The "pause task" is a real `sleep` child, so supervision through a pidfd and the
-orchestrator's /proc checks run for real; the namespaces are the test process's own (their inodes
-are what /proc/<pid>/ns of the sleep shows).
+without a netns. The "pause task" is a real `sleep` child, so the real drivers' own code kills it,
+supervises its exit through a pidfd and checks it in /proc (runtime.PauseTasks); the namespaces
+are the test process's own (their inodes are what /proc/<pid>/ns of the sleep shows), so the
+real checks of pins apply too (namespaces.PinChecks).
 """
 
 from __future__ import annotations
@@ -29,13 +30,9 @@ from podfsm.core.requests import (
     PauseRequest,
     SetAside,
 )
-from podfsm.drivers import linux, namespaces
-from podfsm.drivers.runtime import (
-    kill_task_then_status,
-    pause_alive,
-    pause_problem,
-    wait_process_exit,
-)
+from podfsm.drivers import linux
+from podfsm.drivers.namespaces import PinChecks
+from podfsm.drivers.runtime import PauseTasks
 
 
 @dataclass
@@ -51,7 +48,10 @@ class Faults:
             raise StepFailed(name, f"fake {name} failure")
 
 
-class FakeNamespaces:
+class FakeNamespaces(PinChecks):
+    """Its pins name real namespaces (this process's), so the real checks of pins apply
+    (PinChecks)."""
+
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
         self.pinned: set[str] = set()
@@ -84,19 +84,6 @@ class FakeNamespaces:
             userns_inode=user if req.userns_path else None,
             netns_owner_inode=user if req.netns_path else None,
         )
-
-    # The fake pins name real namespaces (this process's): the real checks and listing apply.
-    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
-        return namespaces.owner_problem(ns)
-
-    def pin_problem(self, ns: PinnedNamespaces) -> str | None:
-        return namespaces.pin_problem(ns)
-
-    def pins_exist(self, *paths: str | None) -> bool:
-        return namespaces.pins_exist(*paths)
-
-    def pins_in(self, directory: str, prefix: str) -> list[str]:
-        return namespaces.pins_in(directory, prefix)
 
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         self.faults.check("ns.destroy")
@@ -142,7 +129,10 @@ class FakeNetwork:
         return set(self.reserved)
 
 
-class FakeRuntime:
+class FakeRuntime(PauseTasks):
+    """The pause is a `sleep` child; killing, waiting for and checking it is the real
+    driver's own code (PauseTasks)."""
+
     name = "fake"
 
     def __init__(self, faults: Faults) -> None:
@@ -206,18 +196,6 @@ class FakeRuntime:
                 proc.kill()
                 with contextlib.suppress(ProcessLookupError):
                     await proc.wait()
-
-    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
-        return await kill_task_then_status(self.wait_exit_status, task, grace)
-
-    async def wait_task_exit(self, task: TaskInfo) -> None:
-        await wait_process_exit(task)
-
-    def task_alive(self, task: TaskInfo) -> bool:
-        return pause_alive(task)
-
-    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
-        return pause_problem(task, ns)
 
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         for proc in self.containers.values():

@@ -198,7 +198,40 @@ def _kill(pidfd: int | None) -> None:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
-class WorkerPoolNamespaces:
+class PinChecks:
+    """The NamespaceDriver members that read pins, not make them: one implementation for the
+    worker pool and for the fake, whose pins are symlinks to real namespaces."""
+
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        if not ns.netns_path or not ns.userns_path:
+            return None
+        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
+
+    def pin_problem(self, ns: PinnedNamespaces) -> str | None:
+        for kind, path, inode in (("netns", ns.netns_path, ns.netns_inode),
+                                  ("userns", ns.userns_path, ns.userns_inode)):
+            if not path or not inode:
+                continue
+            try:
+                ok = linux.ns_inode(path) == inode
+            except OSError:
+                ok = False
+            if not ok:
+                return f"the {kind} pin {path} no longer holds the pod's namespace"
+        return None
+
+    def pins_exist(self, *paths: str | None) -> bool:
+        return any(p and os.path.lexists(p) for p in paths)
+
+    def pins_in(self, directory: str, prefix: str) -> list[str]:
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.startswith(prefix))
+
+
+class WorkerPoolNamespaces(PinChecks):
     """NamespaceDriver backed by a pool of `workers` nsworker subprocesses.
 
     Concurrent requests run on different workers in parallel; a request waits for an idle
@@ -308,18 +341,6 @@ class WorkerPoolNamespaces:
             raise
         release()
         return result
-
-    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
-        return owner_problem(ns)
-
-    def pin_problem(self, ns: PinnedNamespaces) -> str | None:
-        return pin_problem(ns)
-
-    def pins_exist(self, *paths: str | None) -> bool:
-        return pins_exist(*paths)
-
-    def pins_in(self, directory: str, prefix: str) -> list[str]:
-        return pins_in(directory, prefix)
 
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         """Unpin the netns, then the userns (MNT_DETACH + unlink). Idempotent: missing pins are
@@ -475,46 +496,6 @@ class WorkerPoolNamespaces:
             await self.destroy(req.netns_path, req.userns_path)
         except StepFailed as exc:
             log.error("cancelled create of %s: %s", req.sandbox_id, exc)
-
-
-# -- the checks and listings of pins: one implementation for every NamespaceDriver (the fake's
-# pins are symlinks to real namespaces, so the same code reads them) --------------------------
-
-
-def owner_problem(ns: PinnedNamespaces) -> str | None:
-    """NamespaceDriver.owner_problem."""
-    if not ns.netns_path or not ns.userns_path:
-        return None
-    return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
-
-
-def pin_problem(ns: PinnedNamespaces) -> str | None:
-    """NamespaceDriver.pin_problem."""
-    for kind, path, inode in (("netns", ns.netns_path, ns.netns_inode),
-                              ("userns", ns.userns_path, ns.userns_inode)):
-        if not path or not inode:
-            continue
-        try:
-            ok = linux.ns_inode(path) == inode
-        except OSError:
-            ok = False
-        if not ok:
-            return f"the {kind} pin {path} no longer holds the pod's namespace"
-    return None
-
-
-def pins_exist(*paths: str | None) -> bool:
-    """NamespaceDriver.pins_exist."""
-    return any(p and os.path.lexists(p) for p in paths)
-
-
-def pins_in(directory: str, prefix: str) -> list[str]:
-    """NamespaceDriver.pins_in."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.startswith(prefix))
 
 
 def _validate(req: NamespaceRequest) -> None:

@@ -29,7 +29,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import anyio
@@ -157,7 +157,35 @@ def installed(name: str) -> bool:
     return bool(shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin"))
 
 
-class OciRuntime:
+class PauseTasks:
+    """The RuntimeDriver members that act on the pause process itself, not on the runtime's
+    state: one implementation for every runtime handler and for the fake, whose pause is a real
+    process too. The class that uses it provides `wait_exit_status`."""
+
+    async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
+        raise NotImplementedError
+
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        ended = await end_process(task, grace)
+        if ended is None:
+            return None
+        try:
+            return await self.wait_exit_status(task, 1.0 if ended else 0.05)
+        except PodfsmError as exc:
+            log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
+            return None
+
+    async def wait_task_exit(self, task: TaskInfo) -> None:
+        await wait_process_exit(task)
+
+    def task_alive(self, task: TaskInfo) -> bool:
+        return pause_alive(task)
+
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        return pause_problem(task, ns)
+
+
+class OciRuntime(PauseTasks):
     """RuntimeDriver for runc and crun (see podfsm.drivers.base.RuntimeDriver).
 
     Every runtime command runs as a child of the reaper. For crun that is required (the cgroup
@@ -382,18 +410,6 @@ class OciRuntime:
         except OSError as exc:
             raise StepFailed(STEP, f"cannot remove the bundle {bundle}: {exc}") from exc
 
-    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
-        return await kill_task_then_status(self.wait_exit_status, task, grace)
-
-    async def wait_task_exit(self, task: TaskInfo) -> None:
-        await wait_process_exit(task)
-
-    def task_alive(self, task: TaskInfo) -> bool:
-        return pause_alive(task)
-
-    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
-        return pause_problem(task, ns)
-
     async def _kill_and_wait(self, task: TaskInfo) -> None:
         """SIGKILL a live pause process and wait until it is reaped.
 
@@ -491,7 +507,7 @@ async def end_process(task: TaskInfo, grace: float) -> bool | None:
     exited. True: it was running and has exited; False: it was gone already; None: its pid
     belongs to another process now (it exited long ago). StepFailed if it survives SIGKILL.
 
-    The one implementation of ending a pause process, for every RuntimeDriver (and the fakes).
+    The one implementation of ending a pause process (RuntimeDriver.kill_task, PauseTasks).
     """
     try:
         pidfd = _task_pidfd(task)
@@ -513,9 +529,9 @@ async def end_process(task: TaskInfo, grace: float) -> bool | None:
 
 
 async def wait_process_exit(task: TaskInfo) -> None:
-    """RuntimeDriver.wait_task_exit: the one implementation (the fakes' pause is a real
-    process too). A pidfd is readable the moment its process exits (a zombie, reaped or not,
-    has exited), so the exit is seen within milliseconds and nothing polls."""
+    """RuntimeDriver.wait_task_exit (PauseTasks). A pidfd is readable the moment its process
+    exits (a zombie, reaped or not, has exited), so the exit is seen within milliseconds and
+    nothing polls."""
     try:
         pidfd = _task_pidfd(task)
     except ProcessLookupError:
@@ -526,21 +542,6 @@ async def wait_process_exit(task: TaskInfo) -> None:
         await anyio.wait_readable(pidfd)
     finally:
         os.close(pidfd)
-
-
-async def kill_task_then_status(
-    wait_exit_status: Callable[[TaskInfo, float], Awaitable[int | None]],
-    task: TaskInfo, grace: float,
-) -> int | None:
-    """RuntimeDriver.kill_task on `end_process` and the driver's own `wait_exit_status`."""
-    ended = await end_process(task, grace)
-    if ended is None:
-        return None
-    try:
-        return await wait_exit_status(task, 1.0 if ended else 0.05)
-    except PodfsmError as exc:
-        log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
-        return None
 
 
 def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
@@ -558,14 +559,13 @@ def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
 
 
 def pause_alive(task: TaskInfo) -> bool:
-    """RuntimeDriver.task_alive: the one implementation. /proc/<pid>/stat's start time tells
+    """RuntimeDriver.task_alive (PauseTasks). /proc/<pid>/stat's start time tells
     the process from a later one that reuses its pid."""
     return linux.proc_start_time(task.pid) == task.start_time
 
 
 def pause_problem(task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
-    """RuntimeDriver.task_problem: the one implementation (the fakes' pause is a real process
-    too)."""
+    """RuntimeDriver.task_problem (PauseTasks)."""
     want_user = (ns.userns_inode if ns and ns.userns_inode else
                  linux.ns_inode("/proc/self/ns/user"))
     want_net = (ns.netns_inode if ns and ns.netns_inode else
