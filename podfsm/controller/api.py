@@ -26,7 +26,7 @@ from podfsm.core.records import (
 from podfsm.core.requests import InterfaceInfo
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import factory, sysinfo
+from podfsm.drivers import factory
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class Controller(Recovery):
         status = await self.sandbox_status(sandbox_id)
         cgroup = None
         if status.pid is not None and status.state in (State.READY, State.TASK_RUNNING):
-            cgroup = sysinfo.cgroup_stats(status.pid)
+            cgroup = self._host.cgroup_stats(status.pid)
         ifaces: list[InterfaceInfo] = []
         rec = self._sandboxes[sandbox_id].record
         if rec.namespaces is not None and rec.namespaces.netns_path:
@@ -216,7 +216,7 @@ class Controller(Recovery):
             "runtimeHandler": rec.runtime,
             "runtimeType": f"podfsm.oci.{rec.runtime}",
             "config": rec.config.model_dump(mode="json", by_alias=True),
-            "runtimeSpec": sysinfo.read_runtime_spec(rec.bundle_path),
+            "runtimeSpec": self._host.runtime_spec(rec.bundle_path),
             "cniResult": rec.network.raw if rec.network else None,
             "netnsPath": netns or "",
             "usernsPath": (ns.userns_path if ns else None) or rec.planned_userns_path or "",
@@ -256,7 +256,7 @@ class Controller(Recovery):
     async def filesystem_usage(self) -> list[FilesystemUsage]:
         """Usage of the filesystems holding state_dir and run_dir (one entry each when they
         are on different filesystems)."""
-        return sysinfo.filesystem_usage([self.config.state_dir, self.config.run_dir])
+        return self._host.filesystem_usage([self.config.state_dir, self.config.run_dir])
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
         """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error."""

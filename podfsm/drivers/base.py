@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from podfsm.core.records import (
+    CgroupStats,
+    FilesystemUsage,
     NetworkResult,
     PinnedNamespaces,
     SandboxFiles,
@@ -145,7 +147,8 @@ class RuntimeDriver(Protocol):
 class HostDriver(Protocol):
     """What a sandbox needs from the host besides namespaces, network and runtime: its run
     directory, its files (hostname, hosts, resolv.conf), its /dev/shm tmpfs, its log
-    directory, and the cleaning of the cgroup parent directories the runtime leaves."""
+    directory, and the cleaning of the cgroup parent directories the runtime leaves; and the
+    host's read-only reports for status and statistics (podfsm.drivers.sysinfo)."""
 
     def create_sandbox_dir(self, path: str) -> None:
         """Create the sandbox's run directory `path`, mode 0711 whatever the umask (the pod's
@@ -186,6 +189,16 @@ class HostDriver(Protocol):
     def security_modules(self) -> frozenset[str]:
         """The Linux security modules enabled on the host that podfsm would have to apply:
         "selinux", "apparmor"."""
+
+    def cgroup_stats(self, pid: int) -> CgroupStats | None:
+        """CPU and memory of the cgroup process `pid` is in; None when it cannot be read."""
+
+    def filesystem_usage(self, paths: list[str]) -> list[FilesystemUsage]:
+        """One entry per filesystem holding any of `paths`, in the order first met."""
+
+    def runtime_spec(self, bundle_path: str | None) -> dict[str, Any] | None:
+        """The OCI runtime spec (config.json) of the bundle at `bundle_path`, or None when
+        there is none."""
 
 
 class Store(Protocol):

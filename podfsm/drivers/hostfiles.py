@@ -18,13 +18,14 @@ import os
 import shutil
 import socket
 import stat
+from typing import Any
 
 import anyio
 
 from podfsm.core.ocispec import LOCALHOST_HOSTS, SHM_OPTIONS, resolv_conf
-from podfsm.core.records import SandboxFiles
+from podfsm.core.records import CgroupStats, FilesystemUsage, SandboxFiles
 from podfsm.core.spec import PodSandboxConfig
-from podfsm.drivers import linux
+from podfsm.drivers import linux, sysinfo
 
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 HOST_HOSTS = "/etc/hosts"
@@ -171,6 +172,15 @@ class HostFiles:
     def security_modules(self) -> frozenset[str]:
         return frozenset(name for name, on in (("selinux", selinux_enabled()),
                                                ("apparmor", apparmor_enabled())) if on)
+
+    def cgroup_stats(self, pid: int) -> CgroupStats | None:
+        return sysinfo.cgroup_stats(pid)
+
+    def filesystem_usage(self, paths: list[str]) -> list[FilesystemUsage]:
+        return sysinfo.filesystem_usage(paths)
+
+    def runtime_spec(self, bundle_path: str | None) -> dict[str, Any] | None:
+        return sysinfo.read_runtime_spec(bundle_path)
 
 
 def _release_shm(shm_path: str) -> None:

@@ -56,9 +56,9 @@ _OS_JUSTIFIED = {("base.py", "os.kill"), ("base.py", "os.getpid")}
 #: Modules that are system I/O whatever is called from them.
 _SYSTEM_MODULES = ("shutil", "fcntl", "subprocess", "socket", "ctypes", "pathlib",
                    "aiofiles", "podfsm.drivers.linux")
-#: The driver modules the controller may name: the Protocols, the factory that builds the real
-#: drivers, and sysinfo's read-only reads.
-_DRIVER_MODULES = {"podfsm.drivers.base", "podfsm.drivers.factory", "podfsm.drivers.sysinfo"}
+#: The driver modules the controller may name: the Protocols and the factory that builds the
+#: real drivers.
+_DRIVER_MODULES = {"podfsm.drivers.base", "podfsm.drivers.factory"}
 
 
 def _dotted(node: ast.expr) -> str | None:
