@@ -245,6 +245,14 @@ def _runtime_list(name: str, root: str | None = None) -> list[str]:
     return sorted(out.stdout.split())
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` takes `sig` in: a handler for it, or (as catatonit, which reads
+    its signals from a signalfd) blocks it (SigCgt, SigBlk of /proc/<pid>/status)."""
+    return any(line.startswith(("SigCgt:", "SigBlk:"))
+               and int(line.split()[1], 16) >> (sig - 1) & 1
+               for line in _read(f"/proc/{pid}/status").splitlines())
+
+
 def _sys_mount_options(pid: int) -> list[str]:
     with open(f"/proc/{pid}/mountinfo") as f:
         for line in f:
@@ -299,6 +307,12 @@ async def test_kill_task_with_a_grace_ends_the_pause_process_by_sigterm(
 ) -> None:
     task = await oci.create(pause_request(pins))
     await oci.start_task("pause0")
+    # The pause is its pid namespace's init: a SIGTERM sent before it takes the signal in is
+    # dropped (the teardown then ends it by SIGKILL after the grace). Wait until it does.
+    deadline = time.perf_counter() + 5
+    while not _catches(task.pid, signal.SIGTERM):
+        assert time.perf_counter() < deadline, "the pause never handled SIGTERM"
+        await asyncio.sleep(0.002)
     t0 = time.perf_counter()
     # catatonit -P exits 0 on SIGTERM, well before the grace runs out (no SIGKILL: not 137)
     assert await oci.kill_task(task, 5.0) == 0
