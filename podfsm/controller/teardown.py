@@ -29,14 +29,12 @@ class Teardown(ControllerBase):
         if task is None:
             return
         async with self._failpoints_around(steps.KILL_TASK.failpoint):
-            status = await self._kill_and_wait(sb.record.runtime, task)
+            rt = self._runtime(sb.record.runtime)
+            status = await rt.kill_task(task, self.config.stop_grace)
             changes: dict[str, Any] = {"task": None}
             if sb.record.exit_status is None and status is not None:
                 changes.update(exit_status=status, finished_at=now())
             sb.record = sb.record.evolve(**changes)
-
-    async def _kill_and_wait(self, runtime: str, task: TaskInfo) -> int | None:
-        return await self._runtime(runtime).kill_task(task, self.config.stop_grace)
 
     async def _exit_status(self, runtime: str, task: TaskInfo, timeout: float) -> int | None:
         """The task's exit status from the reaper, or None when it cannot be learned (the
