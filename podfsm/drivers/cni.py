@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -32,8 +33,8 @@ from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.records import NetworkResult
 from podfsm.core.requests import InterfaceInfo, NetworkRequest
 from podfsm.drivers import linux
-from podfsm.drivers.reaper import ReaperError
-from podfsm.drivers.reaperclient import ReaperClient
+from podfsm.drivers.reaper import CommandTimedOut, ReaperError
+from podfsm.drivers.reaperclient import ChainStep, ReaperClient
 
 STEP = "cni"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
@@ -55,6 +56,19 @@ class _PluginFailed(Exception):
         self.plugin = plugin
         self.command = command
         self.message = message
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One plugin run of a chain: plugin `index` of `conf`, with this environment and either
+    the previous step's output (`chained`) or `prev` as its prevResult."""
+
+    conf: NetworkConfigList
+    index: int
+    #: the variables set over the inherited environment (CNI_*, PATH)
+    env: dict[str, str]
+    prev: Mapping[str, Any] | None = None
+    chained: bool = False
 
 
 class CniNetwork:
@@ -141,10 +155,11 @@ class CniNetwork:
             needed += [t for t in cniconf.required_plugins(loopback) if t not in needed]
         paths = await asyncio.to_thread(self._find_plugins, needed, conf.source)
 
-        env = dict(os.environ)
-        env.setdefault("PATH", _FALLBACK_PATH)
-        env["CNI_PATH"] = ":".join(self.bin_dirs)
-        self._base_env = env
+        # What a plugin gets over the environment it inherits (this process's, or the reaper's,
+        # which it inherited from the controller that started it): PATH, as plugins such as
+        # portmap run iptables, and CNI_PATH; _env adds the per-call CNI_* variables.
+        self._base_env = {"PATH": os.environ.get("PATH") or _FALLBACK_PATH,
+                          "CNI_PATH": ":".join(self.bin_dirs)}
         self._plugin_paths = paths
         self._conflist = conf
         self._loopback = loopback
@@ -188,23 +203,26 @@ class CniNetwork:
             raise StepFailed(STEP, "ADD needs the pod's network namespace path")
         env = self._env(req, "ADD", req.netns_path, req.ifname)
         caps = cniconf.capability_args_for(req.port_mappings)
+        steps: list[_Step] = []
+        if self._loopback is not None:
+            steps.append(_Step(self._loopback, 0, self._env(req, "ADD", req.netns_path, "lo")))
+        steps += [_Step(conf, i, env, chained=i > 0) for i in range(len(conf.plugins))]
+        outputs = await self._run_steps("ADD", steps, caps, stop_on_failure=True)
 
         lo_done = False
-        if self._loopback is not None:
-            lo_env = self._env(req, "ADD", req.netns_path, "lo")
-            try:
-                await self._run(self._loopback, 0, "ADD", lo_env, None, {})
-            except _PluginFailed as exc:
-                raise StepFailed(STEP, str(exc)) from None
-            lo_done = True
-
         prev: dict[str, Any] | None = None
-        for i, ptype in enumerate(conf.plugin_types):
+        for step, out in zip(steps, outputs, strict=False):
             try:
-                out = await self._run(conf, i, "ADD", env, prev, caps)
-                prev = _json_object(out, ptype)
+                if isinstance(out, _PluginFailed):
+                    raise out
+                if step.conf is self._loopback:
+                    lo_done = True
+                    continue
+                prev = _json_object(out, step.conf.plugin_types[step.index])
             except _PluginFailed as exc:
-                undo = await self._undo(req, conf, i, prev, lo_done)
+                if step.conf is self._loopback:
+                    raise StepFailed(STEP, str(exc)) from None
+                undo = await self._undo(req, conf, step.index, prev, lo_done)
                 raise StepFailed(STEP, str(exc) + undo) from None
 
         assert prev is not None  # a conflist has at least one plugin
@@ -228,11 +246,8 @@ class CniNetwork:
         env = self._env(req, "DEL", netns, req.ifname)
         del_prev = prev if cniconf.passes_prev_result_on_del(conf.cni_version) else None
         caps = cniconf.capability_args_for(req.port_mappings)
-        errors = await self._del_chain(conf, env, del_prev, last, caps)
-        if lo_done and self._loopback is not None:
-            errors += await self._del_chain(
-                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0, {}
-            )
+        lo_env = self._env(req, "DEL", netns, "lo") if lo_done else None
+        errors = await self._del_chain(conf, env, del_prev, last, caps, lo_env)
         if errors:
             return "; undoing it failed too: " + "; ".join(errors)
         return ""
@@ -253,14 +268,12 @@ class CniNetwork:
         env = self._env(req, "CHECK", netns, req.ifname)
         # As libcni: every command gets the runtime config, so portmap can CHECK its rules.
         caps = cniconf.capability_args_for(req.port_mappings)
-        try:
-            for i in range(len(conf.plugins)):
-                await self._run(conf, i, "CHECK", env, result.raw, caps)
-            if self._loopback is not None:
-                lo_env = self._env(req, "CHECK", netns, "lo")
-                await self._run(self._loopback, 0, "CHECK", lo_env, None, {})
-        except _PluginFailed as exc:
-            raise StepFailed(STEP, str(exc)) from None
+        steps = [_Step(conf, i, env, result.raw) for i in range(len(conf.plugins))]
+        if self._loopback is not None:
+            steps.append(_Step(self._loopback, 0, self._env(req, "CHECK", netns, "lo")))
+        for out in await self._run_steps("CHECK", steps, caps, stop_on_failure=True):
+            if isinstance(out, _PluginFailed):
+                raise StepFailed(STEP, str(out)) from None
 
     async def detach(self, req: NetworkRequest, result: NetworkResult | None) -> None:
         """CNI DEL of every plugin in reverse order.
@@ -279,11 +292,8 @@ class CniNetwork:
             prev = dict(result.raw)
         env = self._env(req, "DEL", netns, req.ifname)
         caps = cniconf.capability_args_for(req.port_mappings)
-        errors = await self._del_chain(conf, env, prev, len(conf.plugins) - 1, caps)
-        if self._loopback is not None:
-            errors += await self._del_chain(
-                self._loopback, self._env(req, "DEL", netns, "lo"), None, 0, {}
-            )
+        lo_env = self._env(req, "DEL", netns, "lo") if self._loopback is not None else None
+        errors = await self._del_chain(conf, env, prev, len(conf.plugins) - 1, caps, lo_env)
         if errors:
             raise StepFailed(STEP, "; ".join(errors))
 
@@ -294,15 +304,15 @@ class CniNetwork:
         prev: dict[str, Any] | None,
         last: int,
         caps: Mapping[str, Any],
+        lo_env: dict[str, str] | None,
     ) -> list[str]:
-        """DEL plugins `last`..0, each even if a later one failed; the failures."""
-        errors: list[str] = []
-        for i in range(last, -1, -1):
-            try:
-                await self._run(conf, i, "DEL", env, prev, caps)
-            except _PluginFailed as exc:
-                errors.append(str(exc))
-        return errors
+        """DEL plugins `last`..0, then the loopback network when `lo_env` is given, each even if
+        another failed; the failures."""
+        steps = [_Step(conf, i, env, prev) for i in range(last, -1, -1)]
+        if lo_env is not None and self._loopback is not None:
+            steps.append(_Step(self._loopback, 0, lo_env))
+        outputs = await self._run_steps("DEL", steps, caps, stop_on_failure=False)
+        return [str(out) for out in outputs if isinstance(out, _PluginFailed)]
 
     def problem(self) -> str | None:
         """None while the network config file loaded at start() is still there and every
@@ -375,34 +385,66 @@ class CniNetwork:
         )
         return env
 
+    async def _run_steps(
+        self, command: str, steps: Sequence[_Step], caps: Mapping[str, Any], *,
+        stop_on_failure: bool,
+    ) -> list[bytes | _PluginFailed]:
+        """Run the plugins of `steps` in order: their outputs, or what failed. A chained step
+        gets the previous step's output as its ``prevResult``. With `stop_on_failure` the list
+        ends at the first failure. Through the reaper the whole list is one request."""
+        runs: list[tuple[_Step, str | None]] = []  # the step and its plugin's path, or
+        for step in steps:                          # None when it is skipped as idle
+            ptype = step.conf.plugin_types[step.index]
+            idle = cniconf.idle_without(step.conf.plugins[step.index], caps) and (
+                step.chained or step.prev is not None or command == "DEL")
+            runs.append((step, None if idle else self._plugin_paths.get(ptype, "")))
+        if self._reaper is None:
+            return await self._run_one_by_one(command, runs, caps, stop_on_failure)
+        return await self._run_by_reaper(command, runs, caps, stop_on_failure)
+
+    async def _run_one_by_one(
+        self, command: str, runs: Sequence[tuple[_Step, str | None]], caps: Mapping[str, Any],
+        stop_on_failure: bool,
+    ) -> list[bytes | _PluginFailed]:
+        outputs: list[bytes | _PluginFailed] = []
+        last: bytes | None = None
+        for step, path in runs:
+            prev: Mapping[str, Any] | None = step.prev
+            if step.chained and last is not None:
+                try:
+                    prev = _json_object(last, step.conf.plugin_types[step.index - 1])
+                except _PluginFailed:
+                    break  # the caller names what was wrong with that output
+            try:
+                if path is None:  # idle: what the plugin would answer, without running it
+                    out = json.dumps(prev).encode() if command == "ADD" else b""
+                else:
+                    out = await self._run(step, path, command, prev, caps)
+            except _PluginFailed as exc:
+                outputs.append(exc)
+                if stop_on_failure:
+                    break
+                continue
+            outputs.append(out)
+            last = out
+        return outputs
+
     async def _run(
-        self,
-        conf: NetworkConfigList,
-        index: int,
-        command: str,
-        env: dict[str, str],
-        prev: Mapping[str, Any] | None,
+        self, step: _Step, path: str, command: str, prev: Mapping[str, Any] | None,
         caps: Mapping[str, Any],
     ) -> bytes:
-        """Run one plugin; its stdout on success, _PluginFailed otherwise."""
-        ptype = conf.plugin_types[index]
-        if cniconf.idle_without(conf.plugins[index], caps) and (prev is not None
-                                                               or command == "DEL"):
-            # What the plugin would answer, without the ~7 ms of running it for every pod.
-            return json.dumps(prev).encode() if command == "ADD" else b""
-        path = self._plugin_paths.get(ptype)
-        if path is None:  # only if start() was skipped for this config
+        """Run one plugin in a child of this process; its stdout, or _PluginFailed."""
+        ptype = step.conf.plugin_types[step.index]
+        if not path:  # only if start() was skipped for this config
             raise _PluginFailed(ptype, command, "plugin was not found at start")
-        stdin = json.dumps(cniconf.plugin_config(conf, index, prev, caps)).encode()
-        if self._reaper is not None:
-            return await self._run_by_reaper(ptype, path, command, env, stdin)
+        stdin = json.dumps(cniconf.plugin_config(step.conf, step.index, prev, caps)).encode()
         try:
             proc = await asyncio.create_subprocess_exec(
                 path,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
+                env={**os.environ, **step.env},
                 cwd="/",
                 process_group=0,  # a timeout kills what the plugin started too
             )
@@ -426,25 +468,74 @@ class CniNetwork:
             )
         return out
 
-
-    async def _run_by_reaper(self, ptype: str, path: str, command: str, env: dict[str, str],
-                             stdin: bytes) -> bytes:
+    async def _run_by_reaper(
+        self, command: str, runs: Sequence[tuple[_Step, str | None]], caps: Mapping[str, Any],
+        stop_on_failure: bool,
+    ) -> list[bytes | _PluginFailed]:
+        """The plugins as one `chain` request to the reaper. An idle plugin is left out of
+        the chain: its output is its input's prevResult, which the next step gets anyway."""
         assert self._reaper is not None
+        chain: list[ChainStep] = []
+        sent: list[int] = []  # index in `runs` of each step sent
+        for k, (step, path) in enumerate(runs):
+            if path is None:
+                continue
+            if not path:
+                # only if start() was skipped for this config: nothing of it is run
+                ptype = step.conf.plugin_types[step.index]
+                return [_PluginFailed(ptype, command, "plugin was not found at start")]
+            # A chained step after a left-out one takes the output of the step before that:
+            # the same object the left-out plugin would have passed on.
+            chained = step.chained and bool(chain)
+            prev = None if chained else step.prev
+            conf = cniconf.plugin_config(step.conf, step.index, prev, caps)
+            chain.append(ChainStep([path], step.env, json.dumps(conf), prev_result=chained))
+            sent.append(k)
         try:
-            # Shielded: a cancelled caller would not stop the plugin in the reaper, and the
+            # Shielded: a cancelled caller would not stop the plugins in the reaper, and the
             # caller's compensating DEL could then run before this ADD reserves its address
-            # (a leak). The plugin is bounded by plugin_timeout; cancellation lands after it.
+            # (a leak). Each plugin is bounded by plugin_timeout; cancellation lands after.
             with anyio.CancelScope(shield=True):
-                res = await self._reaper.run([path], env=env, timeout=self.plugin_timeout,
-                                             input=stdin.decode(), cwd="/")
+                results = await self._reaper.chain(
+                    chain, stop_on_failure=stop_on_failure, timeout=self.plugin_timeout,
+                    cwd="/")
         except ReaperError as exc:
-            raise _PluginFailed(ptype, command, str(exc)) from None
-        out = res.stdout.encode()
-        if res.rc != 0:
-            raise _PluginFailed(
-                ptype, command, cniconf.plugin_error_message(out, res.stderr.encode(), res.rc)
-            )
-        return out
+            step = runs[sent[0]][0] if sent else runs[0][0]
+            return [_PluginFailed(step.conf.plugin_types[step.index], command, str(exc))]
+        by_run: dict[int, bytes | _PluginFailed] = {}
+        for k, res in zip(sent, results, strict=False):
+            step = runs[k][0]
+            ptype = step.conf.plugin_types[step.index]
+            if isinstance(res, CommandTimedOut):
+                by_run[k] = _PluginFailed(ptype, command,
+                                          f"no answer within {res.timeout:g} s (killed)")
+            elif isinstance(res, ReaperError):
+                by_run[k] = _PluginFailed(ptype, command, str(res))
+            elif res.rc != 0:
+                by_run[k] = _PluginFailed(ptype, command, cniconf.plugin_error_message(
+                    res.stdout.encode(), res.stderr.encode(), res.rc))
+            else:
+                by_run[k] = res.stdout.encode()
+        outputs: list[bytes | _PluginFailed] = []
+        last: bytes | None = None
+        for k, (step, path) in enumerate(runs):
+            if path is None:
+                if stop_on_failure and last is None and step.chained:
+                    break  # nothing ran before it
+                prev_out = last if step.chained else (
+                    json.dumps(step.prev).encode() if step.prev is not None else None)
+                outputs.append((prev_out or b"null") if command == "ADD" else b"")
+                continue
+            if k not in by_run:
+                break  # the chain stopped before it
+            out = by_run[k]
+            outputs.append(out)
+            if isinstance(out, _PluginFailed):
+                if stop_on_failure:
+                    break
+                continue
+            last = out
+        return outputs
 
     async def close(self) -> None:
         """Disconnect from the reaper, if plugins run there."""

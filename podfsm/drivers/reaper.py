@@ -13,18 +13,33 @@ Protocol: JSON lines over the unix socket `<run_dir>/reaper.sock`. Each request 
 `error` (a message). Requests on one connection may be answered out of order.
 
 - `ping` -> {pid, runs, watched}: the reaper's pid, commands in flight, processes watched
-- `run` {argv, env?, mount_workaround?, timeout?, output_file?} -> {rc, stdout, stderr}
-  `output_file`: stdout and stderr go to that file (for `create`, whose container inherits the
-  runtime's stdio and would hold a pipe open forever); its tail is returned as `stderr`.
-  Each command is its own process group; at `timeout` the whole group is killed and the reply
-  is {error: "timed out after N s ..."}. A command whose client disconnects (the controller
-  died) is killed the same way at once: nobody will act on its result, and the next
-  controller's recovery deals with what it left.
+- `run` {argv, env?, env_add?, input?, cwd?, mount_workaround?, timeout?, output_file?, then?}
+  -> {rc, stdout, stderr}: `env` is the command's environment (default: the reaper's own,
+  which it inherited from the client that started it), `env_add` variables set over it (the
+  CNI_* ones: a plugin run then carries a few variables, not the caller's whole environment);
+  `input` is the command's stdin. `output_file`: stdout and stderr go
+  to that file (for `create`, whose container inherits the runtime's stdio); its tail is
+  returned as `stderr`. Each command is its own process group; at `timeout` the whole group is
+  killed and the reply is {error: "timeout after N s ..."}. A command whose client disconnects
+  (the controller died) is killed the same way at once: nobody will act on its result, and the
+  next controller's recovery deals with what it left.
+  `then`, done only when the command succeeded (rc 0), so that one step is one request:
+  {watch_pid_file, task_file?} (after `create`) reads the pid file, writes the task file
+  {pid, start_time} and watches that process, adding `watched` {pid, start_time, child} to the
+  reply; {forget: {pid, start_time}} (after `delete`) forgets that process's exit status. If
+  that part fails the reply has `then_error` beside the command's result.
+- `chain` {steps: [run request + prev_result?], stop_on_failure?} -> {results: [...]}: the
+  steps one after another (a CNI ADD, CHECK or DEL chain in one request); a step with
+  `prev_result` gets the previous step's output as the `prevResult` of its JSON input. With
+  `stop_on_failure` (the default) it stops at the first failed step.
 - `watch` {pid, start_time?} -> {pid, start_time, child}: persist this process's exit status
   to `<run_dir>/exits/<pid>-<start_time>` when it is reaped (also if it already was).
 - `wait_exit` {pid, start_time, timeout} -> {status, exited}: `status` is the shell-style exit
   status (code, or 128+signal) as soon as it is reaped; null with exited=true when the process is
   gone but its status cannot be known (it was never our child); null with exited=false at timeout.
+- `kill` {pid, start_time, grace?} -> {ended, status}: end that process through a pidfd
+  (SIGTERM, SIGKILL after `grace` s) and wait for it: `ended` is "exited", "gone" (before) or
+  "reused" (the pid names another process); `status` as `wait_exit` gives it.
 - `forget` {pid, start_time} -> {}: drop the recorded status and its file.
 - `shutdown` -> {}: exit as soon as no child is alive (pause processes are never abandoned).
 
@@ -46,6 +61,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +99,14 @@ class ReaperError(Exception):
 
 class ReaperConnectionLost(ReaperError):
     """The connection to the reaper ended before the reply arrived."""
+
+
+class CommandTimedOut(ReaperError):
+    """A command ran past its timeout and was killed with its process group."""
+
+    def __init__(self, message: str, timeout: float) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 def shell_status(wait_status: int) -> int:
@@ -183,17 +207,49 @@ def _tail_of_file(path: str) -> str:
 class _Run:
     """One `run` command in flight."""
 
-    popen: subprocess.Popen[bytes]
+    pid: int
+    argv: list[str]
     future: asyncio.Future[dict[str, Any]]
     output_file: str | None
-    buffers: dict[int, bytearray] = field(default_factory=dict)  # pipe fd -> output
-    stdout_fd: int | None = None
+    #: memfds holding the command's stdout and stderr (None with output_file)
+    out_fd: int | None = None
+    err_fd: int | None = None
     timer: asyncio.TimerHandle | None = None
     timed_out: float | None = None  # the timeout, once it killed the command
     #: the connection that asked for it (its departure kills the command)
     owner: object = None
-    #: pipe fds still open; a closed one's number may already belong to another run's pipe
-    open_fds: set[int] = field(default_factory=set)
+    #: set once reaped: its pid may then name another process
+    returncode: int | None = None
+    #: the Popen object of a command started with a preexec step (it must never reap it)
+    popen: subprocess.Popen[bytes] | None = None
+    #: what to do once it exited with rc 0: read the pid file and watch that process (create),
+    #: or forget a process's exit status (delete)
+    then: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _read_memfd(fd: int | None, limit: int = MAX_OUTPUT) -> bytes:
+    """The last `limit` bytes a command wrote to its memfd; closes it."""
+    if fd is None:
+        return b""
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, limit, max(0, size - limit))
+    finally:
+        os.close(fd)
+
+
+def _which(name: str, env: Mapping[str, str] | None) -> str:
+    """`name` as the child's PATH finds it (what Popen and execvpe do); itself when it holds a
+    slash or is found nowhere (then the spawn fails with the usual ENOENT)."""
+    if "/" in name:
+        return name
+    path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    return shutil.which(name, path=path) or name
+
+
+#: Signals Python ignores (SIGPIPE) or may have set to be ignored: a spawned command starts
+#: with their default action, as Popen's restore_signals gives.
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class ReaperServer:
@@ -214,6 +270,9 @@ class ReaperServer:
         self._shutdown = False
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: the environment commands inherit: a plain copy, as os.environ decodes and encodes
+        #: every variable each time it is copied
+        self._environ = dict(os.environ)
         os.makedirs(os.path.join(self.run_dir, EXITS_DIR), mode=0o700, exist_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -287,15 +346,17 @@ class ReaperServer:
             if info is None or info.si_pid == 0:
                 return
             pid = info.si_pid
-            start_time = linux.proc_start_time(pid) or 0
+            run = self._runs.get(pid)
+            # a command we ran needs no start time: its pid is ours until reaped just below
+            start_time = 0 if run is not None else (linux.proc_start_time(pid) or 0)
             try:
                 _, wait_status = os.waitpid(pid, 0)
             except ChildProcessError:
                 continue
             status = shell_status(wait_status)
             self._last_activity = time.monotonic()
-            run = self._runs.pop(pid, None)
             if run is not None:
+                del self._runs[pid]
                 self._finish_run(run, status)
             else:
                 log.debug("reaped pid %d (start %d): %d", pid, start_time, status)
@@ -334,93 +395,88 @@ class ReaperServer:
 
     def _start_run(self, req: Mapping[str, Any],
                    owner: object = None) -> asyncio.Future[dict[str, Any]]:
+        """Start the command; its future gets {rc, stdout, stderr} once it is reaped.
+
+        The command is spawned with posix_spawn (vfork + exec: the cheapest way to start a
+        process from Python; Popen costs this process about twice the CPU per command), in its
+        own process group, with stdin from a memfd or /dev/null and stdout and stderr into
+        memfds or `output_file`. Nothing is read while it runs: no pipe, so no wake-up per
+        chunk of output and nothing a grandchild holding the output open can block; the
+        output is read once, when SIGCHLD says the command exited. Only a command that needs a
+        step between fork and exec (crun's private mount namespace) goes through Popen.
+        """
         assert self._loop is not None
         argv = [str(a) for a in req["argv"]]
         if not argv:
             raise ValueError("argv is empty")
-        env = req.get("env")
+        raw_env = req.get("env")
+        env = None if raw_env is None else {str(k): str(v) for k, v in raw_env.items()}
+        env_add = req.get("env_add")
+        if env_add:
+            env = {**(self._environ if env is None else env),
+                   **{str(k): str(v) for k, v in env_add.items()}}
         output_file = req.get("output_file")
         stdin_data = req.get("input")
-        stdin: int = subprocess.DEVNULL
-        if stdin_data is not None:
-            # a memfd, not a pipe: the whole input is there at once and nothing can block
-            stdin = os.memfd_create("podfsm-stdin", os.MFD_CLOEXEC)
-            os.write(stdin, str(stdin_data).encode())
-            os.lseek(stdin, 0, os.SEEK_SET)
+        cwd = req.get("cwd")
         timeout = float(req.get("timeout") or 30.0)
-        out_fd: int | None = None
-        if output_file is not None:
-            out_fd = os.open(
-                output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o640
-            )
+        fds: list[int] = []  # ours to close once the child has them
         try:
-            popen = subprocess.Popen(
-                argv,
-                stdin=stdin,
-                cwd=req.get("cwd"),
-                stdout=out_fd if out_fd is not None else subprocess.PIPE,
-                stderr=out_fd if out_fd is not None else subprocess.PIPE,
-                env=None if env is None else {str(k): str(v) for k, v in env.items()},
-                preexec_fn=_mount_workaround if req.get("mount_workaround") else None,
-                close_fds=True,
-                # its own group, so a timeout kills what it started too (a plugin's helpers,
-                # a shell's children); setpgid keeps the vfork fast path
-                process_group=0,
-            )
-        finally:
-            if out_fd is not None:
-                os.close(out_fd)
             if stdin_data is not None:
-                os.close(stdin)
-        run = _Run(popen=popen, future=self._loop.create_future(), output_file=output_file,
-                   owner=owner)
-        for stream in (popen.stdout, popen.stderr):
-            if stream is not None:
-                fd = stream.fileno()
-                os.set_blocking(fd, False)
-                run.buffers[fd] = bytearray()
-                run.open_fds.add(fd)
-                self._loop.add_reader(fd, self._read_pipe, run, fd)
-        if popen.stdout is not None:
-            run.stdout_fd = popen.stdout.fileno()
-        run.timer = self._loop.call_later(timeout, self._run_timed_out, run, timeout)
-        self._runs[popen.pid] = run
-        return run.future
-
-    def _read_pipe(self, run: _Run, fd: int) -> None:
-        if self._drain(run, fd):
-            self._close_pipe(run, fd)
-
-    def _drain(self, run: _Run, fd: int) -> bool:
-        """Read what the pipe holds; True at end of file."""
-        buf = run.buffers[fd]
-        while True:
+                # a memfd, not a pipe: the whole input is there at once and nothing can block
+                stdin = os.memfd_create("podfsm-stdin", os.MFD_CLOEXEC)
+                fds.append(stdin)
+                os.write(stdin, str(stdin_data).encode())
+                os.lseek(stdin, 0, os.SEEK_SET)
+            else:
+                stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                fds.append(stdin)
+            out_fd = err_fd = None
+            if output_file is not None:
+                stdout = stderr = os.open(
+                    output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o640
+                )
+                fds.append(stdout)
+            else:
+                stdout = out_fd = os.memfd_create("podfsm-stdout", os.MFD_CLOEXEC)
+                stderr = err_fd = os.memfd_create("podfsm-stderr", os.MFD_CLOEXEC)
+            popen: subprocess.Popen[bytes] | None = None
             try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
-            if not chunk:
-                return True
-            buf += chunk
-            if len(buf) > MAX_OUTPUT:
-                del buf[: len(buf) - MAX_OUTPUT]
-
-    def _close_pipe(self, run: _Run, fd: int) -> None:
-        assert self._loop is not None
-        if fd not in run.open_fds:
-            return
-        run.open_fds.discard(fd)
-        self._loop.remove_reader(fd)
-        for stream in (run.popen.stdout, run.popen.stderr):
-            if stream is not None and not stream.closed and stream.fileno() == fd:
-                stream.close()
+                if req.get("mount_workaround") or (cwd is not None and cwd != os.getcwd()):
+                    popen = subprocess.Popen(
+                        argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
+                        preexec_fn=_mount_workaround if req.get("mount_workaround") else None,
+                        close_fds=True, process_group=0,
+                    )
+                    pid = popen.pid
+                else:
+                    # the cwd asked for is this process's own (the reaper works in "/")
+                    pid = os.posix_spawn(
+                        _which(argv[0], env), argv, self._environ if env is None else env,
+                        file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0),
+                                      (os.POSIX_SPAWN_DUP2, stdout, 1),
+                                      (os.POSIX_SPAWN_DUP2, stderr, 2)],
+                        # its own group, so a timeout kills what it started too
+                        setpgroup=0, setsigdef=_DEFAULT_SIGNALS,
+                    )
+            except BaseException:
+                for fd in (out_fd, err_fd):
+                    if fd is not None:
+                        os.close(fd)
+                raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        run = _Run(pid=pid, argv=argv, future=self._loop.create_future(),
+                   output_file=output_file, out_fd=out_fd, err_fd=err_fd, owner=owner,
+                   popen=popen, then=req.get("then") or {})
+        run.timer = self._loop.call_later(timeout, self._run_timed_out, run, timeout)
+        self._runs[pid] = run
+        return run.future
 
     def _run_timed_out(self, run: _Run, timeout: float) -> None:
         run.timed_out = timeout
         self._kill_group(run)
-        log.warning("command %s timed out after %.1fs", run.popen.args, timeout)
+        log.warning("command %s timed out after %.1fs", run.argv, timeout)
 
     @staticmethod
     def _kill_group(run: _Run) -> None:
@@ -429,51 +485,124 @@ class ReaperServer:
         forever for a parent that is gone). Only while the command is not reaped yet: its pid
         (the group's id) cannot have been reused. The tree is frozen first, so nothing forks
         out of it between the listing and the kill."""
-        if run.popen.returncode is not None:
+        if run.returncode is not None:
             return
-        tree = _descendants(run.popen.pid)
+        tree = _descendants(run.pid)
         for pid in tree:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGSTOP)
-        for pid in _descendants(run.popen.pid) | tree:
+        for pid in _descendants(run.pid) | tree:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(run.popen.pid, signal.SIGKILL)
+            os.killpg(run.pid, signal.SIGKILL)
 
     def _abandon_runs(self, owner: object) -> None:
         """The client that asked for these commands is gone: kill them."""
         for run in list(self._runs.values()):
-            if run.owner is owner and run.popen.returncode is None:
-                log.warning("client left: killing command %s", run.popen.args)
+            if run.owner is owner and run.returncode is None:
+                log.warning("client left: killing command %s", run.argv)
                 self._kill_group(run)
 
     def _finish_run(self, run: _Run, status: int) -> None:
-        # Popen must not try to reap this pid again (it would steal another child's status if
-        # the pid were reused).
-        run.popen.returncode = status
+        run.returncode = status
+        if run.popen is not None:
+            # Popen must not try to reap this pid again (it would steal another child's status
+            # if the pid were reused).
+            run.popen.returncode = status
         if run.timer is not None:
             run.timer.cancel()
-        # A grandchild (the container) may still hold the pipes open: everything the command
-        # itself wrote is already in them, so read it now rather than wait for EOF.
-        for fd in list(run.open_fds):
-            self._drain(run, fd)
-            self._close_pipe(run, fd)
-        stdout = bytes(run.buffers.get(run.stdout_fd, b"")) if run.stdout_fd is not None else b""
-        stderr = b"".join(bytes(b) for fd, b in run.buffers.items() if fd != run.stdout_fd)
-        stderr_text = stderr.decode("utf-8", "replace")
+        stdout = _read_memfd(run.out_fd)
+        stderr_text = _read_memfd(run.err_fd).decode("utf-8", "replace")
         if run.output_file is not None:
             stderr_text = _tail_of_file(run.output_file)
         if run.future.done():
             return
         if run.timed_out is not None:
-            run.future.set_exception(ReaperError(
-                f"timeout after {run.timed_out:g} s: {run.popen.args!r} was killed with its "
-                f"process group; output: {stderr_text}"))
-        else:
-            run.future.set_result(
-                {"rc": status, "stdout": stdout.decode("utf-8", "replace"), "stderr": stderr_text}
-            )
+            run.future.set_exception(CommandTimedOut(
+                f"timeout after {run.timed_out:g} s: {run.argv!r} was killed with its "
+                f"process group; output: {stderr_text}", run.timed_out))
+            return
+        reply: dict[str, Any] = {
+            "rc": status, "stdout": stdout.decode("utf-8", "replace"), "stderr": stderr_text}
+        if status == 0 and run.then:
+            try:
+                reply.update(self._then(run.then))
+            except Exception as exc:
+                reply["then_error"] = f"{type(exc).__name__}: {exc}"
+        run.future.set_result(reply)
+
+    def _then(self, then: Mapping[str, Any]) -> dict[str, Any]:
+        """The step a client asked to follow a successful command in the same request.
+
+        `watch_pid_file` (after `create`): read the pid the runtime wrote, write the task file
+        {pid, start_time} (before anything is persisted for it: a crash in between leaves a
+        task file by which the process is forgotten later), then watch it.
+        `forget` {pid, start_time} (after `delete`): drop that process's exit status.
+        """
+        out: dict[str, Any] = {}
+        pid_file = then.get("watch_pid_file")
+        if pid_file is not None:
+            with os.fdopen(os.open(str(pid_file), os.O_RDONLY | _NOFOLLOW), "rb") as f:
+                pid = int(f.read(64).strip())
+            # None when the pause already died: the reaped status then tells its start time
+            start_time = linux.proc_start_time(pid)
+            task_file = then.get("task_file")
+            if task_file is not None and start_time is not None:
+                _atomic_write(str(task_file), json.dumps(
+                    {"pid": pid, "start_time": start_time}).encode())
+            watched = self._watch(pid, start_time)
+            if task_file is not None and start_time is None:
+                _atomic_write(str(task_file), json.dumps(
+                    {"pid": pid, "start_time": watched["start_time"]}).encode())
+            out["watched"] = watched
+        forget = then.get("forget")
+        if forget is not None:
+            self._forget(int(forget["pid"]), int(forget["start_time"]))
+            out["forgot"] = True
+        return out
+
+    async def _chain(self, req: Mapping[str, Any], owner: object) -> dict[str, Any]:
+        """Run `steps` one after another (a CNI chain: one request instead of one per plugin).
+
+        A step with `prev_result` gets the previous step's output (a JSON object) as the
+        `prevResult` of its input. With `stop_on_failure` the chain ends at the first command
+        that fails, or whose output the next step cannot take; without it (CNI DEL) every
+        step runs. Replies {results: [{rc, stdout, stderr} | {error}]}, one per step run.
+        """
+        stop = bool(req.get("stop_on_failure", True))
+        results: list[dict[str, Any]] = []
+        prev: Any = None
+        steps = list(req["steps"])
+        for k, step in enumerate(steps):
+            sreq = dict(step)
+            if step.get("prev_result") and prev is not None:
+                cfg = json.loads(str(step["input"]))
+                cfg["prevResult"] = prev
+                sreq["input"] = json.dumps(cfg)
+            try:
+                res = await self._start_run(sreq, owner)
+            except Exception as exc:
+                failed: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"}
+                if isinstance(exc, CommandTimedOut):
+                    failed["timed_out"] = exc.timeout
+                results.append(failed)
+                if stop:
+                    break
+                continue
+            results.append(res)
+            if res["rc"] != 0:
+                if stop:
+                    break
+                continue
+            if k + 1 < len(steps) and steps[k + 1].get("prev_result"):
+                try:
+                    prev = json.loads(res["stdout"])
+                except ValueError:
+                    prev = None
+                if not isinstance(prev, dict):
+                    break  # the client names what was wrong with this output
+        return {"results": results}
 
     # -- watch / wait_exit -------------------------------------------------------------------
 
@@ -551,6 +680,53 @@ class ReaperServer:
         finally:
             os.close(pidfd)
 
+    async def _kill(self, pid: int, start_time: int, grace: float) -> dict[str, Any]:
+        """End (pid, start_time) through a pidfd, so a reuse of its pid is never signalled:
+        SIGTERM, then SIGKILL after `grace` seconds (at once when 0); then its status.
+
+        {ended: "exited" | "gone" | "reused", status}: "exited" when it was running and has
+        exited now (status its exit status when this process reaped it, else null), "gone"
+        when it had exited already (status as `wait_exit` tells it), "reused" when the pid
+        names another process now (status null). Raises if it survives SIGKILL.
+        """
+        assert self._loop is not None
+        key = (pid, start_time)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return {"ended": "gone", **await self._wait_exit(pid, start_time, 0.0)}
+        try:
+            if linux.proc_start_time(pid) != start_time:
+                if key in self._exits or self._read_exit_file(key) is not None:
+                    return {"ended": "gone", **await self._wait_exit(pid, start_time, 0.0)}
+                return {"ended": "reused", "status": None}
+            ended: asyncio.Future[None] = self._loop.create_future()
+
+            def on_exit() -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+            self._loop.add_reader(pidfd, on_exit)
+            try:
+                term = ((signal.SIGTERM, grace),) if grace > 0 else ()
+                for sig, wait in (*term, (signal.SIGKILL, 10.0)):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, sig)
+                    try:
+                        async with asyncio.timeout(wait):
+                            await asyncio.shield(ended)
+                        break
+                    except TimeoutError:
+                        continue
+                else:
+                    raise RuntimeError(f"pid {pid} survived SIGKILL")
+            finally:
+                self._loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        # Exited: as our child, its status comes with the SIGCHLD that is on its way.
+        return {"ended": "exited", **await self._wait_exit(pid, start_time, 1.0)}
+
     def _forget(self, pid: int, start_time: int) -> None:
         key = (pid, start_time)
         self._exits.pop(key, None)
@@ -566,6 +742,8 @@ class ReaperServer:
             return {"pid": os.getpid(), "runs": len(self._runs), "watched": len(self._watched)}
         if op == "run":
             return await self._start_run(req, owner)
+        if op == "chain":
+            return await self._chain(req, owner)
         if op == "watch":
             st = req.get("start_time")
             return self._watch(int(req["pid"]), None if st is None else int(st))
@@ -573,6 +751,9 @@ class ReaperServer:
             return await self._wait_exit(
                 int(req["pid"]), int(req["start_time"]), float(req.get("timeout") or 0.0)
             )
+        if op == "kill":
+            return await self._kill(int(req["pid"]), int(req["start_time"]),
+                                    float(req.get("grace") or 0.0))
         if op == "forget":
             self._forget(int(req["pid"]), int(req["start_time"]))
             return {}
@@ -700,6 +881,9 @@ def _daemon(run_dir: str, ready_fd: int | None, idle_exit: float) -> int:
         _set_process_name()
         sock = _bind(socket_path(run_dir))
         server = ReaperServer(run_dir, idle_exit=idle_exit)
+        # Nothing here depends on the cwd (every path is absolute), and commands that ask for
+        # "/" (CNI plugins) then need no step between fork and exec.
+        os.chdir("/")
     except Exception as exc:
         report(f"error: {exc}")
         return 1

@@ -19,13 +19,14 @@ from podfsm.drivers import PACKAGE_DIR
 from podfsm.drivers.reaper import (
     IDLE_EXIT_SECONDS,
     LINE_LIMIT,
+    CommandTimedOut,
     ReaperConnectionLost,
     ReaperError,
     socket_path,
 )
 
 #: requests that may be sent again on a new connection when the reaper was lost mid-way
-_IDEMPOTENT_OPS = frozenset({"ping", "watch", "wait_exit", "forget"})
+_IDEMPOTENT_OPS = frozenset({"ping", "watch", "wait_exit", "kill", "forget"})
 
 
 #: Starts `main` with `podfsm` as a bare package: podfsm/__init__.py imports the whole controller
@@ -44,20 +45,62 @@ _BOOTSTRAP = (
 )
 
 
-class RunResult(NamedTuple):
-    """What a command run by the reaper produced."""
-
-    rc: int
-    stdout: str
-    stderr: str
-
-
 class WatchResult(NamedTuple):
     """A process the reaper now watches; `child` is False when it cannot learn its status."""
 
     pid: int
     start_time: int
     child: bool
+
+
+class RunResult(NamedTuple):
+    """What a command run by the reaper produced, and what it did next (`then`)."""
+
+    rc: int
+    stdout: str
+    stderr: str
+    #: with `watch_pid_file`: the process the pid file named, now watched
+    watched: WatchResult | None = None
+    #: why the `then` part failed, when it did
+    then_error: str | None = None
+
+
+class ChainStep(NamedTuple):
+    """One command of a `chain` request."""
+
+    argv: Sequence[str]
+    #: variables set over the reaper's own environment
+    env_add: Mapping[str, str] | None = None
+    input: str | None = None
+    #: the previous step's output (a JSON object) becomes this input's `prevResult`
+    prev_result: bool = False
+
+
+def _run_result(reply: Mapping[str, Any]) -> RunResult:
+    w = reply.get("watched")
+    watched = None if w is None else WatchResult(int(w["pid"]), int(w["start_time"]),
+                                                 bool(w["child"]))
+    return RunResult(int(reply["rc"]), str(reply["stdout"]), str(reply["stderr"]), watched,
+                     reply.get("then_error"))
+
+
+def _step_error(reply: Mapping[str, Any]) -> ReaperError:
+    if "timed_out" in reply:
+        return CommandTimedOut(f"reaper run: {reply['error']}", float(reply["timed_out"]))
+    return ReaperError(f"reaper run: {reply['error']}")
+
+
+def _step(step: ChainStep, timeout: float, cwd: str | None) -> dict[str, Any]:
+    req: dict[str, Any] = {"argv": list(step.argv), "timeout": timeout}
+    if step.env_add is not None:
+        req["env_add"] = dict(step.env_add)
+    if step.input is not None:
+        req["input"] = step.input
+    if step.prev_result:
+        req["prev_result"] = True
+    if cwd is not None:
+        req["cwd"] = cwd
+    return req
 
 
 class ReaperClient:
@@ -216,11 +259,15 @@ class ReaperClient:
         output_file: str | None = None,
         input: str | None = None,
         cwd: str | None = None,
+        then: Mapping[str, Any] | None = None,
     ) -> RunResult:
         """Run `argv` as the reaper's child and return (rc, stdout, stderr).
 
         `mount_workaround` runs it in a private mount namespace without the hybrid cgroup2
         mount (crun). With `output_file`, stdout and stderr go there and `stderr` is its tail.
+        `then` is what the reaper does next if the command succeeded, in the same request (see
+        the `run` request in podfsm.drivers.reaper): {"watch_pid_file": ..., "task_file": ...}
+        or {"forget": {"pid": ..., "start_time": ...}}.
         Raises ReaperError if the command cannot be started or is killed at `timeout`.
         """
         req: dict[str, Any] = {
@@ -235,8 +282,23 @@ class ReaperClient:
             req["input"] = input
         if cwd is not None:
             req["cwd"] = cwd
+        if then:
+            req["then"] = dict(then)
+        return _run_result(await self._request(req))
+
+    async def chain(
+        self, steps: Sequence[ChainStep], *, stop_on_failure: bool = True,
+        timeout: float = 30.0, cwd: str | None = None,
+    ) -> list[RunResult | ReaperError]:
+        """Run `steps` one after another in one request (a CNI chain); the result of each step
+        run, in order: a RunResult, or the ReaperError of a step that could not be started or
+        timed out. With `stop_on_failure` the list ends at the first failed step."""
+        req: dict[str, Any] = {
+            "op": "chain", "stop_on_failure": stop_on_failure,
+            "steps": [_step(s, timeout, cwd) for s in steps],
+        }
         reply = await self._request(req)
-        return RunResult(int(reply["rc"]), str(reply["stdout"]), str(reply["stderr"]))
+        return [_step_error(r) if "error" in r else _run_result(r) for r in reply["results"]]
 
     async def watch(self, pid: int, start_time: int | None = None) -> WatchResult:
         """Have the reaper persist the exit status of `pid` (started at `start_time`, or the
@@ -255,6 +317,16 @@ class ReaperClient:
         )
         status = reply.get("status")
         return None if status is None else int(status)
+
+    async def kill(self, pid: int, start_time: int, grace: float = 0.0
+                   ) -> tuple[str, int | None]:
+        """End (pid, start_time) through a pidfd, SIGTERM then SIGKILL after `grace` seconds
+        (at once when 0), and wait for it: ("exited" | "gone" | "reused", its exit status or
+        None when it cannot be known)."""
+        reply = await self._request(
+            {"op": "kill", "pid": pid, "start_time": start_time, "grace": grace})
+        status = reply.get("status")
+        return str(reply["ended"]), None if status is None else int(status)
 
     async def forget(self, pid: int, start_time: int) -> None:
         """Drop the recorded exit status of (pid, start_time) and its file."""

@@ -29,7 +29,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -40,7 +40,7 @@ from podfsm.core.records import PinnedNamespaces, TaskInfo
 from podfsm.core.requests import PauseRequest
 from podfsm.drivers import linux
 from podfsm.drivers.reaper import ReaperError
-from podfsm.drivers.reaperclient import ReaperClient
+from podfsm.drivers.reaperclient import ReaperClient, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ class OciRuntime(PauseTasks):
         #: an ancestor of the rootfs that a pod's mapped root cannot traverse, if any
         self._unreachable: str | None = None
         self._reaper = ReaperClient(self.run_dir)
+        self._cgroup_roots: list[str] | None = None
 
     @property
     def reaper(self) -> ReaperClient:
@@ -282,8 +283,9 @@ class OciRuntime(PauseTasks):
         return [self._resolved, "--root", self.root, *args]
 
     async def _run(
-        self, verb: str, args: Sequence[str], *, output_file: str | None = None
-    ) -> tuple[int, str, str]:
+        self, verb: str, args: Sequence[str], *, output_file: str | None = None,
+        then: Mapping[str, Any] | None = None,
+    ) -> RunResult:
         argv = self._argv(verb, *args)
         # crun refuses hybrid cgroups only where it creates the container's cgroups: `create`.
         # Its other verbs work on hybrid hosts as they are (measured here: start, kill, list,
@@ -293,7 +295,7 @@ class OciRuntime(PauseTasks):
         try:
             return await self._reaper.run(
                 argv, mount_workaround=workaround, timeout=self.command_timeout,
-                output_file=output_file,
+                output_file=output_file, then=then,
             )
         except ReaperError as exc:
             raise StepFailed(STEP, f"{self.name} {verb} failed: {exc}") from exc
@@ -333,32 +335,23 @@ class OciRuntime(PauseTasks):
             raise StepFailed(STEP, f"cannot write the bundle {bundle}: {exc}") from exc
         try:
             # The container inherits the runtime's stdio: a file, never a pipe someone waits on.
-            rc, _, err = await self._run(
+            # Create, then (in the same reaper request) read the pid file, write task.json and
+            # watch the pause process: task.json is written before the reaper persists
+            # anything for the process, so a crash in between leaves a task.json that
+            # delete() uses to make the reaper forget it.
+            res = await self._run(
                 "create", ["--bundle", bundle, "--pid-file", pid_file, req.container_id],
                 output_file=os.path.join(bundle, "pause.log"),
+                then={"watch_pid_file": pid_file,
+                      "task_file": os.path.join(bundle, "task.json")},
             )
-            if rc != 0:
-                raise self._failed("create", err)
-            try:
-                pid = _read_pid(pid_file)
-            except (OSError, ValueError) as exc:
+            if res.rc != 0:
+                raise self._failed("create", res.stderr)
+            if res.watched is None:
                 raise StepFailed(
-                    STEP, f"{self.name} create left no usable pid file {pid_file}: {exc}"
-                ) from exc
-            task_file = os.path.join(bundle, "task.json")
-            # None when the pause already died: the reaper then knows its start time.
-            start_time = linux.proc_start_time(pid)
-            if start_time is not None:
-                # Written before the reaper persists anything for it: a crash in between
-                # leaves a task.json that delete() uses to make the reaper forget it.
-                _write_json(task_file, TaskInfo(pid=pid, start_time=start_time).model_dump())
-            try:
-                watched = await self._reaper.watch(pid, start_time)
-            except ReaperError as exc:
-                raise StepFailed(STEP, f"cannot supervise the pause process {pid}: {exc}") from exc
-            task = TaskInfo(pid=watched.pid, start_time=watched.start_time)
-            if start_time is None:
-                _write_json(task_file, task.model_dump())
+                    STEP, f"{self.name} create left no usable pid file {pid_file}, or the "
+                          f"pause process cannot be supervised: {res.then_error}")
+            task = TaskInfo(pid=res.watched.pid, start_time=res.watched.start_time)
             _check_joined(self.name, req, task.pid)
             return task
         except BaseException:
@@ -369,9 +362,9 @@ class OciRuntime(PauseTasks):
     async def start_task(self, container_id: str) -> None:
         """Run `start`."""
         _check_id(container_id)
-        rc, _, err = await self._run("start", [container_id])
-        if rc != 0:
-            raise self._failed("start", err)
+        res = await self._run("start", [container_id])
+        if res.rc != 0:
+            raise self._failed("start", res.stderr)
 
     async def delete(self, container_id: str) -> None:
         """`delete --force` and remove the bundle. Idempotent."""
@@ -381,13 +374,18 @@ class OciRuntime(PauseTasks):
         # cgroup paths are global: only a container of this root (or whose bundle this
         # controller wrote) may have its cgroups removed here
         ours = os.path.isdir(bundle) or self._exists(container_id)
+        forgotten = False
         if self._exists(container_id):
             if task is not None:
                 await self._kill_and_wait(task)
-            rc, _, err = await self._run("delete", ["--force", container_id])
-            if rc != 0 and self._exists(container_id):
-                raise self._failed("delete", err)
-        if task is not None:
+            # delete, then (same request) forget the pause's exit status
+            then = None if task is None else {
+                "forget": {"pid": task.pid, "start_time": task.start_time}}
+            res = await self._run("delete", ["--force", container_id], then=then)
+            if res.rc != 0 and self._exists(container_id):
+                raise self._failed("delete", res.stderr)
+            forgotten = res.rc == 0 and res.then_error is None
+        if task is not None and not forgotten:
             with contextlib.suppress(ReaperError):
                 await self._reaper.forget(task.pid, task.start_time)
         # A `create` killed halfway (timeout, or a controller SIGKILLed) leaves the container's
@@ -396,7 +394,9 @@ class OciRuntime(PauseTasks):
         # calls setsid, so it outlives the group kill and is reparented to the reaper). The
         # runtime knows the container no more, so what is left in its own cgroup is this
         # container's and is killed, then the cgroups go.
-        dirs = container_cgroup_dirs(bundle, container_id) if ours else []
+        if self._cgroup_roots is None:
+            self._cgroup_roots = _cgroup_roots()  # the hierarchies are mounted at boot
+        dirs = container_cgroup_dirs(bundle, container_id, self._cgroup_roots) if ours else []
         if dirs and not self._exists(container_id):
             await _empty_cgroups(dirs, container_id)
         for d in dirs:
@@ -409,6 +409,19 @@ class OciRuntime(PauseTasks):
             linux.remove_flat_dir(bundle)
         except OSError as exc:
             raise StepFailed(STEP, f"cannot remove the bundle {bundle}: {exc}") from exc
+
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        # One reaper request: it signals through a pidfd, sees the exit and reaps the status.
+        try:
+            _, status = await self._reaper.kill(task.pid, task.start_time, grace)
+            return status
+        except ReaperError as exc:
+            if "survived SIGKILL" in str(exc):
+                raise StepFailed("kill task", f"pause pid {task.pid} survived SIGKILL") \
+                    from None
+            log.warning("the reaper could not end pause pid %d (%s): ending it here",
+                        task.pid, exc)
+        return await super().kill_task(task, grace)
 
     async def _kill_and_wait(self, task: TaskInfo) -> None:
         """SIGKILL a live pause process and wait until it is reaped.
@@ -441,7 +454,7 @@ class OciRuntime(PauseTasks):
         fd, path = tempfile.mkstemp(prefix="list-", suffix=".json", dir=self.run_dir)
         os.close(fd)
         try:
-            rc, _, err = await self._run("list", ["--format", "json"], output_file=path)
+            rc, _, err = (await self._run("list", ["--format", "json"], output_file=path))[:3]
             out = await asyncio.to_thread(_read_text, path)
         finally:
             os.unlink(path)
@@ -607,9 +620,6 @@ def _check_id(container_id: str) -> None:
         raise StepFailed(STEP, f"invalid container id {container_id!r}")
 
 
-def _read_pid(path: str) -> int:
-    with open(path, "rb") as f:
-        return int(f.read().strip())
 
 
 def pause_pids(run_dir: str) -> list[int]:
@@ -668,19 +678,44 @@ def cgroup_parent_dirs(parent: str = DEFAULT_CGROUP_PARENT) -> set[str]:
             if os.path.isdir(d)}
 
 
-def container_cgroup_dirs(bundle: str, container_id: str) -> list[str]:
-    """The directories of the container's cgroup in every mounted hierarchy: `cgroupsPath`
-    from the bundle's config.json (the default parent without one), accepted only as an
-    absolute, normalized path that ends in the container id."""
+def _cgroup_roots() -> list[str]:
+    """The mount points of the cgroup hierarchies under /sys/fs/cgroup (one with cgroup v2,
+    one per controller and the unified one with v1 or hybrid)."""
+    roots = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            # "... mount_point options [optional...] - fstype source super_options"
+            try:
+                fstype = fields[fields.index("-") + 1]
+            except (ValueError, IndexError):
+                continue
+            mount_point = fields[4]
+            if fstype in ("cgroup", "cgroup2") and (
+                    mount_point == "/sys/fs/cgroup" or mount_point.startswith("/sys/fs/cgroup/")):
+                roots.append(mount_point)
+    return sorted(set(roots))
+
+
+def container_cgroup_dirs(bundle: str, container_id: str,
+                          roots: Sequence[str] | None = None) -> list[str]:
+    """The directories of the container's cgroup in every mounted hierarchy (`roots`, else
+    read now): `cgroupsPath` from the bundle's config.json (the default parent without one),
+    accepted only as an absolute, normalized path that ends in the container id."""
     path: Any = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         path = json.loads(_read_text(os.path.join(bundle, "config.json")))["linux"]["cgroupsPath"]
     if not (isinstance(path, str) and path.startswith("/") and os.path.normpath(path) == path
             and os.path.basename(path) == container_id):
         path = cgroups_path(container_id)
-    rel = glob.escape(path.lstrip("/"))
-    return [d for d in glob.glob(f"/sys/fs/cgroup/*/{rel}") + glob.glob(f"/sys/fs/cgroup/{rel}")
-            if os.path.isdir(d) and not os.path.islink(d)]
+    rel = path.lstrip("/")
+    found = []
+    for root in _cgroup_roots() if roots is None else roots:
+        d = os.path.join(root, rel)
+        # a stat each, against two globs listing every hierarchy: this runs at every delete
+        if os.path.isdir(d) and not os.path.islink(d):
+            found.append(d)
+    return found
 
 
 def remove_new_dirs(before: set[str]) -> None:

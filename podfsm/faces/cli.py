@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also hold N sandboxes Ready: memory, and recovery after a restart")
     p.add_argument("--soak", type=int, default=0, metavar="N",
                    help="also run N lifecycles watching open fds and memory for leaks")
+    p.add_argument("--run-on-disk", action="store_true",
+                   help="keep the run and netns directories on the disk of the temporary "
+                   "directory, not on a tmpfs of the bench's own (as /run is on systemd hosts)")
     p.add_argument("--chaos", type=int, default=0, metavar="N",
                    help="instead: N rounds of random operations, failpoints and SIGKILLs, "
                         "checking the invariants after each recovery (see docs/security.md)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -76,6 +77,8 @@ class Level:
     cpu_ms: float = 0.0
     #: cpu_ms split by process kind: controller, reaper, namespace workers
     cpu_ms_by: dict[str, float] = field(default_factory=dict)
+    #: the part of cpu_ms_by spent in the kernel (system time)
+    sys_ms_by: dict[str, float] = field(default_factory=dict)
 
     def add(self, t0: float, t1: float, t2: float) -> None:
         """One lifecycle: run from t0 to t1, stop + remove from t1 to t2 (perf_counter)."""
@@ -93,6 +96,8 @@ class Level:
             "cpu_ms_per_cycle": self.cpu_ms / self.count if self.count else 0.0,
             "cpu_ms_per_cycle_by_process": {
                 k: v / self.count for k, v in self.cpu_ms_by.items()} if self.count else {},
+            "sys_ms_per_cycle_by_process": {
+                k: v / self.count for k, v in self.sys_ms_by.items()} if self.count else {},
         }
 
 
@@ -124,13 +129,27 @@ def podfsm_pids(run_dir: str) -> list[int]:
     return pids
 
 
-def cpu_ticks_by_pid(pids: list[int]) -> dict[int, int]:
+def cpu_ticks_by_pid(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """(utime, stime) of each process, in clock ticks; not its children's."""
     out = {}
     for pid in pids:
         fields = linux.proc_stat(pid)
         if fields is not None:
-            out[pid] = int(fields[11]) + int(fields[12])  # utime + stime, not children's
+            out[pid] = (int(fields[11]), int(fields[12]))
     return out
+
+
+def _add_cpu(level: Level, kinds: dict[int, str], c0: dict[int, tuple[int, int]],
+             c1: dict[int, tuple[int, int]]) -> None:
+    """Add the CPU each process used between c0 and c1 to the level, by process kind."""
+    for pid, (user, system) in c1.items():
+        user0, system0 = c0.get(pid, (0, 0))
+        ms = (user - user0 + system - system0) * 1000 / _TICK
+        kind = kinds[pid]
+        level.cpu_ms += ms
+        level.cpu_ms_by[kind] = level.cpu_ms_by.get(kind, 0.0) + ms
+        level.sys_ms_by[kind] = (level.sys_ms_by.get(kind, 0.0)
+                                 + (system - system0) * 1000 / _TICK)
 
 
 def process_kind(pid: int) -> str:
@@ -163,17 +182,46 @@ def open_fds() -> int:
 
 
 @contextlib.contextmanager
-def bench_world(runtime: str) -> Iterator[ControllerConfig]:
-    """Own directories and CNI network; the host is put back as it was afterwards."""
-    with host_left_as_found(BENCH_NETWORK, BENCH_BRIDGE):
+def _one_bench_at_a_time() -> Iterator[None]:
+    """Benches share the bridge, network and subnet (and would measure each other's load):
+    a second one waits for the first."""
+    lock_dir = "/run/lock" if os.path.isdir("/run/lock") else "/run"
+    fd = os.open(os.path.join(lock_dir, "podfsm-bench.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("  waiting for another podfsm bench to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def bench_world(runtime: str, run_on_tmpfs: bool = True) -> Iterator[ControllerConfig]:
+    """Own directories and CNI network; the host is put back as it was afterwards.
+
+    The run and netns directories are on a tmpfs of the bench's own, as /run is on every
+    systemd host (podfsm's defaults are /run/podfsm and /run/netns); the records stay on the
+    disk of the temporary directory, as /var/lib/podfsm. `run_on_tmpfs=False` keeps them on
+    that disk too (this project's VM has /run on ext4: creating and removing files there costs
+    every process involved kernel time that a tmpfs does not)."""
+    with _one_bench_at_a_time(), host_left_as_found(BENCH_NETWORK, BENCH_BRIDGE):
         tmp = tempfile.mkdtemp(prefix="podfsm-bench-")
         os.chmod(tmp, 0o711)
         conf = os.path.join(tmp, "net.d")
         os.makedirs(conf)
+        volatile = os.path.join(tmp, "volatile")
+        os.makedirs(volatile, mode=0o711)
         try:
+            if run_on_tmpfs:
+                linux.mount("tmpfs", volatile, "tmpfs", 0, "mode=0711,size=512m")
             yield ControllerConfig(
-                state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(tmp, "run"),
-                netns_dir=os.path.join(tmp, "netns"), runtime=runtime,  # type: ignore[arg-type]
+                state_dir=os.path.join(tmp, "state"), run_dir=os.path.join(volatile, "run"),
+                netns_dir=os.path.join(volatile, "netns"),
+                runtime=runtime,  # type: ignore[arg-type]
                 cni_conf_dir=conf, default_network_name=BENCH_NETWORK,
                 default_bridge=BENCH_BRIDGE, default_subnet=BENCH_SUBNET,
             )
@@ -186,10 +234,10 @@ def scrub(tmp: str, runtime: str) -> None:
     """Remove whatever a failed or interrupted bench left under `tmp`, records or not (the raw
     baseline keeps none): pause processes, containers (and so their cgroups), pinned
     namespaces. A no-op after a clean run."""
-    for pid in pause_pids(os.path.join(tmp, "run")):
+    for pid in pause_pids(os.path.join(tmp, "volatile", "run")):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    root = os.path.join(tmp, "run", "runtime", runtime)
+    root = os.path.join(tmp, "volatile", "run", "runtime", runtime)
     with contextlib.suppress(FileNotFoundError):
         for cid in os.listdir(root):
             argv = [runtime, "--root", root, "delete", "-f", cid]
@@ -215,11 +263,7 @@ async def _measure(level: Level, cfg: ControllerConfig,
     c0 = cpu_ticks_by_pid(pids)
     label = f"{cfg.runtime} {level.mode:<6} c={level.concurrency}"
     level.wall = await _pool(level.count, level.concurrency, one, _progress(label, level.count))
-    c1 = cpu_ticks_by_pid(pids)
-    for pid, ticks in c1.items():
-        ms = (ticks - c0.get(pid, 0)) * 1000 / _TICK
-        level.cpu_ms += ms
-        level.cpu_ms_by[kinds[pid]] = level.cpu_ms_by.get(kinds[pid], 0.0) + ms
+    _add_cpu(level, kinds, c0, cpu_ticks_by_pid(pids))
     return level
 
 
@@ -351,10 +395,7 @@ async def cri_level(ctl: Controller, cfg: ControllerConfig, count: int,
     if got["errors"]:
         raise PodfsmError(f"the CRI load generator failed: {got['errors'][0]}")
     level.run, level.teardown, level.wall = got["run_ms"], got["stop_remove_ms"], got["wall_s"]
-    for pid, ticks in c1.items():
-        ms = (ticks - c0.get(pid, 0)) * 1000 / _TICK
-        level.cpu_ms += ms
-        level.cpu_ms_by[kinds[pid]] = level.cpu_ms_by.get(kinds[pid], 0.0) + ms
+    _add_cpu(level, kinds, c0, c1)
     _progress(f"{cfg.runtime} {'cri':<6} c={concurrency}", count)(count)
     return level
 
@@ -439,7 +480,7 @@ async def soak(ctl: Controller, n: int) -> dict[str, Any]:
 
 async def bench_runtime(runtime: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"runtime": runtime, "levels": []}
-    with bench_world(runtime) as cfg:
+    with bench_world(runtime, run_on_tmpfs=not args.run_on_disk) as cfg:
         for c in args.concurrency:
             raw = await raw_level(cfg, args.count, c)
             async with Controller(cfg) as ctl:
@@ -481,10 +522,12 @@ def report(results: list[dict[str, Any]]) -> str:
                     f"{td['p50']:>13.1f}{td['p95']:>7.1f}{td['p99']:>7.1f}"
                     f"{s['cycles_per_s']:>10.1f}{s['cpu_ms_per_cycle']:>12.2f}")
             raw, mine = lv["raw"], lv["podfsm"]
-            by = [f"{mode} " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(
-                lv[mode].get("cpu_ms_per_cycle_by_process", {}).items()))
+            by = [f"{mode} " + ", ".join(
+                f"{k} {v:.1f} ({lv[mode].get('sys_ms_per_cycle_by_process', {}).get(k, 0):.1f})"
+                for k, v in sorted(lv[mode].get("cpu_ms_per_cycle_by_process", {}).items()))
                 for mode in modes]
-            lines.append(f"{'  cpu by proc':<14}  {'; '.join(by)} (ms/cycle)")
+            lines.append(f"{'  cpu by proc':<14}  {'; '.join(by)} "
+                         "(ms/cycle; in parentheses the kernel's part)")
             if seq_raw_rate is None:
                 seq_raw_rate = raw["cycles_per_s"]
             lines.append(
@@ -533,6 +576,7 @@ def main(args: argparse.Namespace) -> int:
     args.ready = getattr(args, "ready", 0) or 0
     args.soak = getattr(args, "soak", 0) or 0
     args.cri = getattr(args, "cri", False)
+    args.run_on_disk = getattr(args, "run_on_disk", False)
     if os.geteuid() != 0:
         print("podfsm bench: must run as root", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import random
 import secrets
 import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from podfsm.core.requests import NetworkRequest
 from podfsm.drivers import linux
 from podfsm.drivers.base import NetworkDriver
 from podfsm.drivers.cni import CniNetwork
+from podfsm.drivers.reaperclient import ReaperClient
 
 pytestmark = [
     pytest.mark.integration,
@@ -115,8 +117,11 @@ class Net:
     bridge: str
     subnet: ipaddress.IPv4Network
     conf_dir: Path
+    #: plugins run by a reaper of this run dir (as the controller runs them), else directly
+    reaper_run_dir: str | None = None
     pins: list[Path] = field(default_factory=list)
     attached: list[tuple[CniNetwork, NetworkRequest]] = field(default_factory=list)
+    drivers: list[CniNetwork] = field(default_factory=list)
 
     def conflist(self) -> dict[str, Any]:
         return cniconf.default_conflist(self.name, self.bridge, str(self.subnet))
@@ -131,11 +136,13 @@ class Net:
         plugin_timeout: float = 60.0,
     ) -> CniNetwork:
         # Default names are ours too, so a test reaching the shipped default stays private.
-        return CniNetwork(
+        drv = CniNetwork(
             conf_dir=str(self.conf_dir), bin_dirs=bin_dirs, default_name=self.name,
             default_bridge=self.bridge, default_subnet=str(self.subnet),
-            plugin_timeout=plugin_timeout,
+            plugin_timeout=plugin_timeout, reaper_run_dir=self.reaper_run_dir,
         )
+        self.drivers.append(drv)
+        return drv
 
     def script_plugin(self, name: str, text: str) -> tuple[str, ...]:
         """Install a shell-script plugin; the bin dirs to use, its dir first."""
@@ -175,12 +182,15 @@ def restore_host() -> Iterator[None]:
             os.rmdir(d)
 
 
-@pytest.fixture
-async def net(tmp_path: Path) -> AsyncIterator[Net]:
+@pytest.fixture(params=["direct", "reaper"])
+async def net(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Net]:
+    """A private network; its drivers run the plugins themselves ("direct") or, as the
+    controller's do, through a reaper: each plugin chain is then one `chain` request."""
     suffix = secrets.token_hex(2)
+    run_dir = tempfile.mkdtemp(prefix="pfsmt-") if request.param == "reaper" else None
     n = Net(
         tmp=tmp_path, name=f"pfsmt-{suffix}", bridge=f"pfsmt{suffix}",
-        subnet=_free_subnet(), conf_dir=tmp_path / "net.d",
+        subnet=_free_subnet(), conf_dir=tmp_path / "net.d", reaper_run_dir=run_dir,
     )
     n.conf_dir.mkdir()
     try:
@@ -189,6 +199,13 @@ async def net(tmp_path: Path) -> AsyncIterator[Net]:
         for drv, req in n.attached:
             with contextlib.suppress(Exception):
                 await drv.detach(req, None)
+        for drv in n.drivers:
+            await drv.close()
+        if run_dir is not None:
+            reaper = ReaperClient(run_dir)
+            await reaper.connect()  # the drivers' one, still there (idle, for seconds)
+            await reaper.shutdown()
+            shutil.rmtree(run_dir, ignore_errors=True)
         for pin in n.pins:
             linux.unpin(str(pin))
         await run("ip", "link", "del", n.bridge)

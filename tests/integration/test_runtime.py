@@ -544,7 +544,7 @@ async def test_reaper_stays_while_an_adopted_orphan_lives_then_exits_by_itself(
     await client.connect()
     reaper = client.reaper_pid
     # The shell exits at once; its background sleep is adopted by the reaper (a subreaper).
-    rc, out, _ = await client.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"])
+    rc, out, _ = (await client.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"]))[:3]
     assert rc == 0
     orphan = int(out)
     watched = await client.watch(orphan)
@@ -588,7 +588,7 @@ async def test_reaper_runs_commands_concurrently_and_reports_failures(
         assert [(r.rc, r.stdout, r.stderr) for r in results] == [
             (i, f"out{i}\n", f"err{i}\n") for i in range(5)
         ]
-        rc, _, _ = await client.run(["sh", "-c", "kill -9 $$"])
+        rc = (await client.run(["sh", "-c", "kill -9 $$"])).rc
         assert rc == 137
         with pytest.raises(Exception, match="timeout"):
             await client.run(["sleep", "10"], timeout=0.2)
