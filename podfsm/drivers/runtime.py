@@ -520,7 +520,9 @@ async def end_process(task: TaskInfo, grace: float) -> bool | None:
     exited. True: it was running and has exited; False: it was gone already; None: its pid
     belongs to another process now (it exited long ago). StepFailed if it survives SIGKILL.
 
-    The one implementation of ending a pause process (RuntimeDriver.kill_task, PauseTasks).
+    Ending a pause process from this process: PauseTasks.kill_task, for the fakes and for
+    OciRuntime when its reaper cannot be reached (the reaper's `kill` request does the same
+    inside the reaper, and reaps the status in the same request).
     """
     try:
         pidfd = _task_pidfd(task)
@@ -618,8 +620,6 @@ def _check_joined(runtime: str, req: PauseRequest, pid: int) -> None:
 def _check_id(container_id: str) -> None:
     if not _CONTAINER_ID.match(container_id):
         raise StepFailed(STEP, f"invalid container id {container_id!r}")
-
-
 
 
 def pause_pids(run_dir: str) -> list[int]:
