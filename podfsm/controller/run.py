@@ -241,10 +241,7 @@ class Run(Teardown):
             # Durable (fsync): it precedes the CNI ADD, whose address reservation outlives a
             # reboot on disk; later writes need not be (see podfsm.drivers.store).
             await self._store_save(sb.record, durable=True)
-        # 0711: the pod's mapped root must reach the files bound from here (runc and crun open
-        # bind sources inside the pod's user namespace); nothing here is listable by others.
-        os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o711, exist_ok=True)
-        os.chmod(self.sandbox_run_dir(sb.record.id), 0o711)
+        self._host.create_sandbox_dir(self.sandbox_run_dir(sb.record.id))
 
     async def _setup_files(self, sb: Sandbox, undo: list[Undo]) -> None:
         """hostname, hosts, resolv.conf, the /dev/shm tmpfs and the log directory. Recorded
