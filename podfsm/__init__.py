@@ -10,6 +10,7 @@ from podfsm.config import ControllerConfig
 from podfsm.controller import Controller
 from podfsm.core.errors import (
     ControllerLocked,
+    IdRangeUnavailable,
     IllegalTransition,
     InvalidPodConfig,
     NameReserved,
@@ -31,6 +32,7 @@ __all__ = [
     "ControllerLocked",
     "HistoryEntry",
     "IDMapping",
+    "IdRangeUnavailable",
     "IllegalTransition",
     "InvalidPodConfig",
     "NameReserved",

@@ -2,9 +2,10 @@
 
 They keep the real drivers' observable contract (checked by tests/integration/test_contract.py):
 create/attach/create refuse to leave anything on failure, teardown is idempotent, DEL works
-without a netns. The "pause task" is a real `sleep` child, so supervision through a pidfd and the
-orchestrator's /proc checks run for real; the namespaces are the test process's own (their inodes
-are what /proc/<pid>/ns of the sleep shows).
+without a netns. The "pause task" is a real `sleep` child, so the real drivers' own code kills it,
+supervises its exit through a pidfd and checks it in /proc (runtime.PauseTasks); the namespaces
+are the test process's own (their inodes are what /proc/<pid>/ns of the sleep shows), so the
+real checks of pins apply too (namespaces.PinChecks).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from podfsm.core.requests import (
     SetAside,
 )
 from podfsm.drivers import linux
-from podfsm.drivers.runtime import kill_task_then_status, pause_problem
+from podfsm.drivers.namespaces import PinChecks
+from podfsm.drivers.runtime import PauseTasks
 
 
 @dataclass
@@ -46,7 +48,10 @@ class Faults:
             raise StepFailed(name, f"fake {name} failure")
 
 
-class FakeNamespaces:
+class FakeNamespaces(PinChecks):
+    """Its pins name real namespaces (this process's), so the real checks of pins apply
+    (PinChecks)."""
+
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
         self.pinned: set[str] = set()
@@ -80,12 +85,6 @@ class FakeNamespaces:
             netns_owner_inode=user if req.netns_path else None,
         )
 
-    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
-        # the fake pins name real namespaces (this process's), so the real check applies
-        if not ns.netns_path or not ns.userns_path:
-            return None
-        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
-
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         self.faults.check("ns.destroy")
         for path in (netns_path, userns_path):
@@ -116,10 +115,6 @@ class FakeNetwork:
         self.reserved[req.sandbox_id] = ip
         return NetworkResult(network_name=self.network_name, ip=ip)
 
-    async def check(self, req: NetworkRequest, result: NetworkResult) -> None:
-        if self.reserved.get(req.sandbox_id) != result.ip:
-            raise StepFailed("cni", "CHECK failed")
-
     async def detach(self, req: NetworkRequest, result: NetworkResult | None) -> None:
         self.faults.check("cni.del")
         self.reserved.pop(req.sandbox_id, None)
@@ -134,7 +129,10 @@ class FakeNetwork:
         return set(self.reserved)
 
 
-class FakeRuntime:
+class FakeRuntime(PauseTasks):
+    """The pause is a `sleep` child; killing, waiting for and checking it is the real
+    driver's own code (PauseTasks)."""
+
     name = "fake"
 
     def __init__(self, faults: Faults) -> None:
@@ -175,11 +173,6 @@ class FakeRuntime:
             await self.containers[container_id].wait()
         self.started.add(container_id)
 
-    async def kill(self, container_id: str, sig: int) -> None:
-        proc = self.containers.get(container_id)
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(sig)
-
     async def delete(self, container_id: str) -> None:
         self.faults.check("runtime.delete")
         proc = self.containers.pop(container_id, None)
@@ -188,19 +181,13 @@ class FakeRuntime:
             proc.kill()
             await proc.wait()
 
-    async def state(self, container_id: str) -> str | None:
-        proc = self.containers.get(container_id)
-        if proc is None:
-            return None
-        if proc.returncode is not None:
-            return "stopped"
-        return "running" if container_id in self.started else "created"
-
     async def list_containers(self) -> list[str]:
         return list(self.containers)
 
     async def states(self) -> dict[str, str]:
-        return {cid: s for cid in self.containers if (s := await self.state(cid)) is not None}
+        return {cid: "stopped" if proc.returncode is not None
+                else "running" if cid in self.started else "created"
+                for cid, proc in self.containers.items()}
 
     async def kill_all(self) -> None:
         """Kill and reap every fake pause process still running (a test's clean-up)."""
@@ -209,12 +196,6 @@ class FakeRuntime:
                 proc.kill()
                 with contextlib.suppress(ProcessLookupError):
                     await proc.wait()
-
-    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
-        return await kill_task_then_status(self.wait_exit_status, task, grace)
-
-    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
-        return pause_problem(task, ns)
 
     async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
         for proc in self.containers.values():

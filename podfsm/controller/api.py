@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -12,9 +11,9 @@ from typing import Any
 
 import anyio
 
-from podfsm.controller.base import Subscriber, lock_dir
+from podfsm.controller.base import Subscriber
 from podfsm.controller.recovery import Recovery
-from podfsm.core.errors import InvalidPodConfig, PodfsmError, PrerequisiteMissing, SandboxNotFound
+from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound
 from podfsm.core.records import (
     FilesystemUsage,
     InterfaceStats,
@@ -27,7 +26,7 @@ from podfsm.core.records import (
 from podfsm.core.requests import InterfaceInfo
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
-from podfsm.drivers import factory, linux, sysinfo
+from podfsm.drivers import factory
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,8 @@ class Controller(Recovery):
 
     async def __aenter__(self) -> Controller:
         cfg = self.config
-        if self._real and os.geteuid() != 0:
-            raise PrerequisiteMissing(
-                "podfsm must run as root: it creates namespaces, mounts and containers"
-            )
+        if self._real:
+            factory.require_root()
         stack = self._exit_stack
         try:
             if self._store is None:
@@ -61,13 +58,7 @@ class Controller(Recovery):
                 fs.open()
                 stack.callback(fs.close)
                 self._store = fs
-            # run_dir 0711: the pod's root (a high host uid) walks down to the pause rootfs;
-            # netns_dir 0755, as `ip netns` makes /run/netns
-            linux.secure_dir(cfg.run_dir, 0o711, "run dir")
-            linux.secure_dir(cfg.netns_dir, 0o755, "netns dir")
-            # run_dir holds our runtime root and sandbox directories: a second controller on
-            # it (even with another state_dir) would collect our sandboxes as its orphans.
-            stack.callback(os.close, lock_dir(cfg.run_dir, "run dir"))
+            stack.callback(factory.claim_dirs(cfg))
             await self._ns.start()
             stack.push_async_callback(self._ns.close)
             for rt in self._runtimes.values():
@@ -193,7 +184,7 @@ class Controller(Recovery):
         status = await self.sandbox_status(sandbox_id)
         cgroup = None
         if status.pid is not None and status.state in (State.READY, State.TASK_RUNNING):
-            cgroup = sysinfo.cgroup_stats(status.pid)
+            cgroup = self._host.cgroup_stats(status.pid)
         ifaces: list[InterfaceInfo] = []
         rec = self._sandboxes[sandbox_id].record
         if rec.namespaces is not None and rec.namespaces.netns_path:
@@ -225,7 +216,7 @@ class Controller(Recovery):
             "runtimeHandler": rec.runtime,
             "runtimeType": f"podfsm.oci.{rec.runtime}",
             "config": rec.config.model_dump(mode="json", by_alias=True),
-            "runtimeSpec": sysinfo.read_runtime_spec(rec.bundle_path),
+            "runtimeSpec": self._host.runtime_spec(rec.bundle_path),
             "cniResult": rec.network.raw if rec.network else None,
             "netnsPath": netns or "",
             "usernsPath": (ns.userns_path if ns else None) or rec.planned_userns_path or "",
@@ -265,7 +256,7 @@ class Controller(Recovery):
     async def filesystem_usage(self) -> list[FilesystemUsage]:
         """Usage of the filesystems holding state_dir and run_dir (one entry each when they
         are on different filesystems)."""
-        return sysinfo.filesystem_usage([self.config.state_dir, self.config.run_dir])
+        return self._host.filesystem_usage([self.config.state_dir, self.config.run_dir])
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
         """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error."""

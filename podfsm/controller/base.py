@@ -5,8 +5,6 @@ events, failpoints, pin paths and the checks of a pause process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -23,19 +21,18 @@ from anyio.abc import TaskGroup
 
 from podfsm.config import ControllerConfig
 from podfsm.core import failpoints as fp
-from podfsm.core.errors import ControllerLocked, PodfsmError, SandboxRunError, StepFailed
+from podfsm.core.errors import PodfsmError, SandboxRunError, StepFailed
 from podfsm.core.records import (
     HistoryEntry,
     LifecycleEvent,
     SandboxRecord,
     SandboxStatus,
-    TaskInfo,
     TransitionEvent,
 )
 from podfsm.core.requests import NetworkRequest
 from podfsm.core.states import State, Trigger, lifecycle_kind
 from podfsm.core.steps import Compensation
-from podfsm.drivers import factory, linux
+from podfsm.drivers import factory
 from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver, Store
 from podfsm.engine import SandboxMachine
 
@@ -122,7 +119,7 @@ class ControllerBase:
         self._lifecycle_subscribers: set[Subscriber[LifecycleEvent]] = set()
         self._backlog: deque[TransitionEvent] = deque(maxlen=EVENT_BACKLOG)
         self._seq = 0
-        self._tag = hashlib.sha256(os.path.realpath(cfg.state_dir).encode()).hexdigest()[:8]
+        self._tag = factory.controller_tag(cfg)
         self.recovery_problems: list[str] = []
         self._set_aside_ids: set[str] = set()
         self.recovering = False
@@ -148,8 +145,13 @@ class ControllerBase:
     def netns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.config.netns_dir, f"podfsm-{self._tag}-{sandbox_id[:16]}")
 
+    @property
+    def sandboxes_dir(self) -> str:
+        """Where the sandboxes' run directories live."""
+        return os.path.join(self.config.run_dir, "sandboxes")
+
     def sandbox_run_dir(self, sandbox_id: str) -> str:
-        return os.path.join(self.config.run_dir, "sandboxes", sandbox_id)
+        return os.path.join(self.sandboxes_dir, sandbox_id)
 
     def shm_path(self, sandbox_id: str) -> str:
         """Where the sandbox's /dev/shm tmpfs is mounted (see drivers.hostfiles)."""
@@ -256,12 +258,17 @@ class ControllerBase:
         else:
             raise FailpointError(name, "injected failure")
 
+    def _task_driver(self, rec: SandboxRecord) -> RuntimeDriver:
+        """The driver that checks and watches the pause process of `rec`: its own handler's,
+        else the default one (these read the process, not the runtime's state, so any handler
+        answers alike, also for a record whose handler is no longer installed)."""
+        return self._runtimes.get(rec.runtime, self._rt)
+
     def _task_problem(self, rec: SandboxRecord) -> str | None:
         """None when the recorded pause process is alive, the same process (not a reuse of
         its pid), and in the pinned user and net namespaces; else what is wrong."""
         assert rec.task is not None
-        # any handler answers alike: the check reads the process, not the runtime's state
-        return self._runtimes.get(rec.runtime, self._rt).task_problem(rec.task, rec.namespaces)
+        return self._task_driver(rec).task_problem(rec.task, rec.namespaces)
 
     def _check_netns_owner(self, rec: SandboxRecord) -> None:
         """Refuse to let the runtime near a netns that the pod's user namespace does not own:
@@ -312,45 +319,6 @@ class Subscriber(Generic[E]):
             return await self._recv.receive()
         except anyio.EndOfStream:
             return None
-
-
-def lock_dir(path: str, what: str) -> int:
-    """Take the controller lock of directory `path` (non-blocking); the fd holds it."""
-    fd = os.open(os.path.join(path, "controller.lock"),
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ControllerLocked(f"another podfsm controller is using {what} {path}") from None
-    return fd
-
-
-def same_process(task: TaskInfo) -> bool:
-    return linux.proc_start_time(task.pid) == task.start_time
-
-
-def pin_problem(rec: SandboxRecord) -> str | None:
-    """None when the recorded pins still hold the recorded namespaces."""
-    ns = rec.namespaces
-    if ns is None:
-        return None
-    for kind, path, inode in (("netns", ns.netns_path, ns.netns_inode),
-                              ("userns", ns.userns_path, ns.userns_inode)):
-        if not path or not inode:
-            continue
-        try:
-            ok = linux.ns_inode(path) == inode
-        except OSError:
-            ok = False
-        if not ok:
-            return f"the {kind} pin {path} no longer holds the pod's namespace"
-    return None
-
-
-def pins_exist(rec: SandboxRecord) -> bool:
-    return any(p and os.path.lexists(p) for p in (rec.planned_netns_path, rec.planned_userns_path))
 
 
 def describe(exc: BaseException) -> str:

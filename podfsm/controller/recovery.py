@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ from podfsm.controller.base import (
     Sandbox,
     describe,
     now,
-    pin_problem,
-    same_process,
 )
 from podfsm.controller.run import Run
 from podfsm.core import steps
@@ -107,14 +104,15 @@ class Recovery(Run):
     async def _reattach(self, sb: Sandbox, world: _World) -> None:
         rec = sb.record
         task = rec.task
-        if task is None or not same_process(task):
+        if task is None or not self._task_driver(rec).task_alive(task):
             status = (await self._exit_status(rec.runtime, task, 0.2) if task is not None
                       else None)
             msg = "task exited while podfsm was down"
             await self._save(sb, Trigger.TASK_EXIT, exit_status=status,
                              finished_at=rec.finished_at or now(), error=msg)
             return
-        problem = self._task_problem(rec) or pin_problem(rec)
+        problem = self._task_problem(rec) or (
+            self._ns.pin_problem(rec.namespaces) if rec.namespaces else None)
         said = world.runtime_states.get(rec.runtime, {}).get(rec.id)
         if problem is None and said != "running":
             problem = f"the runtime says the container is {said or 'gone'} ({rec.runtime})"
@@ -143,22 +141,20 @@ class Recovery(Run):
             except PodfsmError as exc:
                 self.recovery_problems.append(f"orphan containers ({rt.name}): {exc}")
         ids.update(n for n in self._rt.bundle_ids() if SANDBOX_ID.match(n))
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            ids.update(n for n in os.listdir(os.path.join(self.config.run_dir, "sandboxes"))
-                       if SANDBOX_ID.match(n))
+        ids.update(n for n in self._host.sandbox_dirs(self.sandboxes_dir)
+                   if SANDBOX_ID.match(n))
         ids.update(self._set_aside_ids)
         for sid in sorted(ids - known):
             await self._collect_orphan(sid)
         prefix = f"podfsm-{self._tag}-"
         known_prefixes = {sid[:16] for sid in known}
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(self.config.netns_dir):
-                if name.startswith(prefix) and name[len(prefix):] not in known_prefixes:
-                    log.warning("unpinning orphan netns %s", name)
-                    try:
-                        await self._ns.destroy(os.path.join(self.config.netns_dir, name), None)
-                    except PodfsmError as exc:
-                        self.recovery_problems.append(f"orphan netns pin {name}: {exc}")
+        for name in self._ns.pins_in(self.config.netns_dir, prefix):
+            if name[len(prefix):] not in known_prefixes:
+                log.warning("unpinning orphan netns %s", name)
+                try:
+                    await self._ns.destroy(os.path.join(self.config.netns_dir, name), None)
+                except PodfsmError as exc:
+                    self.recovery_problems.append(f"orphan netns pin {name}: {exc}")
 
     async def _collect_orphan(self, sid: str) -> None:
         log.warning("collecting orphan sandbox %s (no record of it)", sid)
@@ -170,7 +166,7 @@ class Recovery(Run):
                                      for rt in self._runtimes.values()],
             steps.DETACH_NETWORK: [(steps.DETACH_NETWORK.label, lambda: self._net.detach(
                 NetworkRequest(sandbox_id=sid,
-                               netns_path=netns if os.path.lexists(netns) else None), None))],
+                               netns_path=netns if self._ns.pins_exist(netns) else None), None))],
             steps.UNPIN_NAMESPACES: [(steps.UNPIN_NAMESPACES.label,
                                       lambda: self._ns.destroy(netns, self.userns_pin_path(sid)))],
             steps.RELEASE_SHM: [(steps.RELEASE_SHM.label,
@@ -184,7 +180,8 @@ class Recovery(Run):
                 failed = True
                 self.recovery_problems.append(f"orphan {sid}: {label}: {describe(exc)}")
         if not failed:
-            shutil.rmtree(self.sandbox_run_dir(sid), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._host.remove_sandbox_dir(self.sandbox_run_dir(sid))
 
 
 @dataclass(frozen=True)

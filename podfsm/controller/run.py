@@ -15,6 +15,7 @@ from podfsm.controller.base import Sandbox, Undo, describe, now
 from podfsm.controller.teardown import Teardown
 from podfsm.core import idmap, steps
 from podfsm.core.errors import (
+    IdRangeUnavailable,
     InvalidPodConfig,
     NameReserved,
     PodfsmError,
@@ -155,7 +156,7 @@ class Run(Teardown):
                 uid_map = idmap.allocate(uids_in_use + gids_in_use, cfg.idmap_pool_start,
                                          cfg.idmap_pool_size)
             except ValueError as exc:
-                raise InvalidPodConfig(str(exc)) from None
+                raise IdRangeUnavailable(str(exc)) from None
             return uid_map, uid_map, True
         pool_end = cfg.idmap_pool_start + cfg.idmap_pool_size
         for kind, want in (("uids", uid_map), ("gids", gid_map)):
@@ -172,7 +173,7 @@ class Run(Teardown):
         for kind, want, used in (("uid", uid_map, uids_in_use), ("gid", gid_map, gids_in_use)):
             clash = idmap.find_overlap(want, used)
             if clash is not None:
-                raise InvalidPodConfig(
+                raise IdRangeUnavailable(
                     f"{kind} mapping host ids {want.host_id}-{want.host_end - 1} overlap another "
                     f"sandbox's {clash.host_id}-{clash.host_end - 1}"
                 )
@@ -242,10 +243,7 @@ class Run(Teardown):
             # Durable (fsync): it precedes the CNI ADD, whose address reservation outlives a
             # reboot on disk; later writes need not be (see podfsm.drivers.store).
             await self._store_save(sb.record, durable=True)
-        # 0711: the pod's mapped root must reach the files bound from here (runc and crun open
-        # bind sources inside the pod's user namespace); nothing here is listable by others.
-        os.makedirs(self.sandbox_run_dir(sb.record.id), mode=0o711, exist_ok=True)
-        os.chmod(self.sandbox_run_dir(sb.record.id), 0o711)
+        self._host.create_sandbox_dir(self.sandbox_run_dir(sb.record.id))
 
     async def _setup_files(self, sb: Sandbox, undo: list[Undo]) -> None:
         """hostname, hosts, resolv.conf, the /dev/shm tmpfs and the log directory. Recorded

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any
 
 import anyio
 
-from podfsm.controller.base import ControllerBase, Sandbox, describe, now, pins_exist
+from podfsm.controller.base import ControllerBase, Sandbox, describe, now
 from podfsm.core import steps
 from podfsm.core.errors import PodfsmError, StepFailed
 from podfsm.core.records import TaskInfo
 from podfsm.core.states import State, Trigger
-from podfsm.drivers import linux
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +29,12 @@ class Teardown(ControllerBase):
         if task is None:
             return
         async with self._failpoints_around(steps.KILL_TASK.failpoint):
-            status = await self._kill_and_wait(sb.record.runtime, task)
+            rt = self._runtime(sb.record.runtime)
+            status = await rt.kill_task(task, self.config.stop_grace)
             changes: dict[str, Any] = {"task": None}
             if sb.record.exit_status is None and status is not None:
                 changes.update(exit_status=status, finished_at=now())
             sb.record = sb.record.evolve(**changes)
-
-    async def _kill_and_wait(self, runtime: str, task: TaskInfo) -> int | None:
-        return await self._runtime(runtime).kill_task(task, self.config.stop_grace)
 
     async def _exit_status(self, runtime: str, task: TaskInfo, timeout: float) -> int | None:
         """The task's exit status from the reaper, or None when it cannot be learned (the
@@ -97,7 +93,8 @@ class Teardown(ControllerBase):
         rec = sb.record
         return (sb.machine.current is State.NOT_READY and rec.task is None
                 and not rec.container_created and rec.network is None
-                and rec.namespaces is None and rec.pending is None and not pins_exist(rec))
+                and rec.namespaces is None and rec.pending is None
+                and not self._ns.pins_exist(rec.planned_netns_path, rec.planned_userns_path))
 
     async def _stop(self, sb: Sandbox, intent: str = "stop") -> None:
         """Tear down everything on the system, keep the record: NotReady. Tries every piece,
@@ -152,28 +149,20 @@ class Teardown(ControllerBase):
         finally:
             self._flush(sb)
         with contextlib.suppress(OSError):
-            linux.remove_flat_dir(self.sandbox_run_dir(sb.record.id))
+            self._host.remove_sandbox_dir(self.sandbox_run_dir(sb.record.id))
 
     def _supervise(self, sb: Sandbox, task: TaskInfo) -> None:
-        """Watch the pause task through a pidfd: readable the moment it exits, no polling."""
+        """Watch the pause task in the background: its runtime driver returns the moment it
+        exits (no polling). The scope is the supervision: stop and remove cancel it."""
         assert self._tg is not None
-        try:
-            pidfd = os.pidfd_open(task.pid)
-        except ProcessLookupError:
-            pidfd = -1
-        if pidfd >= 0 and linux.proc_start_time(task.pid) != task.start_time:
-            os.close(pidfd)
-            pidfd = -1
         scope = anyio.CancelScope()
         sb.supervisor = scope
-        self._tg.start_soon(self._watch, sb, task, pidfd, scope)
+        self._tg.start_soon(self._watch, sb, task, scope)
 
-    async def _watch(self, sb: Sandbox, task: TaskInfo, pidfd: int,
-                     scope: anyio.CancelScope) -> None:
+    async def _watch(self, sb: Sandbox, task: TaskInfo, scope: anyio.CancelScope) -> None:
         try:
             with scope:
-                if pidfd >= 0:
-                    await anyio.wait_readable(pidfd)
+                await self._task_driver(sb.record).wait_task_exit(task)
                 status = await self._exit_status(sb.record.runtime, task, 1.0)
                 async with sb.lock:
                     if sb.removed or sb.record.task != task or sb.supervisor is not scope:
@@ -184,7 +173,3 @@ class Teardown(ControllerBase):
                                          finished_at=now())
         except Exception:
             log.exception("sandbox %s: supervising pid %d failed", sb.record.id, task.pid)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-

@@ -11,6 +11,13 @@ class InvalidPodConfig(PodfsmError, ValueError):
     """The pod config was refused before anything was created on the system."""
 
 
+class IdRangeUnavailable(InvalidPodConfig):
+    """The pod's host id range cannot be had now: the one asked for overlaps another sandbox's,
+    or the id pool has no free range left. Refused before anything is created, like any
+    invalid config, but a conflict with the sandboxes that exist (HTTP 409), not a fault of
+    the config alone: the same request may succeed once they are removed."""
+
+
 class NameReserved(PodfsmError):
     """A sandbox with the same metadata name, namespace and attempt already exists."""
 

@@ -35,12 +35,19 @@ from podfsm.core.errors import InvalidPodConfig
 #: surrogates (not encodable).
 UNSAFE = (r"\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff"
           r"\ud800-\udfff")
-#: and, for names: every character str.isprintable refuses in the Basic Multilingual Plane
-#: (Unicode 14, Python 3.11) but unassigned ones, so the JSON schema says what the validator
-#: does; it covers UNSAFE
+#: and, for names: every character str.isprintable refuses (Unicode 14, Python 3.11) but
+#: unassigned and private-use ones, which have no control, format or separator function:
+#: controls, format characters (bidi, zero-width, the invisible tag characters), separators but
+#: the space, surrogates. It covers UNSAFE. The JSON schema carries it too (the planes above
+#: the BMP as literal characters, which both Python's re and ECMA-262 take; no large range, as
+#: a schema-driven generator expands each range a character at a time);
+#: tests/unit/test_pod_fields.py checks it against unicodedata of the Python it runs on.
 _UNPRINTABLE = (r"\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2"
                 r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
-                r"\ud800-\uf8ff\ufeff\ufff9-\ufffb")
+                r"\ud800-\udfff\ufeff\ufff9-\ufffb"
+                "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+                "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f")
+_UNPRINTABLE_RE = re.compile(f"[{_UNPRINTABLE}]")
 TEXT = rf"^[^{UNSAFE}]*\Z"
 #: printable text without ';' and '=' (CNI_ARGS separators)
 CNI_ARG_TEXT = rf"^[^{_UNPRINTABLE};=]*\Z"
@@ -50,15 +57,25 @@ _DOMAIN_LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
 DOMAIN = rf"^{_DOMAIN_LABEL}(\.{_DOMAIN_LABEL})*\.?\Z"
 #: a resolv.conf option as resolv.conf(5) writes them: `ndots:5`, `edns0`, `timeout:2`
 RESOLV_OPTION = r"^[a-z][a-z0-9-]*(:[0-9]{1,4})?\Z"
-#: an IPv4 or IPv6 address in text form (checked exactly by the validator)
-IP_TEXT = r"^[0-9A-Fa-f:.]{2,45}\Z"
-ABS_PATH = rf"^/[^{UNSAFE}]*\Z"
-CGROUP_PARENT = TEXT
+#: NAME_MAX: the longest file name (here: path segment) the kernel takes, in bytes
+NAME_MAX = 255
+_SEG = f"[^/{UNSAFE}]"
+#: a non-empty path segment other than "..", of at most NAME_MAX characters
+#: (_no_dotdot also counts its bytes)
+PATH_SEGMENT = (rf"(\.|[^/.{UNSAFE}]{_SEG}{{0,254}}|\.[^/.{UNSAFE}]{_SEG}{{0,253}}"
+                rf"|\.\.{_SEG}{{1,253}})")
+#: a cgroup_parent: segments without "..", as _no_dotdot checks it (openapi.py narrows it
+#: to the daemon's cgroup_root)
+CGROUP_PARENT = rf"^{PATH_SEGMENT}?(/{PATH_SEGMENT}?)*\Z"
+#: a log_directory: absolute, not "/" alone, without ".." (as _log_directory checks it)
+LOG_DIRECTORY = rf"^(/({PATH_SEGMENT}?/)*{PATH_SEGMENT}(/{PATH_SEGMENT}?)*)?\Z"
 CPUSET = r"^[0-9,\-]*\Z"
 _SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 ID_SPACE = 1 << 32  # uid_t range
-#: (uid_t)-1 means "no id": never a valid uid or gid
-MAX_ID = ID_SPACE - 2
+#: the largest uid or gid a process may be given: Kubernetes validates run_as_user,
+#: run_as_group and supplemental groups as 0-2147483647, and runc refuses more ("uids and gids
+#: must be in range 0-2147483647")
+MAX_ID = (1 << 31) - 1
 
 Text = Annotated[str, Field(max_length=4096, pattern=TEXT)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=TEXT)]
@@ -172,6 +189,12 @@ _POD_MAPPING: JsonDict = {"properties": {"container_id": {"const": 0},
                                "length": {"minimum": 1, "maximum": ID_SPACE - 2}}}
 
 
+#: what the schema cannot say of a requested mapping
+_MAPPING = ("mode POD: host_id + length must not pass the end of the daemon's id pool (the "
+            "bounds of host_id) nor 4294967295, else 422; a range that overlaps another "
+            "sandbox's is 409 (IdRangeUnavailable); none given: podfsm allocates 65536 ids")
+
+
 class UserNamespace(_Model):
     # PodSandboxConfig._namespaces' mapping rules, stated in the JSON schema: NODE takes no
     # mapping; POD takes uids and gids both (one mapping each) or neither.
@@ -188,8 +211,8 @@ class UserNamespace(_Model):
 
     mode: Mode = Field(default=NamespaceMode.POD,
                        json_schema_extra=_mode_enum(NamespaceMode.POD, NamespaceMode.NODE))
-    uids: list[IDMapping] = Field(default_factory=list, max_length=16)
-    gids: list[IDMapping] = Field(default_factory=list, max_length=16)
+    uids: list[IDMapping] = Field(default_factory=list, max_length=16, description=_MAPPING)
+    gids: list[IDMapping] = Field(default_factory=list, max_length=16, description=_MAPPING)
 
 
 class NamespaceOption(_Model):
@@ -239,7 +262,10 @@ class SecurityProfile(_Model):
     ]})
 
     profile_type: Profile = ProfileType.RuntimeDefault
-    localhost_ref: str = Field(default="", max_length=4096, pattern=TEXT)
+    localhost_ref: str = Field(default="", max_length=4096, pattern=TEXT, description=(
+        "Localhost only. seccomp: the absolute path of a profile on the daemon's host, a "
+        "regular file of at most 1 MiB holding a valid OCI seccomp profile in JSON without "
+        "listenerPath; else 422"))
 
     @model_validator(mode="after")
     def _ref(self) -> SecurityProfile:
@@ -252,6 +278,14 @@ class SecurityProfile(_Model):
                 f"{self.profile_type.name}"
             )
         return self
+
+
+#: what the schema cannot say of the pause's ids
+_MAPPED = ("with a pod user namespace (userns_options mode POD), a container id its mapping "
+           "holds: below the {} mapping's length, or below 65536 when podfsm allocates the "
+           "range; else 422 (the runtime could not switch to it)")
+_LSM = ("refused (422) on a host where {} is enabled, since podfsm does not apply it; "
+        "ignored elsewhere, as containerd does")
 
 
 class LinuxSandboxSecurityContext(_Model):
@@ -267,12 +301,13 @@ class LinuxSandboxSecurityContext(_Model):
     ]})
 
     namespace_options: NamespaceOption = Field(default_factory=NamespaceOption)
-    selinux_options: SELinuxOption | None = None
-    run_as_user: Int64Value | None = None
-    run_as_group: Int64Value | None = None
+    selinux_options: SELinuxOption | None = Field(default=None,
+                                                  description=_LSM.format("SELinux"))
+    run_as_user: Int64Value | None = Field(default=None, description=_MAPPED.format("uids"))
+    run_as_group: Int64Value | None = Field(default=None, description=_MAPPED.format("gids"))
     readonly_rootfs: bool = False
     supplemental_groups: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(
-        default_factory=list, max_length=64)
+        default_factory=list, max_length=64, description=_MAPPED.format("gids"))
     privileged: bool = False
     #: deprecated in the CRI: "", "unconfined", "runtime/default", "docker/default" or
     #: "localhost/<absolute path>"
@@ -281,7 +316,8 @@ class LinuxSandboxSecurityContext(_Model):
         pattern=r"^(|unconfined|runtime/default|docker/default|localhost/"
                 rf"/[^{UNSAFE}]*)\Z")
     seccomp: SecurityProfile | None = None
-    apparmor: SecurityProfile | None = None
+    apparmor: SecurityProfile | None = Field(default=None, description=(
+        "any profile but Unconfined is " + _LSM.format("AppArmor")))
     supplemental_groups_policy: GroupsPolicy = SupplementalGroupsPolicy.Merge
 
     @model_validator(mode="after")
@@ -347,6 +383,25 @@ def _mode_is(field: str, mode: NamespaceMode) -> JsonDict:
             "required": [field], "properties": {field: _mode_enum(mode)}}}}}}
 
 
+#: PATH_MAX less the NUL: the longest path the kernel takes, in bytes
+LOG_DIRECTORY_MAX = 4095
+_PATH_BYTES = (f"no `..` segment; each segment at most {NAME_MAX} bytes of UTF-8 and the "
+               "whole at most maxLength bytes (the kernel counts bytes, the pattern characters)")
+
+
+def _no_dotdot(v: str, where: str, most: int) -> str:
+    """`v`, a path, if it has no '..' segment and the kernel takes its length; else refused
+    (as the pattern says, and in bytes, which a pattern cannot count)."""
+    parts = v.split("/")
+    if ".." in parts:
+        raise ValueError(f"{where} {v!r} must not contain '..' components")
+    if any(len(part.encode()) > NAME_MAX for part in parts):
+        raise ValueError(f"{where} has a segment longer than {NAME_MAX} bytes (NAME_MAX)")
+    if len(v.encode()) > most:
+        raise ValueError(f"{where} is longer than {most} bytes")
+    return v
+
+
 def is_ipc_sysctl(name: str) -> bool:
     """True for the sysctls of the ipc namespace (kernel.shm*/msg*/sem, fs.mqueue.*)."""
     return name in _IPC_SYSCTLS or name.startswith("fs.mqueue.")
@@ -363,22 +418,24 @@ class LinuxPodSandboxConfig(_Model):
              "not": {"pattern": rf"^({_IPC_SYSCTL_TEXT})\Z"}}}}}},
     ]})
 
-    cgroup_parent: str = Field(default="", max_length=1024, pattern=CGROUP_PARENT)
+    cgroup_parent: str = Field(default="", max_length=1024, pattern=CGROUP_PARENT,
+                               description=_PATH_BYTES)
     security_context: LinuxSandboxSecurityContext = Field(
         default_factory=LinuxSandboxSecurityContext
     )
     sysctls: dict[Annotated[str, Field(max_length=256)], Text] = Field(
-        default_factory=dict, max_length=128,
+        default_factory=dict, max_length=128, description=(
+            "each one must exist in the daemon's kernel (else 422) and take the value given "
+            "(else the runtime's create fails: 500, the run unwound)"),
         json_schema_extra={"propertyNames": {"maxLength": 256, "pattern": SYSCTL_NAME}})
     overhead: LinuxContainerResources | None = None
     resources: LinuxContainerResources | None = None
 
-    @field_validator("cgroup_parent")
+    @field_validator("cgroup_parent", mode="before")
     @classmethod
-    def _cgroup_parent(cls, v: str) -> str:
-        if ".." in v.split("/"):
-            raise ValueError(f"linux.cgroup_parent {v!r} must not contain '..' components")
-        return v
+    def _cgroup_parent(cls, v: Any) -> Any:
+        # before the pattern, which says the same less readably
+        return _no_dotdot(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
 
     @field_validator("sysctls")
     @classmethod
@@ -407,8 +464,9 @@ class PodSandboxMetadata(_Model):
     @field_validator("name", "namespace", mode="before")
     @classmethod
     def _printable(cls, v: Any, info: ValidationInfo) -> Any:
-        # The same rule as the pattern, said in words (and a little stricter: no format or
-        # separator characters either, as str.isprintable has it).
+        # The same rule as the pattern, said in words: what str.isprintable refuses but
+        # unassigned and private-use code points, which are no control, format or separator
+        # character (and which a JSON schema could not list).
         if not isinstance(v, str):
             return v
         where = f"metadata.{info.field_name}"
@@ -416,7 +474,7 @@ class PodSandboxMetadata(_Model):
             raise ValueError(f"{where} must not be empty")
         if len(v) > 253:
             raise ValueError(f"{where} is longer than 253 characters")
-        if not v.isprintable():
+        if _UNPRINTABLE_RE.search(v):
             raise ValueError(f"{where} {v!r} has a control or unprintable character")
         if ";" in v or "=" in v:
             raise ValueError(f"{where} {v!r} has ';' or '=', which CNI_ARGS cannot carry")
@@ -425,13 +483,23 @@ class PodSandboxMetadata(_Model):
     @field_validator("uid", mode="before")
     @classmethod
     def _uid(cls, v: Any) -> Any:
-        if isinstance(v, str) and (not v.isprintable() or any(c in v for c in ";=/")):
+        if isinstance(v, str) and (_UNPRINTABLE_RE.search(v) or any(c in v for c in ";=/")):
             raise ValueError(f"metadata.uid {v!r} has a control character or one of '/', ';', "
                              "'=' (CNI_ARGS carries it)")
         return v
 
 
+#: an IPv4 or IPv6 address, as JSON Schema's formats say it and _ip checks it
+_IP_ADDRESS: list[JsonDict] = [{"type": "string", "format": "ipv4"},
+                               {"type": "string", "format": "ipv6"}]
+_IP_FORMATS: JsonDict = {"anyOf": list(_IP_ADDRESS)}
+
+
 def _ip(v: str, where: str) -> str:
+    # a scope id (fe80::1%eth0) is no address in another network namespace, and not ipv6's
+    # format
+    if "%" in v:
+        raise ValueError(f"{where} {v!r} is not an IP address")
     try:
         return str(ipaddress.ip_address(v))
     except ValueError:
@@ -440,7 +508,7 @@ def _ip(v: str, where: str) -> str:
 
 class DNSConfig(_Model):
     # glibc reads at most 3 nameservers (MAXNS); kubelet allows 32 search domains.
-    servers: list[Annotated[str, Field(max_length=45, pattern=IP_TEXT)]] = Field(
+    servers: list[Annotated[str, Field(max_length=45, json_schema_extra=_IP_FORMATS)]] = Field(
         default_factory=list, max_length=3)
     searches: list[Annotated[str, Field(min_length=1, max_length=253, pattern=DOMAIN)]] = Field(
         default_factory=list, max_length=32)
@@ -472,15 +540,11 @@ class PortMapping(_Model):
     # Exactly what _host_ip accepts, stated as the formats JSON Schema has for it (a pattern
     # looser than the check let schemathesis send "1:2" and see it refused).
     host_ip: str = Field(default="", max_length=45, json_schema_extra={
-        "anyOf": [{"type": "string", "maxLength": 0}, {"type": "string", "format": "ipv4"},
-                  {"type": "string", "format": "ipv6"}]})
+        "anyOf": [{"type": "string", "maxLength": 0}, *_IP_ADDRESS]})
 
     @field_validator("host_ip")
     @classmethod
     def _host_ip(cls, v: str) -> str:
-        # a scope id (fe80::1%eth0) is no host address to bind a port on, and not ipv6's format
-        if "%" in v:
-            raise ValueError(f"port_mappings host_ip {v!r} is not an IP address")
         return _ip(v, "port_mappings host_ip") if v else v
 
     @model_validator(mode="after")
@@ -509,7 +573,8 @@ class PodSandboxConfig(_Model):
 
     metadata: PodSandboxMetadata
     hostname: str = Field(default="", max_length=63, pattern=rf"^({_DNS_LABEL})?\Z")
-    log_directory: str = Field(default="", max_length=4096, pattern=rf"^({ABS_PATH[1:-2]})?\Z")
+    log_directory: str = Field(default="", max_length=LOG_DIRECTORY_MAX, pattern=LOG_DIRECTORY,
+                               description=_PATH_BYTES)
     dns_config: DNSConfig | None = None
     port_mappings: list[PortMapping] = Field(default_factory=list, max_length=256)
     labels: dict[LabelKey, Annotated[str, Field(max_length=1024, pattern=TEXT)]] = Field(
@@ -520,12 +585,14 @@ class PodSandboxConfig(_Model):
     windows: Annotated[dict[str, Any] | None, AfterValidator(_no_windows)] = Field(
         default=None, json_schema_extra={"maxProperties": 0})
 
-    @field_validator("log_directory")
+    @field_validator("log_directory", mode="before")
     @classmethod
-    def _log_directory(cls, v: str) -> str:
-        if v and (".." in v.split("/") or v.rstrip("/") == ""):
+    def _log_directory(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if v and (not v.startswith("/") or v.rstrip("/") == ""):
             raise ValueError(f"log_directory {v!r} must be an absolute path without '..', not /")
-        return v
+        return _no_dotdot(v, "log_directory", LOG_DIRECTORY_MAX)
 
     @model_validator(mode="after")
     def _namespaces(self) -> PodSandboxConfig:

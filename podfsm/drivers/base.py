@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from podfsm.core.records import (
+    CgroupStats,
+    FilesystemUsage,
     NetworkResult,
     PinnedNamespaces,
     SandboxFiles,
@@ -47,10 +49,21 @@ class NamespaceDriver(Protocol):
         runtime is let near the netns: crun would silently bind the host's /sys if mounting
         sysfs failed."""
 
+    def pin_problem(self, ns: PinnedNamespaces) -> str | None:
+        """None when each pin `ns` records still holds the namespace it records (the same
+        inode); else which pin no longer does. Checked after a restart, before a sandbox is
+        supervised again."""
+
+    def pins_exist(self, *paths: str | None) -> bool:
+        """Whether anything is at any of `paths` (None is skipped): a pin, mounted or not, or
+        whatever took its place; a symlink counts and is not followed."""
+
+    def pins_in(self, directory: str, prefix: str) -> list[str]:
+        """The names of the entries of `directory` that start with `prefix` (the netns pins a
+        controller tags as its own), sorted; none when `directory` is missing."""
+
 
 class NetworkDriver(Protocol):
-    network_name: str
-
     async def start(self) -> None:
         """Load the network config and check the plugins exist. Called once."""
 
@@ -60,9 +73,6 @@ class NetworkDriver(Protocol):
     async def attach(self, req: NetworkRequest) -> NetworkResult:
         """CNI ADD through the conflist's plugins, prevResult chained. Raises StepFailed with
         the plugin's own message on failure (and has already run DEL for what it added)."""
-
-    async def check(self, req: NetworkRequest, result: NetworkResult) -> None:
-        """CNI CHECK; raises StepFailed if the attachment is not as the result says."""
 
     async def detach(self, req: NetworkRequest, result: NetworkResult | None) -> None:
         """CNI DEL in reverse order. Idempotent; succeeds when the netns is already gone."""
@@ -105,19 +115,23 @@ class RuntimeDriver(Protocol):
         pidfd and wait until it is gone; its exit status as `wait_exit_status` gives it, or
         None when unknown (or the pid is no longer the task's). StepFailed if it survives."""
 
+    async def wait_task_exit(self, task: TaskInfo) -> None:
+        """Return once the pause process `task` has exited, or at once when it is gone
+        already or its pid belongs to another process now. The exit is noticed the moment it
+        happens (a pidfd becomes readable), never by polling; a cancelled wait leaves nothing
+        open. This is the controller's exit supervision."""
+
+    def task_alive(self, task: TaskInfo) -> bool:
+        """True while the pause process `task` exists (a zombie counts), the same process,
+        not a reuse of its pid."""
+
     def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
         """None when the pause process `task` is alive, the same process (not a reuse of its
         pid), and in the user and net namespaces `ns` records (the host's when None or
         unset); else what is wrong."""
 
-    async def kill(self, container_id: str, signal: int) -> None:
-        """Send `signal` to the task; no error if it is already gone."""
-
     async def delete(self, container_id: str) -> None:
         """`delete --force` and remove the bundle. Idempotent."""
-
-    async def state(self, container_id: str) -> str | None:
-        """The runtime's status ("created", "running", "stopped"), or None if unknown to it."""
 
     async def list_containers(self) -> list[str]:
         """Ids of every container under this controller's runtime root."""
@@ -131,9 +145,23 @@ class RuntimeDriver(Protocol):
 
 
 class HostDriver(Protocol):
-    """What a sandbox needs from the host besides namespaces, network and runtime: its files
-    (hostname, hosts, resolv.conf), its /dev/shm tmpfs, its log directory, and the cleaning of
-    the cgroup parent directories the runtime leaves."""
+    """What a sandbox needs from the host besides namespaces, network and runtime: its run
+    directory, its files (hostname, hosts, resolv.conf), its /dev/shm tmpfs, its log
+    directory, and the cleaning of the cgroup parent directories the runtime leaves; and the
+    host's read-only reports for status and statistics (podfsm.drivers.sysinfo)."""
+
+    def create_sandbox_dir(self, path: str) -> None:
+        """Create the sandbox's run directory `path`, mode 0711 whatever the umask (the pod's
+        mapped root must reach the files bound from there; nothing in it is listable by
+        others), parents as needed. Idempotent."""
+
+    def remove_sandbox_dir(self, path: str) -> None:
+        """Remove the sandbox's run directory `path` with what is left in it, never following
+        a symlink (one at `path` is refused). Idempotent; OSError when it cannot be removed."""
+
+    def sandbox_dirs(self, parent: str) -> list[str]:
+        """The names of the entries of `parent`, where the sandboxes' run directories live
+        (for orphan collection); none when `parent` is missing or not a directory."""
 
     async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
         """Write the files under `sandbox_dir`, mount the /dev/shm tmpfs (unless ipc NODE) and
@@ -161,6 +189,16 @@ class HostDriver(Protocol):
     def security_modules(self) -> frozenset[str]:
         """The Linux security modules enabled on the host that podfsm would have to apply:
         "selinux", "apparmor"."""
+
+    def cgroup_stats(self, pid: int) -> CgroupStats | None:
+        """CPU and memory of the cgroup process `pid` is in; None when it cannot be read."""
+
+    def filesystem_usage(self, paths: list[str]) -> list[FilesystemUsage]:
+        """One entry per filesystem holding any of `paths`, in the order first met."""
+
+    def runtime_spec(self, bundle_path: str | None) -> dict[str, Any] | None:
+        """The OCI runtime spec (config.json) of the bundle at `bundle_path`, or None when
+        there is none."""
 
 
 class Store(Protocol):

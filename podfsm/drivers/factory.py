@@ -1,6 +1,7 @@
 """The one place that builds the real drivers from a ControllerConfig: the Controller uses it
 for every driver it is not handed, and the benchmark for the drivers it measures alone, so both
-measure and run the same configuration.
+measure and run the same configuration. It also claims for a Controller what all its drivers
+share: root, the run and netns directories, and the controller's tag.
 
 Each driver module is imported only when its driver is built: a Controller on fake drivers
 (the unit tests) never loads pyroute2 or starts a reaper.
@@ -8,9 +9,15 @@ Each driver module is imported only when its driver is built: a Controller on fa
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from podfsm.config import ControllerConfig
+from podfsm.core.errors import PrerequisiteMissing
+from podfsm.drivers import linux
 from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver
 
 if TYPE_CHECKING:
@@ -68,3 +75,31 @@ def store(cfg: ControllerConfig) -> FileStore:
     from podfsm.drivers.store import FileStore
 
     return FileStore(cfg.state_dir)
+
+
+def require_root() -> None:
+    """PrerequisiteMissing unless this process runs as root (the real drivers need it)."""
+    if os.geteuid() != 0:
+        raise PrerequisiteMissing(
+            "podfsm must run as root: it creates namespaces, mounts and containers"
+        )
+
+
+def claim_dirs(cfg: ControllerConfig) -> Callable[[], None]:
+    """Make run_dir and netns_dir directories fit for root's state (see linux.secure_dir) and
+    take run_dir's controller lock; return what releases the lock.
+
+    run_dir is 0711: the pod's root (a high host uid) walks down to the pause rootfs; netns_dir
+    0755, as `ip netns` makes /run/netns. run_dir holds the runtime roots and the sandbox
+    directories: a second controller on it (even with another state_dir) would collect this
+    one's sandboxes as its orphans, hence the lock."""
+    linux.secure_dir(cfg.run_dir, 0o711, "run dir")
+    linux.secure_dir(cfg.netns_dir, 0o755, "netns dir")
+    return functools.partial(os.close, linux.lock_dir(cfg.run_dir, "controller.lock", "run dir"))
+
+
+def controller_tag(cfg: ControllerConfig) -> str:
+    """The tag in this controller's netns pin names: a hash of state_dir's real path (a path
+    through a symlink names the same controller), so controllers on different state dirs never
+    take each other's pins for orphans."""
+    return hashlib.sha256(os.path.realpath(cfg.state_dir).encode()).hexdigest()[:8]

@@ -1,5 +1,6 @@
-"""The sandbox's files on the host: hostname, hosts and resolv.conf, the per-pod /dev/shm
-tmpfs, the log directory, and the cgroup parent directories the runtime leaves behind.
+"""The sandbox's files on the host: its run directory, hostname, hosts and resolv.conf, the
+per-pod /dev/shm tmpfs, the log directory, and the cgroup parent directories the runtime leaves
+behind.
 
 containerd writes the same files under the sandbox's root directory and mounts the shm tmpfs
 there (internal/cri/server/podsandbox/sandbox_run_linux.go, setupSandboxFiles); the pause
@@ -17,11 +18,12 @@ import os
 import shutil
 import socket
 import stat
+from typing import Any
 
 from podfsm.core.ocispec import LOCALHOST_HOSTS, SHM_OPTIONS, resolv_conf
-from podfsm.core.records import SandboxFiles
+from podfsm.core.records import CgroupStats, FilesystemUsage, SandboxFiles
 from podfsm.core.spec import PodSandboxConfig
-from podfsm.drivers import linux
+from podfsm.drivers import linux, sysinfo
 
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 HOST_HOSTS = "/etc/hosts"
@@ -82,6 +84,19 @@ class HostFiles:
         self._mount_shm = mount_shm
         self._resolv = resolv_conf_path
         self._hosts = hosts_path
+
+    def create_sandbox_dir(self, path: str) -> None:
+        os.makedirs(path, mode=0o711, exist_ok=True)
+        os.chmod(path, 0o711)  # makedirs' mode went through the umask
+
+    def remove_sandbox_dir(self, path: str) -> None:
+        linux.remove_flat_dir(path)
+
+    def sandbox_dirs(self, parent: str) -> list[str]:
+        try:
+            return os.listdir(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     # The calls below run on the event loop, not in a worker thread: each is a few small file
     # writes or unlinks and a tmpfs mount or unmount (tens of microseconds each), less than
@@ -159,6 +174,15 @@ class HostFiles:
     def security_modules(self) -> frozenset[str]:
         return frozenset(name for name, on in (("selinux", selinux_enabled()),
                                                ("apparmor", apparmor_enabled())) if on)
+
+    def cgroup_stats(self, pid: int) -> CgroupStats | None:
+        return sysinfo.cgroup_stats(pid)
+
+    def filesystem_usage(self, paths: list[str]) -> list[FilesystemUsage]:
+        return sysinfo.filesystem_usage(paths)
+
+    def runtime_spec(self, bundle_path: str | None) -> dict[str, Any] | None:
+        return sysinfo.read_runtime_spec(bundle_path)
 
 
 def _release_shm(shm_path: str) -> None:

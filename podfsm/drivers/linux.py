@@ -1,6 +1,6 @@
 """The Linux calls the drivers share: ctypes wrappers over those Python 3.11 lacks (unshare,
 setns, mount, umount2, the namespace ioctls), /proc reads (a process's start time and parent),
-pins and directories. Errors are OSError with errno and the path, like os.* raises.
+pins, directories and their locks. Errors are OSError with errno and the path, like os.* raises.
 
 unshare(CLONE_NEWUSER) and setns into a user namespace fail with EINVAL in a process with more
 than one thread: call those only in a single-threaded child (see nsworker).
@@ -17,7 +17,7 @@ import os
 import shutil
 import stat
 
-from podfsm.core.errors import UnsafeDirectory
+from podfsm.core.errors import ControllerLocked, UnsafeDirectory
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -229,3 +229,19 @@ def secure_dir(path: str, mode: int, what: str) -> None:
         raise UnsafeDirectory(
             f"{what} {path} is writable by group or others (mode "
             f"{stat.S_IMODE(st.st_mode):04o}): podfsm refuses to use it; chmod go-w {path}")
+
+
+def lock_dir(path: str, name: str, what: str) -> int:
+    """Take the controller lock of directory `path`: flock(LOCK_EX | LOCK_NB) on its file
+    `name`, created 0600 (never through a symlink). The returned fd holds the lock; closing it
+    releases it, as does the end of the process. ControllerLocked when another controller holds
+    it; OSError when the file cannot be opened."""
+    fd = os.open(os.path.join(path, name),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ControllerLocked(f"another podfsm controller is using {what} {path} "
+                               f"(it holds the lock on its {name!r} file)") from None
+    return fd

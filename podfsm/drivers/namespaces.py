@@ -198,7 +198,40 @@ def _kill(pidfd: int | None) -> None:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
-class WorkerPoolNamespaces:
+class PinChecks:
+    """The NamespaceDriver members that read pins, not make them: one implementation for the
+    worker pool and for the fake, whose pins are symlinks to real namespaces."""
+
+    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
+        if not ns.netns_path or not ns.userns_path:
+            return None
+        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
+
+    def pin_problem(self, ns: PinnedNamespaces) -> str | None:
+        for kind, path, inode in (("netns", ns.netns_path, ns.netns_inode),
+                                  ("userns", ns.userns_path, ns.userns_inode)):
+            if not path or not inode:
+                continue
+            try:
+                ok = linux.ns_inode(path) == inode
+            except OSError:
+                ok = False
+            if not ok:
+                return f"the {kind} pin {path} no longer holds the pod's namespace"
+        return None
+
+    def pins_exist(self, *paths: str | None) -> bool:
+        return any(p and os.path.lexists(p) for p in paths)
+
+    def pins_in(self, directory: str, prefix: str) -> list[str]:
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.startswith(prefix))
+
+
+class WorkerPoolNamespaces(PinChecks):
     """NamespaceDriver backed by a pool of `workers` nsworker subprocesses.
 
     Concurrent requests run on different workers in parallel; a request waits for an idle
@@ -308,11 +341,6 @@ class WorkerPoolNamespaces:
             raise
         release()
         return result
-
-    def owner_problem(self, ns: PinnedNamespaces) -> str | None:
-        if not ns.netns_path or not ns.userns_path:
-            return None
-        return linux.netns_owner_problem(ns.netns_path, ns.userns_path, ns.userns_inode)
 
     async def destroy(self, netns_path: str | None, userns_path: str | None) -> None:
         """Unpin the netns, then the userns (MNT_DETACH + unlink). Idempotent: missing pins are

@@ -29,7 +29,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -157,7 +157,35 @@ def installed(name: str) -> bool:
     return bool(shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin"))
 
 
-class OciRuntime:
+class PauseTasks:
+    """The RuntimeDriver members that act on the pause process itself, not on the runtime's
+    state: one implementation for every runtime handler and for the fake, whose pause is a real
+    process too. The class that uses it provides `wait_exit_status`."""
+
+    async def wait_exit_status(self, task: TaskInfo, timeout: float) -> int | None:
+        raise NotImplementedError
+
+    async def kill_task(self, task: TaskInfo, grace: float) -> int | None:
+        ended = await end_process(task, grace)
+        if ended is None:
+            return None
+        try:
+            return await self.wait_exit_status(task, 1.0 if ended else 0.05)
+        except PodfsmError as exc:
+            log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
+            return None
+
+    async def wait_task_exit(self, task: TaskInfo) -> None:
+        await wait_process_exit(task)
+
+    def task_alive(self, task: TaskInfo) -> bool:
+        return pause_alive(task)
+
+    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
+        return pause_problem(task, ns)
+
+
+class OciRuntime(PauseTasks):
     """RuntimeDriver for runc and crun (see podfsm.drivers.base.RuntimeDriver).
 
     Every runtime command runs as a child of the reaper. For crun that is required (the cgroup
@@ -338,14 +366,6 @@ class OciRuntime:
         if res.rc != 0:
             raise self._failed("start", res.stderr)
 
-    async def kill(self, container_id: str, signal: int) -> None:
-        """Send `signal` to the task; no error if it is already gone."""
-        _check_id(container_id)
-        signum = int(signal)
-        res = await self._run("kill", [container_id, str(signum)])
-        if res.rc != 0 and not _gone(res.stderr):
-            raise self._failed("kill", res.stderr)
-
     async def delete(self, container_id: str) -> None:
         """`delete --force` and remove the bundle. Idempotent."""
         _check_id(container_id)
@@ -401,10 +421,7 @@ class OciRuntime:
                     from None
             log.warning("the reaper could not end pause pid %d (%s): ending it here",
                         task.pid, exc)
-        return await kill_task_then_status(self.wait_exit_status, task, grace)
-
-    def task_problem(self, task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
-        return pause_problem(task, ns)
+        return await super().kill_task(task, grace)
 
     async def _kill_and_wait(self, task: TaskInfo) -> None:
         """SIGKILL a live pause process and wait until it is reaped.
@@ -417,23 +434,6 @@ class OciRuntime:
                 return
         with contextlib.suppress(ReaperError):
             await self._reaper.wait_exit(task.pid, task.start_time, timeout=2.0)
-
-    async def state(self, container_id: str) -> str | None:
-        """The runtime's status ("created", "running", "stopped"), or None if unknown to it."""
-        _check_id(container_id)
-        if not self._exists(container_id):
-            return None
-        rc, out, err = (await self._run("state", [container_id]))[:3]
-        if rc != 0:
-            if _gone(err) or not self._exists(container_id):
-                return None
-            raise self._failed("state", err)
-        try:
-            status = json.loads(out)["status"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StepFailed(STEP, f"{self.name} state gave unreadable output: {out[:200]!r}") \
-                from exc
-        return str(status)
 
     async def list_containers(self) -> list[str]:
         """Ids of every container under this controller's runtime root."""
@@ -503,21 +503,34 @@ def _open_path_for_mapped_root(run_dir: str) -> str | None:
         path = parent
 
 
+def _task_pidfd(task: TaskInfo) -> int | None:
+    """A pidfd of the pause process `task`, for the caller to close; None when its pid belongs
+    to another process now (it exited long ago). ProcessLookupError when no process has the pid.
+    The start time is checked after the pidfd is taken, so the pidfd cannot be of a reuse."""
+    pidfd = os.pidfd_open(task.pid)
+    if not pause_alive(task):
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
 async def end_process(task: TaskInfo, grace: float) -> bool | None:
     """End the pause process `task` through a pidfd, so a reuse of its pid is never signalled:
     SIGTERM, then SIGKILL after `grace` seconds (at once when `grace` is 0); return once it has
     exited. True: it was running and has exited; False: it was gone already; None: its pid
     belongs to another process now (it exited long ago). StepFailed if it survives SIGKILL.
 
-    The one implementation of ending a pause process, for every RuntimeDriver (and the fakes).
+    Ending a pause process from this process: PauseTasks.kill_task, for the fakes and for
+    OciRuntime when its reaper cannot be reached (the reaper's `kill` request does the same
+    inside the reaper, and reaps the status in the same request).
     """
     try:
-        pidfd = os.pidfd_open(task.pid)
+        pidfd = _task_pidfd(task)
     except ProcessLookupError:
         return False
+    if pidfd is None:
+        return None
     try:
-        if linux.proc_start_time(task.pid) != task.start_time:
-            return None
         term = ((signal.SIGTERM, grace),) if grace > 0 else ()
         for sig, wait in (*term, (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
@@ -530,19 +543,20 @@ async def end_process(task: TaskInfo, grace: float) -> bool | None:
         os.close(pidfd)
 
 
-async def kill_task_then_status(
-    wait_exit_status: Callable[[TaskInfo, float], Awaitable[int | None]],
-    task: TaskInfo, grace: float,
-) -> int | None:
-    """RuntimeDriver.kill_task on `end_process` and the driver's own `wait_exit_status`."""
-    ended = await end_process(task, grace)
-    if ended is None:
-        return None
+async def wait_process_exit(task: TaskInfo) -> None:
+    """RuntimeDriver.wait_task_exit (PauseTasks). A pidfd is readable the moment its process
+    exits (a zombie, reaped or not, has exited), so the exit is seen within milliseconds and
+    nothing polls."""
     try:
-        return await wait_exit_status(task, 1.0 if ended else 0.05)
-    except PodfsmError as exc:
-        log.warning("exit status of pause pid %d unknown: %s", task.pid, exc)
-        return None
+        pidfd = _task_pidfd(task)
+    except ProcessLookupError:
+        return
+    if pidfd is None:
+        return
+    try:
+        await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
@@ -559,16 +573,21 @@ def _check_netns_owner(runtime: str, req: PauseRequest) -> None:
                                "its own sysfs")
 
 
+def pause_alive(task: TaskInfo) -> bool:
+    """RuntimeDriver.task_alive (PauseTasks). /proc/<pid>/stat's start time tells
+    the process from a later one that reuses its pid."""
+    return linux.proc_start_time(task.pid) == task.start_time
+
+
 def pause_problem(task: TaskInfo, ns: PinnedNamespaces | None) -> str | None:
-    """RuntimeDriver.task_problem: the one implementation (the fakes' pause is a real process
-    too)."""
+    """RuntimeDriver.task_problem (PauseTasks)."""
     want_user = (ns.userns_inode if ns and ns.userns_inode else
                  linux.ns_inode("/proc/self/ns/user"))
     want_net = (ns.netns_inode if ns and ns.netns_inode else
                 linux.ns_inode("/proc/self/ns/net"))
     pid = task.pid
     try:
-        if linux.proc_start_time(pid) != task.start_time:
+        if not pause_alive(task):
             raise ProcessLookupError(errno.ESRCH, "pause process exited")
         got_user = linux.ns_inode(f"/proc/{pid}/ns/user")
         got_net = linux.ns_inode(f"/proc/{pid}/ns/net")
@@ -601,21 +620,6 @@ def _check_joined(runtime: str, req: PauseRequest, pid: int) -> None:
 def _check_id(container_id: str) -> None:
     if not _CONTAINER_ID.match(container_id):
         raise StepFailed(STEP, f"invalid container id {container_id!r}")
-
-
-def _gone(stderr: str) -> bool:
-    """The runtime says the container or its process no longer exists."""
-    s = stderr.lower()
-    return any(
-        p in s
-        for p in (
-            "does not exist",
-            "not running",
-            "no such process",
-            "no such file or directory",
-            "container not found",
-        )
-    )
 
 
 def pause_pids(run_dir: str) -> list[int]:

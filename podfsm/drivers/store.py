@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import itertools
 import json
 import logging
@@ -55,7 +54,7 @@ import aiofiles
 import aiofiles.os
 import anyio
 
-from podfsm.core.errors import ControllerLocked, StateDirError
+from podfsm.core.errors import StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
 from podfsm.core.requests import SetAside
 from podfsm.drivers import linux
@@ -137,19 +136,9 @@ class FileStore:
         linux.secure_dir(self.state_dir, 0o700, "state dir")
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            fd = os.open(os.path.join(self.state_dir, "lock"),
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fd = linux.lock_dir(self.state_dir, "lock", "state dir")
         except OSError as exc:
             raise StateDirError(f"state dir {self.state_dir}: {_why(exc)}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ControllerLocked(
-                f"another podfsm controller is using state dir {self.state_dir} "
-                "(it holds the lock on its 'lock' file)"
-            ) from None
-        self._lock_fd = fd
         self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if not os.access(self.dir, os.W_OK):
             self.close()

@@ -239,7 +239,7 @@ async def test_add_check_del_in_a_userns_owned_netns(net: Net) -> None:
     net.write_conf(net.conflist())
     drv = await started(net.driver())
     as_protocol: NetworkDriver = drv  # CniNetwork is a NetworkDriver
-    assert as_protocol.network_name == net.name
+    assert as_protocol is drv and drv.network_name == net.name
     assert drv.conflist.source.endswith("10-test.conflist")
     assert not drv.separate_loopback
 

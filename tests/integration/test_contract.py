@@ -17,14 +17,16 @@ import secrets
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 
-from podfsm.core.errors import PodfsmError, StepFailed
+from podfsm.core.errors import StepFailed
 from podfsm.core.records import SandboxRecord
 from podfsm.core.requests import NamespaceRequest, NetworkRequest, PauseRequest
 from podfsm.core.spec import IDMapping, parse_pod_config
@@ -118,6 +120,17 @@ async def test_namespaces_contract(kind: str) -> None:
         assert s.ns.owner_problem(pinned) is None
         wrong = pinned.model_copy(update={"userns_inode": pinned.userns_inode + 1})
         assert "is not the pod's" in (s.ns.owner_problem(wrong) or "")
+        # the pins hold what was recorded; they exist; the netns pin is listed by its prefix
+        assert s.ns.pin_problem(pinned) is None
+        moved = pinned.model_copy(update={"netns_inode": pinned.netns_inode + 1})
+        assert "netns pin" in (s.ns.pin_problem(moved) or "")
+        assert s.ns.pins_exist(None, pinned.netns_path)
+        assert s.ns.pins_exist(pinned.userns_path)
+        assert not s.ns.pins_exist(None, pinned.netns_path + "-never")
+        name = os.path.basename(pinned.netns_path)
+        assert s.ns.pins_in(s.netns_dir, name[:8]) == [name]
+        assert s.ns.pins_in(s.netns_dir, "none-") == []
+        assert s.ns.pins_in(os.path.join(s.netns_dir, "missing"), "") == []
         # a pin path that exists is refused, and the pins there are left alone
         with pytest.raises(StepFailed, match="already exists"):
             await s.ns.create(req)
@@ -143,8 +156,11 @@ async def test_namespaces_contract(kind: str) -> None:
         for made in (pinned, host):
             await s.ns.destroy(made.netns_path, made.userns_path)
             assert not any(x and os.path.lexists(x) for x in (made.netns_path, made.userns_path))
+            assert not s.ns.pins_exist(made.netns_path, made.userns_path)
+            assert "no longer holds" in (s.ns.pin_problem(made) or "")
             await s.ns.destroy(made.netns_path, made.userns_path)
         await s.ns.destroy(None, None)
+        assert s.ns.pins_in(s.netns_dir, name[:8]) == []
         never = s.ns_request(new_id())
         await s.ns.destroy(never.netns_path, never.userns_path)
 
@@ -160,14 +176,11 @@ async def test_network_contract(kind: str) -> None:
         ips = [ipaddress.ip_address(r.ip) for r in results]  # an address, not just a string
         assert ips[0] != ips[1]
         assert {r.sandbox_id for r in reqs} <= await s.net.reserved_container_ids()
-        for r, res in zip(reqs, results, strict=True):
-            await s.net.check(r, res)
-        # DEL releases the address; twice is fine; CHECK then fails
+        # DEL releases the address; twice is fine
         await s.net.detach(reqs[0], results[0])
         assert reqs[0].sandbox_id not in await s.net.reserved_container_ids()
         await s.net.detach(reqs[0], results[0])
-        with pytest.raises(PodfsmError):
-            await s.net.check(reqs[0], results[0])
+        assert reqs[0].sandbox_id not in await s.net.reserved_container_ids()
         # DEL without the netns (its pin already gone) and without the result still releases
         await s.ns.destroy(pins[1].netns_path, None)
         await s.net.detach(replace(reqs[1], netns_path=None), None)
@@ -185,34 +198,50 @@ async def test_runtime_contract(kind: str) -> None:
                            uid_mapping=MAPPING, gid_mapping=MAPPING)
         task = await s.rt.create(req)
         assert linux.proc_start_time(task.pid) == task.start_time  # that very process
-        assert await s.rt.state(sid) == "created"
+        assert (await s.rt.states()).get(sid) == "created"
         assert sid in await s.rt.list_containers()
         assert sid in s.rt.bundle_ids()
-        assert (await s.rt.states())[sid] == "created"
         # an id that exists is refused, and the container is left alone
         with pytest.raises(StepFailed, match="already exists"):
             await s.rt.create(req)
-        assert await s.rt.state(sid) == "created"
+        assert (await s.rt.states()).get(sid) == "created"
         assert linux.proc_start_time(task.pid) == task.start_time
         await s.rt.start_task(sid)
-        assert await s.rt.state(sid) == "running"
+        assert (await s.rt.states()).get(sid) == "running"
         assert await s.rt.wait_exit_status(task, 0.2) is None  # alive: the wait times out
         assert s.rt.task_problem(task, pinned) is None  # in the pinned namespaces
         if kind != "fake":  # the fake pause runs in the host's namespaces
             assert "expected" in (s.rt.task_problem(task, None) or "")  # not in the host's
-        await s.rt.kill(sid, signal.SIGKILL)
+        # exit supervision: the wait goes on while the task lives (and can be cancelled), a
+        # kill -9 from outside ends it at once, and a reuse of the pid is never waited on
+        assert s.rt.task_alive(task)
+        with anyio.move_on_after(0.2) as waiting:
+            await s.rt.wait_task_exit(task)
+        assert waiting.cancelled_caught
+        reused = task.model_copy(update={"start_time": task.start_time + 1})
+        assert not s.rt.task_alive(reused)
+        with anyio.fail_after(0.5):
+            await s.rt.wait_task_exit(reused)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(s.rt.wait_task_exit, task)
+            await anyio.sleep(0.05)
+            t0 = time.perf_counter()
+            os.kill(task.pid, signal.SIGKILL)
+        assert time.perf_counter() - t0 < 0.2  # noticed, not polled for
         assert await s.rt.wait_exit_status(task, 5.0) == 128 + signal.SIGKILL
-        assert await s.rt.state(sid) == "stopped"
+        assert not s.rt.task_alive(task)
+        with anyio.fail_after(0.5):
+            await s.rt.wait_task_exit(task)  # gone: returns at once
+        assert (await s.rt.states()).get(sid) == "stopped"
         assert "is gone" in (s.rt.task_problem(task, pinned) or "")
-        await s.rt.kill(sid, signal.SIGKILL)  # gone already: not an error
         await s.rt.delete(sid)
-        assert await s.rt.state(sid) is None
+        assert (await s.rt.states()).get(sid) is None
         assert sid not in await s.rt.list_containers()
         assert sid not in await s.rt.states()
         assert sid not in s.rt.bundle_ids()
         await s.rt.delete(sid)  # idempotent
         await s.rt.delete(new_id())  # never existed
-        assert await s.rt.state(new_id()) is None
+        assert (await s.rt.states()).get(new_id()) is None
         # kill_task: the teardown's way, through a pidfd, with the exit status
         sid2 = new_id()
         task2 = await s.rt.create(replace(req, container_id=sid2))

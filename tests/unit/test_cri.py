@@ -29,6 +29,7 @@ from podfsm.core.errors import (
     StepFailed,
 )
 from podfsm.core.states import State, lifecycle_kind
+from podfsm.drivers.base import NetworkDriver
 from podfsm.faces.cri import CriServer
 from tests.fakes import FakeRuntime, Rig
 
@@ -62,11 +63,13 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def serving(rig: Rig, sock_dir: str) -> AsyncIterator[World]:
-    """The CRI server over an entered Controller (not a fixture: the Controller's task group
-    must be entered and left in one task)."""
+async def serving(rig: Rig, sock_dir: str,
+                  network: NetworkDriver | None = None) -> AsyncIterator[World]:
+    """The CRI server over an entered Controller on the rig's fakes (and `network`, when
+    given), with a second runtime handler; not a fixture: the Controller's task group must be
+    entered and left in one task."""
     other = OtherRuntime(rig.faults)
-    ctl = Controller(rig.cfg, namespaces=rig.ns, network=rig.net, runtime=rig.rt,
+    ctl = Controller(rig.cfg, namespaces=rig.ns, network=network or rig.net, runtime=rig.rt,
                      runtimes=[other], store=rig.store)
     path = os.path.join(sock_dir, "cri.sock")
     async with ctl:
@@ -391,33 +394,24 @@ async def test_network_ready_is_false_once_a_plugin_or_the_config_goes(
     (conf / "10-t.conflist").write_text(json.dumps(
         cniconf.default_conflist("t-net", "t-br0", "10.251.0.0/24")))
     net = CniNetwork(conf_dir=str(conf), bin_dirs=[str(bins)])
-    ctl = Controller(rig.cfg, namespaces=rig.ns, network=net, runtime=rig.rt, store=rig.store)
-    path = os.path.join(sock_dir, "cri.sock")
-    async with ctl:
-        server = CriServer(ctl, path)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
-                rt = pb_grpc.RuntimeServiceStub(channel)
+    async with serving(rig, sock_dir, network=net) as world:
 
-                async def network() -> pb.RuntimeCondition:
-                    conds = (await rt.Status(pb.StatusRequest())).status.conditions
-                    return next(c for c in conds if c.type == "NetworkReady")
+        async def network() -> pb.RuntimeCondition:
+            conds = (await world.rt.Status(pb.StatusRequest())).status.conditions
+            return next(c for c in conds if c.type == "NetworkReady")
 
-                assert (await network()).status
-                plugin = sorted(net.plugin_paths)[0]
-                target = os.readlink(bins / plugin)
-                (bins / plugin).unlink()
-                cond = await network()
-                assert not cond.status and cond.reason == "NetworkPluginNotReady"
-                assert plugin in cond.message
-                (bins / plugin).symlink_to(target)
-                assert (await network()).status
-                (conf / "10-t.conflist").unlink()
-                cond = await network()
-                assert not cond.status and "10-t.conflist is gone" in cond.message
-        finally:
-            await server.stop()
+        assert (await network()).status
+        plugin = sorted(net.plugin_paths)[0]
+        target = os.readlink(bins / plugin)
+        (bins / plugin).unlink()
+        cond = await network()
+        assert not cond.status and cond.reason == "NetworkPluginNotReady"
+        assert plugin in cond.message
+        (bins / plugin).symlink_to(target)
+        assert (await network()).status
+        (conf / "10-t.conflist").unlink()
+        cond = await network()
+        assert not cond.status and "10-t.conflist is gone" in cond.message
 
 
 def test_serve_refuses_a_cri_socket_another_server_answers_on(rig: Rig, sock_dir: str) -> None:

@@ -64,3 +64,21 @@ def test_the_state_diagram_in_how_it_works_is_the_table_now() -> None:
     block = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
     assert block == mermaid().rstrip("\n") + "\n", \
         "regenerate the block with `podfsm graph` (docs/how-it-works.md, States)"
+
+
+def _section(path: Path, heading: str) -> str:
+    text = path.read_text()
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_layout_in_readme_and_how_it_works_names_every_module() -> None:
+    import podfsm
+
+    package = Path(podfsm.__file__).parent
+    modules = {p.name for p in package.rglob("*.py") if p.name not in ("__init__.py",
+                                                                       "__main__.py")}
+    for path, heading in ((DOCS.parent / "README.md", "Layout"),
+                          (DOCS / "how-it-works.md", "Where each part lives")):
+        section = _section(path, heading)
+        missing = sorted(m for m in modules if f"{m}`" not in section)
+        assert not missing, f"{path.name} ({heading}) does not name {missing}"

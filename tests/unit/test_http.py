@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -25,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Route
 
-from podfsm import Controller, PrerequisiteMissing, SandboxStatus
+from podfsm import Controller, ControllerConfig, PrerequisiteMissing, SandboxStatus
 from podfsm.core.records import TransitionEvent
 from podfsm.core.spec import NamespaceMode, PodSandboxConfig, Protocol
 from podfsm.faces import graph
@@ -210,6 +211,112 @@ def test_a_reserved_name_is_409(client: httpx.Client) -> None:
     # another attempt of the same pod is another name
     assert client.post("/v1/sandboxes", json={**pod(), "metadata": {
         "name": "web", "namespace": "default", "attempt": 1}}).status_code == 201
+
+
+def test_host_ids_in_use_are_409(client: httpx.Client) -> None:
+    # a conflict with the sandboxes that exist, as a name in use is: the same request is
+    # fine once the other sandbox is gone
+    ids = {"host_id": 1 << 21, "container_id": 0, "length": 65536}
+    mapped = {"security_context": {"namespace_options": {"userns_options": {
+        "mode": "POD", "uids": [ids], "gids": [ids]}}}}
+    first = client.post("/v1/sandboxes", json=pod("first", linux=mapped)).json()
+    resp = client.post("/v1/sandboxes", json=pod("second", linux=mapped))
+    assert resp.status_code == 409
+    err = error_of(resp)
+    assert err.kind == "IdRangeUnavailable" and "overlap another sandbox's" in err.error
+    assert client.delete(f"/v1/sandboxes/{first['id']}").status_code == 204
+    assert client.post("/v1/sandboxes", json=pod("second", linux=mapped)).status_code == 201
+
+
+def _field_schema(doc: dict[str, Any], model: str, field: str) -> dict[str, Any]:
+    schema: dict[str, Any] = doc["components"]["schemas"][model]["properties"][field]
+    return schema
+
+
+@pytest.mark.parametrize("value", [
+    "", "/", "///", "/podfsm", "/podfsm/", "/podfsm/a/b", "/podfsm//a", "/podfsm/.",
+    "/podfsm/...", "/podfsm/..a", "/podfsm/a b", "/podfsm/" + "x" * 255,
+    "/podfsm/..", "/podfsm/../x", "/podfsm/a/../b", "/podfsmx", "/pod", "podfsm", "//podfsm",
+    "/other/podfsm", "/podfsm/" + "x" * 256, "/podfsm/a\nb",
+])
+def test_the_documented_cgroup_parent_is_what_the_daemon_takes(
+        client: httpx.Client, value: str) -> None:
+    # the pattern comes from the daemon's cgroup_root: what it matches is run, the rest 422
+    prop = _field_schema(client.get("/openapi.json").json(), "LinuxPodSandboxConfig",
+                         "cgroup_parent")
+    documented = re.fullmatch(prop["pattern"].removesuffix("$"), value) is not None
+    resp = client.post("/v1/sandboxes", json=pod(linux={"cgroup_parent": value}))
+    assert resp.status_code == (201 if documented else 422), (value, resp.text)
+
+
+@pytest.mark.parametrize("tail", [
+    "/a", "/a/", "//a//b", "/.", "/...", "/..a", "/a/" + "x" * 255,
+    "/..", "/a/..", "/a/../b", "/a/" + "x" * 256,
+])
+def test_the_documented_log_directory_is_what_the_daemon_takes(
+        client: httpx.Client, tmp_path: Path, tail: str) -> None:
+    prop = _field_schema(client.get("/openapi.json").json(), "PodSandboxConfig",
+                         "log_directory")
+    value = f"{tmp_path}{tail}"
+    documented = re.fullmatch(prop["pattern"].removesuffix("$"), value) is not None
+    resp = client.post("/v1/sandboxes", json=pod(log_directory=value))
+    assert resp.status_code == (201 if documented else 422), (value, resp.text)
+    for root_only in ("/", "//"):
+        assert re.fullmatch(prop["pattern"].removesuffix("$"), root_only) is None
+
+
+def test_the_document_states_what_the_models_only_check() -> None:
+    doc = json.dumps(openapi_document())
+    # a map's key pattern refuses a key; pydantic's patternProperties would let it be anything
+    assert "patternProperties" not in doc
+    schemas = openapi_document()["components"]["schemas"]
+    labels = _field_schema(openapi_document(), "PodSandboxConfig", "labels")
+    assert labels["propertyNames"]["pattern"] and labels["additionalProperties"]["type"] == \
+        "string"
+    servers = _field_schema(openapi_document(), "DNSConfig", "servers")["items"]
+    assert {s["format"] for s in servers["anyOf"]} == {"ipv4", "ipv6"}
+    # names: the planes above the BMP are written as characters, which ECMA-262 reads
+    name = schemas["PodSandboxMetadata"]["properties"]["name"]["pattern"]
+    assert "\U000e0001" in name and "\\U" not in name
+    # the rules the schema cannot state are said in words
+    sc = schemas["LinuxSandboxSecurityContext"]["properties"]
+    assert "mapping" in sc["run_as_user"]["description"]
+    assert "exist" in schemas["LinuxPodSandboxConfig"]["properties"]["sysctls"]["description"]
+    assert "409" in schemas["UserNamespace"]["properties"]["uids"]["description"]
+
+
+def test_the_schemathesis_hooks_repair_what_the_schema_cannot_state(
+        client: httpx.Client) -> None:
+    # tests/integration/schemathesis_hooks.py keeps generated configs to the rules the
+    # document says in words; what it makes of a config that breaks each of them is run
+    from tests.integration.schemathesis_hooks import SECCOMP_PROFILE, repair_pod_config
+
+    pool_end = ControllerConfig().idmap_pool_start + ControllerConfig().idmap_pool_size
+    near_end = {"host_id": pool_end - 10, "container_id": 0, "length": 65536}
+    body = pod(log_directory="/x/" + "\u00e9" * 200, linux={
+        "sysctls": {"net.nope": "?"}, "cgroup_parent": "/podfsm/" + "\u00e9" * 200,
+        "security_context": {
+            "run_as_user": {"value": 70000}, "run_as_group": {"value": 123456},
+            "supplemental_groups": [5, 99999], "seccomp": {
+                "profile_type": "Localhost", "localhost_ref": "/nonexistent/profile.json"},
+            "namespace_options": {"userns_options": {
+                "mode": "POD", "uids": [near_end], "gids": [dict(near_end)]}}}})
+    assert client.post("/v1/sandboxes", json=body).status_code == 422
+    repair_pod_config(body, pool_end)
+    sc = body["linux"]["security_context"]
+    assert sc["seccomp"]["localhost_ref"] == SECCOMP_PROFILE and body["linux"]["sysctls"] == {}
+    assert sc["run_as_user"]["value"] < 10 and sc["supplemental_groups"] == [5, 99999 % 10]
+    resp = client.post("/v1/sandboxes", json=body)
+    assert resp.status_code == 201, resp.text
+
+
+@pytest.mark.parametrize(("server", "ok"), [
+    ("10.0.0.1", True), ("::1", True), ("2001:db8::53", True),
+    ("fe80::1%eth0", False), ("010.0.0.1", False), ("1.2.3", False), ("::g", False),
+])
+def test_dns_servers_are_addresses(client: httpx.Client, server: str, ok: bool) -> None:
+    resp = client.post("/v1/sandboxes", json=pod(dns_config={"servers": [server]}))
+    assert resp.status_code == (201 if ok else 422), resp.text
 
 
 @pytest.mark.parametrize(("body", "says"), [

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from podfsm.core.errors import (
+    IdRangeUnavailable,
     InvalidPodConfig,
     NameReserved,
     PodfsmError,
@@ -53,6 +54,7 @@ class DaemonError(PodfsmError):
 _STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (SandboxNotFound, 404),
     (NameReserved, 409),
+    (IdRangeUnavailable, 409),  # before InvalidPodConfig, which it is too
     (InvalidPodConfig, 422),
     (ValidationError, 422),
     (BadRequest, 400),

@@ -8,6 +8,7 @@ the same methods. A new query parameter is a field of the operation's query mode
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 from podfsm import __version__
 from podfsm.config import ControllerConfig
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.core.spec import ID_SPACE, PodSandboxConfig
+from podfsm.core.spec import ID_SPACE, PATH_SEGMENT, PodSandboxConfig
 from podfsm.faces import graph
 from podfsm.faces.wire import (
     SANDBOX_ID_PATTERN,
@@ -39,10 +40,16 @@ ERRORS: dict[int, str] = {
     401: "TCP only: no valid token (`Authorization: Bearer TOKEN` or the page's cookie)",
     403: "TCP only: a Host that is not one of the listening names, or a foreign Origin",
     404: "no sandbox with that id",
-    409: "a sandbox with that name, namespace, uid and attempt exists",
+    409: ("a conflict with the sandboxes that exist (nothing was created): one with that name, "
+          "namespace, uid and attempt exists (`NameReserved`), or the host id range asked for "
+          "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`); "
+          "the same request may succeed once they are removed"),
     413: "the body is over 1 MiB",
     415: "the body is not `application/json`",
-    422: "the pod config is refused (nothing was created)",
+    422: ("the pod config is refused (nothing was created): `InvalidPodConfig` names the field "
+          "and the rule, one the schema states or one its descriptions say (a sysctl, a seccomp "
+          "profile file or a security module of this host; ids that the pod's mappings must "
+          "hold); an unknown runtime_handler"),
     500: "the run failed: `step` says which step, `leftovers` what unwinding left",
     503: "the controller is starting, recovering or shutting down; retry",
 }
@@ -187,18 +194,28 @@ def _operation(op: Operation) -> dict[str, Any]:
 def _ecma(pattern: str) -> str:
     """A model's pattern (Python's re) in JSON Schema's dialect (ECMA-262), same meaning for
     any string JSON can carry: `\\Z` is ECMA's `$` (which, unlike Python's, never matches
-    before a trailing newline), and surrogates, which no well-formed JSON string holds, leave
-    the character classes (the validators of the dialect refuse them)."""
-    pattern = pattern.replace("\\ud800-\\udfff", "").replace("\\ud800-\\uf8ff", "\\ue000-\\uf8ff")
+    before a trailing newline); surrogates, which no well-formed JSON string holds, leave
+    the character classes (the validators of the dialect refuse them); a character beyond the
+    BMP (`\\U0001d173`, which ECMA-262 spells otherwise) is written as itself."""
+    pattern = pattern.replace("\\ud800-\\udfff", "")
+    pattern = re.sub(r"\\U([0-9a-fA-F]{8})", lambda m: chr(int(m[1], 16)), pattern)
     return pattern[:-2] + "$" if pattern.endswith("\\Z") else pattern
 
 
 def _portable(node: Any) -> Any:
-    """`node` (a JSON schema) with every pattern in JSON Schema's dialect."""
+    """`node` (a JSON schema) with every pattern in JSON Schema's dialect, and a map whose
+    keys have a pattern said as pydantic cannot: pydantic writes `patternProperties`, which
+    leaves a key that does not match free to hold anything, where the model refuses it."""
     if isinstance(node, list):
         return [_portable(v) for v in node]
     if not isinstance(node, dict):
         return node
+    keyed = node.get("patternProperties")
+    if isinstance(keyed, dict) and len(keyed) == 1 and "additionalProperties" not in node:
+        (key_pattern, values), = keyed.items()
+        node = {k: v for k, v in node.items() if k != "patternProperties"}
+        node["propertyNames"] = {**node.get("propertyNames", {}), "pattern": key_pattern}
+        node["additionalProperties"] = values
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key == "pattern" and isinstance(value, str):
@@ -221,12 +238,25 @@ def _id_pool(config: ControllerConfig) -> dict[str, Any]:
     return {"properties": {"uids": {"items": mapping}, "gids": {"items": mapping}}}
 
 
+def _cgroup_parent(config: ControllerConfig, prop: dict[str, Any]) -> None:
+    """Narrow linux.cgroup_parent's schema `prop` to what the daemon takes, as the controller
+    checks it at admission: empty (or slashes only: the root), its cgroup_root, or below it.
+    The pattern replaces the model's (a narrower one; two patterns at once would make a
+    generator filter one's strings by the other)."""
+    root = "".join("\\" + c if c in ".+" else c for c in config.cgroup_root)
+    prop["pattern"] = _ecma(rf"^(/*|{root}(/{PATH_SEGMENT}?)*)\Z")
+    prop["description"] = (f"empty (this daemon's cgroup_root, {config.cgroup_root}), "
+                           f"{config.cgroup_root} or a path below it; "
+                           + prop.get("description", ""))
+
+
 def openapi_document(runtime_handlers: list[str] | None = None,
                      config: ControllerConfig | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models.
     `runtime_handlers` (the daemon's installed ones) become the choices of runSandbox's
     `runtime_handler`, which the server checks against the same list; `config` (the daemon's)
-    adds its id pool's bounds to the user namespace mappings a pod may ask for."""
+    adds its id pool's bounds to the user namespace mappings a pod may ask for, and its
+    cgroup_root to linux.cgroup_parent."""
     _, top = models_json_schema(
         [(PodSandboxConfig, "validation"), (SandboxStatus, "serialization"),
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
@@ -250,6 +280,7 @@ def openapi_document(runtime_handlers: list[str] | None = None,
     if config is not None:
         userns = schemas["UserNamespace"]
         userns["allOf"] = [*userns.get("allOf", ()), _id_pool(config)]
+        _cgroup_parent(config, schemas["LinuxPodSandboxConfig"]["properties"]["cgroup_parent"])
     return {
         "openapi": "3.1.0",
         "info": {"title": "podfsm", "version": __version__,
