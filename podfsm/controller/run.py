@@ -79,12 +79,14 @@ class Run(Teardown):
             if not self._host.sysctl_exists(name):
                 raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
         sc = pod.linux.security_context
+        wants_apparmor = (sc.apparmor is not None
+                          and sc.apparmor.profile_type is not ProfileType.Unconfined)
+        if sc.selinux_options is None and not wants_apparmor:
+            return  # the host is asked only when it matters (two file reads per admission)
         lsms = self._host.security_modules()
         if sc.selinux_options is not None and "selinux" in lsms:
             raise InvalidPodConfig("linux.security_context.selinux_options: SELinux is enabled "
                                    "on this host and podfsm does not apply SELinux labels")
-        wants_apparmor = (sc.apparmor is not None
-                          and sc.apparmor.profile_type is not ProfileType.Unconfined)
         if wants_apparmor and "apparmor" in lsms:
             raise InvalidPodConfig("linux.security_context.apparmor: AppArmor is enabled on "
                                    "this host and podfsm does not apply AppArmor profiles")

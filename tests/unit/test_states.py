@@ -70,3 +70,19 @@ def test_table_has_no_duplicate_edges_and_only_known_states() -> None:
     keys = [(t.source, t.trigger) for t in TRANSITIONS]
     assert len(keys) == len(set(keys))
     assert {t.dest for t in TRANSITIONS} <= set(STATES)
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_remembered_answers_agree_with_the_table_when_asked_again(state: State) -> None:
+    # the engine remembers the Machine's answers: the second asking must give the first answer
+    for _ in range(2):
+        for trigger in Trigger:
+            expected = EDGES.get((state, trigger))
+            assert SandboxMachine(state).may(trigger) is (expected is not None)
+            m = SandboxMachine(state)
+            if expected is None:
+                with pytest.raises(IllegalTransition):
+                    m.fire(trigger)
+                assert m.current is state
+            else:
+                assert m.fire(trigger) is expected

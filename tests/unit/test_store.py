@@ -53,6 +53,20 @@ def framed(body: bytes, seq: int = 0) -> bytes:
     return b"podfsm-record %d %d %08x\n%s\n" % (seq, len(body), zlib.crc32(body), body)
 
 
+def test_evolve_makes_what_model_copy_makes() -> None:
+    rec = record(1)
+    changes: dict[str, Any] = {"state": State.READY, "pending": None, "leftovers": ["x"]}
+    mine, theirs = rec.evolve(**changes), rec.model_copy(update=changes)
+    assert mine == theirs and type(mine) is SandboxRecord
+    assert mine.model_fields_set == theirs.model_fields_set
+    assert mine.model_dump_json() == theirs.model_dump_json()
+    assert rec.state is State.UNKNOWN and rec.leftovers == []  # the original is untouched
+    with pytest.raises(TypeError, match="no field"):
+        rec.evolve(bogus=1)
+    with pytest.raises(ValueError, match="frozen"):
+        mine.state = State.NOT_READY
+
+
 async def test_save_and_load_round_trip(store: FileStore) -> None:
     a, b = record(1), record(2, state=State.READY, pending=None)
     await store.save(a, durable=True)
@@ -180,13 +194,78 @@ async def test_only_a_durable_write_pays_for_fsync_of_file_and_directory(
     await store.delete(rec.id)
     assert synced == []
     await store.save(rec, durable=True)
-    # the temporary file (renamed over the slot), then the directory
+    # the temporary file (a spare slot file the delete left, renamed over the slot), then the
+    # directory
     assert len(synced) == 2 and synced[1] == store.dir
-    assert synced[0].startswith(os.path.join(store.dir, slots(rec)[0]) + ".")
-    assert synced[0].endswith(".tmp")
+    assert os.path.dirname(synced[0]) == store.spare_dir
     assert files(store) == [slots(rec)[0]]
     (loaded,), _ = await store.load_all()
     assert loaded == rec
+    # with no spare left (the delete left two), the temporary file is a new one beside the slot
+    await store.save(record(2), durable=True)
+    synced.clear()
+    other = record(3)
+    await store.save(other, durable=True)
+    assert synced[0].startswith(os.path.join(store.dir, slots(other)[0]) + ".")
+    assert synced[0].endswith(".tmp")
+    assert files(store) == sorted([slots(rec)[0], slots(record(2))[0], slots(other)[0]])
+
+
+async def test_a_deleted_sandboxs_slot_files_are_emptied_and_reused_by_the_next(
+    store: FileStore,
+) -> None:
+    old = record(1)
+    await store.save(old, durable=True)
+    await store.save(old.evolve(state=State.READY))
+    inodes = {os.stat(os.path.join(store.dir, name)).st_ino for name in slots(old)}
+    await store.delete(old.id)
+    assert files(store) == []
+    spares = sorted(os.listdir(store.spare_dir))
+    assert len(spares) == 2
+    assert all(os.path.getsize(os.path.join(store.spare_dir, n)) == 0 for n in spares)
+    new = record(2)
+    await store.save(new, durable=True)
+    await store.save(new.evolve(state=State.READY, pending=None))
+    assert files(store) == slots(new)
+    assert {os.stat(os.path.join(store.dir, name)).st_ino for name in slots(new)} == inodes
+    assert os.listdir(store.spare_dir) == []
+    # a longer record before, a shorter one now: nothing of the old one is left in a slot
+    (loaded,), problems = await store.load_all()
+    assert loaded == new.evolve(state=State.READY, pending=None) and problems == []
+
+
+async def test_spares_a_crash_left_are_emptied_at_open_and_what_is_not_a_file_removed(
+    tmp_path: Path,
+) -> None:
+    first = FileStore(str(tmp_path / "state"))
+    first.open()
+    first.close()
+    Path(first.spare_dir, "1-0").write_bytes(framed(b'{"id": "x"}'))  # moved, not emptied
+    Path(first.spare_dir, "1-1").symlink_to("/etc/passwd")
+    Path(first.spare_dir, "1-2").mkdir()
+    s = FileStore(str(tmp_path / "state"))
+    s.open()
+    try:
+        assert os.listdir(s.spare_dir) == ["1-0"]
+        assert os.path.getsize(os.path.join(s.spare_dir, "1-0")) == 0
+        rec = record(1)
+        await s.save(rec, durable=True)
+        (loaded,), problems = await s.load_all()
+        assert loaded == rec and problems == []
+        assert os.listdir(s.spare_dir) == []
+    finally:
+        s.close()
+
+
+async def test_spares_are_capped(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("podfsm.drivers.store.MAX_SPARES", 3)
+    for n in (1, 2):
+        await store.save(record(n), durable=True)
+        await store.save(record(n))
+    for n in (1, 2):
+        await store.delete(record(n).id)
+    assert files(store) == []
+    assert len(os.listdir(store.spare_dir)) == 3
 
 
 async def test_a_write_is_never_abandoned_halfway_by_a_cancellation(store: FileStore) -> None:
