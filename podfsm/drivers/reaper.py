@@ -81,6 +81,9 @@ PROCESS_NAME = b"podfsm-reaper"
 IDLE_EXIT_SECONDS = 5.0
 #: Most of a command's output kept for the reply; runtime errors are in the last lines.
 MAX_OUTPUT = 64 * 1024
+#: A command whose output (held in memory, in memfds) grows past this is killed: the runtime
+#: and the plugins write a few kilobytes; one that floods must not fill the host's memory.
+MAX_OUTPUT_HELD = 16 * 1024 * 1024
 #: StreamReader line limit: replies carry up to two MAX_OUTPUT blobs, JSON-escaped.
 LINE_LIMIT = 4 * 1024 * 1024
 #: Exit statuses of processes nobody asked about (the runtime's helpers), kept in case a
@@ -216,6 +219,7 @@ class _Run:
     err_fd: int | None = None
     timer: asyncio.TimerHandle | None = None
     timed_out: float | None = None  # the timeout, once it killed the command
+    flooded: bool = False  # killed because its output outgrew MAX_OUTPUT_HELD
     #: the connection that asked for it (its departure kills the command)
     owner: object = None
     #: set once reaped: its pid may then name another process
@@ -273,6 +277,7 @@ class ReaperServer:
         #: the environment commands inherit: a plain copy, as os.environ decodes and encodes
         #: every variable each time it is copied
         self._environ = dict(os.environ)
+        self._size_check: asyncio.TimerHandle | None = None
         os.makedirs(os.path.join(self.run_dir, EXITS_DIR), mode=0o700, exist_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -402,8 +407,9 @@ class ReaperServer:
         own process group, with stdin from a memfd or /dev/null and stdout and stderr into
         memfds or `output_file`. Nothing is read while it runs: no pipe, so no wake-up per
         chunk of output and nothing a grandchild holding the output open can block; the
-        output is read once, when SIGCHLD says the command exited. Only a command that needs a
-        step between fork and exec (crun's private mount namespace) goes through Popen.
+        output is read once, when SIGCHLD says the command exited (the tick kills a command
+        whose output outgrows MAX_OUTPUT_HELD). Only a command that needs a step between fork
+        and exec (crun's private mount namespace) goes through Popen.
         """
         assert self._loop is not None
         argv = [str(a) for a in req["argv"]]
@@ -471,7 +477,29 @@ class ReaperServer:
                    popen=popen, then=req.get("then") or {})
         run.timer = self._loop.call_later(timeout, self._run_timed_out, run, timeout)
         self._runs[pid] = run
+        if self._size_check is None:
+            self._size_check = self._loop.call_later(0.1, self._check_output_sizes)
         return run.future
+
+    def _check_output_sizes(self) -> None:
+        """Every 0.1 s while commands run (most end sooner, so this rarely wakes anybody): kill,
+        with its group, a command whose output outgrew MAX_OUTPUT_HELD."""
+        self._size_check = None
+        if not self._runs or self._loop is None:
+            return
+        self._size_check = self._loop.call_later(0.1, self._check_output_sizes)
+        for run in list(self._runs.values()):
+            if run.returncode is not None or run.flooded:
+                continue
+            size = 0
+            for fd in (run.out_fd, run.err_fd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        size += os.fstat(fd).st_size
+            if size > MAX_OUTPUT_HELD:
+                run.flooded = True
+                log.warning("command %s wrote over %d bytes: killed", run.argv, MAX_OUTPUT_HELD)
+                self._kill_group(run)
 
     def _run_timed_out(self, run: _Run, timeout: float) -> None:
         run.timed_out = timeout
@@ -517,6 +545,11 @@ class ReaperServer:
         if run.output_file is not None:
             stderr_text = _tail_of_file(run.output_file)
         if run.future.done():
+            return
+        if run.flooded:
+            run.future.set_exception(ReaperError(
+                f"{run.argv!r} wrote more than {MAX_OUTPUT_HELD} bytes of output and was "
+                f"killed with its process group; its last output: {stderr_text[-600:]}"))
             return
         if run.timed_out is not None:
             run.future.set_exception(CommandTimedOut(

@@ -133,3 +133,19 @@ async def test_create_and_watch_then_delete_and_forget_are_one_request_each() ->
     finally:
         await client.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_a_command_flooding_its_output_is_killed() -> None:
+    """Output is held in memory until a command ends: one that writes without end is killed
+    (with its group) once it passes the limit, rather than filling the host's memory."""
+    run_dir = tempfile.mkdtemp(prefix="pfsm-reaper-")
+    client = ReaperClient(run_dir, idle_exit=0.5)
+    try:
+        with pytest.raises(ReaperError, match="more than 16777216 bytes"):
+            await client.run(["/bin/sh", "-c", "echo starting >&2; exec cat /dev/zero"],
+                             timeout=20.0)
+        ok = await client.run(["/bin/echo", "still serving"])  # and the reaper goes on
+        assert ok.stdout == "still serving\n"
+    finally:
+        await client.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
