@@ -108,6 +108,33 @@ async def test_version_status_runtime_config_and_image_fs(rig: Rig, sock_dir: st
         assert fs.image_filesystems[0].fs_id.mountpoint.startswith("/")
 
 
+async def test_update_runtime_config_takes_the_pod_cidrs_and_reports_them(
+    rig: Rig, sock_dir: str,
+) -> None:
+    """What a kubelet sends at start: accepted as containerd does without a conf template
+    (the network stays the CNI config on disk), reported in the verbose Status; a value that is
+    not a CIDR is refused naming it, and changes nothing."""
+    def update(cidr: str) -> Any:
+        return world.rt.UpdateRuntimeConfig(pb.UpdateRuntimeConfigRequest(
+            runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr=cidr))))
+
+    async def reported() -> Any:
+        s = await world.rt.Status(pb.StatusRequest(verbose=True))
+        return json.loads(s.info["podCIDRs"])
+
+    async with serving(rig, sock_dir) as world:
+        assert await reported() == []
+        await update("")  # nothing to take: OK
+        await update("10.244.1.7/24, fd00:10:244:1::/64")
+        assert await reported() == ["10.244.1.0/24", "fd00:10:244:1::/64"]
+        for bad in ("10.244.1.0", "10.244.1.0/24,bogus/8", "10.244.1.0/33"):
+            code, msg = await code_of(update(bad))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and "is not a CIDR" in msg, msg
+        assert await reported() == ["10.244.1.0/24", "fd00:10:244:1::/64"]
+        await update("")  # an empty one leaves them as they were, as containerd
+        assert await reported() == ["10.244.1.0/24", "fd00:10:244:1::/64"]
+
+
 async def test_a_sandbox_through_its_life_on_the_handler_it_asked_for(
         rig: Rig, sock_dir: str) -> None:
     async with serving(rig, sock_dir) as world:

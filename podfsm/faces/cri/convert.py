@@ -6,6 +6,7 @@ JSON files of `crictl runp` / `podfsm runp` meet one validation and one set of m
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any
@@ -142,3 +143,18 @@ def container_event(ev: LifecycleEvent, config: PodSandboxConfig) -> pb.Containe
     return pb.ContainerEventResponse(
         container_id=ev.status.id, container_event_type=EVENT_TYPES[ev.kind],
         created_at=ns(ev.at), pod_sandbox_status=sandbox_status(ev.status, config))
+
+
+def pod_cidrs(text: str) -> list[str]:
+    """The comma-separated pod CIDRs of UpdateRuntimeConfig, each as the network it names
+    ("10.244.1.0/24"); [] for an empty string. ValueError naming the one that is not a CIDR
+    (containerd parses them the same way, host bits allowed)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")) if text.strip() else ():
+        try:
+            if "/" not in part:
+                raise ValueError("no prefix length")
+            out.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError as exc:
+            raise ValueError(f"pod_cidr {part!r} is not a CIDR: {exc}") from None
+    return out

@@ -1,10 +1,10 @@
 """The CRI v1 gRPC server: runtime.v1.RuntimeService and runtime.v1.ImageService for pod
 sandboxes, each RPC one Controller call (see docs/cri.md).
 
-Served: Version, Status, RuntimeConfig, RunPodSandbox, StopPodSandbox, RemovePodSandbox,
-PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats, GetContainerEvents
-(sandbox events) and ImageFsInfo. Every other RPC answers UNIMPLEMENTED: podfsm runs pod
-sandboxes only; containers and images belong to a container runtime beside it.
+Served: Version, Status, RuntimeConfig, UpdateRuntimeConfig, RunPodSandbox, StopPodSandbox,
+RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats,
+GetContainerEvents (sandbox events) and ImageFsInfo. Every other RPC answers UNIMPLEMENTED:
+podfsm runs pod sandboxes only; containers and images belong to a container runtime beside it.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
@@ -97,6 +97,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.ctl = ctl
         self.serving = True
         self._streams: set[anyio.CancelScope] = set()
+        #: the pod CIDRs the kubelet gave in UpdateRuntimeConfig (reported, not applied)
+        self.pod_cidrs: list[str] = []
 
     @_rpc
     async def Version(self, request: pb.VersionRequest,
@@ -124,9 +126,29 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 "lastCNILoadStatus": json.dumps("OK" if net.status else net.message),
                 "recoveryProblems": json.dumps(ctl.recovery_problems),
                 "sandboxes": json.dumps(len(await ctl.list_sandboxes())),
+                "podCIDRs": json.dumps(self.pod_cidrs),
             }
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
                                  runtime_handlers=handlers)
+
+    @_rpc
+    async def UpdateRuntimeConfig(
+        self, request: pb.UpdateRuntimeConfigRequest, context: grpc.aio.ServicerContext,
+    ) -> pb.UpdateRuntimeConfigResponse:
+        """The kubelet sends the node's pod CIDRs at start. containerd uses them only to write
+        a CNI config from its conf_template and, without one, accepts them and leaves the
+        network to the CNI config on disk; so does podfsm (it has no template), after checking
+        them, and reports them in the verbose Status."""
+        text = request.runtime_config.network_config.pod_cidr
+        try:
+            cidrs = convert.pod_cidrs(text)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if cidrs:
+            self.pod_cidrs = cidrs
+            log.info("CRI UpdateRuntimeConfig: pod CIDRs %s (the CNI network is the one on "
+                     "disk: podfsm writes no config from them)", ", ".join(cidrs))
+        return pb.UpdateRuntimeConfigResponse()
 
     @_rpc
     async def RuntimeConfig(self, request: pb.RuntimeConfigRequest,
