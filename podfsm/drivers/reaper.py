@@ -67,7 +67,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -362,6 +362,10 @@ class ReaperServer:
             self._last_activity = time.monotonic()
             if run is not None:
                 del self._runs[pid]
+                if not self._runs and self._size_check is not None:
+                    # nothing left to watch: no wake-up 0.1 s from now for nothing
+                    self._size_check.cancel()
+                    self._size_check = None
                 self._finish_run(run, status)
             else:
                 log.debug("reaped pid %d (start %d): %d", pid, start_time, status)
@@ -695,23 +699,31 @@ class ReaperServer:
         try:
             if linux.proc_start_time(pid) != start_time:
                 return {"status": None, "exited": True}
-            readable: asyncio.Future[None] = self._loop.create_future()
-
-            def on_exit() -> None:
-                if not readable.done():
-                    readable.set_result(None)
-
-            self._loop.add_reader(pidfd, on_exit)
-            try:
-                async with asyncio.timeout(timeout):
-                    await readable
-                return {"status": None, "exited": True}
-            except TimeoutError:
-                return {"status": None, "exited": False}
-            finally:
-                self._loop.remove_reader(pidfd)
+            with self._exit_of(pidfd) as exited:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await exited
+                    return {"status": None, "exited": True}
+                except TimeoutError:
+                    return {"status": None, "exited": False}
         finally:
             os.close(pidfd)
+
+    @contextlib.contextmanager
+    def _exit_of(self, pidfd: int) -> Iterator[asyncio.Future[None]]:
+        """A future done once the process of `pidfd` exits (the pidfd becomes readable)."""
+        assert self._loop is not None
+        exited: asyncio.Future[None] = self._loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        self._loop.add_reader(pidfd, on_exit)
+        try:
+            yield exited
+        finally:
+            self._loop.remove_reader(pidfd)
 
     async def _kill(self, pid: int, start_time: int, grace: float) -> dict[str, Any]:
         """End (pid, start_time) through a pidfd, so a reuse of its pid is never signalled:
@@ -733,14 +745,7 @@ class ReaperServer:
                 if key in self._exits or self._read_exit_file(key) is not None:
                     return {"ended": "gone", **await self._wait_exit(pid, start_time, 0.0)}
                 return {"ended": "reused", "status": None}
-            ended: asyncio.Future[None] = self._loop.create_future()
-
-            def on_exit() -> None:
-                if not ended.done():
-                    ended.set_result(None)
-
-            self._loop.add_reader(pidfd, on_exit)
-            try:
+            with self._exit_of(pidfd) as ended:
                 term = ((signal.SIGTERM, grace),) if grace > 0 else ()
                 for sig, wait in (*term, (signal.SIGKILL, 10.0)):
                     with contextlib.suppress(ProcessLookupError):
@@ -753,8 +758,6 @@ class ReaperServer:
                         continue
                 else:
                     raise RuntimeError(f"pid {pid} survived SIGKILL")
-            finally:
-                self._loop.remove_reader(pidfd)
         finally:
             os.close(pidfd)
         # Exited: as our child, its status comes with the SIGCHLD that is on its way.

@@ -454,12 +454,12 @@ class OciRuntime(PauseTasks):
         fd, path = tempfile.mkstemp(prefix="list-", suffix=".json", dir=self.run_dir)
         os.close(fd)
         try:
-            rc, _, err = (await self._run("list", ["--format", "json"], output_file=path))[:3]
+            res = await self._run("list", ["--format", "json"], output_file=path)
             out = await asyncio.to_thread(_read_text, path)
         finally:
             os.unlink(path)
-        if rc != 0:
-            raise self._failed("list", err)
+        if res.rc != 0:
+            raise self._failed("list", res.stderr)
         # The file holds stderr too: runc warns there about a container whose `create` was
         # killed halfway ("load container ...: container does not exist") before the listing.
         # runc prints the listing on one line, crun over several: it starts at a line's start.
