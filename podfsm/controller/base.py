@@ -161,6 +161,21 @@ class ControllerBase:
         """The cgroup parent of the sandbox's pause: the pod's, else the configured root."""
         return rec.config.linux.cgroup_parent.rstrip("/") or self.config.cgroup_root
 
+    def _others(self, sb: Sandbox) -> list[Sandbox]:
+        """Every sandbox but `sb` (admitted, running or being removed)."""
+        return [s for s in self._sandboxes.values() if s is not sb]
+
+    def _log_directories_in_use(self, sb: Sandbox) -> list[str]:
+        """What the other sandboxes use of the host's directories for logs: each one's
+        log_directory (from admission on) and the directories podfsm made for it."""
+        used = []
+        for s in self._others(sb):
+            used.append(s.record.config.log_directory)
+            if s.record.files is not None:
+                used += [s.record.files.log_directory_real,
+                         *s.record.files.log_directories_made]
+        return [p for p in used if p]
+
     def userns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")
 
