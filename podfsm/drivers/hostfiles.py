@@ -99,7 +99,9 @@ def make_log_dirs(path: str) -> tuple[str, list[str]]:
                 fresh = True
             except FileExistsError:  # made meanwhile by someone else: used, not ours
                 fresh = False
-            fd = _walk(fd, [name])
+            nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
             real = os.path.join(real, name)
             if fresh:
                 made.append(real)
