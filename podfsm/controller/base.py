@@ -165,16 +165,19 @@ class ControllerBase:
         """Every sandbox but `sb` (admitted, running or being removed)."""
         return [s for s in self._sandboxes.values() if s is not sb]
 
-    def _log_directories_in_use(self, sb: Sandbox) -> list[str]:
-        """What the other sandboxes use of the host's directories for logs: each one's
-        log_directory (from admission on) and the directories podfsm made for it."""
-        used = []
+    def _log_directories_in_use(self, sb: Sandbox) -> tuple[list[str], list[str]]:
+        """What the other sandboxes use of the host's directories for logs: their log
+        directories and the directories podfsm made for them, symlinks resolved; and the log
+        directories, as named, of those whose files are not made yet (or whose record, of an
+        older podfsm, does not say how they resolved)."""
+        resolved, named = [], []
         for s in self._others(sb):
-            used.append(s.record.config.log_directory)
-            if s.record.files is not None:
-                used += [s.record.files.log_directory_real,
-                         *s.record.files.log_directories_made]
-        return [p for p in used if p]
+            files = s.record.files
+            if files is not None and files.log_directory_real:
+                resolved += [files.log_directory_real, *files.log_directories_made]
+            elif s.record.config.log_directory:
+                named.append(s.record.config.log_directory)
+        return resolved, named
 
     def userns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")

@@ -77,7 +77,7 @@ class Teardown(ControllerBase):
             await self._release_shm(sb)
             return
         # the tmpfs first, if still mounted; no log directory another sandbox uses
-        await self._host.remove_files(files, self._log_directories_in_use(sb))
+        await self._host.remove_files(files, *self._log_directories_in_use(sb))
         sb.record = sb.record.evolve(files=None)
 
     async def _teardown_namespaces(self, sb: Sandbox) -> None:

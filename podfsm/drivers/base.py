@@ -174,11 +174,13 @@ class HostDriver(Protocol):
         """Unmount the pod's /dev/shm tmpfs at `shm_path` and remove its mount point (the
         host's /dev/shm is left alone). Idempotent."""
 
-    async def remove_files(self, files: SandboxFiles, in_use: Collection[str] = ()) -> None:
+    async def remove_files(self, files: SandboxFiles, in_use: Collection[str] = (),
+                           named: Collection[str] = ()) -> None:
         """release_shm, remove the written files, and the log directories podfsm made for
         this sandbox if they are empty and neither one of `in_use` (other sandboxes' log
-        directories and the directories made for them) nor above one; each is reached from /
-        without following a symlink. Idempotent."""
+        directories and the directories made for them, symlinks resolved) or of `named` (log
+        directories as named, resolved here) nor above one; each is reached from / without
+        following a symlink. Idempotent."""
 
     async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str,
                                    in_use: Collection[str] = ()) -> None:

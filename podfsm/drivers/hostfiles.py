@@ -217,10 +217,12 @@ class HostFiles:
     async def release_shm(self, shm_path: str) -> None:
         _release_shm(shm_path)
 
-    async def remove_files(self, files: SandboxFiles, in_use: Collection[str] = ()) -> None:
-        self._remove(files, in_use)
+    async def remove_files(self, files: SandboxFiles, in_use: Collection[str] = (),
+                           named: Collection[str] = ()) -> None:
+        self._remove(files, in_use, named)
 
-    def _remove(self, files: SandboxFiles, in_use: Collection[str]) -> None:
+    def _remove(self, files: SandboxFiles, in_use: Collection[str],
+                named: Collection[str] = ()) -> None:
         if files.shm_path != HOST_SHM:
             _release_shm(files.shm_path)
         for path in (files.hostname_path, files.hosts_path, files.resolv_conf_path):
@@ -229,9 +231,9 @@ class HostFiles:
         made = files.log_directories_made or paths.legacy_chain(files.log_directory,
                                                                  files.log_directory_created)
         if made:
-            # what other sandboxes use, as they named it and as it resolves now
-            busy = paths.in_use(in_use) | paths.in_use(
-                os.path.realpath(p) for p in in_use if p.startswith("/"))
+            # what other sandboxes use, resolved; those named only, as named and resolved now
+            busy = paths.in_use([*in_use, *named]) | paths.in_use(
+                os.path.realpath(p) for p in named if p.startswith("/"))
             for problem in remove_dirs(made, busy):
                 log.warning("log directory left: %s", problem)
 
