@@ -14,6 +14,8 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterable, Iterator
 
+#: NAME_MAX: the longest file name (here: path segment) the kernel takes, in bytes
+NAME_MAX = 255
 #: the kernel's pseudo-filesystems: a directory made there is a kernel object (a cgroup, a
 #: debugfs entry) or fails, never a place for logs
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
@@ -34,6 +36,22 @@ def normalised_problem(path: str) -> str | None:
     if "." in segments or ".." in segments:
         return "must not hold a '.' or '..' segment"
     return None
+
+
+def check_host_path(v: str, where: str, most: int) -> str:
+    """`v`, a host path the pod config field `where` names, if it is empty or absolute and
+    spelled one way only and the kernel takes its length (at most `most` bytes, segments of
+    at most NAME_MAX); else ValueError naming the field (the spec's patterns say the same,
+    but count characters where the kernel counts bytes)."""
+    problem = normalised_problem(v) if v else None
+    if problem is not None:
+        raise ValueError(f"{where} {v!r} {problem} (a path is taken only as spelled one way, "
+                         "so that what podfsm creates is what it removes)")
+    if any(len(part.encode()) > NAME_MAX for part in v.split("/")):
+        raise ValueError(f"{where} has a segment longer than {NAME_MAX} bytes (NAME_MAX)")
+    if len(v.encode()) > most:
+        raise ValueError(f"{where} is longer than {most} bytes")
+    return v
 
 
 def within(path: str, top: str) -> bool:

@@ -58,15 +58,14 @@ _DOMAIN_LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
 DOMAIN = rf"^{_DOMAIN_LABEL}(\.{_DOMAIN_LABEL})*\.?\Z"
 #: a resolv.conf option as resolv.conf(5) writes them: `ndots:5`, `edns0`, `timeout:2`
 RESOLV_OPTION = r"^[a-z][a-z0-9-]*(:[0-9]{1,4})?\Z"
-#: NAME_MAX: the longest file name (here: path segment) the kernel takes, in bytes
-NAME_MAX = 255
+NAME_MAX = paths.NAME_MAX
 _SEG = f"[^/{UNSAFE}]"
 #: a non-empty path segment other than "." and "..", of at most NAME_MAX characters
-#: (_host_path also counts its bytes)
+#: (paths.check_host_path also counts its bytes)
 PATH_SEGMENT = (rf"([^/.{UNSAFE}]{_SEG}{{0,254}}|\.[^/.{UNSAFE}]{_SEG}{{0,253}}"
                 rf"|\.\.{_SEG}{{1,253}})")
 #: a cgroup_parent: empty, or an absolute path spelled one way only (core.paths), as
-#: _host_path checks it (openapi.py narrows it to the daemon's cgroup_root)
+#: paths.check_host_path checks it (openapi.py narrows it to the daemon's cgroup_root)
 CGROUP_PARENT = rf"^(/{PATH_SEGMENT})*\Z"
 #: a log_directory: empty, or an absolute path spelled one way only, not "/" (as
 #: _log_directory checks it; that it lies outside /proc, /sys and /dev is said in words)
@@ -394,20 +393,6 @@ _LOG_PLACES = ("; not inside /proc, /sys or /dev, nor inside the daemon's state,
                "directory, also through a symlink (else 422)")
 
 
-def _host_path(v: str, where: str, most: int) -> str:
-    """`v`, a host path, if it is empty or absolute and spelled one way only (see core.paths)
-    and the kernel takes its length; else refused (as the pattern says, and in bytes, which a
-    pattern cannot count)."""
-    problem = paths.normalised_problem(v) if v else None
-    if problem is not None:
-        raise ValueError(f"{where} {v!r} {problem} (a path is taken only as spelled one way, "
-                         "so that what podfsm creates is what it removes)")
-    parts = v.split("/")
-    if any(len(part.encode()) > NAME_MAX for part in parts):
-        raise ValueError(f"{where} has a segment longer than {NAME_MAX} bytes (NAME_MAX)")
-    if len(v.encode()) > most:
-        raise ValueError(f"{where} is longer than {most} bytes")
-    return v
 
 
 def is_ipc_sysctl(name: str) -> bool:
@@ -443,7 +428,7 @@ class LinuxPodSandboxConfig(_Model):
     @classmethod
     def _cgroup_parent(cls, v: Any) -> Any:
         # before the pattern, which says the same less readably
-        return _host_path(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
+        return paths.check_host_path(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
 
     @field_validator("sysctls")
     @classmethod
@@ -598,7 +583,7 @@ class PodSandboxConfig(_Model):
     def _log_directory(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        v = _host_path(v, "log_directory", LOG_DIRECTORY_MAX)
+        v = paths.check_host_path(v, "log_directory", LOG_DIRECTORY_MAX)
         for top in paths.SYSTEM_DIRS:
             if v and paths.within(v, top):
                 raise ValueError(f"log_directory {v!r} is inside {top}, a kernel "
