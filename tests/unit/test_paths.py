@@ -260,3 +260,25 @@ async def test_stray_entries_among_the_records_are_set_aside(
         assert "not a record's slot file" in problems and "\x1b" not in caplog.text
     finally:
         s.close()
+
+
+async def test_a_record_whose_made_directories_lie_elsewhere_is_set_aside(
+        rig: Rig, tmp_path: Path) -> None:
+    # removal takes the directories a record says podfsm made: only the log directory and
+    # those above it may be among them
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod(log_directory=str(tmp_path / "logs" / "pod")))
+        await ctl.stop_sandbox(st.id)
+    empty = tmp_path / "someone-elses"
+    empty.mkdir()
+    rec = rig.store.records[st.id]
+    assert rec.files is not None
+    made = [*rec.files.log_directories_made, str(empty)]
+    rig.store.records[st.id] = rec.evolve(
+        pending="remove", files=rec.files.model_copy(update={"log_directories_made": made}))
+    async with rig.controller() as ctl:
+        assert await ctl.list_sandboxes() == []
+        (problem,) = ctl.recovery_problems
+        assert st.id in problem and "log directories made" in problem
+    assert empty.is_dir()
+    rig.nothing_left()
