@@ -31,8 +31,10 @@ record that cannot be used is set aside in <state_dir>/corrupt (with a logged er
 other sandbox still recovers: a torn or oversized slot, JSON nested deeper than any record is, a
 file name that is not a sandbox id, a slot that is not a regular file (a symlink is never
 followed), or a record the caller's `check` refuses (the controller checks that every path it
-holds is the one it would use itself). A record written by a NEWER podfsm stops the start
-instead (its sandbox must not be taken for an orphan and torn down by an older podfsm).
+holds is the one it would use itself); so is any other entry of <state_dir>/sandboxes that is
+not a slot file (a directory with a temporary file's name among them: no entry, whoever made it,
+stops a start). A record written by a NEWER podfsm stops the start instead (its sandbox must
+not be taken for an orphan and torn down by an older podfsm).
 """
 
 from __future__ import annotations
