@@ -232,8 +232,8 @@ class HostFiles:
                                                                  files.log_directory_created)
         if made:
             # what other sandboxes use, resolved; those named only, as named and resolved now
-            busy = paths.in_use([*in_use, *named]) | paths.in_use(
-                os.path.realpath(p) for p in named if p.startswith("/"))
+            busy = paths.in_use(made, [*in_use, *named, *(
+                os.path.realpath(p) for p in named if p.startswith("/"))])
             for problem in remove_dirs(made, busy):
                 log.warning("log directory left: %s", problem)
 
@@ -305,7 +305,7 @@ def remove_cgroup_parent(cgroup_parent: str, cgroup_root: str,
     parent = "/" + cgroup_parent.strip("/")
     if not parent.startswith(root + "/"):
         return
-    busy = paths.in_use(in_use)
+    busy = paths.in_use(list(paths.ancestors(parent)), in_use)
     hierarchies = [CGROUP_FS, *glob.glob(os.path.join(CGROUP_FS, "*"))]
     for h in hierarchies:
         if not os.path.isdir(h):

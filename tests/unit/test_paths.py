@@ -49,7 +49,8 @@ def test_within_ancestors_and_what_is_in_use() -> None:
     assert paths.within("/a/b", "/a") and paths.within("/a", "/a") and paths.within("/a", "/")
     assert not paths.within("/ab", "/a") and not paths.within("/a", "/a/b")
     assert list(paths.ancestors("/a/b/c")) == ["/a/b/c", "/a/b", "/a"]
-    assert paths.in_use(["/a/b", "/x/"]) == {"/a/b", "/a", "/x"}
+    assert paths.in_use(["/a", "/a/b", "/a/b/c", "/x", "/y"], ["/a/b", "/x/"]) == {
+        "/a/b", "/a", "/x"}
     assert paths.clean("/var/lib/podfsm/") == "/var/lib/podfsm"
     assert paths.legacy_chain("/a/b/c", "/a/b") == ["/a/b", "/a/b/c"]
     assert paths.legacy_chain("/a/b/c", "/x") == [] and paths.legacy_chain("/a", "") == []
@@ -132,7 +133,7 @@ def test_removal_never_follows_a_parent_swapped_for_a_symlink(tmp_path: Path) ->
 
 def test_a_directory_another_sandbox_uses_is_left(tmp_path: Path) -> None:
     _, made = make_log_dirs(f"{tmp_path}/x/logs/sub")
-    assert remove_dirs(made, paths.in_use([f"{tmp_path}/x/logs"])) == []
+    assert remove_dirs(made, paths.in_use(made, [f"{tmp_path}/x/logs"])) == []
     assert (tmp_path / "x" / "logs").is_dir() and not (tmp_path / "x" / "logs" / "sub").exists()
 
 
