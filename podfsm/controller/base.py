@@ -161,6 +161,24 @@ class ControllerBase:
         """The cgroup parent of the sandbox's pause: the pod's, else the configured root."""
         return rec.config.linux.cgroup_parent.rstrip("/") or self.config.cgroup_root
 
+    def _others(self, sb: Sandbox) -> list[Sandbox]:
+        """Every sandbox but `sb` (admitted, running or being removed)."""
+        return [s for s in self._sandboxes.values() if s is not sb]
+
+    def _log_directories_in_use(self, sb: Sandbox) -> tuple[list[str], list[str]]:
+        """What the other sandboxes use of the host's directories for logs: their log
+        directories and the directories podfsm made for them, symlinks resolved; and the log
+        directories, as named, of those whose files are not made yet (or whose record, of an
+        older podfsm, does not say how they resolved)."""
+        resolved, named = [], []
+        for s in self._others(sb):
+            files = s.record.files
+            if files is not None and files.log_directory_real:
+                resolved += [files.log_directory_real, *files.log_directories_made]
+            elif s.record.config.log_directory:
+                named.append(s.record.config.log_directory)
+        return resolved, named
+
     def userns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")
 

@@ -18,7 +18,7 @@ from podfsm.controller.base import (
     now,
 )
 from podfsm.controller.run import Run
-from podfsm.core import steps
+from podfsm.core import paths, steps
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import PinnedNamespaces, SandboxRecord
 from podfsm.core.requests import NetworkRequest
@@ -70,6 +70,12 @@ class Recovery(Run):
                                    ("userns path", ns.userns_path, userns)):
             if value is not None and value != want:
                 return f"its {label} {value!r} is not the one podfsm uses ({want})"
+        files = rec.files
+        if files is not None and any(not paths.within(files.log_directory_real, d)
+                                     for d in files.log_directories_made):
+            # removal takes these: only the log directory and directories above it
+            return (f"its log directories made {files.log_directories_made!r} are not "
+                    f"{files.log_directory_real!r} or above it")
         return None
 
     async def _recover_one(self, sb: Sandbox, world: _World) -> None:

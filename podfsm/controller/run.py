@@ -13,7 +13,7 @@ import anyio
 
 from podfsm.controller.base import Sandbox, Undo, describe, now
 from podfsm.controller.teardown import Teardown
-from podfsm.core import idmap, steps
+from podfsm.core import idmap, paths, steps
 from podfsm.core.errors import (
     IdRangeUnavailable,
     InvalidPodConfig,
@@ -48,6 +48,7 @@ class Run(Teardown):
             raise NameReserved(pod.reserved_name, existing)
         self._check_host_support(pod)
         self._check_cgroup_parent(pod)
+        self._check_log_directory(pod)
         uid_map, gid_map, allocated = self._id_ranges(pod)
         self._check_ids_mapped(pod, uid_map, gid_map)
         seccomp = self._seccomp(pod)
@@ -92,12 +93,47 @@ class Run(Teardown):
                                    "this host and podfsm does not apply AppArmor profiles")
 
     def _check_cgroup_parent(self, pod: PodSandboxConfig) -> None:
-        parent = pod.linux.cgroup_parent.rstrip("/")
+        """The parent must be podfsm's cgroup root or below it, and not inside another
+        sandbox's cgroup (`<its parent>/<its id>`): a pod there counts against the other's
+        limits, and the other's cgroup could not be removed while it is there. (A parent above
+        another sandbox's cgroup is fine: removal never takes a parent another sandbox uses.)
+        The spec has refused every other spelling of a path (core.paths)."""
+        parent = pod.linux.cgroup_parent
         root = self.config.cgroup_root
-        if parent and parent != root and not parent.startswith(root + "/"):
+        if parent and not paths.within(parent, root):
             raise InvalidPodConfig(
-                f"linux.cgroup_parent {pod.linux.cgroup_parent!r} is not under podfsm's cgroup "
-                f"root {root} (ControllerConfig.cgroup_root)")
+                f"linux.cgroup_parent {parent!r} is not under podfsm's cgroup root {root} "
+                "(ControllerConfig.cgroup_root)")
+        for sb in self._sandboxes.values():
+            theirs = f"{self.cgroup_parent(sb.record)}/{sb.record.id}"
+            if parent and paths.within(parent, theirs):
+                raise InvalidPodConfig(
+                    f"linux.cgroup_parent {parent!r} is inside the cgroup of sandbox "
+                    f"{sb.record.id}: a pod's cgroup holds that pod only")
+
+    def _log_directory_problem(self, log_directory: str, real: str) -> str | None:
+        """Why a log directory (as named, and as it resolves) may not be used, or None: it
+        must not lie inside podfsm's own directories (a directory made among the records
+        stopped the next start) nor, through a symlink, in a kernel pseudo-filesystem."""
+        cfg = self.config
+        for label, top in (("state_dir", cfg.state_dir), ("run_dir", cfg.run_dir),
+                           ("netns_dir", cfg.netns_dir),
+                           *(("kernel pseudo-filesystem", d) for d in paths.SYSTEM_DIRS)):
+            tops = {paths.clean(top), self._host.real_path(top)}
+            if any(paths.within(p, t) for p in (log_directory, real) for t in tops):
+                shown = "" if real == log_directory else f" (resolved: {real!r})"
+                return (f"log_directory {log_directory!r}{shown} is inside podfsm's {label} "
+                        f"{top}: a pod's logs have no place there" if label.endswith("dir")
+                        else f"log_directory {log_directory!r}{shown} is inside {top}, a "
+                        f"{label}: no place for logs")
+        return None
+
+    def _check_log_directory(self, pod: PodSandboxConfig) -> None:
+        if pod.log_directory:
+            problem = self._log_directory_problem(
+                pod.log_directory, self._host.real_path(pod.log_directory))
+            if problem is not None:
+                raise InvalidPodConfig(problem)
 
     @staticmethod
     def _check_ids_mapped(pod: PodSandboxConfig, uid_map: IDMapping | None,
@@ -250,11 +286,18 @@ class Run(Teardown):
         with the next write; until then the teardown finds the tmpfs by its derived path."""
         undo.append(Undo(steps.REMOVE_FILES, lambda: self._remove_files(sb)))
         try:
-            files = await self._host.setup_files(self.sandbox_run_dir(sb.record.id),
-                                                 sb.record.config)
+            files = await self._host.setup_files(
+                self.sandbox_run_dir(sb.record.id), sb.record.config,
+                [d for s in self._others(sb) if s.record.files is not None
+                 for d in s.record.files.log_directories_made])
         except OSError as exc:
             raise StepFailed("sandbox files", describe(exc)) from exc
         sb.record = sb.record.evolve(files=files)
+        # admission looked at the path before; a symlink swapped in since is caught here
+        problem = (self._log_directory_problem(files.log_directory, files.log_directory_real)
+                   if files.log_directory else None)
+        if problem is not None:
+            raise StepFailed("sandbox files", problem)
 
     async def _setup_namespaces(self, sb: Sandbox, undo: list[Undo]) -> None:
         rec = sb.record

@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from podfsm.core import paths
 from podfsm.core.errors import InvalidPodConfig
 
 # Every pattern is matched against the whole string: `\Z`, never `$` (which also matches before
@@ -57,18 +58,18 @@ _DOMAIN_LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
 DOMAIN = rf"^{_DOMAIN_LABEL}(\.{_DOMAIN_LABEL})*\.?\Z"
 #: a resolv.conf option as resolv.conf(5) writes them: `ndots:5`, `edns0`, `timeout:2`
 RESOLV_OPTION = r"^[a-z][a-z0-9-]*(:[0-9]{1,4})?\Z"
-#: NAME_MAX: the longest file name (here: path segment) the kernel takes, in bytes
-NAME_MAX = 255
+NAME_MAX = paths.NAME_MAX
 _SEG = f"[^/{UNSAFE}]"
-#: a non-empty path segment other than "..", of at most NAME_MAX characters
-#: (_no_dotdot also counts its bytes)
-PATH_SEGMENT = (rf"(\.|[^/.{UNSAFE}]{_SEG}{{0,254}}|\.[^/.{UNSAFE}]{_SEG}{{0,253}}"
+#: a non-empty path segment other than "." and "..", of at most NAME_MAX characters
+#: (paths.check_host_path also counts its bytes)
+PATH_SEGMENT = (rf"([^/.{UNSAFE}]{_SEG}{{0,254}}|\.[^/.{UNSAFE}]{_SEG}{{0,253}}"
                 rf"|\.\.{_SEG}{{1,253}})")
-#: a cgroup_parent: segments without "..", as _no_dotdot checks it (openapi.py narrows it
-#: to the daemon's cgroup_root)
-CGROUP_PARENT = rf"^{PATH_SEGMENT}?(/{PATH_SEGMENT}?)*\Z"
-#: a log_directory: absolute, not "/" alone, without ".." (as _log_directory checks it)
-LOG_DIRECTORY = rf"^(/({PATH_SEGMENT}?/)*{PATH_SEGMENT}(/{PATH_SEGMENT}?)*)?\Z"
+#: a cgroup_parent: empty, or an absolute path spelled one way only (core.paths), as
+#: paths.check_host_path checks it (openapi.py narrows it to the daemon's cgroup_root)
+CGROUP_PARENT = rf"^(/{PATH_SEGMENT})*\Z"
+#: a log_directory: empty, or an absolute path spelled one way only, not "/" (as
+#: _log_directory checks it; that it lies outside /proc, /sys and /dev is said in words)
+LOG_DIRECTORY = rf"^(/{PATH_SEGMENT})*\Z"
 CPUSET = r"^[0-9,\-]*\Z"
 _SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 ID_SPACE = 1 << 32  # uid_t range
@@ -385,21 +386,13 @@ def _mode_is(field: str, mode: NamespaceMode) -> JsonDict:
 
 #: PATH_MAX less the NUL: the longest path the kernel takes, in bytes
 LOG_DIRECTORY_MAX = 4095
-_PATH_BYTES = (f"no `..` segment; each segment at most {NAME_MAX} bytes of UTF-8 and the "
-               "whole at most maxLength bytes (the kernel counts bytes, the pattern characters)")
+_PATH_BYTES = (f"an absolute path spelled one way only: no `.`, `..` or empty segment, no "
+               f"trailing `/`; each segment at most {NAME_MAX} bytes of UTF-8 and the whole at "
+               "most maxLength bytes (the kernel counts bytes, the pattern characters)")
+_LOG_PLACES = ("; not inside /proc, /sys or /dev, nor inside the daemon's state, run or netns "
+               "directory, also through a symlink (else 422)")
 
 
-def _no_dotdot(v: str, where: str, most: int) -> str:
-    """`v`, a path, if it has no '..' segment and the kernel takes its length; else refused
-    (as the pattern says, and in bytes, which a pattern cannot count)."""
-    parts = v.split("/")
-    if ".." in parts:
-        raise ValueError(f"{where} {v!r} must not contain '..' components")
-    if any(len(part.encode()) > NAME_MAX for part in parts):
-        raise ValueError(f"{where} has a segment longer than {NAME_MAX} bytes (NAME_MAX)")
-    if len(v.encode()) > most:
-        raise ValueError(f"{where} is longer than {most} bytes")
-    return v
 
 
 def is_ipc_sysctl(name: str) -> bool:
@@ -435,7 +428,7 @@ class LinuxPodSandboxConfig(_Model):
     @classmethod
     def _cgroup_parent(cls, v: Any) -> Any:
         # before the pattern, which says the same less readably
-        return _no_dotdot(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
+        return paths.check_host_path(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
 
     @field_validator("sysctls")
     @classmethod
@@ -574,7 +567,7 @@ class PodSandboxConfig(_Model):
     metadata: PodSandboxMetadata
     hostname: str = Field(default="", max_length=63, pattern=rf"^({_DNS_LABEL})?\Z")
     log_directory: str = Field(default="", max_length=LOG_DIRECTORY_MAX, pattern=LOG_DIRECTORY,
-                               description=_PATH_BYTES)
+                               description=_PATH_BYTES + _LOG_PLACES)
     dns_config: DNSConfig | None = None
     port_mappings: list[PortMapping] = Field(default_factory=list, max_length=256)
     labels: dict[LabelKey, Annotated[str, Field(max_length=1024, pattern=TEXT)]] = Field(
@@ -590,9 +583,12 @@ class PodSandboxConfig(_Model):
     def _log_directory(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        if v and (not v.startswith("/") or v.rstrip("/") == ""):
-            raise ValueError(f"log_directory {v!r} must be an absolute path without '..', not /")
-        return _no_dotdot(v, "log_directory", LOG_DIRECTORY_MAX)
+        v = paths.check_host_path(v, "log_directory", LOG_DIRECTORY_MAX)
+        for top in paths.SYSTEM_DIRS:
+            if v and paths.within(v, top):
+                raise ValueError(f"log_directory {v!r} is inside {top}, a kernel "
+                                 "pseudo-filesystem: no place for logs")
+        return v
 
     @model_validator(mode="after")
     def _namespaces(self) -> PodSandboxConfig:

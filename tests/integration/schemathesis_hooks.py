@@ -83,7 +83,9 @@ def _fit_path(path: str, prefix: str, most: int) -> str:
     parts = [p if len(p.encode()) <= NAME_MAX else p.encode()[:NAME_MAX].decode(errors="ignore")
              for p in path.split("/")]
     out = prefix + "/".join(parts)
-    while len(out.encode()) > most or out.rsplit("/", 1)[-1] == "..":
+    # cut to length, never leaving an empty, '.' or '..' last segment (a trailing '/'), which
+    # the pattern refuses as the daemon does
+    while out and (len(out.encode()) > most or out.rsplit("/", 1)[-1] in ("", ".", "..")):
         out = out[:-1]
     return out
 

@@ -92,7 +92,9 @@ REFUSALS = {
         {"host_id": 4294967295, "container_id": 0, "length": 1}], "gids": ONE}), "past"),
     "host sysctl": (dict(pod(), linux={"sysctls": {"kernel.nope": "1"}}), "not namespaced"),
     "empty sysctl": (dict(pod(), linux={"sysctls": {"": ""}}), "not a sysctl name"),
-    "cgroup parent escaping": (dict(pod(), linux={"cgroup_parent": "../../../x"}), "'..'"),
+    "cgroup parent escaping": (dict(pod(), linux={"cgroup_parent": "../../../x"}),
+                               "must be an absolute path"),
+    "cgroup parent with ..": (dict(pod(), linux={"cgroup_parent": "/podfsm/../x"}), "'..'"),
 }
 
 

@@ -240,13 +240,14 @@ def _id_pool(config: ControllerConfig) -> dict[str, Any]:
 
 def _cgroup_parent(config: ControllerConfig, prop: dict[str, Any]) -> None:
     """Narrow linux.cgroup_parent's schema `prop` to what the daemon takes, as the controller
-    checks it at admission: empty (or slashes only: the root), its cgroup_root, or below it.
-    The pattern replaces the model's (a narrower one; two patterns at once would make a
-    generator filter one's strings by the other)."""
+    checks it at admission: empty (the root), its cgroup_root, or below it. The pattern
+    replaces the model's (a narrower one; two patterns at once would make a generator filter
+    one's strings by the other)."""
     root = "".join("\\" + c if c in ".+" else c for c in config.cgroup_root)
-    prop["pattern"] = _ecma(rf"^(/*|{root}(/{PATH_SEGMENT}?)*)\Z")
+    prop["pattern"] = _ecma(rf"^({root}(/{PATH_SEGMENT})*)?\Z")
     prop["description"] = (f"empty (this daemon's cgroup_root, {config.cgroup_root}), "
-                           f"{config.cgroup_root} or a path below it; "
+                           f"{config.cgroup_root} or a path below it, not inside another "
+                           "sandbox's cgroup (`<its parent>/<its id>`, else 422); "
                            + prop.get("description", ""))
 
 
