@@ -13,7 +13,7 @@ import anyio
 
 from podfsm.controller.base import Subscriber
 from podfsm.controller.recovery import Recovery
-from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound
+from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound, id_problem
 from podfsm.core.records import (
     FilesystemUsage,
     InterfaceStats,
@@ -148,7 +148,10 @@ class Controller(Recovery):
 
     def resolve_id(self, id_or_prefix: str) -> str:
         """The id of the sandbox whose id is `id_or_prefix`, or the only one that starts with
-        it (crictl sends truncated ids). Raises SandboxNotFound when none or several match."""
+        it (crictl sends truncated ids). Raises SandboxNotFound when none or several match,
+        and at once, before any lookup, when it is no id nor a prefix of one."""
+        if id_problem(id_or_prefix) is not None:
+            raise SandboxNotFound(id_or_prefix)
         if id_or_prefix in self._sandboxes:
             return id_or_prefix
         found = [i for i in self._sandboxes if id_or_prefix and i.startswith(id_or_prefix)]

@@ -108,7 +108,8 @@ class ControllerBase:
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)
         self._sandboxes: dict[str, Sandbox] = {}
-        self._names: dict[str, str] = {}  # reserved name -> sandbox id
+        #: reserved name (name, namespace, uid, attempt) -> sandbox id
+        self._names: dict[tuple[str, str, str, int], str] = {}
         # fast_acquire, here and on each sandbox's lock: a free token or lock is taken without
         # a trip through the event loop (a checkpoint per acquisition cost ~50 us of CPU, five
         # a lifecycle); every holder awaits I/O soon after, so nobody starves.

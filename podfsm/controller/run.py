@@ -133,14 +133,17 @@ class Run(Teardown):
                  else "linux.security_context.seccomp_profile_path")
         if not os.path.isabs(path):
             raise InvalidPodConfig(f"{where} {path!r} must be an absolute path")
+        # Every refusal says why in words, never quoting the file, and a path that is missing,
+        # a directory, a device or unreadable gets one answer (the driver's): a client learns
+        # nothing of the host's files from it.
         try:
             text = self._host.read_seccomp_profile(path, MAX_SECCOMP_PROFILE)
-            return seccomp_from_profile(text, path)
-        except OSError as exc:
-            raise InvalidPodConfig(f"{where}: cannot read the seccomp profile {path}: "
-                                   f"{exc.strerror}") from None
-        except ValueError as exc:
-            raise InvalidPodConfig(f"{where}: {exc}") from None
+            profile = seccomp_from_profile(text)
+        except (OSError, ValueError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else "it is not a readable regular file"
+            raise InvalidPodConfig(f"{where}: the seccomp profile {path!r} cannot be used: "
+                                   f"{why}") from None
+        return profile
 
     def _id_ranges(self, pod: PodSandboxConfig) -> tuple[IDMapping | None, IDMapping | None, bool]:
         if not pod.pod_userns:

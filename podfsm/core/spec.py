@@ -706,10 +706,12 @@ class PodSandboxConfig(_Model):
         return label[:63].strip("-") or "pod"
 
     @property
-    def reserved_name(self) -> str:
-        """The name that must be unique among sandboxes, as containerd forms it."""
+    def reserved_name(self) -> tuple[str, str, str, int]:
+        """What must be unique among sandboxes: (name, namespace, uid, attempt), the parts
+        containerd joins with '_' into its reservation key. Kept a tuple: joined, `{name:
+        x_y, namespace: z}` and `{name: x, namespace: y_z}` would be one key."""
         m = self.metadata
-        return f"{m.name}_{m.namespace}_{m.uid}_{m.attempt}"
+        return (m.name, m.namespace, m.uid, m.attempt)
 
 
 def parse_pod_config(data: Any) -> PodSandboxConfig:

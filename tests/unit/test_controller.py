@@ -126,6 +126,23 @@ async def test_same_name_namespace_attempt_is_reserved(rig: Rig) -> None:
     rig.nothing_left()
 
 
+async def test_names_joined_alike_do_not_collide(rig: Rig) -> None:
+    # containerd's key joins the parts with '_': {x_y, z} and {x, y_z} would be one name
+    a = dict(pod("x_y"), metadata={"name": "x_y", "namespace": "z"})
+    b = dict(pod("x"), metadata={"name": "x", "namespace": "y_z"})
+    async with rig.controller() as ctl:
+        first = await ctl.run_sandbox(a)
+        second = await ctl.run_sandbox(b)
+        with pytest.raises(NameReserved) as refused:
+            await ctl.run_sandbox(b)
+        assert str(refused.value) == (
+            "pod sandbox name 'x' in namespace 'y_z' (uid '', attempt 0) is reserved for "
+            f"sandbox {second.id}")
+        for st in (first, second):
+            await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
+
+
 async def test_overlapping_explicit_mapping_is_refused_before_anything_is_made(rig: Rig) -> None:
     m = [{"host_id": 2000000, "container_id": 0, "length": 65536}]
     async with rig.controller() as ctl:
