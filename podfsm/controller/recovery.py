@@ -18,7 +18,7 @@ from podfsm.controller.base import (
     now,
 )
 from podfsm.controller.run import Run
-from podfsm.core import steps
+from podfsm.core import sizes, steps
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import PinnedNamespaces, SandboxRecord
 from podfsm.core.requests import NetworkRequest
@@ -40,7 +40,8 @@ class Recovery(Run):
         self._set_aside_ids = {s.sandbox_id for s in set_aside
                                if SANDBOX_ID.match(s.sandbox_id)}
         for rec in records:
-            sb = Sandbox(rec, SandboxMachine(rec.state))
+            sb = Sandbox(rec, SandboxMachine(rec.state),
+                         list_bytes=sizes.list_entry_bytes(rec.config))
             self._sandboxes[rec.id] = sb
             self._names[rec.config.reserved_name] = rec.id
         # What the runtime and the IPAM store say, asked once for all sandboxes: one

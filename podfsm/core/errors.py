@@ -14,7 +14,7 @@ def id_problem(value: str) -> str | None:
     do not quote it (an id from a client may be of any length and hold anything)."""
     if ID_OR_PREFIX.fullmatch(value):
         return None
-    what = "empty" if not value else f"{len(value)} characters"
+    what = "empty" if not value else f"{len(value)} character{'s' if len(value) > 1 else ''}"
     return f"not a sandbox id ({what}; an id is 64 lower-case hex digits, or a prefix of them)"
 
 
@@ -37,6 +37,13 @@ class IdRangeUnavailable(InvalidPodConfig):
     or the id pool has no free range left. Refused before anything is created, like any
     invalid config, but a conflict with the sandboxes that exist (HTTP 409), not a fault of
     the config alone: the same request may succeed once they are removed."""
+
+
+class NodeFull(InvalidPodConfig):
+    """The sandboxes that exist already take what one list answer may carry (see
+    podfsm.core.sizes): one more could not be listed by a gRPC client. Refused before anything
+    is created; the same request may succeed once some are removed (HTTP 409, gRPC
+    RESOURCE_EXHAUSTED)."""
 
 
 class NameReserved(PodfsmError):

@@ -77,6 +77,13 @@ ID_SPACE = 1 << 32  # uid_t range
 #: must be in range 0-2147483647")
 MAX_ID = (1 << 31) - 1
 
+#: the most labels, and the most annotations, a pod may carry: keys and values in UTF-8
+#: bytes, Kubernetes' cap on an object's annotations (TotalAnnotationSizeLimitB); see
+#: podfsm.core.sizes for why (a record the store reads back, a list a client can receive)
+MAP_BYTES_MAX = 256 << 10
+_MAP_BYTES = (f"at most {MAP_BYTES_MAX} bytes (256 KiB) of keys and values in all, counted in "
+              "UTF-8 as Kubernetes counts annotations; else 422")
+
 Text = Annotated[str, Field(max_length=4096, pattern=TEXT)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=TEXT)]
 
@@ -578,12 +585,22 @@ class PodSandboxConfig(_Model):
     dns_config: DNSConfig | None = None
     port_mappings: list[PortMapping] = Field(default_factory=list, max_length=256)
     labels: dict[LabelKey, Annotated[str, Field(max_length=1024, pattern=TEXT)]] = Field(
-        default_factory=dict, max_length=256)
+        default_factory=dict, max_length=256, description=_MAP_BYTES)
     annotations: dict[LabelKey, Annotated[str, Field(max_length=65536, pattern=TEXT)]] = Field(
-        default_factory=dict, max_length=256)
+        default_factory=dict, max_length=256, description=_MAP_BYTES)
     linux: LinuxPodSandboxConfig = Field(default_factory=LinuxPodSandboxConfig)
     windows: Annotated[dict[str, Any] | None, AfterValidator(_no_windows)] = Field(
         default=None, json_schema_extra={"maxProperties": 0})
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _map_bytes(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        total = sum(len(f"{k}{x}".encode("utf-8", "surrogatepass")) for k, x in v.items())
+        if total > MAP_BYTES_MAX:
+            raise ValueError(f"{info.field_name} take {total} bytes of keys and values in all, "
+                             f"more than {MAP_BYTES_MAX} (256 KiB, Kubernetes' cap on an "
+                             "object's annotations)")
+        return v
 
     @field_validator("log_directory", mode="before")
     @classmethod
