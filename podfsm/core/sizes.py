@@ -85,11 +85,12 @@ def record_growth_bound(log_directory: str) -> int:
     a \\u escape), last_error, the leftovers, the sandbox's files (four paths under the run
     directory, the log directory twice), the pinned namespaces, the task, and the network's
     result less its `raw` CNI answer (whose size the plugins decide: the store refuses a record
-    it would not read back, and the run then fails and is unwound)."""
+    it would not read back, and the run then fails and is unwound). A path podfsm makes (under
+    its run and netns directories) counts as 4096 characters of 6 bytes each."""
     entry = 6 * MAX_ENTRY_ERROR + 256
-    files = 4 * 6 * 4096 + 2 * 2 * utf8_len(log_directory) + 512
+    paths = (4 + 2) * 6 * 4096 + 2 * 2 * utf8_len(log_directory)  # files, pinned namespaces
     return (MAX_HISTORY * entry + 6 * MAX_LAST_ERROR + MAX_LEFTOVERS * 6 * MAX_ENTRY_ERROR
-            + files + 8 * 1024)
+            + paths + 8 * 1024)
 
 
 def clip(text: str | None, most: int) -> str | None:
