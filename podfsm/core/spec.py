@@ -594,12 +594,12 @@ class PodSandboxConfig(_Model):
 
     @field_validator("labels", "annotations")
     @classmethod
-    def _map_bytes(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+    def _map_bytes(cls, v: dict[str, str]) -> dict[str, str]:
         total = sum(len(f"{k}{x}".encode("utf-8", "surrogatepass")) for k, x in v.items())
         if total > MAP_BYTES_MAX:
-            raise ValueError(f"{info.field_name} take {total} bytes of keys and values in all, "
-                             f"more than {MAP_BYTES_MAX} (256 KiB, Kubernetes' cap on an "
-                             "object's annotations)")
+            raise ValueError(f"{total} bytes of keys and values in all, more than "
+                             f"{MAP_BYTES_MAX} (256 KiB, Kubernetes' cap on an object's "
+                             "annotations)")
         return v
 
     @field_validator("log_directory", mode="before")

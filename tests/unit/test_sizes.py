@@ -65,13 +65,13 @@ def test_a_map_over_256_kib_is_refused_saying_its_size(field: str) -> None:
     with pytest.raises(InvalidPodConfig) as info:
         parse_pod_config({"metadata": {"name": "x"}, field: over})
     said = str(info.value)
-    assert f"{field}: {field} take {MAP_BYTES_MAX + 1} bytes" in said
+    assert f"{field}: {MAP_BYTES_MAX + 1} bytes of keys and values in all" in said
     assert "more than 262144" in said and "\\\\" not in said  # no content quoted
 
 
 def test_the_map_cap_counts_utf8_bytes() -> None:
     wide = {"k": "\U0001f600" * (MAP_BYTES_MAX // 4)}  # 65536 characters, 4 bytes each
-    with pytest.raises(InvalidPodConfig, match="annotations take 262145 bytes"):
+    with pytest.raises(InvalidPodConfig, match="annotations: 262145 bytes"):
         parse_pod_config({"metadata": {"name": "x"}, "annotations": wide})
 
 
