@@ -131,13 +131,14 @@ def _enum_parser(kind: type[enum.IntEnum]) -> Any:
                 return by_name[value.strip().upper()]
             except KeyError:
                 names = ", ".join(m.name for m in kind)
-                raise ValueError(f"unknown {kind.__name__} {value!r} (one of {names})") from None
+                raise ValueError(
+                    f"unknown {kind.__name__} {_shown(value)} (one of {names})") from None
         if isinstance(value, int) and not isinstance(value, bool):
             try:
                 return kind(value)
             except ValueError:
                 raise ValueError(f"unknown {kind.__name__} number {value}") from None
-        raise ValueError(f"{kind.__name__} must be a name or a number, not {value!r}")
+        raise ValueError(f"{kind.__name__} must be a name or a number, not {_shown(value)}")
 
     return BeforeValidator(parse, json_schema_input_type=Union[  # noqa: UP007
         Literal[tuple(m.name for m in kind)], Literal[tuple(int(m) for m in kind)]])
@@ -401,7 +402,7 @@ def _no_dotdot(v: str, where: str, most: int) -> str:
     (as the pattern says, and in bytes, which a pattern cannot count)."""
     parts = v.split("/")
     if ".." in parts:
-        raise ValueError(f"{where} {v!r} must not contain '..' components")
+        raise ValueError(f"{where} {_shown(v)} must not contain '..' components")
     if any(len(part.encode()) > NAME_MAX for part in parts):
         raise ValueError(f"{where} has a segment longer than {NAME_MAX} bytes (NAME_MAX)")
     if len(v.encode()) > most:
@@ -491,8 +492,8 @@ class PodSandboxMetadata(_Model):
     @classmethod
     def _uid(cls, v: Any) -> Any:
         if isinstance(v, str) and (_UNPRINTABLE_RE.search(v) or any(c in v for c in ";=/")):
-            raise ValueError(f"metadata.uid {v!r} has a control character or one of '/', ';', "
-                             "'=' (CNI_ARGS carries it)")
+            raise ValueError(f"metadata.uid {_shown(v)} has a control character or one of "
+                             "'/', ';', '=' (CNI_ARGS carries it)")
         return v
 
 
@@ -608,7 +609,8 @@ class PodSandboxConfig(_Model):
         if not isinstance(v, str):
             return v
         if v and (not v.startswith("/") or v.rstrip("/") == ""):
-            raise ValueError(f"log_directory {v!r} must be an absolute path without '..', not /")
+            raise ValueError(
+                f"log_directory {_shown(v)} must be an absolute path without '..', not /")
         return _no_dotdot(v, "log_directory", LOG_DIRECTORY_MAX)
 
     @model_validator(mode="after")
@@ -748,14 +750,37 @@ _PLAIN = {
 }
 
 
+#: how many refused fields an error names, and how much of a refused value it quotes: a config
+#: of 256 annotations of 64 KiB must not make an answer (a gRPC trailer: 8 KiB) or a log line
+#: of megabytes
+SHOWN_PROBLEMS = 8
+SHOWN_VALUE = 64
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if len(text) <= SHOWN_VALUE:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    return f"{text[:SHOWN_VALUE]}... ({size})"
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each refused field (its path, as snake_case or as given) and why."""
+    """One line naming each refused field (its path, as snake_case or as given) and why: the
+    first SHOWN_PROBLEMS of them, each value cut after SHOWN_VALUE characters."""
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:SHOWN_PROBLEMS]:
         loc = ".".join(str(p) for p in err["loc"]) or "pod config"
+        if len(loc) > 2 * SHOWN_VALUE:  # a key is part of the path: 317 characters at most
+            loc = loc[: 2 * SHOWN_VALUE] + "..."
         msg = _PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
         if err["type"] == "string_pattern_mismatch":
             pattern = (err.get("ctx") or {}).get("pattern", "")
-            msg = f"{err['input']!r} {msg} (must match {pattern})"
+            if len(pattern) > 2 * SHOWN_VALUE:
+                pattern = pattern[: 2 * SHOWN_VALUE] + "..."
+            msg = f"{_shown(err['input'])} {msg} (must match {pattern})"
         parts.append(f"{loc}: {msg}")
+    if len(errors) > SHOWN_PROBLEMS:
+        parts.append(f"and {len(errors) - SHOWN_PROBLEMS} more")
     return "invalid pod config: " + "; ".join(parts)

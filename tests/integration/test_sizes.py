@@ -97,6 +97,12 @@ def test_what_admission_accepts_the_store_keeps_across_a_restart(runc_env: Env) 
             assert code is grpc.StatusCode.INVALID_ARGUMENT
             assert "annotations: 2621550 bytes of keys and values in all, more than 262144" \
                 in said
+            # 40 refused values of 64 KiB: the answer names a few, quoting little of each
+            bad = dict(issue, annotations={f"a{i}": "\x01" * 65536 for i in range(40)})
+            code, said = refused(rt.RunPodSandbox,
+                                 pb.RunPodSandboxRequest(config=cri_config(bad)))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and len(said) < 2500
+            assert said.endswith("and 32 more")
             with d.client() as c:
                 # five of them (the HTTP face takes bodies of 1 MiB at most)
                 some = dict(issue, annotations=dict(list(issue["annotations"].items())[:5]))

@@ -233,3 +233,21 @@ def test_clip_says_how_long_the_text_was() -> None:
     assert sizes.clip("abc", 5) == "abc" and sizes.clip(None, 5) is None
     cut = sizes.clip("x" * 5000, 1024)
     assert cut is not None and len(cut) == 1024 and cut.endswith("... (5000 characters)")
+
+
+@pytest.mark.parametrize("config", [
+    {"metadata": {"name": "x", "uid": "a;" * 50_000}},
+    {"metadata": {"name": "x"}, "log_directory": "rel" * 40_000},
+    {"metadata": {"name": "x"}, "linux": {"cgroup_parent": "/podfsm/.." + "/a" * 50_000}},
+    {"metadata": {"name": "x"}, "annotations": {f"k{i}": "\x01" * 65536 for i in range(40)}},
+    {"metadata": {"name": "x"}, "port_mappings": [{"protocol": "x" * 100_000}]},
+    {"metadata": {"name": "x"}, "labels": {"\x01" * 317: "v"}},
+], ids=["uid", "log_directory", "cgroup_parent", "annotations", "enum", "key"])
+def test_a_refusal_quotes_little_of_what_it_refuses(config: dict[str, object]) -> None:
+    # a gRPC client receives a status message of 8 KiB at most (in a trailer), and each is a
+    # log line
+    with pytest.raises(InvalidPodConfig) as info:
+        parse_pod_config(config)
+    said = str(info.value)
+    assert len(said) < 2500, said[:300]
+    assert "characters)" in said or "..." in said
