@@ -47,7 +47,7 @@ class NodeFull(InvalidPodConfig):
 
 
 class NameReserved(PodfsmError):
-    """A sandbox with the same metadata name, namespace and attempt already exists."""
+    """A sandbox with the same metadata name, namespace, uid and attempt already exists."""
 
     def __init__(self, name: tuple[str, str, str, int], existing_id: str) -> None:
         # The holder's id, as containerd's "name ... is reserved for <id>": any client that may
