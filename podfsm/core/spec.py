@@ -751,8 +751,8 @@ _PLAIN = {
 
 
 #: how many refused fields an error names, and how much of a refused value it quotes: a config
-#: of 256 annotations of 64 KiB must not make an answer (a gRPC trailer: 8 KiB) or a log line
-#: of megabytes
+#: of 256 annotations of 64 KiB must not make an answer (a gRPC status travels in a trailer,
+#: under the client's metadata limit) or a log line of megabytes
 SHOWN_PROBLEMS = 8
 SHOWN_VALUE = 64
 

@@ -244,8 +244,8 @@ def test_clip_says_how_long_the_text_was() -> None:
     {"metadata": {"name": "x"}, "labels": {"\x01" * 317: "v"}},
 ], ids=["uid", "log_directory", "cgroup_parent", "annotations", "enum", "key"])
 def test_a_refusal_quotes_little_of_what_it_refuses(config: dict[str, object]) -> None:
-    # a gRPC client receives a status message of 8 KiB at most (in a trailer), and each is a
-    # log line
+    # a gRPC status travels in a trailer, under the client's metadata limit (8 KiB by default
+    # in gRPC's core), and each is a log line
     with pytest.raises(InvalidPodConfig) as info:
         parse_pod_config(config)
     said = str(info.value)
