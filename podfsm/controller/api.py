@@ -13,7 +13,8 @@ import anyio
 
 from podfsm.controller.base import Subscriber
 from podfsm.controller.recovery import Recovery
-from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound
+from podfsm.core import sizes
+from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound, id_problem
 from podfsm.core.records import (
     FilesystemUsage,
     InterfaceStats,
@@ -148,7 +149,10 @@ class Controller(Recovery):
 
     def resolve_id(self, id_or_prefix: str) -> str:
         """The id of the sandbox whose id is `id_or_prefix`, or the only one that starts with
-        it (crictl sends truncated ids). Raises SandboxNotFound when none or several match."""
+        it (crictl sends truncated ids). Raises SandboxNotFound when none or several match,
+        and at once, before any lookup, when it is no id nor a prefix of one."""
+        if id_problem(id_or_prefix) is not None:
+            raise SandboxNotFound(id_or_prefix)
         if id_or_prefix in self._sandboxes:
             return id_or_prefix
         found = [i for i in self._sandboxes if id_or_prefix and i.startswith(id_or_prefix)]
@@ -191,12 +195,16 @@ class Controller(Recovery):
             with contextlib.suppress(PodfsmError, OSError):
                 ifaces = await self._net.interfaces(rec.namespaces.netns_path)
         default = rec.network.ifname if rec.network else ""
+        # the default interface first, and at most MAX_STATS_INTERFACES: a pod's entry in a
+        # ListPodSandboxStats answer stays within what core.sizes counts for it
+        ifaces = sorted((i for i in ifaces if i.name != "lo"), key=lambda i: i.name != default)
+        ifaces = ifaces[:sizes.MAX_STATS_INTERFACES]
         return SandboxStats(
             id=sandbox_id, timestamp_ns=time.time_ns(), cgroup=cgroup,
             default_interface=default,
             interfaces=[InterfaceStats(name=i.name, rx_bytes=i.rx_bytes, rx_errors=i.rx_errors,
                                        tx_bytes=i.tx_bytes, tx_errors=i.tx_errors)
-                        for i in ifaces if i.name != "lo"],
+                        for i in ifaces],
         )
 
     async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 
 from podfsm.config import ControllerConfig
 from podfsm.core import failpoints as fp
+from podfsm.core import sizes
 from podfsm.core.errors import PodfsmError, SandboxRunError, StepFailed
 from podfsm.core.records import (
     HistoryEntry,
@@ -67,6 +68,8 @@ class Sandbox:
     removed: bool = False
     #: transitions not yet published (see Controller._save)
     unpublished: list[HistoryEntry] = field(default_factory=list)
+    #: what the sandbox takes of a list answer (podfsm.core.sizes.list_entry_bytes)
+    list_bytes: int = 0
 
 
 @dataclass
@@ -108,7 +111,8 @@ class ControllerBase:
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)
         self._sandboxes: dict[str, Sandbox] = {}
-        self._names: dict[str, str] = {}  # reserved name -> sandbox id
+        #: reserved name (name, namespace, uid, attempt) -> sandbox id
+        self._names: dict[tuple[str, str, str, int], str] = {}
         # fast_acquire, here and on each sandbox's lock: a free token or lock is taken without
         # a trip through the event loop (a checkpoint per acquisition cost ~50 us of CPU, five
         # a lifecycle); every holder awaits I/O soon after, so nobody starves.
@@ -193,14 +197,21 @@ class ControllerBase:
         about to disappear: its events are held until it is gone from status and list (see
         _forget), so whoever reacts to an event by asking for the status sees it gone."""
         events: list[HistoryEntry] = []
+        entry_error = sizes.clip(error, sizes.MAX_ENTRY_ERROR)
         for trig in triggers:
             source = sb.machine.current
             dest = sb.machine.fire(trig)
             events.append(HistoryEntry(source=source.value, dest=dest.value,
-                                       trigger=trig.value, at=now(), error=error))
+                                       trigger=trig.value, at=now(), error=entry_error))
         if events:
             changes["state"] = sb.machine.current
-            changes["history"] = [*sb.record.history, *events]
+            # the newest transitions only: a record's size stays bounded (core.sizes)
+            changes["history"] = [*sb.record.history, *events][-sizes.MAX_HISTORY:]
+        if "last_error" in changes:
+            changes["last_error"] = sizes.clip(changes["last_error"], sizes.MAX_LAST_ERROR)
+        if changes.get("leftovers"):
+            changes["leftovers"] = [sizes.clip(x, sizes.MAX_ENTRY_ERROR) or "" for x in
+                                    changes["leftovers"][:sizes.MAX_LEFTOVERS]]
         sb.record = sb.record.evolve(**changes)
         sb.unpublished.extend(events)
         try:

@@ -13,11 +13,12 @@ import anyio
 
 from podfsm.controller.base import Sandbox, Undo, describe, now
 from podfsm.controller.teardown import Teardown
-from podfsm.core import idmap, paths, steps
+from podfsm.core import idmap, paths, sizes, steps
 from podfsm.core.errors import (
     IdRangeUnavailable,
     InvalidPodConfig,
     NameReserved,
+    NodeFull,
     PodfsmError,
     SandboxRunError,
     StateDirError,
@@ -46,6 +47,7 @@ class Run(Teardown):
         existing = self._names.get(pod.reserved_name)
         if existing is not None:
             raise NameReserved(pod.reserved_name, existing)
+        list_bytes = self._check_list_budget(pod)
         self._check_host_support(pod)
         self._check_cgroup_parent(pod)
         self._check_log_directory(pod)
@@ -66,11 +68,32 @@ class Run(Teardown):
             pending=Trigger.SETUP_NAMESPACES.value,
             seccomp_profile=seccomp,
         )
-        sb = Sandbox(rec, SandboxMachine())
+        size = len(rec.model_dump_json().encode())
+        if size > sizes.ADMITTED_RECORD_BYTES:
+            raise InvalidPodConfig(
+                f"pod config too large: its record would take {size} bytes as JSON (the config, "
+                f"whose escaping doubles a backslash, and the seccomp profile), more than "
+                f"{sizes.ADMITTED_RECORD_BYTES}: the store keeps records of at most "
+                f"{sizes.MAX_RECORD_BYTES} bytes, what a sandbox's record gains included")
+        sb = Sandbox(rec, SandboxMachine(), list_bytes=list_bytes)
         sb.lock.acquire_nowait()
         self._sandboxes[sandbox_id] = sb
         self._names[pod.reserved_name] = sandbox_id
         return sb
+
+    def _check_list_budget(self, pod: PodSandboxConfig) -> int:
+        """What the pod would take of a list answer; NodeFull when the sandboxes there are
+        and this one would not fit in one a gRPC client receives (core.sizes)."""
+        need = sizes.list_entry_bytes(pod)
+        listed = sum(sb.list_bytes for sb in self._sandboxes.values())
+        if listed + need > sizes.LIST_BUDGET_BYTES:
+            raise NodeFull(
+                f"{len(self._sandboxes)} sandboxes take {listed} bytes of a list answer and "
+                f"this one would take {need} more (its metadata, labels and annotations), "
+                f"more than the {sizes.LIST_BUDGET_BYTES} a ListPodSandbox answer may carry "
+                f"(gRPC clients receive at most {sizes.GRPC_MAX_MESSAGE}): remove sandboxes "
+                "first")
+        return need
 
     def _check_host_support(self, pod: PodSandboxConfig) -> None:
         """Refusals that need a look at this host: a sysctl the kernel does not have; SELinux
@@ -169,14 +192,17 @@ class Run(Teardown):
                  else "linux.security_context.seccomp_profile_path")
         if not os.path.isabs(path):
             raise InvalidPodConfig(f"{where} {path!r} must be an absolute path")
+        # Every refusal says why in words, never quoting the file, and a path that is missing,
+        # a directory, a device or unreadable gets one answer (the driver's): a client learns
+        # nothing of the host's files from it.
         try:
             text = self._host.read_seccomp_profile(path, MAX_SECCOMP_PROFILE)
-            return seccomp_from_profile(text, path)
-        except OSError as exc:
-            raise InvalidPodConfig(f"{where}: cannot read the seccomp profile {path}: "
-                                   f"{exc.strerror}") from None
-        except ValueError as exc:
-            raise InvalidPodConfig(f"{where}: {exc}") from None
+            loaded = seccomp_from_profile(text)
+        except (OSError, ValueError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else "it is not a readable regular file"
+            raise InvalidPodConfig(f"{where}: the seccomp profile {path!r} cannot be used: "
+                                   f"{why}") from None
+        return loaded
 
     def _id_ranges(self, pod: PodSandboxConfig) -> tuple[IDMapping | None, IDMapping | None, bool]:
         if not pod.pod_userns:

@@ -88,33 +88,33 @@ def runtime_default_seccomp() -> dict[str, Any]:
     }
 
 
-def seccomp_from_profile(text: str | bytes, path: str) -> dict[str, Any]:
+def seccomp_from_profile(text: str | bytes) -> dict[str, Any]:
     """A Localhost seccomp profile (the OCI linux.seccomp object, which is also what simple
     Docker-format profiles are) checked and reduced to the keys the runtime needs.
 
-    Raises ValueError naming `path`: not JSON, not an object, an unknown default action, or a
-    notification listener (listenerPath would make the runtime send the filter's fd to any
-    socket the profile names).
+    Raises ValueError saying what is wrong in words, never quoting the file (it may be any
+    file of the daemon's host the client cannot read itself): not JSON, not an object, an
+    unknown default action, or a notification listener (listenerPath would make the runtime
+    send the filter's fd to any socket the profile names).
     """
     try:
         obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"seccomp profile {path} is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ValueError("it is not JSON in UTF-8") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"seccomp profile {path} must be a JSON object")
+        raise ValueError("it is not a JSON object")
     if "listenerPath" in obj or "listenerMetadata" in obj:
-        raise ValueError(f"seccomp profile {path}: listenerPath is refused (it would hand the "
-                         "filter's notification fd to a socket)")
+        raise ValueError("listenerPath is refused (it would hand the filter's notification fd "
+                         "to a socket)")
     if obj.get("defaultAction") not in _SECCOMP_ACTIONS:
-        raise ValueError(f"seccomp profile {path}: defaultAction must be one of "
-                         f"{sorted(_SECCOMP_ACTIONS)}, got {obj.get('defaultAction')!r}")
+        raise ValueError("its defaultAction is missing or not one of "
+                         f"{', '.join(sorted(_SECCOMP_ACTIONS))}")
     syscalls = obj.get("syscalls", [])
     if not isinstance(syscalls, list) or not all(
         isinstance(s, dict) and isinstance(s.get("names"), list)
         and s.get("action") in _SECCOMP_ACTIONS for s in syscalls
     ):
-        raise ValueError(f"seccomp profile {path}: syscalls must be a list of "
-                         "{names: [...], action: SCMP_ACT_...}")
+        raise ValueError("its syscalls must be a list of {names: [...], action: SCMP_ACT_...}")
     return {k: v for k, v in obj.items() if k in _SECCOMP_KEYS}
 
 

@@ -16,6 +16,10 @@ from collections.abc import Iterable, Iterator
 
 #: NAME_MAX: the longest file name (here: path segment) the kernel takes, in bytes
 NAME_MAX = 255
+#: the most segments a log directory may have: podfsm records each directory it makes for one
+#: (with symlinks resolved), so the record's size grows with the depth (kubelet's
+#: /var/log/pods/<namespace>_<name>_<uid> has 4)
+LOG_DIRECTORY_SEGMENTS = 12
 #: the kernel's pseudo-filesystems: a directory made there is a kernel object (a cgroup, a
 #: debugfs entry) or fails, never a place for logs
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
@@ -45,7 +49,8 @@ def check_host_path(v: str, where: str, most: int) -> str:
     but count characters where the kernel counts bytes)."""
     problem = normalised_problem(v) if v else None
     if problem is not None:
-        raise ValueError(f"{where} {v!r} {problem} (a path is taken only as spelled one way, "
+        shown = repr(v) if len(v) <= 64 else f"{v[:64]!r}... ({len(v)} characters)"
+        raise ValueError(f"{where} {shown} {problem} (a path is taken only as spelled one way, "
                          "so that what podfsm creates is what it removes)")
     if any(len(part.encode()) > NAME_MAX for part in v.split("/")):
         raise ValueError(f"{where} has a segment longer than {NAME_MAX} bytes (NAME_MAX)")

@@ -193,7 +193,9 @@ class HostDriver(Protocol):
 
     def read_seccomp_profile(self, path: str, limit: int) -> bytes:
         """The content of a Localhost seccomp profile, read at admission (so synchronous and
-        bounded): OSError if unreadable, ValueError if not a regular file or over `limit`."""
+        bounded): ValueError, saying why in words that never quote the file nor tell a missing
+        path from a directory, a device or a FIFO, when it is not a readable regular file or
+        is over `limit`. It never makes a terminal the daemon's, nor blocks on a FIFO."""
 
     def sysctl_exists(self, name: str) -> bool:
         """Whether the kernel has the sysctl `name` ("net.ipv4.ip_forward"), at admission."""

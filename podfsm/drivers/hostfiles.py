@@ -245,16 +245,7 @@ class HostFiles:
         return os.path.realpath(path)
 
     def read_seccomp_profile(self, path: str, limit: int) -> bytes:
-        # O_NONBLOCK and a regular file only: a FIFO or a device named by the pod must not
-        # block admission or feed it without end.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"{path} is not a regular file")
-            text = f.read(limit + 1)
-        if len(text) > limit:
-            raise ValueError(f"{path} is larger than {limit} bytes")
-        return text
+        return read_regular_file(path, limit)
 
     def sysctl_exists(self, name: str) -> bool:
         return os.path.exists("/proc/sys/" + name.replace(".", "/"))
@@ -271,6 +262,44 @@ class HostFiles:
 
     def runtime_spec(self, bundle_path: str | None) -> dict[str, Any] | None:
         return sysinfo.read_runtime_spec(bundle_path)
+
+
+class NotARegularFile(ValueError):
+    """A path a pod config names is not a regular file podfsm can read. One error whatever
+    the reason (missing, a directory, a device, a FIFO, a socket, no permission), so that an
+    answer does not tell a client what lies at a path of the daemon's host."""
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The content of `path`, a regular file of at most `limit` bytes, for a path that a pod
+    config names (a seccomp profile). The path is first opened with O_PATH, which opens
+    nothing for I/O: a terminal (/dev/pts/N, /dev/tty*) is not acquired as the daemon's
+    controlling terminal, a FIFO's writer waiting in open(2) is not released, a device's
+    open routine is not run. Only a regular file is then opened for reading, through
+    /proc/self/fd (the same inode, however the path changes meanwhile), with O_NOCTTY and
+    O_NONBLOCK all the same. Raises NotARegularFile (a ValueError) or, for a regular file
+    that is too large, ValueError saying so."""
+    try:
+        ref = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        raise NotARegularFile("it is not a readable regular file") from None
+    try:
+        if not stat.S_ISREG(os.fstat(ref).st_mode):
+            raise NotARegularFile("it is not a readable regular file")
+        try:
+            fd = os.open(f"/proc/self/fd/{ref}",
+                         os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            raise NotARegularFile("it is not a readable regular file") from None
+    finally:
+        os.close(ref)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # never otherwise: the same inode
+            raise NotARegularFile("it is not a readable regular file")
+        text = f.read(limit + 1)
+    if len(text) > limit:
+        raise ValueError(f"it is larger than {limit} bytes")
+    return text
 
 
 def _release_shm(shm_path: str) -> None:

@@ -56,6 +56,7 @@ import aiofiles
 import aiofiles.os
 import anyio
 
+from podfsm.core import sizes
 from podfsm.core.errors import StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
 from podfsm.core.requests import SetAside
@@ -70,9 +71,10 @@ RecordCheck = Callable[[SandboxRecord], "str | None"]
 #: The sandbox-id format (64 lower-case hex digits, as containerd's ids): a slot file whose name
 #: does not carry one is set aside, so no other name ever reaches a path.
 SANDBOX_ID = re.compile(r"[0-9a-f]{64}")
-#: A record is a few KiB (its history grows by ~150 bytes per transition); anything this large
-#: is not one, and is not read into memory.
-MAX_RECORD_BYTES = 4 << 20
+#: A record is a few KiB (its history grows by ~150 bytes per transition); anything larger than
+#: this is not one, and is not read into memory. Admission keeps every record under it
+#: (podfsm.core.sizes), and `save` refuses to write one it would not read back.
+MAX_RECORD_BYTES = sizes.MAX_RECORD_BYTES
 #: Records nest 6 levels deep (CNI results a few more): json.loads on a deeper document could
 #: exhaust the interpreter's stack (RecursionError), and pydantic or a face would later.
 MAX_JSON_DEPTH = 64
@@ -314,7 +316,11 @@ class FileStore:
         power loss. On failure (StateDirError) the previous record stands."""
         seq = self._seq.get(rec.id, -1) + 1
         path = self.paths(rec.id)[seq % 2]
-        data = _frame(seq, rec.model_dump_json().encode())
+        body = rec.model_dump_json().encode()
+        if len(body) > MAX_RECORD_BYTES:  # never written: the next start would set it aside
+            raise StateDirError(f"record of sandbox {rec.id} would take {len(body)} bytes, more "
+                                f"than the {MAX_RECORD_BYTES} the store reads back")
+        data = _frame(seq, body)
         try:
             if durable:
                 # a spare (taken here, on the loop) is the temporary file if one is left

@@ -608,7 +608,7 @@ async def test_full_state_dir_is_refused_cleanly() -> None:
             _umount(records)
 
 
-async def test_corrupt_record_is_set_aside_and_the_others_recover(
+async def test_corrupt_record_is_set_aside_its_sandbox_kept_and_the_others_recover(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with fresh_env() as env:
@@ -624,15 +624,19 @@ async def test_corrupt_record_is_set_aside_and_the_others_recover(
             assert any(bad.id in p for p in ctl.recovery_problems)
             assert sorted(os.listdir(os.path.join(env.cfg.state_dir, "corrupt"))) == sorted(
                 os.path.basename(p) for p in record_files(env, bad.id, in_dir="corrupt"))
-            good = {s.id: s for s in await ctl.list_sandboxes()}
-            assert set(good) == {sts[0].id, sts[2].id}
-            assert all(s.state is State.READY for s in good.values())
-            # what the unreadable record's sandbox held is collected as an orphan
-            assert bad.id not in env.containers()
-            assert len(env.reservations()) == 2
-            assert bad.pid is not None and not os.path.exists(f"/proc/{bad.pid}")
-            for sid in good:
+            listed = {s.id: s for s in await ctl.list_sandboxes()}
+            assert set(listed) == {s.id for s in sts}
+            assert all(listed[s.id].state is State.READY for s in (sts[0], sts[2]))
+            # the unreadable record's sandbox is kept as found, listed NotReady, until removed
+            kept = listed[bad.id]
+            assert kept.state is State.NOT_READY and kept.name == f"set-aside-{bad.id[:12]}"
+            assert kept.last_error is not None and "torn record" in kept.last_error
+            assert bad.id in env.containers()
+            assert len(env.reservations()) == 3
+            assert bad.pid is not None and os.path.exists(f"/proc/{bad.pid}")
+            for sid in listed:
                 await ctl.remove_sandbox(sid)
+            assert not os.path.exists(f"/proc/{bad.pid}")
             assert env.leftovers() == {}
 
 

@@ -112,7 +112,7 @@ def test_mode_numbers_map_to_cri_enum() -> None:
 
 def test_model_validate_is_the_library_entry_point() -> None:
     cfg = PodSandboxConfig.model_validate(pod({"mode": "POD"}))
-    assert cfg.reserved_name == "web_default_u1_0"
+    assert cfg.reserved_name == ("web", "default", "u1", 0)
     assert cfg.effective_hostname == "web"
 
 

@@ -33,6 +33,7 @@ from podfsm.controller import Controller
 from podfsm.core.errors import (
     InvalidPodConfig,
     NameReserved,
+    NodeFull,
     PodfsmError,
     PrerequisiteMissing,
     SandboxNotFound,
@@ -57,6 +58,8 @@ Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
+    if isinstance(exc, NodeFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, InvalidPodConfig):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):

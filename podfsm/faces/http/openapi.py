@@ -42,8 +42,9 @@ ERRORS: dict[int, str] = {
     404: "no sandbox with that id",
     409: ("a conflict with the sandboxes that exist (nothing was created): one with that name, "
           "namespace, uid and attempt exists (`NameReserved`), or the host id range asked for "
-          "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`); "
-          "the same request may succeed once they are removed"),
+          "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`), "
+          "or the sandboxes there are already take what one list answer may carry "
+          "(`NodeFull`); the same request may succeed once they are removed"),
     413: "the body is over 1 MiB",
     415: "the body is not `application/json`",
     422: ("the pod config is refused (nothing was created): `InvalidPodConfig` names the field "
