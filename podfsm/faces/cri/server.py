@@ -30,6 +30,7 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from podfsm import __version__
 from podfsm.controller import Controller
+from podfsm.controller.calls import CallGroup
 from podfsm.core.errors import (
     InvalidPodConfig,
     NameReserved,
@@ -71,7 +72,13 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
 
 
 def _rpc(fn: Rpc[R]) -> Rpc[R]:
-    """Refuse while the controller is not serving; turn podfsm errors into gRPC statuses."""
+    """Refuse while the controller is not serving; run the RPC as a call of the service's
+    CallGroup; turn podfsm errors into gRPC statuses.
+
+    grpc.aio cancels the handler natively when its client's deadline passes or the client
+    goes; the RPC's work runs in a task of its own, which that cancellation reaches only
+    through an anyio cancel scope, so the controller's shields hold: a run is unwound as a
+    failed run is, a stop or remove once begun is finished (podfsm.controller.calls)."""
 
     @functools.wraps(fn)
     async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
@@ -79,8 +86,9 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
         if ctl.recovering or not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "podfsm is not ready: recovering or shutting down")
+        calls: CallGroup = self.calls
         try:
-            return await fn(self, request, context)
+            return await calls.run(fn, self, request, context)
         except PodfsmError as exc:
             code, message = status_code(exc), str(exc)
         log.info("CRI %s: %s: %s", fn.__name__, code.name, message)
@@ -96,6 +104,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.serving = True
+        #: the RPCs in flight, each in a task its client's cancellation cannot cut short
+        self.calls = CallGroup("CRI runtime service")
         self._streams: set[anyio.CancelScope] = set()
         #: the pod CIDRs the kubelet gave in UpdateRuntimeConfig (reported, not applied)
         self.pod_cidrs: list[str] = []
@@ -246,6 +256,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.serving = True
+        self.calls = CallGroup("CRI image service")
 
     @_rpc
     async def ImageFsInfo(self, request: pb.ImageFsInfoRequest,
@@ -330,6 +341,10 @@ class CriServer:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
+        # RPCs whose handlers grpc cancelled at the end of the grace: their calls end now
+        # (unwound or finished), before the controller closes under them.
+        await self._runtime.calls.aclose()
+        await self._image.calls.aclose()
         if self._inode is not None:
             unlink_if_ours(self.socket_path, self._inode)
             self._inode = None

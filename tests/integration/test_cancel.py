@@ -1,0 +1,235 @@
+"""A CRI call whose client gives up (its deadline passes, grpc.aio cancels the handler) leaves
+nothing behind (issue 17, items 1 and 13): against a real `podfsm serve`, runc and crun, real
+CNI plugins with port mappings.
+
+grpc.aio cancels a handler with a native `task.cancel()`, which anyio's shielded scopes do not
+stop: before the fix, the step in progress was cut short while its work went on in the reaper,
+and the unwinding ran beside it (portmap ADD and DEL at once: DNAT chains left pointing at a
+released address; `crun create` children orphaned in their own session and pid namespace,
+pinning their cgroups; exit files piling up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2 as pb
+from cri_api.v1 import api_pb2_grpc as pb_grpc
+
+from podfsm.drivers import reaper
+from tests.integration.conftest import Env, nat_rules, portmap_chains_removed_if_new
+from tests.integration.test_faces import Daemon, serving, use_env_network
+
+pytestmark = pytest.mark.integration
+
+#: client deadlines, in seconds: from before admission to after the pause runs
+DEADLINES = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25)
+CGROUP_FS = "/sys/fs/cgroup"
+
+
+def cgroup_parent(env: Env) -> str:
+    """Every pod of the test under a cgroup parent of its own, so what it left is findable
+    without knowing the ids of the runs that were cancelled."""
+    return f"/podfsm/pfsm-cancel-{env.slot}"
+
+
+def host_port(env: Env, k: int) -> int:
+    return 20000 + env.slot * 40 + k
+
+
+def config(env: Env, name: str, port: int) -> pb.PodSandboxConfig:
+    return pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, namespace="cancel-test", uid=f"uid-{name}"),
+        port_mappings=[pb.PortMapping(protocol=pb.TCP, container_port=80, host_port=port,
+                                      host_ip="127.0.0.1")],
+        linux=pb.LinuxPodSandboxConfig(
+            cgroup_parent=cgroup_parent(env),
+            security_context=pb.LinuxSandboxSecurityContext(
+                namespace_options=pb.NamespaceOption(
+                    userns_options=pb.UserNamespace(mode=pb.POD)))))
+
+
+def cgroups_left(env: Env) -> list[str]:
+    """The test's cgroup parent, or anything under it, in any hierarchy."""
+    parent = cgroup_parent(env)
+    return sorted(glob.glob(f"{CGROUP_FS}{parent}") + glob.glob(f"{CGROUP_FS}/*{parent}"))
+
+
+def reaper_children(env: Env) -> list[str]:
+    """The live child processes of the env's reaper (it adopts what a runtime command leaves,
+    `crun create`'s children among them)."""
+    pids = subprocess.run(["pgrep", "-x", reaper.PROCESS_NAME.decode()], capture_output=True,
+                          text=True, check=False).stdout.split()
+    found = []
+    for p in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if env.cfg.run_dir.encode() not in f.read().split(b"\0"):
+                    continue
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    children = f.read().split()
+                for child in children:
+                    with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as c:
+                        argv = c.read().replace(b"\0", b" ").decode(errors="replace")
+                        found.append(f"{child}: {argv}")
+    return found
+
+
+def exit_files(env: Env) -> list[str]:
+    d = os.path.join(env.cfg.run_dir, reaper.EXITS_DIR)
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def nat_lines(env: Env, ports: list[int]) -> list[str]:
+    """NAT rules naming the env's subnet or one of the test's host ports."""
+    net = env.subnet.rsplit(".", 1)[0] + "."
+    named = re.compile("|".join(rf"\b{p}\b" for p in ports))
+    return [line for line in nat_rules().splitlines() if net in line or named.search(line)]
+
+
+def remove_nat_of(env: Env, ports: list[int]) -> None:
+    """However the test went: the DNAT chains naming the env's subnet or ports, and the jumps
+    to them, go (the host must look as before; another session's chains stay)."""
+    lines = nat_lines(env, ports)
+    chains = {line.split()[1] for line in lines if line.startswith("-A CNI-DN-")}
+    for line in nat_rules().splitlines():
+        if line.startswith("-A ") and (line in lines or any(f"-j {c}" in line for c in chains)):
+            subprocess.run(["iptables", "-t", "nat", "-D", *shlex.split(line)[1:]],
+                           capture_output=True, check=False)
+    for c in chains:
+        subprocess.run(["iptables", "-t", "nat", "-X", c], capture_output=True, check=False)
+
+
+def what_is_left(env: Env, ports: list[int]) -> dict[str, list[str]]:
+    found = {
+        **{k: [str(x) for x in v] for k, v in env.leftovers().items()},
+        "nat": nat_lines(env, ports),
+        "cgroups": cgroups_left(env),
+        "exit files": exit_files(env),
+        "reaper children": reaper_children(env),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def wait_until_clean(env: Env, ports: list[int], within: float = 30.0) -> dict[str, list[str]]:
+    """What is left once the daemon had `within` seconds to finish unwinding."""
+    deadline = time.monotonic() + within
+    while True:
+        left = what_is_left(env, ports)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def daemon(env: Env) -> Iterator[Daemon]:
+    use_env_network(env)
+    ports = [host_port(env, k) for k in range(len(DEADLINES) + 1)]
+    try:
+        with portmap_chains_removed_if_new(), serving(env) as d:
+            yield d
+            assert d.terminate() == 0
+    finally:
+        remove_nat_of(env, ports)
+        for d in reversed(cgroups_left(env)):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def settled(rt: pb_grpc.RuntimeServiceStub, within: float = 30.0) -> list[str]:
+    """Once every sandbox listed is Ready (the others were unwinding): their ids."""
+    deadline = time.monotonic() + within
+    while True:
+        items = rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items
+        if all(i.state == pb.SANDBOX_READY for i in items) or time.monotonic() > deadline:
+            return [i.id for i in items if i.state == pb.SANDBOX_READY]
+        time.sleep(0.05)
+
+
+def _run(rt: pb_grpc.RuntimeServiceStub, cfg: pb.PodSandboxConfig, handler: str,
+         timeout: float) -> str | None:
+    """RunPodSandbox with a client deadline: the id, or None when the deadline passed."""
+    try:
+        return str(rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler=handler),
+                                    timeout=timeout).pod_sandbox_id)
+    except grpc.RpcError as exc:
+        assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED, exc
+        return None
+
+
+def test_a_run_cancelled_by_the_clients_deadline_leaves_nothing(env: Env, daemon: Daemon,
+                                                                 runtime: str) -> None:
+    ports = [host_port(env, k) for k in range(len(DEADLINES) + 1)]
+    cancelled = 0
+    with grpc.insecure_channel(f"unix:{daemon.cri_socket}") as ch:
+        rt = pb_grpc.RuntimeServiceStub(ch)
+        for k, deadline in enumerate(DEADLINES):
+            sid = _run(rt, config(env, f"c{k}", ports[k]), runtime, deadline)
+            if sid is None:
+                cancelled += 1
+            else:  # faster than its deadline: Ready, and removed like any pod
+                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+        assert cancelled >= len(DEADLINES) // 2, "the deadlines did not cut the runs short"
+        # A cancelled run is unwound as a failed run is; one whose deadline passed after its
+        # last step (or while its answer was on the way) is Ready, as a later list shows.
+        ready = settled(rt)
+        assert len(ready) < cancelled
+        for sid in ready:
+            rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+        left = wait_until_clean(env, ports)
+        assert left == {}, left
+        assert rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items == []
+
+        # The daemon works on: a pod on the first cancelled run's host port gets it.
+        sid = _run(rt, config(env, "after", ports[0]), runtime, 60)
+        assert sid is not None
+        st = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=30)
+        assert st.status.state == pb.SANDBOX_READY
+        ip = st.status.network.ip
+        dnat = [line for line in nat_rules().splitlines() if f"--dport {ports[0]} " in line
+                and "DNAT" in line]
+        assert dnat and all(f"{ip}:80" in line for line in dnat), dnat
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+    assert wait_until_clean(env, ports) == {}
+
+
+def test_a_stop_or_remove_cancelled_by_the_clients_deadline_is_finished(
+        env: Env, daemon: Daemon, runtime: str) -> None:
+    """Once begun, a stop or a remove is finished when its client has gone: the remove then
+    left nothing, the stop a NotReady sandbox that a later remove clears."""
+    ports = [host_port(env, k) for k in range(len(DEADLINES))]
+    with grpc.insecure_channel(f"unix:{daemon.cri_socket}") as ch:
+        rt = pb_grpc.RuntimeServiceStub(ch)
+        ids = [_run(rt, config(env, f"s{k}", ports[k]), runtime, 60)
+               for k in range(len(DEADLINES))]
+        for k, (sid, deadline) in enumerate(zip(ids, DEADLINES, strict=True)):
+            assert sid is not None
+            verb, req = ((rt.StopPodSandbox, pb.StopPodSandboxRequest(pod_sandbox_id=sid))
+                         if k % 2 else
+                         (rt.RemovePodSandbox, pb.RemovePodSandboxRequest(pod_sandbox_id=sid)))
+            with contextlib.suppress(grpc.RpcError):
+                verb(req, timeout=deadline / 4)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 30:
+            items = rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items
+            if all(i.state == pb.SANDBOX_NOTREADY for i in items):
+                break
+            time.sleep(0.05)
+        # every stop was finished: nothing of those pods runs or holds an address
+        assert {i.id for i in items} <= {ids[k] for k in range(1, len(ids), 2)}
+        assert all(i.state == pb.SANDBOX_NOTREADY for i in items), items
+        assert not nat_lines(env, ports)
+        for i in items:
+            rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=i.id), timeout=60)
+    assert wait_until_clean(env, ports) == {}
