@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shlex
@@ -233,3 +234,36 @@ def test_a_stop_or_remove_cancelled_by_the_clients_deadline_is_finished(
         for i in items:
             rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=i.id), timeout=60)
     assert wait_until_clean(env, ports) == {}
+
+
+@pytest.mark.parametrize("end", [" ", "\u3000"], ids=["space", "ideographic-space"])
+def test_a_cgroup_parent_ending_in_whitespace_leaves_no_cgroup(
+        env: Env, daemon: Daemon, runtime: str, end: str) -> None:
+    """Item 13: the runtime was given the parent stripped of its trailing whitespace, the
+    teardown removed it unstripped, and `/podfsm/<name>` stayed in every hierarchy. A pod that
+    runs and is removed (CRI), and one whose run fails and is unwound (HTTP, as schemathesis
+    drives it), leave no cgroup."""
+    parent = f"{cgroup_parent(env)}{end}"
+    with grpc.insecure_channel(f"unix:{daemon.cri_socket}") as ch:
+        rt = pb_grpc.RuntimeServiceStub(ch)
+        cfg = config(env, "ws", host_port(env, 0))
+        cfg.linux.cgroup_parent = parent
+        sid = _run(rt, cfg, runtime, 60)
+        assert sid is not None
+        spec = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True),
+                                   timeout=30).info["info"]
+        # the pause's cgroup is under the parent as the pod spelled it
+        assert json.loads(spec)["runtimeSpec"]["linux"]["cgroupsPath"] == f"{parent}/{sid}"
+        assert any(d.endswith(parent) for d in glob.glob(f"{CGROUP_FS}/*/podfsm/*"))
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+    assert cgroups_left(env) == [] and not glob.glob(f"{CGROUP_FS}/*{parent}")
+    body = {"metadata": {"name": "ws-failed", "namespace": "cancel-test", "uid": "ws-failed"},
+            "linux": {"cgroup_parent": parent,
+                      # the runtime cannot write this value: create fails after it made the
+                      # cgroups, and the run is unwound
+                      "sysctls": {"net.ipv4.tcp_syncookies": "not-a-number"}}}
+    with daemon.client() as c:
+        r = c.post("/v1/sandboxes", json=body, params={"runtime_handler": runtime})
+        assert r.status_code == 500 and "create_container" in r.text, r.text
+        assert c.get("/v1/sandboxes").json()["items"] == []
+    assert cgroups_left(env) == [] and not glob.glob(f"{CGROUP_FS}/*{parent}")
