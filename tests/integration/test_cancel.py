@@ -65,6 +65,19 @@ def cgroups_left(env: Env) -> list[str]:
     return sorted(glob.glob(f"{CGROUP_FS}{parent}") + glob.glob(f"{CGROUP_FS}/*{parent}"))
 
 
+def remove_cgroups(env: Env) -> None:
+    """However the test went: the test's cgroup parent and what is under it go, in every
+    hierarchy (the pause processes of a failed test first)."""
+    for pid in env.pause_processes():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    time.sleep(0.1)
+    for top in cgroups_left(env):
+        for d, _, _ in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
 def reaper_children(env: Env) -> list[str]:
     """The live child processes of the env's reaper (it adopts what a runtime command leaves,
     `crun create`'s children among them)."""
@@ -142,9 +155,7 @@ def daemon(env: Env) -> Iterator[Daemon]:
             assert d.terminate() == 0
     finally:
         remove_nat_of(env, ports)
-        for d in reversed(cgroups_left(env)):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+        remove_cgroups(env)
 
 
 def settled(rt: pb_grpc.RuntimeServiceStub, within: float = 30.0) -> list[str]:
