@@ -11,6 +11,7 @@ pinning their cgroups; exit files piling up).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import json
@@ -20,13 +21,14 @@ import shlex
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
-from podfsm.drivers import reaper
+from podfsm.drivers import reaper, reaperclient
 from tests.integration.conftest import Env, nat_rules, portmap_chains_removed_if_new
 from tests.integration.test_faces import Daemon, serving, use_env_network
 
@@ -278,3 +280,27 @@ def test_a_cgroup_parent_ending_in_whitespace_leaves_no_cgroup(
         assert r.status_code == 500 and "create_container" in r.text, r.text
         assert c.get("/v1/sandboxes").json()["items"] == []
     assert cgroups_left(env) == [] and not glob.glob(f"{CGROUP_FS}/*{parent}")
+
+
+async def test_a_cancelled_reaper_command_is_waited_for(tmp_path: Path) -> None:
+    """A caller cancelled (natively) while its command runs in the reaper returns only once the
+    command has ended: what it does next, its compensating step, never runs beside it (the
+    portmap ADD and DEL at once of item 1)."""
+    client = reaperclient.ReaperClient(str(tmp_path / "run"), idle_exit=0.5)
+    marker = tmp_path / "ended"
+    try:
+        await client.connect()
+        for call in (
+            lambda: client.run(["sh", "-c", f"sleep 0.3; echo > {marker}"]),
+            lambda: client.chain([reaperclient.ChainStep(
+                ["sh", "-c", f"sleep 0.3; echo > {marker}"])]),
+        ):
+            marker.unlink(missing_ok=True)
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(call(), 0.05)
+            assert marker.exists(), "returned before the command ended"
+            assert time.monotonic() - t0 >= 0.3
+            assert (await client.ping())["runs"] == 0
+    finally:
+        await client.shutdown()
