@@ -261,7 +261,9 @@ class ReaperClient:
         try:
             writer.write(json.dumps({**req, "id": rid}).encode() + b"\n")
             try:
-                reply = await fut
+                # shielded: a cancelled task cancels the future it awaits, and this one must
+                # stay to tell when the command ended
+                reply = await asyncio.shield(fut)
             except asyncio.CancelledError:
                 if req["op"] in _COMMAND_OPS:
                     await _wait_for_end(fut)
