@@ -10,6 +10,11 @@ Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in us
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
 FAILED_PRECONDITION, a recovering or closing controller UNAVAILABLE, a failed step UNKNOWN with
 the step's error. Stop and remove of an unknown id succeed (they are idempotent).
+
+Every RPC runs as a call of a CallGroup (podfsm.controller.calls): the native cancellation
+grpc.aio gives a handler whose client's deadline passed reaches the RPC's work only through an
+anyio scope, so a run is unwound as a failed run is and a stop or remove is finished; the
+handler returns once the call has ended.
 """
 
 from __future__ import annotations
@@ -293,7 +298,9 @@ class CriServer:
 
     `start()` binds a temporary name beside `socket_path`, narrows its mode to 0660 and renames
     it into place, so the socket appears only when it answers; call it after the Controller
-    has recovered. `stop()` ends open streams after `grace` seconds and removes the socket.
+    has recovered. `stop()` ends open streams, gives RPCs in flight `grace` seconds, then
+cancels their calls (a run unwinds, a stop or remove is finished) and waits for them, and
+removes the socket.
     """
 
     def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET) -> None:
