@@ -19,6 +19,7 @@ handler returns once the call has ended.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -96,6 +97,11 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
             return await calls.run(fn, self, request, context)
         except PodfsmError as exc:
             code, message = status_code(exc), str(exc)
+        except asyncio.CancelledError:
+            log.info("CRI %s: its client gave up (deadline passed or gone); the call has "
+                     "ended (a run unwound unless past its last step, a stop or remove "
+                     "finished)", fn.__name__)
+            raise
         log.info("CRI %s: %s: %s", fn.__name__, code.name, message)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
