@@ -28,8 +28,9 @@ import pytest
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
+from podfsm.core.errors import PodfsmError
 from podfsm.drivers import reaper, reaperclient
-from tests.integration.conftest import Env, nat_rules, portmap_chains_removed_if_new
+from tests.integration.conftest import Env, nat_rules, pod, portmap_chains_removed_if_new
 from tests.integration.test_faces import Daemon, serving, use_env_network
 
 pytestmark = pytest.mark.integration
@@ -310,3 +311,39 @@ async def test_a_cancelled_reaper_command_is_waited_for(tmp_path: Path) -> None:
             assert (await client.ping())["runs"] == 0
     finally:
         await client.shutdown()
+
+
+async def test_runtime_commands_killed_at_their_timeout_leave_no_orphan(env: Env) -> None:
+    """The other way a command ends early: killed at `command_timeout` (30-65 ms, where
+    `crun create`'s child is in its own session and pid namespace). Its whole tree is killed and
+    reaped, and after a restart (with the default timeout) a remove clears what the runs left:
+    no child of the reaper, no exit file, no cgroup, no container. (This path was sound before
+    issue 17; the orphans of item 1 came from the cancellation.)"""
+    parent = cgroup_parent(env)
+    outcomes: list[str] = []
+    try:
+        for timeout in (0.02, 0.03, 0.045, 0.065):
+            async with env.controller(command_timeout=timeout) as ctl:
+                for k in range(3):
+                    p = pod(f"t{k}")
+                    p["linux"]["cgroup_parent"] = parent
+                    try:
+                        st = await ctl.run_sandbox(p)
+                        await ctl.remove_sandbox(st.id)
+                        outcomes.append("ok")
+                    except PodfsmError as exc:
+                        outcomes.append(str(exc))
+            async with env.controller() as ctl:  # a restart: what is listed is removable
+                for st in await ctl.list_sandboxes():
+                    await ctl.remove_sandbox(st.id)
+            deadline = time.monotonic() + 10
+            while (reaper_children(env) or exit_files(env)) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            assert reaper_children(env) == [], timeout
+            assert exit_files(env) == [], timeout
+            assert cgroups_left(env) == [], timeout
+            assert env.leftovers() == {}, timeout
+        # some `create` was killed at its timeout (the point of the test)
+        assert any("create failed" in o and "timeout after" in o for o in outcomes), outcomes
+    finally:
+        remove_cgroups(env)
