@@ -85,6 +85,9 @@ class Controller(Recovery):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # Calls in flight end first (a run unwinds, a stop or remove is finished), while the
+        # drivers they use still work.
+        await self._calls.aclose()
         for sub in list(self._subscribers):
             sub.close()
         for lsub in list(self._lifecycle_subscribers):
@@ -98,7 +101,15 @@ class Controller(Recovery):
 
         `runtime_handler` names the OCI runtime of this sandbox ("runc" or "crun", one of
         `runtime_handlers`); None or "" means the configured default. An unknown one is
-        refused with InvalidPodConfig before anything is made."""
+        refused with InvalidPodConfig before anything is made.
+
+        A caller cancelled meanwhile (by anyio or natively: `asyncio.timeout`, grpc.aio) gets
+        its cancellation once the run has been unwound as a failed run is, or has finished if
+        the cancellation came after its last step (see podfsm.controller.calls)."""
+        return await self._calls.run(self._run_sandbox, config, runtime_handler)
+
+    async def _run_sandbox(self, config: PodSandboxConfig | dict[str, Any],
+                           runtime_handler: str | None) -> SandboxStatus:
         pod = config if isinstance(config, PodSandboxConfig) else parse_pod_config(config)
         handler = runtime_handler or self._rt.name
         if handler not in self._runtimes:
@@ -267,7 +278,11 @@ class Controller(Recovery):
         return self._host.filesystem_usage([self.config.state_dir, self.config.run_dir])
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
-        """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error."""
+        """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error.
+        Once begun, a stop is finished, also when its caller is cancelled meanwhile."""
+        await self._calls.run(self._stop_sandbox, sandbox_id)
+
+    async def _stop_sandbox(self, sandbox_id: str) -> None:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             return
@@ -277,7 +292,11 @@ class Controller(Recovery):
                     await self._stop(sb)
 
     async def remove_sandbox(self, sandbox_id: str) -> None:
-        """Stop if needed, delete everything; the sandbox disappears. Idempotent."""
+        """Stop if needed, delete everything; the sandbox disappears. Idempotent. Once begun,
+        a remove is finished, also when its caller is cancelled meanwhile."""
+        await self._calls.run(self._remove_sandbox, sandbox_id)
+
+    async def _remove_sandbox(self, sandbox_id: str) -> None:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             return

@@ -20,9 +20,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from podfsm.config import ControllerConfig
+from podfsm.controller.calls import CallGroup
 from podfsm.core import failpoints as fp
 from podfsm.core import sizes
 from podfsm.core.errors import PodfsmError, SandboxRunError, StepFailed
+from podfsm.core.ocispec import cgroup_parent_path
 from podfsm.core.records import (
     HistoryEntry,
     LifecycleEvent,
@@ -119,6 +121,8 @@ class ControllerBase:
         self._limiter = anyio.Semaphore(cfg.max_parallel, fast_acquire=True)
         self._tg: TaskGroup | None = None
         self._exit_stack = contextlib.AsyncExitStack()
+        #: run, stop and remove in flight, each in a task its caller cannot cancel natively
+        self._calls = CallGroup("controller")
         self._subscribers: set[Subscriber[TransitionEvent]] = set()
         self._lifecycle_subscribers: set[Subscriber[LifecycleEvent]] = set()
         self._backlog: deque[TransitionEvent] = deque(maxlen=EVENT_BACKLOG)
@@ -162,8 +166,9 @@ class ControllerBase:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "shm")
 
     def cgroup_parent(self, rec: SandboxRecord) -> str:
-        """The cgroup parent of the sandbox's pause: the pod's, else the configured root."""
-        return rec.config.linux.cgroup_parent.rstrip("/") or self.config.cgroup_root
+        """The cgroup parent of the sandbox's pause: the pod's, else the configured root, as
+        the runtime is given it and the teardown removes it (ocispec.cgroup_parent_path)."""
+        return cgroup_parent_path(rec.config.linux.cgroup_parent, self.config.cgroup_root)
 
     def _others(self, sb: Sandbox) -> list[Sandbox]:
         """Every sandbox but `sb` (admitted, running or being removed)."""

@@ -244,15 +244,25 @@ class Run(Teardown):
     async def _run(self, sb: Sandbox) -> None:
         undo: list[Undo] = []
         step = Trigger.SETUP_NAMESPACES
+        # Every system step is shielded once begun (its work goes on elsewhere), so a caller's
+        # cancellation could find no unshielded await to land on and the run would simply go
+        # on to Ready: it is taken at each step boundary instead, and the run unwinds as a
+        # failed run does (as containerd's RunPodSandbox does when its client's context ends).
+        # Past the last boundary the run is finished: Ready, as its caller may learn later.
+        boundary = anyio.lowlevel.checkpoint_if_cancelled
         try:
+            await boundary()
             await self._first_save(sb)
             await self._setup_files(sb, undo)
             await self._setup_namespaces(sb, undo)
             step = Trigger.CREATE_CONTAINER
+            await boundary()
             await self._create_container(sb, undo)
             step = Trigger.START_TASK
+            await boundary()
             await self._start_task(sb, undo)
             step = Trigger.MARK_READY
+            await boundary()
             await self._mark_ready(sb)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -350,10 +360,11 @@ class Run(Teardown):
                                  f"{pinned.netns_owner_inode}, not the pod's "
                                  f"{pinned.userns_inode}")
         if pod.pod_netns:
+            await anyio.lowlevel.checkpoint_if_cancelled()  # the CNI ADD is a step of its own
             undo.append(Undo(steps.DETACH_NETWORK, lambda: self._teardown_network(sb)))
             async with self._failpoints_around("cni_add"):
-                # Not shielded: a cancelled ADD kills the running plugin, and CNI DEL
-                # (registered above) releases whatever it had done.
+                # Once sent, the ADD chain runs to its end in the reaper (shielded there, in
+                # the driver); the DEL registered above then releases whatever it did.
                 result = await self._net.attach(self._net_request(rec))
                 sb.record = rec.evolve(network=result)
         await self._save(sb, Trigger.SETUP_NAMESPACES, pending=Trigger.CREATE_CONTAINER.value)

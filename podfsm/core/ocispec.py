@@ -139,16 +139,25 @@ def resource_annotations(res: LinuxContainerResources | None) -> dict[str, str]:
 _TTY_GID = 5
 
 
-def cgroups_path(container_id: str, cgroup_parent: str = "") -> str:
-    """The cgroupfs-driver path of the pause container: `<parent or /podfsm>/<container_id>`.
+def cgroup_parent_path(cgroup_parent: str, default: str = DEFAULT_CGROUP_PARENT) -> str:
+    """The cgroup parent of a pod's containers: the pod's, else `default`; absolute, without
+    trailing slashes, and otherwise verbatim (a cgroup's name may end in a space, or in any
+    character the kernel takes: as containerd, podfsm neither strips nor changes it).
 
+    The one spelling of it: what the runtime is given (cgroups_path) and what the teardown
+    removes are the same directories. (A parent stripped of its trailing whitespace for the
+    runtime but not for the teardown left `/podfsm/<name>` in every hierarchy: issue 17.)
     A relative parent would be resolved against the runtime's own cgroup, which differs between
     callers, so the parent is made absolute.
     """
-    parent = cgroup_parent.strip().rstrip("/") or DEFAULT_CGROUP_PARENT
-    if not parent.startswith("/"):
-        parent = "/" + parent
-    return f"{parent}/{container_id}"
+    parent = cgroup_parent.rstrip("/") or default.rstrip("/") or DEFAULT_CGROUP_PARENT
+    return parent if parent.startswith("/") else "/" + parent
+
+
+def cgroups_path(container_id: str, cgroup_parent: str = "") -> str:
+    """The cgroupfs-driver path of the pause container: `<parent or /podfsm>/<container_id>`
+    (the parent as cgroup_parent_path spells it)."""
+    return f"{cgroup_parent_path(cgroup_parent)}/{container_id}"
 
 
 def sysfs_mount(req: PauseRequest) -> dict[str, Any]:
