@@ -33,6 +33,7 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import platform
 import re
@@ -140,6 +141,45 @@ def _move_mount(fd: int, dst: str) -> None:
     if _syscall(nr, fd, b"", AT_FDCWD, os.fsencode(dst),
                 ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)) < 0:
         raise _explain("move_mount", ctypes.get_errno(), dst)
+
+
+#: the first kernel whose overlayfs takes idmapped lower layers
+OVERLAY_IDMAP_KERNEL = (5, 19)
+
+
+def _release_tuple(release: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def support_problem() -> str | None:
+    """None when this kernel can give containers an idmapped rootfs; else why not, in words.
+    Asks the kernel itself: a detached clone of / and mount_setattr(MOUNT_ATTR_IDMAP) with the
+    host's own user namespace, which a kernel with idmapped mounts answers EPERM (before it
+    looks at the filesystem) and one without ENOSYS. Filesystems are checked per mount, where
+    an unsupported one is refused by name. Cached: the kernel does not change under us."""
+    release = platform.release()
+    if _release_tuple(release) < OVERLAY_IDMAP_KERNEL:
+        return (f"kernel {release} is older than 5.19: overlayfs cannot use idmapped layers")
+    try:
+        _numbers()
+        fd = _open_tree("/", recursive=False)
+    except (IdmapUnsupported, OSError) as exc:
+        return str(exc)
+    try:
+        own = os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _mount_setattr(fd, _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=own), False, "/")
+        except IdmapUnsupported as exc:
+            if "EPERM" in str(exc):
+                return None
+            return str(exc)
+        finally:
+            os.close(own)
+    finally:
+        os.close(fd)
+    return "mount_setattr(MOUNT_ATTR_IDMAP) accepted the host's own user namespace"
 
 
 def open_userns(userns_path: str) -> int:
