@@ -243,10 +243,16 @@ def mapped_root(userns_path: str, probe_dir: str) -> tuple[int, int]:
 
 
 def idmap_bind(src: str, dst: str, userns_path: str, readonly: bool = False) -> None:
-    """Mount `src` at `dst` (which must exist) idmapped by the pod's user namespace: a
-    host-path volume whose files the container sees with their own ids. Recursive: mounts
-    below `src` come along, idmapped too (a submount that cannot be is refused, naming it).
-    Nothing is left mounted on failure."""
+    """Mount `src` (a directory or a file) at `dst` idmapped by the pod's user namespace: a
+    host-path volume whose files the container sees with their own ids, and whose new files
+    are stored with the container's ids. `dst` is made (an empty directory or file, like
+    `src`) if missing. Recursive: mounts below `src` come along, idmapped too (a submount
+    that cannot be is refused, naming it). Nothing is left mounted on failure."""
+    if not os.path.lexists(dst):
+        if os.path.isdir(src):
+            os.mkdir(dst, 0o755)
+        else:
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
     ns = open_userns(userns_path)
     try:
         fd = idmapped_tree(src, ns, readonly=readonly)
@@ -256,6 +262,24 @@ def idmap_bind(src: str, dst: str, userns_path: str, readonly: bool = False) -> 
         attach(fd, dst)
     finally:
         os.close(fd)
+
+
+def volume_path(container_dir: str, index: int) -> str:
+    """Where the `index`th idmapped volume of a container is attached on the host: inside the
+    container's directory, so `recover` finds it; the OCI spec binds it from there."""
+    return os.path.join(container_dir, "volumes", str(index))
+
+
+def idmapped_volume(container_dir: str, index: int, src: str, userns_path: str,
+                    readonly: bool) -> str:
+    """Idmap a CRI mount's host path for a container of a user-namespaced pod, the same way
+    for runc and crun: runc 1.1 ignores OCI per-mount uidMappings, crun 1.8 honours them, and
+    one mechanism (podfsm's own idmapped bind) keeps both alike, its errors podfsm's and its
+    clean-up in `recover`. The path to bind into the container."""
+    path = volume_path(container_dir, index)
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    idmap_bind(src, path, userns_path, readonly)
+    return path
 
 
 @dataclass(frozen=True)

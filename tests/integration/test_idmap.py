@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import shutil
 import signal
 import statistics
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from podfsm.core import secctx
 from podfsm.core.errors import StepFailed
 from podfsm.drivers import idmapmounts, linux
 from tests.integration.conftest import Env, pod, running
@@ -286,15 +288,18 @@ def container_spec(runtime: str, cid: str, rootfs: str, userns: str, netns: str,
                    mounts: list[dict[str, object]] | None = None) -> dict[str, object]:
     """A minimal OCI spec joining the pod's pinned user and net namespaces, as the pause's
     (podfsm/core/ocispec.py): the id mappings are given for runc, which needs them to join a
-    user namespace by path; /sys is a fresh sysfs of the pod's netns."""
+    user namespace by path; /sys is a fresh sysfs of the pod's netns. Its security context is
+    secctx's for an empty CRI one: containerd's default capabilities, RuntimeDefault seccomp,
+    kubelet's default masked and read-only paths."""
     ids = [{"containerID": mapping["container_id"], "hostID": mapping["host_id"],
             "size": mapping["length"]}]
-    caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SETUID", "CAP_SETGID"]
+    caps = secctx.capabilities()
+    masked, readonly = secctx.proc_paths([], [], privileged=False, defaults_when_empty=True)
     return {
         "ociVersion": "1.0.2",
         "process": {"user": {"uid": 0, "gid": 0}, "args": ["/bin/sh", "-c", script],
                     "env": ["PATH=/bin"], "cwd": "/",
-                    "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+                    "capabilities": secctx.oci_capabilities(caps),
                     "noNewPrivileges": True},
         "root": {"path": rootfs, "readonly": False},
         "mounts": [
@@ -311,6 +316,9 @@ def container_spec(runtime: str, cid: str, rootfs: str, userns: str, netns: str,
                            {"type": "user", "path": userns}],
             "uidMappings": ids, "gidMappings": ids,
             "cgroupsPath": f"/podfsm/{cid}",
+            "maskedPaths": masked, "readonlyPaths": readonly,
+            "seccomp": secctx.seccomp_spec(secctx.RUNTIME_DEFAULT, bounding=caps,
+                                           machine=platform.machine()),
         },
     }
 
@@ -326,9 +334,34 @@ def run_container(runtime: str, root: str, bundle: str,
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
 
 
-SCRIPT = ("stat -c %u:%g /bin/busybox; cat /proc/self/uid_map; ls /sys/class/net | tr '\\n' ' ';"
-          " echo; stat -f -c %T /sys; id -u; readlink /proc/self/ns/user; echo hi > /created;"
-          " cat /vol/data; stat -c %u:%g /vol/data")
+SCRIPT = "; ".join([
+    "echo busybox=$(stat -c %u:%g /bin/busybox)",
+    "echo uid_map=$(cat /proc/self/uid_map)",
+    "echo net=$(ls /sys/class/net)",
+    "echo sysfs=$(stat -f -c %T /sys)",
+    "echo id=$(id -u)",
+    "echo userns=$(readlink /proc/self/ns/user)",
+    "echo created=$(echo hi > /created && echo yes)",
+    "echo vol=$(cat /vol/data) $(stat -c %u:%g /vol/data)",
+    "echo $(grep -E '^(CapBnd|Seccomp):' /proc/self/status | tr -d '\\t' | tr '\\n' ' ')",
+    "echo timer_list=$(stat -c %t:%T /proc/timer_list)",
+    "echo procsys=$(echo 1 2>/dev/null > /proc/sys/net/ipv4/ip_forward && echo written"
+    " || echo refused)",
+    "echo unshare=$(unshare -r true 2>/dev/null && echo allowed || echo refused)",
+])
+
+
+def report(lines: list[str]) -> dict[str, str]:
+    out = {}
+    for line in lines:
+        for part in line.replace("CapBnd:", " capbnd=").replace("Seccomp:", " seccomp=").split(" "):
+            if "=" in part:
+                k, _, v = part.partition("=")
+                out[k] = v
+        if line.startswith(("uid_map=", "net=", "vol=")):
+            k, _, v = line.partition("=")
+            out[k] = v
+    return out
 
 
 def run_in_pod(env: Env, runtime: str, userns: str, netns: str,
@@ -347,9 +380,7 @@ def run_in_pod(env: Env, runtime: str, userns: str, netns: str,
         idmapmounts.idmapped_overlay(lowers, upper, work, rootfs, userns)
         # the volume: idmapped by podfsm itself (runc 1.1.5 ignores OCI mount idmaps), then
         # bound into the container like any host path
-        vol_mnt = os.path.join(ctr, "volumes", "vol")
-        os.makedirs(vol_mnt)
-        idmapmounts.idmap_bind(vol, vol_mnt, userns, readonly=True)
+        vol_mnt = idmapmounts.idmapped_volume(ctr, 0, vol, userns, readonly=True)
         os.makedirs(os.path.join(rootfs, "vol"))
         bundle = os.path.join(env.tmp, "bundle")
         os.makedirs(bundle)
@@ -384,13 +415,24 @@ async def test_a_runc_and_crun_container_runs_on_an_idmapped_overlay_in_the_pods
         mapping = st.uid_mappings[0].model_dump()
         lines, _ = await asyncio.to_thread(run_in_pod, env, runtime, st.userns_path,
                                            st.netns_path, mapping)
-        assert lines[0] == "0:0"                                   # busybox is root's inside
-        assert lines[1].split() == ["0", str(mapping["host_id"]), "65536"]  # the pod's uid_map
-        assert sorted(lines[2].split()) == ["eth0", "lo"]          # the pod's interfaces only
-        assert lines[3] == "sysfs"
-        assert lines[4] == "0"                                     # id -u
-        assert lines[5] == f"user:[{os.stat(st.userns_path).st_ino}]"  # the pause's userns
-        assert lines[6:] == ["volume data", "0:0"]                 # the volume, owner mapped
+        got = report(lines)
+        assert got["busybox"] == "0:0", lines                     # busybox is root's inside
+        assert got["uid_map"].split() == ["0", str(mapping["host_id"]), "65536"]
+        assert sorted(got["net"].split()) == ["eth0", "lo"]       # the pod's interfaces only
+        assert got["sysfs"] == "sysfs"
+        assert got["id"] == "0"
+        assert got["userns"] == f"user:[{os.stat(st.userns_path).st_ino}]"  # the pause's
+        assert got["created"] == "yes"
+        assert got["vol"] == "volume data 0:0"                    # the volume, owner mapped
+        # secctx's pieces, honoured by the runtime: containerd's default capabilities, the
+        # RuntimeDefault filter (mode 2), /proc/timer_list masked, /proc/sys read-only, unshare
+        # refused by the filter
+        mask = sum(1 << secctx.ALL_CAPS.index(c) for c in secctx.DEFAULT_CAPS)
+        assert int(got["capbnd"], 16) == mask
+        assert got["seccomp"] == "2"
+        assert got["timer_list"] == "1:3"                         # /dev/null bound over it
+        assert got["procsys"] == "refused"                        # read-only /proc/sys
+        assert got["unshare"] == "refused"
         await ctl.remove_sandbox(st.id)
     assert env.leftovers() == {}
     assert idmapmounts.mounts_under(env.tmp) == []
