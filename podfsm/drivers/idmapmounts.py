@@ -183,8 +183,9 @@ def support_problem() -> str | None:
 
 
 def open_userns(userns_path: str) -> int:
-    """An fd of the user namespace pinned at `userns_path` (a pin, /proc/<pid>/ns/user); the
-    caller closes it. StepFailed when the path holds no user namespace."""
+    """An fd of the user namespace pinned at `userns_path` (a pin, /proc/<pid>/ns/user), or
+    of the one owning the network namespace there (a netns pin: ioctl NS_GET_USERNS); the
+    caller closes it. StepFailed when the path holds neither."""
     try:
         fd = os.open(userns_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -192,11 +193,16 @@ def open_userns(userns_path: str) -> int:
                          f"{exc.strerror}") from None
     try:
         kind = fcntl.ioctl(fd, linux.NS_GET_NSTYPE)
+        if kind == linux.CLONE_NEWNET:
+            owner = fcntl.ioctl(fd, linux.NS_GET_USERNS)
+            os.close(fd)
+            fd, kind = owner, CLONE_NEWUSER
     except OSError:
         kind = -1
     if kind != CLONE_NEWUSER:
         os.close(fd)
-        raise StepFailed(STEP, f"{userns_path} is not a user namespace")
+        raise StepFailed(STEP, f"{userns_path} is neither a user namespace nor a network "
+                         "namespace")
     return fd
 
 

@@ -51,6 +51,23 @@ def userns() -> Iterator[str]:
         proc.wait()
 
 
+def test_a_netns_pin_stands_for_the_user_namespace_that_owns_it(tmp: str) -> None:
+    """A pod's netns pin works as well as its userns pin (ioctl NS_GET_USERNS)."""
+    proc = subprocess.Popen(["unshare", "--user", "--net", "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+            assert time.monotonic() < deadline, "unshare did not make a network namespace"
+            time.sleep(0.005)
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{proc.pid}/{name}", "w") as f:
+                f.write("0 200000 65536")
+        assert idmapmounts.mapped_root(f"/proc/{proc.pid}/ns/net", tmp) == (200000, 200000)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def tmp() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="pfsm-idm-")
@@ -159,7 +176,10 @@ def test_the_hosts_own_user_namespace_or_a_non_user_namespace_is_refused_by_name
     os.mkdir(dst)
     with pytest.raises(idmapmounts.IdmapUnsupported, match="EPERM"):
         idmapmounts.idmap_bind(src, dst, "/proc/self/ns/user")
-    with pytest.raises(StepFailed, match="is not a user namespace"):
+    with pytest.raises(StepFailed, match="neither a user namespace nor a network namespace"):
+        idmapmounts.idmap_bind(src, dst, "/proc/self/ns/uts")
+    # the host's netns is owned by the host's user namespace: that one again
+    with pytest.raises(idmapmounts.IdmapUnsupported, match="EPERM"):
         idmapmounts.idmap_bind(src, dst, "/proc/self/ns/net")
     with pytest.raises(StepFailed, match="cannot open the pod's user namespace"):
         idmapmounts.idmap_bind(src, dst, os.path.join(tmp, "missing"))
@@ -275,9 +295,11 @@ def test_idmapped_overlay_costs_at_most_5_ms_more_than_a_plain_one(
         mapped.append(time.perf_counter() - t0)
         idmapmounts.unmount(rootfs)
     p, m = statistics.median(plain) * 1e3, statistics.median(mapped) * 1e3
+    # paired by round, so a burst of load from elsewhere hits both sides of a difference
+    added = statistics.median(b - a for a, b in zip(plain, mapped, strict=True)) * 1e3
     print(f"\nplain overlay {p:.2f} ms, idmapped overlay {m:.2f} ms (medians of 20), "
-          f"added {m - p:.2f} ms")
-    assert m - p <= 5.0
+          f"added {added:.2f} ms (median of the paired differences)")
+    assert added <= 5.0
     assert idmapmounts.mounts_under(tmp) == []
 
 
@@ -486,8 +508,10 @@ async def test_an_idmapped_rootfs_adds_at_most_5_ms_to_a_container_start(
                                         st.netns_path, st.uid_mappings[0].model_dump(), 20)
         await ctl.remove_sandbox(st.id)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    added = statistics.median(b - a for a, b in zip(times["mount plain"],
+                                                     times["mount idmapped"], strict=True)) * 1e3
     print(f"\n{runtime}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
-          + " (medians of 20)")
-    assert med["mount idmapped"] - med["mount plain"] <= 5.0
+          + f" (medians of 20); the idmapped mount added {added:.2f} ms (paired)")
+    assert added <= 5.0
     assert env.leftovers() == {}
     assert idmapmounts.mounts_under(env.tmp) == []
