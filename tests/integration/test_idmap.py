@@ -425,16 +425,25 @@ def run_in_pod(env: Env, runtime: str, userns: str, netns: str,
     return out.stdout.splitlines(), removed
 
 
+#: an explicit range inside podfsm's default pool (2^20 on), away from where it allocates first
+EXPLICIT = {"container_id": 0, "host_id": (1 << 20) + 37 * 65536, "length": 65536}
+
+
+@pytest.mark.parametrize("ids", ["allocated", "explicit"])
 async def test_a_runc_and_crun_container_runs_on_an_idmapped_overlay_in_the_pods_namespaces(
-        env: Env, runtime: str) -> None:
+        env: Env, runtime: str, ids: str) -> None:
     """Inside: the image's files are root's, the uid map and user namespace are the pod's,
     /sys is a sysfs of the pod's netns; what it writes lands as the mapped uid on the host; a
     host-path volume idmapped by podfsm reads with its owner mapped, on runc too; afterwards no
-    mount is left."""
+    mount is left. For a range podfsm allocates and for one the pod config gives."""
+    userns = None if ids == "allocated" else {"mode": "POD", "uids": [EXPLICIT],
+                                              "gids": [EXPLICIT]}
     async with running(env) as ctl:
-        st = await ctl.run_sandbox(pod("idm"))
+        st = await ctl.run_sandbox(pod("idm", userns=userns))
         assert st.userns_path and st.netns_path and st.uid_mappings
         mapping = st.uid_mappings[0].model_dump()
+        if ids == "explicit":
+            assert mapping == EXPLICIT
         lines, _ = await asyncio.to_thread(run_in_pod, env, runtime, st.userns_path,
                                            st.netns_path, mapping)
         got = report(lines)
