@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from podfsm.core.ocispec import seccomp_from_profile
-from podfsm.core.seccompdefault import runtime_default_profile
+from podfsm.core.runtimedefault import runtime_default_profile
 from podfsm.core.spec import ProfileType, SecurityProfile, SupplementalGroupsPolicy
 
 #: containerd's default capabilities (pkg/oci/spec.go defaultUnixCaps; Docker's set)

@@ -1,4 +1,4 @@
-"""podfsm.core.secctx and podfsm.core.seccompdefault against containerd 2.x's behaviour
+"""podfsm.core.secctx and podfsm.core.runtimedefault against containerd 2.x's behaviour
 (containerd 301026e: internal/cri/server/container_create_linux_test.go TestContainerCapabilities,
 container_create.go buildLinuxSpec, internal/cri/opts/spec_opts.go, internal/cri/util/util.go
 GenerateUserString, internal/cri/sputil, pkg/oci/spec.go and spec_opts.go WithUser/WithUserID/
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from podfsm.core import secctx
-from podfsm.core.seccompdefault import ALLOWED, runtime_default_profile
+from podfsm.core.runtimedefault import ALLOWED, runtime_default_profile
 from podfsm.core.secctx import (
     ALL_CAPS,
     DEFAULT_CAPS,
