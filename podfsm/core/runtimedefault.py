@@ -1,10 +1,10 @@
 """containerd 2.x's RuntimeDefault seccomp profile, as data, and the function that builds it
 for a container's bounding capabilities, architecture and kernel, as containerd's
-contrib/seccomp/seccomp_default.go (DefaultProfile, at 301026e, 2026-08) does: deny with EPERM by default, allow the
-listed calls, socket for every family but AF_ALG and AF_VSOCK, personality for the harmless
-personas, the calls each capability makes safe when the container holds it, and, without
-CAP_SYS_ADMIN, clone without namespace flags and clone3 answered ENOSYS (so libcs fall back to
-clone, which the filter can inspect). Pure.
+contrib/seccomp/seccomp_default.go (DefaultProfile, at 301026e, 2026-08) does: deny with
+EPERM by default, allow the listed calls, socket for every family but AF_ALG and AF_VSOCK,
+personality for the harmless personas, the calls each capability makes safe when the
+container holds it, and, without CAP_SYS_ADMIN, clone without namespace flags and clone3
+answered ENOSYS (so libcs fall back to clone, which the filter can inspect). Pure.
 
 The pause keeps its own, much smaller, profile (podfsm.core.ocispec.runtime_default_seccomp):
 it only waits and reaps.
