@@ -186,6 +186,23 @@ def test_the_hosts_own_user_namespace_or_a_non_user_namespace_is_refused_by_name
     assert idmapmounts.mounts_under(tmp) == []
 
 
+def test_a_user_namespace_that_does_not_map_root_is_refused_by_name(tmp: str) -> None:
+    proc = subprocess.Popen(["unshare", "--user", "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{proc.pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
+            assert time.monotonic() < deadline, "unshare did not make a user namespace"
+            time.sleep(0.005)
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{proc.pid}/{name}", "w") as f:
+                f.write("1 300001 100")
+        with pytest.raises(idmapmounts.IdmapUnsupported, match="does not map uid and gid 0"):
+            idmapmounts.mapped_root(f"/proc/{proc.pid}/ns/user", tmp)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def layer_dirs(root: str) -> tuple[list[str], str, str, str]:
     """Two unpacked-layer-like lowers (`<store>/<id>/fs`, as drivers/layers.py lays them out,
     topmost first), and a container directory's upper, work and rootfs."""
@@ -243,6 +260,11 @@ def test_a_failed_overlay_mount_leaves_no_mount(userns: str, tmp: str) -> None:
         idmapmounts.unmount(work)
     with pytest.raises(ValueError, match="':' or ','"):
         idmapmounts.idmapped_overlay([lowers[0] + ",x"], upper, work, rootfs, userns)
+    with pytest.raises(FileNotFoundError, match="overlay directory is missing"):
+        idmapmounts.idmapped_overlay([lowers[0] + "-gone"], upper, work, rootfs, userns)
+    with pytest.raises(ValueError, match="at least one lower"):
+        idmapmounts.idmapped_overlay([], upper, work, rootfs, userns)
+    assert idmapmounts.mounts_under(tmp) == []
 
 
 _CRASH = """
