@@ -348,7 +348,10 @@ def idmapped_overlay(lower_dirs: Sequence[str], upper: str, work: str, target: s
             os.close(ns)
         data = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
         try:
-            linux.mount("overlay", target, "overlay", 0, data)
+            if len(os.fsencode(data)) < MOUNT_DATA_MAX:
+                linux.mount("overlay", target, "overlay", 0, data)
+            else:
+                _mount_overlay_by_layers(lowers, upper, work, target)
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 raise IdmapUnsupported(
@@ -362,6 +365,58 @@ def idmapped_overlay(lower_dirs: Sequence[str], upper: str, work: str, target: s
         # The overlay holds its lowers: the detached clones are not needed once it exists.
         for fd in trees:
             os.close(fd)
+
+
+#: mount(2) copies its options into one page: with many layers the lowerdir list is longer
+MOUNT_DATA_MAX = 4095
+#: the kernel from which overlayfs takes its lower layers one `lowerdir+` at a time
+LOWERDIR_PLUS_KERNEL = (6, 8)
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+#: fsopen, fsconfig, fsmount: like the other new mount calls, one number on x86_64 and aarch64
+FS_SYSCALLS = (430, 431, 432)
+
+
+def _fsconfig(fs: int, key: str, value: str | None, cmd: int = FSCONFIG_SET_STRING) -> None:
+    val = None if value is None else os.fsencode(value)
+    if _syscall(FS_SYSCALLS[1], fs, ctypes.c_uint(cmd), None if key == "" else key.encode(),
+                val, 0) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fsconfig({key or 'create'}): {os.strerror(e)}", value)
+
+
+def _mount_overlay_by_layers(lowers: Sequence[str], upper: str, work: str,
+                             target: str) -> None:
+    """The overlay through the new mount API, one `lowerdir+` per layer (Linux 6.8): for an
+    image whose lowerdir list does not fit mount(2)'s one page of options."""
+    release = platform.release()
+    if _release_tuple(release) < LOWERDIR_PLUS_KERNEL:
+        raise IdmapUnsupported(
+            f"the {len(lowers)} layers' lowerdir list is longer than mount(2)'s {MOUNT_DATA_MAX}"
+            f" bytes, and kernel {release} cannot take layers one by one (Linux 6.8)")
+    _numbers()
+    fs = _syscall(FS_SYSCALLS[0], b"overlay", ctypes.c_uint(FSOPEN_CLOEXEC))
+    if fs < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fsopen(overlay): {os.strerror(e)}")
+    try:
+        for layer in lowers:
+            _fsconfig(fs, "lowerdir+", layer)
+        _fsconfig(fs, "upperdir", upper)
+        _fsconfig(fs, "workdir", work)
+        _fsconfig(fs, "", None, FSCONFIG_CMD_CREATE)
+        mnt = _syscall(FS_SYSCALLS[2], fs, ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(0))
+        if mnt < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"fsmount(overlay): {os.strerror(e)}", target)
+        try:
+            _move_mount(int(mnt), target)
+        finally:
+            os.close(mnt)
+    finally:
+        os.close(fs)
 
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")

@@ -247,6 +247,37 @@ def test_an_overlay_over_idmapped_lowers_shows_image_ids_and_lands_writes_as_the
     assert idmapmounts.mounts_under(tmp) == []
 
 
+def test_an_image_with_more_layers_than_one_page_of_options_holds_is_mounted_layer_by_layer(
+        userns: str, tmp: str) -> None:
+    """60 layers named like layers.py's (<64 hex>/fs): their lowerdir list passes mount(2)'s
+    page, so the overlay is made with fsconfig's lowerdir+, one layer at a time."""
+    store = os.path.join(tmp, "layers")
+    lowers = []
+    for i in range(60):
+        layer = os.path.join(store, f"{i:064x}", "fs")
+        make_tree(layer, {f"f{i}": (str(i), 0)})
+        lowers.insert(0, layer)  # topmost first
+    make_tree(lowers[-1], {"shadowed": ("bottom", 0)})
+    make_tree(lowers[0], {"shadowed": ("top", 1000)})
+    ctr = os.path.join(tmp, "ctr")
+    upper, work, rootfs = (os.path.join(ctr, n) for n in ("upper", "work", "rootfs"))
+    for d in (upper, work, rootfs):
+        os.makedirs(d)
+    data = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    assert len(data) > idmapmounts.MOUNT_DATA_MAX
+    idmapmounts.idmapped_overlay(lowers, upper, work, rootfs, userns)
+    try:
+        assert len(os.listdir(rootfs)) == 61
+        with open(os.path.join(rootfs, "shadowed")) as f:
+            assert f.read() == "top"
+        seen = inside(userns, "stat", "-c", "%u", f"{rootfs}/f0", f"{rootfs}/f59",
+                      f"{rootfs}/shadowed")
+        assert seen.split() == ["0", "0", "1000"]
+    finally:
+        idmapmounts.unmount(rootfs)
+    assert idmapmounts.mounts_under(tmp) == []
+
+
 def test_a_failed_overlay_mount_leaves_no_mount(userns: str, tmp: str) -> None:
     lowers, upper, _work, rootfs = layer_dirs(tmp)
     work = os.path.join(tmp, "work-on-tmpfs")  # work on another filesystem than upper: EINVAL
