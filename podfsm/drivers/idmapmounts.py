@@ -485,3 +485,15 @@ async def idmap_bind_async(src: str, dst: str, userns_path: str,
 async def recover_async(container_dir: str) -> list[str]:
     """`recover` in a worker thread."""
     return await asyncio.to_thread(recover, container_dir)
+
+
+async def idmapped_volume_async(container_dir: str, index: int, src: str, userns_path: str,
+                                readonly: bool) -> str:
+    """`idmapped_volume` in a worker thread."""
+    return await asyncio.to_thread(idmapped_volume, container_dir, index, src, userns_path,
+                                   readonly)
+
+
+async def unmount_async(target: str) -> None:
+    """`unmount` in a worker thread."""
+    await asyncio.to_thread(unmount, target)
