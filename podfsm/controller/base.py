@@ -137,6 +137,15 @@ class ControllerBase:
         """The names of the installed runtime handlers, the default one first."""
         return list(self._runtimes)
 
+    def user_namespaces_problem(self, handler: str) -> str | None:
+        """None when handler `handler` runs user-namespaced pods' containers: podfsm idmaps
+        their rootfs and volumes itself (runc 1.1 ignores OCI mount idmaps), so what it takes
+        is the kernel's support, the same for runc and crun, which both join the pod's user
+        namespace by path. Else why not (what the CRI Status reports as false)."""
+        if handler not in self._runtimes:
+            return f"runtime handler {handler!r} is not installed"
+        return factory.user_namespaces_problem() if self._real else None
+
     def _runtime(self, name: str) -> RuntimeDriver:
         """The driver of runtime handler `name` (a sandbox's own, from its record)."""
         rt = self._runtimes.get(name)

@@ -136,9 +136,16 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         ctl = self.ctl
         conditions = [pb.RuntimeCondition(type=c.type, status=c.status, reason=c.reason,
                                           message=c.message) for c in ctl.conditions()]
-        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
-            user_namespaces=True, recursive_read_only_mounts=False))
-            for name in ctl.runtime_handlers]
+        handlers: list[pb.RuntimeHandler] = []
+        for name in ctl.runtime_handlers:
+            features = pb.RuntimeHandlerFeatures(
+                user_namespaces=ctl.user_namespaces_problem(name) is None,
+                recursive_read_only_mounts=False)
+            handlers.append(pb.RuntimeHandler(name=name, features=features))
+            if name == ctl.runtime_handlers[0]:
+                # the default handler again under "", as containerd lists it: a client that
+                # asks for no handler (critest without --runtime-handler) looks up ""
+                handlers.append(pb.RuntimeHandler(name="", features=features))
         info: dict[str, str] = {}
         if request.verbose:
             net = next(c for c in ctl.conditions() if c.type == "NetworkReady")
