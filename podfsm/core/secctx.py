@@ -198,9 +198,10 @@ def seccomp_spec(choice: SeccompChoice, *, bounding: Sequence[str],
     if localhost_text is None:
         raise SecurityContextError(f"seccomp: the Localhost profile {choice.path} was not read")
     try:
-        return seccomp_from_profile(localhost_text, choice.path)
+        return seccomp_from_profile(localhost_text)
     except ValueError as exc:
-        raise SecurityContextError(str(exc)) from None
+        raise SecurityContextError(
+            f"seccomp: the Localhost profile {choice.path} cannot be used: {exc}") from None
 
 
 # -- users and groups --------------------------------------------------------------------------

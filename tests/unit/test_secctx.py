@@ -187,7 +187,7 @@ def test_a_localhost_profile_is_checked_like_the_pauses() -> None:
     assert secctx.seccomp_spec(choice, bounding=[], localhost_text=text) == {
         "defaultAction": "SCMP_ACT_ALLOW",
         "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}
-    with pytest.raises(SecurityContextError, match=r"/p\.json is not JSON"):
+    with pytest.raises(SecurityContextError, match=r"/p\.json cannot be used: it is not JSON"):
         secctx.seccomp_spec(choice, bounding=[], localhost_text="{")
     with pytest.raises(SecurityContextError, match="was not read"):
         secctx.seccomp_spec(choice, bounding=[])
