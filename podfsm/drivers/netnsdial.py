@@ -14,7 +14,6 @@ serves a request from the wrong one.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import os

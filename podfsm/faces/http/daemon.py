@@ -130,7 +130,8 @@ class Daemon:
                  header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT,
                  max_streams: int = DEFAULT_MAX_STREAMS,
-                 cri_socket: str | None = None) -> None:
+                 cri_socket: str | None = None,
+                 stream_address: str = "127.0.0.1", stream_port: int | None = 0) -> None:
         if host is not None and port is None:
             raise DaemonError("a host to listen on needs a port (--port)")
         self.cfg = cfg
@@ -143,6 +144,12 @@ class Daemon:
         #: where the CRI face (podfsm.faces.cri) listens, from recovery done until shutdown;
         #: None: no CRI socket
         self.cri_socket = cri_socket
+        #: where the streaming server (exec, attach, port-forward URLs) listens, with the CRI
+        #: socket; port 0 picks a free one, None: no streaming server
+        self.stream_address = stream_address
+        self.stream_port = stream_port
+        #: the streaming server, while it runs
+        self.stream: Any = None
         self._heartbeat = heartbeat
         self._graceful_timeout = graceful_timeout
         self._protocol = type("BoundedH11", (_BoundedH11,), {
@@ -212,14 +219,32 @@ class Daemon:
         if self.cri_socket is None:
             yield
             return
+        from podfsm.drivers.netnsdial import NetnsDialer
         from podfsm.faces.cri import CriServer
+        from podfsm.faces.stream import StreamServer
+        from podfsm.faces.stream.pods import SandboxDial
 
-        server = CriServer(ctl, self.cri_socket)
-        await server.start()
-        try:
-            yield
-        finally:
-            await server.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            stream = None
+            if self.stream_port is not None:
+                dialer = NetnsDialer()
+                stack.push_async_callback(dialer.close)
+                stream = StreamServer(self.stream_address, self.stream_port,
+                                      dial=SandboxDial(ctl, dialer))
+                try:
+                    await stream.start()
+                except OSError as exc:
+                    raise DaemonError(f"cannot listen for streaming on {self.stream_address}:"
+                                      f"{self.stream_port}: {exc.strerror or exc}") from None
+                stack.push_async_callback(stream.stop)
+                self.stream = stream
+            server = CriServer(ctl, self.cri_socket, stream)
+            await server.start()
+            try:
+                yield
+            finally:
+                await server.stop()
+                self.stream = None
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

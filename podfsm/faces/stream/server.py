@@ -167,7 +167,8 @@ class StreamServer:
         parts = urlsplit(head.target).path.strip("/").split("/")
         kind, token = (parts[0], parts[1]) if len(parts) == 2 else ("", "")
         request = self.cache.consume(token) if kind in _KINDS and token else None
-        if request is None or not isinstance(request, _KINDS[kind]) or head.method != "GET":
+        if request is None or not isinstance(request, _KINDS[kind]) or head.method not in (
+                "GET", "POST"):
             return await _answer(writer, 404, "not found: unknown, used or expired token")
         upgrade = [v.lower() for v in head.values("upgrade")]
         if "websocket" in upgrade:

@@ -66,15 +66,18 @@ class SpdyError(ValueError):
 def _dictionary() -> bytes:
     """The SPDY/3 header compression dictionary (draft 3, section 2.6.10.1): length-prefixed
     header names and common values, then a run of status lines, dates and media types."""
-    names = (
-        "options head post put delete trace accept accept-charset accept-encoding "
-        "accept-language accept-ranges age allow authorization cache-control connection "
-        "content-base content-encoding content-language content-length content-location "
-        "content-md5 content-range content-type date etag expect expires from host if-match "
-        "if-modified-since if-none-match if-range if-unmodified-since last-modified location "
-        "max-forwards pragma proxy-authenticate proxy-authorization range referer retry-after "
-        "server te trailer transfer-encoding upgrade user-agent vary via warning "
-        "www-authenticate method get status").split()
+    names = [
+        "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset",
+        "accept-encoding", "accept-language", "accept-ranges", "age", "allow",
+        "authorization", "cache-control", "connection", "content-base", "content-encoding",
+        "content-language", "content-length", "content-location", "content-md5",
+        "content-range", "content-type", "date", "etag", "expect", "expires", "from",
+        "host", "if-match", "if-modified-since", "if-none-match", "if-range",
+        "if-unmodified-since", "last-modified", "location", "max-forwards", "pragma",
+        "proxy-authenticate", "proxy-authorization", "range", "referer", "retry-after",
+        "server", "te", "trailer", "transfer-encoding", "upgrade", "user-agent", "vary",
+        "via", "warning", "www-authenticate", "method", "get", "status",
+    ]
     names += ["200 OK", "version", "HTTP/1.1", "url", "public", "set-cookie", "keep-alive",
               "origin"]
     tail = (

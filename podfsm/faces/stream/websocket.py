@@ -84,7 +84,8 @@ class WebSocket:
         while not self.closed.is_set():
             for event in self.ws.events():
                 if isinstance(event, BytesMessage | TextMessage):
-                    part = event.data if isinstance(event.data, bytes) else event.data.encode()
+                    part = (event.data.encode() if isinstance(event.data, str)
+                            else bytes(event.data))
                     self._parts.append(part)
                     self._size += len(part)
                     if self._size > MAX_MESSAGE:

@@ -1,0 +1,151 @@
+"""Port-forward through a real `podfsm serve` (runc and crun), held to crictl 1.26.1's client
+(SPDY/3.1 over client-go and moby/spdystream) and to a WebSocket client tunnelling SPDY: the
+connection reaches the pod's own loopback, not the host's, even when the host listens on the
+same port; a host-network pod forwards on the host."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import websocket
+from cri_api.v1 import api_pb2 as pb
+from cri_api.v1 import api_pb2_grpc as pb_grpc
+
+from podfsm.faces.stream import spdy
+from tests.integration.conftest import Env
+from tests.integration.test_cri import Crictl, daemon, tool  # noqa: F401 (a fixture)
+from tests.integration.test_faces import Daemon
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def httpd(tmp: str, name: str, port: int, netns: str | None) -> Iterator[None]:
+    """busybox httpd on 127.0.0.1:`port` serving `name` at /id, in `netns` (the host's when
+    None); killed however the block ends."""
+    root = Path(tmp, f"www-{name}")
+    root.mkdir()
+    (root / "id").write_text(name)
+    argv = [tool("busybox"), "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", str(root)]
+    if netns:
+        argv = [tool("nsenter"), f"--net={netns}", "--", *argv]
+    proc = subprocess.Popen(argv)
+    try:
+        probe = ["busybox", "wget", "-q", "-O", "-", f"http://127.0.0.1:{port}/id"]
+        if netns:
+            probe = ["nsenter", f"--net={netns}", "--", *probe]
+        for _ in range(100):
+            if subprocess.run(probe, capture_output=True).stdout == name.encode():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"httpd {name} did not come up")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _netns(d: Daemon, sid: str) -> str:
+    with d.client() as c:
+        path = c.get(f"/v1/sandboxes/{sid}").json()["netns_path"]
+    assert path and os.path.exists(path)
+    return str(path)
+
+
+@contextlib.contextmanager
+def crictl_port_forward(c: Crictl, sid: str, local: int, remote: int) -> Iterator[None]:
+    proc = subprocess.Popen([tool("crictl"), "--config", c.config, "port-forward", sid,
+                             f"{local}:{remote}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", local)):
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def _get(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/id", timeout=10) as r:
+        return bytes(r.read())
+
+
+def test_crictl_port_forward_reaches_the_pods_loopback_not_the_hosts(
+        env: Env, daemon: Daemon) -> None:  # noqa: F811
+    c = Crictl(daemon)
+    sid = c.ok("runp", c.pod_file("pod.json", "pf")).strip()
+    host_sid = c.ok("runp", c.pod_file("pod-host-net.json", "pf-host")).strip()
+    netns = _netns(daemon, sid)
+    port, local = _free_port(), _free_port()
+    with httpd(env.tmp, "pod", port, netns), httpd(env.tmp, "host", port, None):
+        with crictl_port_forward(c, sid, local, port):
+            answers = [_get(local) for _ in range(20)]
+        assert answers == [b"pod"] * 20
+        host_local = _free_port()
+        with crictl_port_forward(c, host_sid, host_local, port):
+            assert _get(host_local) == b"host"
+        # the same over WebSocket, SPDY tunnelled as current kubectl sends it
+        with grpc.insecure_channel(f"unix:{daemon.cri_socket}") as ch:
+            url = pb_grpc.RuntimeServiceStub(ch).PortForward(  # type: ignore[no-untyped-call]
+                pb.PortForwardRequest(pod_sandbox_id=sid, port=[port])).url
+        assert url.startswith("http://127.0.0.1:")
+        assert ws_port_forward(url, port, b"GET /id HTTP/1.0\r\n\r\n").endswith(b"pod")
+    for s in (sid, host_sid):
+        c.ok("stopp", s)
+        c.ok("rmp", s)
+
+
+def ws_port_forward(url: str, port: int, request: bytes) -> bytes:
+    """One forwarded connection over `SPDY/3.1+portforward.k8s.io`: the response's bytes."""
+    ws = websocket.create_connection(url.replace("http://", "ws://"), timeout=10,
+                                     subprotocols=["SPDY/3.1+portforward.k8s.io"])
+    framer = spdy.Framer()
+    try:
+        ws.send_binary(framer.encode(spdy.SynStream(1, {"streamType": "error",
+                                                         "port": str(port), "requestID": "0"})))
+        ws.send_binary(framer.encode(spdy.SynStream(3, {"streamType": "data",
+                                                         "port": str(port), "requestID": "0"})))
+        ws.send_binary(framer.encode(spdy.Data(3, request, fin=True)))
+        out, fin = bytearray(), set()
+        while {1, 3} - fin:
+            for f in framer.feed(ws.recv()):
+                if isinstance(f, spdy.Data):
+                    assert f.stream_id == 3 or not f.data, f
+                    if f.stream_id == 3:
+                        out += f.data
+                    if f.fin:
+                        fin.add(f.stream_id)
+        return bytes(out)
+    finally:
+        ws.close()
+
+
+def test_port_forward_of_a_stopped_sandbox_is_refused(env: Env, daemon: Daemon) -> None:  # noqa: F811
+    c = Crictl(daemon)
+    sid = c.ok("runp", c.pod_file("pod.json", "pf-stopped")).strip()
+    c.ok("stopp", sid)
+    r = c.run("port-forward", sid, f"{_free_port()}:80")
+    assert r.returncode != 0 and "not running" in r.stderr, r.stderr
+    c.ok("rmp", sid)
+    assert json.loads(c.ok("pods", "-o", "json"))["items"] == []
