@@ -312,3 +312,60 @@ async def test_port_forward_pairs_streams_by_request_id_and_half_closes(
         await client.close()
     finally:
         listener.close()
+
+
+def _ws_session(url: str, protocol: str, sends: list[bytes]) -> tuple[str, dict[int, bytes]]:
+    """A WebSocket exec client (websocket-client, in a thread): the negotiated protocol and
+    what each channel received."""
+    import websocket
+
+    ws = websocket.create_connection(url.replace("http://", "ws://"), timeout=10,
+                                     subprotocols=[protocol])
+    raw = ws.sock  # websocket-client drops it unclosed when the server closes first
+    got: dict[int, bytes] = {}
+    try:
+        for msg in sends:
+            ws.send_binary(msg)
+        while True:
+            try:
+                frame = ws.recv()
+            except websocket.WebSocketConnectionClosedException:
+                break
+            if not frame:
+                break
+            data = frame if isinstance(frame, bytes) else frame.encode()
+            got[data[0]] = got.get(data[0], b"") + data[1:]
+        return str(ws.subprotocol), got
+    finally:
+        ws.close()
+        raw.close()
+
+
+async def test_exec_over_websocket_v5_closes_stdin_with_channel_255(
+        server: StreamServer) -> None:
+    url = server.url_for(ExecRequest("host", ("sh", "-c", "cat; echo bye >&2; exit 4"),
+                                     stdin=True))
+    proto, got = await asyncio.to_thread(_ws_session, url, "v5.channel.k8s.io",
+                                         [b"\x00one ", b"\x00two", b"\xff\x00"])
+    assert proto == "v5.channel.k8s.io"
+    assert got[1] == b"one two\x01" or got[1].startswith(b"one two")  # [255, 1] marks the end
+    assert got[2].startswith(b"bye\n")
+    assert json.loads(got[3])["details"] == {"causes": [{"reason": "ExitCode", "message": "4"}]}
+
+
+async def test_exec_over_websocket_v4_and_a_resize(server: StreamServer) -> None:
+    url = server.url_for(ExecRequest("host", ("sh", "-c", "sleep 0.3; stty size"), tty=True))
+    proto, got = await asyncio.to_thread(_ws_session, url, "v4.channel.k8s.io",
+                                         [b'\x04{"Width":77,"Height":22}'])
+    assert proto == "v4.channel.k8s.io"
+    assert b"22 77" in got[1]
+    assert json.loads(got[3]) == {"metadata": {}, "status": "Success"}
+
+
+async def test_websocket_without_a_known_subprotocol_is_refused(server: StreamServer) -> None:
+    import websocket
+
+    url = server.url_for(ExecRequest("host", ("true",)))
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        await asyncio.to_thread(websocket.create_connection, url.replace("http", "ws"),
+                                timeout=5, subprotocols=["base64.channel.k8s.io"])
