@@ -348,8 +348,9 @@ async def test_exec_over_websocket_v5_closes_stdin_with_channel_255(
     proto, got = await asyncio.to_thread(_ws_session, url, "v5.channel.k8s.io",
                                          [b"\x00one ", b"\x00two", b"\xff\x00"])
     assert proto == "v5.channel.k8s.io"
-    assert got[1] == b"one two\x01" or got[1].startswith(b"one two")  # [255, 1] marks the end
-    assert got[2].startswith(b"bye\n")
+    assert got[1] == b"one two"
+    assert got[2] == b"bye\n"
+    assert got[255] == b"\x01\x02"  # [255, 1] and [255, 2]: stdout and stderr ended
     assert json.loads(got[3])["details"] == {"causes": [{"reason": "ExitCode", "message": "4"}]}
 
 
