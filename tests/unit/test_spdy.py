@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,20 @@ def test_repeated_and_truncated_header_names_are_refused() -> None:
     with pytest.raises(spdy.SpdyError, match="truncated"):
         spdy.decode_header_block(struct.pack(">I", 2) + pair)
     assert spdy.first({"a": "x\0y"}, "A") == "x"
+
+
+def test_frames_crictl_sent_parse() -> None:
+    """What crictl 1.26.1 (client-go, moby/spdystream, Go's zlib) wrote after its upgrade in
+    one `crictl port-forward` connection that sent b'ping' (captured with strace): two stream
+    pairs' worth of SYN_STREAMs, DATA with FIN, client-go's PINGs and its GOAWAY."""
+    wire = (Path(__file__).parent / "data" / "crictl-1.26.1-port-forward.spdy").read_bytes()
+    frames = spdy.Framer().feed(wire)
+    assert frames[:5] == [
+        spdy.SynStream(1, {"streamtype": "error", "port": "39337", "requestid": "0"}),
+        spdy.Data(1, b"", fin=True),
+        spdy.SynStream(3, {"port": "39337", "requestid": "0", "streamtype": "data"}),
+        spdy.Data(3, b"ping"),
+        spdy.Data(3, b"", fin=True)]
+    pings = frames[5:-1]
+    assert pings and all(isinstance(p, spdy.Ping) and p.ping_id % 2 for p in pings)
+    assert frames[-1] == spdy.GoAway(0, spdy.GoAwayStatus.OK)

@@ -370,3 +370,68 @@ async def test_websocket_without_a_known_subprotocol_is_refused(server: StreamSe
     with pytest.raises(websocket.WebSocketBadStatusException):
         await asyncio.to_thread(websocket.create_connection, url.replace("http", "ws"),
                                 timeout=5, subprotocols=["base64.channel.k8s.io"])
+
+
+async def test_crictls_captured_port_forward_session_gets_kubelets_answers() -> None:
+    """The bytes crictl 1.26.1 sent (tests/unit/data, see test_spdy.py) replayed after a real
+    upgrade: the server answers each stream, forwards b'ping', ends data then error with FIN,
+    answers every PING, and resets nothing."""
+    from pathlib import Path
+
+    async def pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"pong:" + await reader.read(100))
+        writer.close()
+
+    listener = await asyncio.start_server(pong, "127.0.0.1", 0)
+    target = listener.sockets[0].getsockname()[1]
+    ports: list[int] = []
+
+    async def dial(sid: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ports.append(port)
+        return await asyncio.open_connection("127.0.0.1", target)
+
+    srv = StreamServer(dial=dial)
+    await srv.start()
+    try:
+        client = await Client.connect(srv.url_for(PortForwardRequest("pod")),
+                                      ["portforward.k8s.io"])
+        wire = (Path(__file__).parent / "data" / "crictl-1.26.1-port-forward.spdy").read_bytes()
+        frames = spdy.Framer().feed(wire)
+        pings = [f for f in frames if isinstance(f, spdy.Ping)]
+        client.writer.write(wire[:wire.index(spdy.Framer().encode(pings[0]))])
+        await client.until(lambda: {1, 3} <= client.fin)
+        client.writer.write(b"".join(spdy.Framer().encode(p) for p in pings))
+        await client.until(lambda: sum(isinstance(f, spdy.Ping) for f in client.frames)
+                           == len(pings))
+        assert ports == [39337]
+        assert bytes(client.data[3]) == b"pong:ping" and not client.data[1]
+        assert client.replied == {1, 3} and not client.reset
+        await client.close()
+    finally:
+        await srv.stop()
+        listener.close()
+
+
+async def test_a_client_that_does_not_read_holds_the_process_not_podfsms_memory(
+        server: StreamServer) -> None:
+    """64 MiB of output to a client that reads nothing: were podfsm to buffer it, `head`
+    would finish in milliseconds; it stays blocked on its pipe, and the process's memory
+    grows by far less than what it was sent."""
+    import resource
+
+    client, _ = await _exec(server, ExecRequest("host", ("head", "-c", "67108864",
+                                                         "/dev/zero")))
+    client._task.cancel()  # stop reading: the kernel's socket buffers fill, then podfsm's
+    proc = server.containers.started[-1]  # type: ignore[union-attr]
+    assert isinstance(proc, SubprocessStreams)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    await asyncio.sleep(1.5)
+    assert proc.proc.returncode is None, "the whole output was taken in"
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 16 * 1024, grown_kib
+    await client.close()
+    for _ in range(100):
+        if proc.proc.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert proc.proc.returncode == -signal.SIGKILL

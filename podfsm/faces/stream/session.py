@@ -183,8 +183,9 @@ class SpdySession:
         if isinstance(frame, spdy.Data):
             stream = self.streams.get(frame.stream_id)
             if stream is None:
-                await self.send_frame(spdy.RstStream(frame.stream_id,
-                                                     spdy.RstStatus.INVALID_STREAM))
+                if frame.stream_id > self._last_id:  # never opened (a late FIN is dropped)
+                    await self.send_frame(spdy.RstStream(frame.stream_id,
+                                                         spdy.RstStatus.INVALID_STREAM))
                 return True
             stream._deliver(frame.data, frame.fin)
             await stream.drained.wait()  # a reader that lags holds the connection, not memory
