@@ -5,9 +5,11 @@ same port; a host-network pod forwards on the host."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -21,7 +23,9 @@ import websocket
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
-from podfsm.faces.stream import spdy
+from podfsm.faces.stream import StreamServer, spdy
+from tests import crishim
+from tests.crishim import CommandContainers
 from tests.integration.conftest import Env
 from tests.integration.test_cri import Crictl, daemon, tool  # noqa: F401 (a fixture)
 from tests.integration.test_faces import Daemon
@@ -149,3 +153,64 @@ def test_port_forward_of_a_stopped_sandbox_is_refused(env: Env, daemon: Daemon) 
     assert r.returncode != 0 and "not running" in r.stderr, r.stderr
     c.ok("rmp", sid)
     assert json.loads(c.ok("pods", "-o", "json"))["items"] == []
+
+
+async def _crictl(endpoint: str, *args: str, stdin: bytes | None = None,
+                  under_script: bool = False) -> tuple[int, bytes, bytes]:
+    argv = [tool("crictl"), "--runtime-endpoint", f"unix://{endpoint}", *args]
+    if under_script:  # a real pty for `exec -it`, as a terminal user has
+        argv = [tool("script"), "-qec", " ".join(argv), "/dev/null"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+async def test_crictl_exec_and_attach_sessions_in_a_pods_netns(env: Env,
+                                                              daemon: Daemon) -> None:  # noqa: F811
+    """The real crictl's exec and attach, against a test-only CRI endpoint (tests/crishim.py)
+    whose "container" runs commands in a podfsm pod's network namespace through
+    exec_in_netns: stdin, a pty, exit codes, 1 MiB whole, attach; the command sees the pod's
+    interfaces, not the host's."""
+    c = Crictl(daemon)
+    sid = c.ok("runp", c.pod_file("pod.json", "ex")).strip()
+    netns = _netns(daemon, sid)
+    containers = CommandContainers({"c1": netns}, attach_cmd=("cat",))
+    stream = StreamServer(containers=containers)
+    await stream.start()
+    endpoint = os.path.join(env.tmp, "crishim.sock")
+    grpc_server = await crishim.serve(stream, endpoint)
+    try:
+        rc, out, _ = await _crictl(endpoint, "exec", "c1", "ip", "-o", "link")
+        assert rc == 0 and b"eth0" in out, out
+        assert os.path.exists(f"/sys/class/net/{env.bridge}")  # on the host, not in the pod
+        assert env.bridge.encode() not in out
+
+        rc, out, _ = await _crictl(endpoint, "exec", "-i", "c1", "cat", stdin=b"one\ntwo\n")
+        assert (rc, out) == (0, b"one\ntwo\n")
+
+        rc, out, err = await _crictl(endpoint, "exec", "c1", "sh", "-c",
+                                     "echo out; echo err >&2; exit 5")
+        assert rc != 0 and out == b"out\n" and b"err\n" in err
+        assert b"command terminated with exit code 5" in err
+
+        rc, out, _ = await _crictl(endpoint, "exec", "c1", "sh", "-c",
+                                   "head -c 1048576 /dev/zero | tr '\\0' x")
+        assert rc == 0 and out == b"x" * (1 << 20)
+
+        rc, out, _ = await _crictl(endpoint, "exec", "-it", "c1", "sh", "-c",
+                                   "tty; stty size", under_script=True)
+        assert rc == 0 and b"/dev/pts/" in out, out
+        assert re.search(rb"\d+ \d+", out), out
+
+        rc, out, _ = await _crictl(endpoint, "attach", "-i", "c1", stdin=b"attached\n")
+        assert (rc, out) == (0, b"attached\n")
+    finally:
+        await grpc_server.stop(None)
+        await stream.stop()
+    assert all(p.proc.returncode is not None for p in containers.started  # type: ignore[attr-defined]
+               )
+    c.ok("stopp", sid)
+    c.ok("rmp", sid)
