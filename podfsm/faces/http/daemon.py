@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import uvicorn
@@ -26,6 +26,9 @@ from podfsm.faces.http.events import DEFAULT_MAX_STREAMS
 from podfsm.faces.http.guard import TcpGuard, listening_names, load_or_create_token
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
 from podfsm.faces.wire import DEFAULT_SOCKET
+
+if TYPE_CHECKING:
+    from podfsm.faces.stream import StreamServer
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,7 @@ class Daemon:
         self.stream_address = stream_address
         self.stream_port = stream_port
         #: the streaming server, while it runs
-        self.stream: Any = None
+        self.stream: StreamServer | None = None
         self._heartbeat = heartbeat
         self._graceful_timeout = graceful_timeout
         self._protocol = type("BoundedH11", (_BoundedH11,), {

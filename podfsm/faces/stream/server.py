@@ -114,6 +114,9 @@ class StreamServer:
         shown = f"[{host}]" if ":" in host else host
         self.base_url = f"http://{shown}:{port}"
         log.info("streaming server (exec, attach, port-forward) on %s", self.base_url)
+        if not is_loopback(host):
+            log.warning("the streaming server listens on %s, not loopback: whoever reaches it "
+                        "with a URL gets into a pod", host)
 
     async def stop(self) -> None:
         """Stop listening and end every session (their processes are closed)."""

@@ -23,6 +23,7 @@ from wsproto.events import (
     Message,
     Ping,
     RejectConnection,
+    RejectData,
     Request,
     TextMessage,
 )
@@ -65,7 +66,7 @@ class WebSocket:
             if request is not None:
                 await self._send(self.ws.send(RejectConnection(
                     status_code=400, headers=[(b"content-length", str(len(body)).encode())],
-                    has_body=True)) + self.ws.send(_body(body)))
+                    has_body=True)) + self.ws.send(RejectData(data=body)))
             raise ValueError(body.decode())
         await self._send(self.ws.send(AcceptConnection(subprotocol=chosen)))
         return chosen
@@ -120,12 +121,6 @@ class WebSocket:
     def _end(self) -> None:
         self.closed.set()
         self.writer.close()
-
-
-def _body(data: bytes) -> Any:
-    from wsproto.events import RejectData
-
-    return RejectData(data=data, body_finished=True)
 
 
 class TunnelPipe:
