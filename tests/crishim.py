@@ -12,17 +12,21 @@ import grpc
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
+from podfsm.drivers.conmonattach import ConmonAttach
 from podfsm.drivers.procstreams import ProcessStreams, exec_in_netns
 from podfsm.faces.stream import AttachRequest, ExecRequest, PortForwardRequest, StreamServer
 
 
 class CommandContainers:
     """Container id -> the network namespace its commands run in ('' : the host's). Attach
-    runs the container's `attach_cmd`."""
+    goes through conmon's attach socket and control FIFO when `monitors` names the
+    container's bundle directory, else runs the container's `attach_cmd`."""
 
-    def __init__(self, netns: dict[str, str], attach_cmd: Sequence[str] = ("cat",)) -> None:
+    def __init__(self, netns: dict[str, str], attach_cmd: Sequence[str] = ("cat",),
+                 monitors: dict[str, str] | None = None) -> None:
         self.netns = netns
         self.attach_cmd = list(attach_cmd)
+        self.monitors = monitors or {}
         self.started: list[ProcessStreams] = []
 
     def _netns(self, container_id: str) -> str | None:
@@ -38,6 +42,10 @@ class CommandContainers:
 
     async def attach_stream(self, container_id: str, *, tty: bool, stdin: bool, stdout: bool,
                             stderr: bool) -> ProcessStreams:
+        bundle = self.monitors.get(container_id)
+        if bundle is not None:
+            return await ConmonAttach.open(os.path.join(bundle, "attach"),
+                                           os.path.join(bundle, "ctl"))
         return await self.exec_stream(container_id, self.attach_cmd, tty=tty, stdin=stdin,
                                       stdout=stdout, stderr=stderr)
 

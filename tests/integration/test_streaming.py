@@ -214,3 +214,80 @@ async def test_crictl_exec_and_attach_sessions_in_a_pods_netns(env: Env,
                )
     c.ok("stopp", sid)
     c.ok("rmp", sid)
+
+
+#: A stand-in OCI runtime for conmon: `create` starts the "container" (a shell that greets on
+#: stdout and stderr, then cats its stdin) on the stdio conmon gives it and writes its pid.
+FAKE_RUNTIME = """#!/bin/sh
+cmd=""; pidfile=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    create|start|delete|kill|state) cmd=$1;;
+    --pid-file) pidfile=$2; shift;;
+  esac
+  shift
+done
+if [ "$cmd" = create ]; then
+  exec 3<&0
+  sh -c 'echo ready; echo warn >&2; exec cat <&3 3<&-' &
+  echo $! > "$pidfile"
+fi
+exit 0
+"""
+
+
+@contextlib.contextmanager
+def conmon_container(tmp: str, name: str) -> Iterator[str]:
+    """A "container" under the real conmon (Debian's, as the container layer runs it: stdin
+    pipe, full attach path, k8s-file log); its bundle directory. Killed however the block
+    ends; conmon then exits by itself."""
+    root = Path(tmp, f"conmon-{name}")
+    bundle, exits = root / "bundle", root / "exit"
+    bundle.mkdir(parents=True)
+    exits.mkdir()
+    runtime = root / "runtime"
+    runtime.write_text(FAKE_RUNTIME)
+    runtime.chmod(0o755)
+    subprocess.run([tool("conmon"), "--api-version", "1", "-c", name, "-u", name, "-n", name,
+                    "-r", str(runtime), "-b", str(bundle), "-p", str(bundle / "pid"),
+                    "-P", str(bundle / "conmon.pid"), "--exit-dir", str(exits),
+                    "-l", f"k8s-file:{root / 'log'}", "--socket-dir-path", str(bundle),
+                    "--full-attach", "-i"], check=True, timeout=30, capture_output=True)
+    monitor = int((bundle / "conmon.pid").read_text())
+    try:
+        for _ in range(100):
+            if (bundle / "attach").exists():
+                break
+            time.sleep(0.05)
+        yield str(bundle)
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((bundle / "pid").read_text()), 9)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{monitor}"):
+                break
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{monitor}"), "conmon outlived its container"
+
+
+async def test_crictl_attach_through_conmons_attach_socket(env: Env) -> None:
+    """The real crictl attaches, through the streaming server, to a container under the real
+    conmon via ConmonAttach: its stdin reaches the container, its output comes back on stdout
+    and stderr, and the end of crictl's stdin closes the container's (conmon without
+    --leave-stdin-open), which ends the session."""
+    with conmon_container(env.tmp, "att1") as bundle:
+        containers = CommandContainers({}, monitors={"att1": bundle})
+        stream = StreamServer(containers=containers)
+        await stream.start()
+        endpoint = os.path.join(env.tmp, "crishim.sock")
+        grpc_server = await crishim.serve(stream, endpoint)
+        try:
+            rc, out, err = await _crictl(endpoint, "attach", "-i", "att1",
+                                         stdin=b"line one\nline two\n")
+        finally:
+            await grpc_server.stop(None)
+            await stream.stop()
+        assert (rc, out) == (0, b"line one\nline two\n"), err
+        log = Path(bundle).parent.joinpath("log").read_text()
+        assert "stdout F line two" in log and "stderr F warn" in log
+        assert Path(bundle).parent.joinpath("exit", "att1").read_text() == "0"
