@@ -291,3 +291,56 @@ async def test_crictl_attach_through_conmons_attach_socket(env: Env) -> None:
         log = Path(bundle).parent.joinpath("log").read_text()
         assert "stdout F line two" in log and "stderr F warn" in log
         assert Path(bundle).parent.joinpath("exit", "att1").read_text() == "0"
+
+
+def test_the_daemon_listens_on_loopback_only(env: Env, daemon: Daemon) -> None:  # noqa: F811
+    """By default nothing of `podfsm serve` listens on TCP outside 127.0.0.1 (the streaming
+    server is its only TCP listener without --port)."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    mine = [line.split()[3] for line in out.splitlines() if f"pid={daemon.proc.pid}," in line]
+    assert mine and all(addr.startswith("127.0.0.1:") for addr in mine), mine
+
+
+@contextlib.contextmanager
+def own_netns() -> Iterator[str]:
+    """A network namespace of our own with lo up, held by a process (no pin on the host):
+    its /proc path; gone once the block ends."""
+    holder = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up; exec sleep 60"])
+    try:
+        netns = f"/proc/{holder.pid}/ns/net"
+        for _ in range(100):
+            if "UP" in subprocess.run(["nsenter", f"--net={netns}", "ip", "-o", "link"],
+                                      capture_output=True, text=True).stdout:
+                break
+            time.sleep(0.05)
+        yield netns
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_the_netns_dialer_connects_inside_the_namespace_and_never_the_hosts(
+        env: Env) -> None:
+    """A listener on 127.0.0.1:P only inside a namespace of our own (unshare --net, pinned by
+    its process): the dialer reaches it; the host's 127.0.0.1:P answers nothing. A path that is
+    no namespace, or one gone, is an error, not the host."""
+    from podfsm.drivers.netnsdial import NetnsDialer
+
+    port = _free_port()
+    dialer = NetnsDialer()
+    with own_netns() as netns:
+        with httpd(env.tmp, "inside", port, netns):
+            reader, writer = await dialer.connect(netns, port)
+            writer.write(b"GET /id HTTP/1.0\r\n\r\n")
+            assert (await reader.read()).endswith(b"inside")
+            writer.close()
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)  # nothing on the host's
+        with pytest.raises(OSError, match="cannot enter the network namespace"):
+            await dialer.connect(env.tmp, port)  # a directory, no namespace
+        helper = dialer._proc
+        assert helper is not None and helper.returncode is None
+    with pytest.raises(OSError):
+        await dialer.connect(netns, port)  # its holder is gone: no fallback to the host
+    await dialer.close()
+    assert helper.returncode == 0  # the helper ended with the dialer
