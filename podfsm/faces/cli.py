@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cri-socket", default="/run/podfsm/cri.sock", metavar="PATH",
                    help="unix socket of the CRI v1 gRPC face, mode 0660, there once recovery "
                    "is done (default /run/podfsm/cri.sock; '' for none)")
+    p.add_argument("--stream-address", default="127.0.0.1", metavar="ADDR",
+                   help="address of the streaming server whose URLs CRI PortForward (and "
+                   "Exec, Attach) answer (default 127.0.0.1: whoever reaches it with a URL "
+                   "gets into a pod)")
+    p.add_argument("--stream-port", type=int, default=0, metavar="PORT",
+                   help="its TCP port (default 0: a free one; -1: no streaming server)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("runp", parents=[client], help="run a sandbox from a pod config file")
@@ -244,6 +250,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise _UsageError("--host needs --port")
     if args.token_file is not None and args.port is None:
         raise _UsageError("--token-file needs --port (the unix socket takes no token)")
+    if args.stream_port > 65535 or args.stream_port < -1:
+        raise _UsageError(f"--stream-port {args.stream_port} is not a port (0: a free one, "
+                          "-1: none)")
     if min(args.header_timeout, args.body_timeout) <= 0 or args.max_event_streams < 1:
         raise _UsageError("--header-timeout, --body-timeout and --max-event-streams must be "
                           "positive")
@@ -262,7 +271,9 @@ def _serve(args: argparse.Namespace) -> int:
                           token_file=args.token_file, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout,
                           max_streams=args.max_event_streams,
-                          cri_socket=args.cri_socket or None))
+                          cri_socket=args.cri_socket or None,
+                          stream_address=args.stream_address,
+                          stream_port=None if args.stream_port < 0 else args.stream_port))
     except PodfsmError as exc:
         print(f"podfsm serve: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -242,6 +242,14 @@ def tcp_listeners(pid: int) -> list[tuple[str, int]]:
     return found
 
 
+def stream_port(d: Daemon) -> int:
+    """The port of the daemon's streaming server (with the CRI socket), from its log line."""
+    m = re.search(r"streaming server \(exec, attach, port-forward\) on http://127\.0\.0\.1:(\d+)",
+                  d.log_text())
+    assert m, "no streaming server in the log"
+    return int(m.group(1))
+
+
 def svg_current(svg: bytes) -> list[str]:
     """The ids of the nodes drawn as the current state."""
     root = ET.fromstring(svg)
@@ -350,11 +358,12 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
     use_env_network(env)
     subnet = ipaddress.ip_network(env.subnet)
     with serving(env) as d, d.client() as c:
-        # the socket: a socket, root's, mode 0660; and no TCP listener unless asked
+        # the socket: a socket, root's, mode 0660; and no TCP listener unless asked but the
+        # streaming server's, on loopback (docs/streaming.md)
         sst = os.stat(d.socket)
         assert stat.S_ISSOCK(sst.st_mode) and stat.S_IMODE(sst.st_mode) == 0o660
         assert sst.st_uid == 0
-        assert tcp_listeners(d.proc.pid) == []
+        assert tcp_listeners(d.proc.pid) == [("127.0.0.1", stream_port(d))]
 
         health = c.get("/healthz")
         assert health.status_code == 200
@@ -610,7 +619,8 @@ def test_tcp_needs_the_token_a_listening_name_and_the_pages_origin(tmp_path: Pat
         use_env_network(env)
         with serving(env, port=0) as d:
             assert d.tcp_port is not None
-            assert tcp_listeners(d.proc.pid) == [("127.0.0.1", d.tcp_port)]
+            assert sorted(tcp_listeners(d.proc.pid)) == sorted(
+                [("127.0.0.1", d.tcp_port), ("127.0.0.1", stream_port(d))])
             token_file = Path(env.tmp, "http-token")
             assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
             assert token_file.stat().st_uid == 0 and len(d.token) >= 32

@@ -3,7 +3,8 @@ sandboxes, each RPC one Controller call (see docs/cri.md).
 
 Served: Version, Status, RuntimeConfig, UpdateRuntimeConfig, RunPodSandbox, StopPodSandbox,
 RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats,
-GetContainerEvents (sandbox events) and ImageFsInfo. Every other RPC answers UNIMPLEMENTED:
+GetContainerEvents (sandbox events), ImageFsInfo and, with a streaming server, PortForward
+(its URL; see docs/streaming.md). Every other RPC answers UNIMPLEMENTED:
 podfsm runs pod sandboxes only; containers and images belong to a container runtime beside it.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
@@ -46,8 +47,11 @@ from podfsm.core.errors import (
     SandboxNotFound,
     StateDirError,
 )
+from podfsm.core.states import State
 from podfsm.faces.cri import convert
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
+from podfsm.faces.stream import PortForwardRequest, StreamServer
+from podfsm.faces.stream.tokens import CacheFull
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +119,13 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
 class RuntimeService(pb_grpc.RuntimeServiceServicer):
     """runtime.v1.RuntimeService for pod sandboxes."""
 
-    def __init__(self, ctl: Controller) -> None:
+    def __init__(self, ctl: Controller, stream: StreamServer | None = None) -> None:
         self.ctl = ctl
         self.serving = True
         #: the RPCs in flight, each in a task its client's cancellation cannot cut short
         self.calls = CallGroup("CRI runtime service")
+        #: the streaming server whose URLs PortForward (and Exec, Attach) answer
+        self.stream = stream
         self._streams: set[anyio.CancelScope] = set()
         #: the pod CIDRs the kubelet gave in UpdateRuntimeConfig (reported, not applied)
         self.pod_cidrs: list[str] = []
@@ -248,6 +254,32 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 out.append(convert.sandbox_stats(st, await self.ctl.sandbox_stats(st.id)))
         return pb.ListPodSandboxStatsResponse(stats=out)
 
+    @_rpc
+    async def PortForward(self, request: pb.PortForwardRequest,
+                          context: grpc.aio.ServicerContext) -> pb.PortForwardResponse:
+        """A single-use URL of the streaming server for the sandbox's network namespace
+        (as containerd: the sandbox must be ready; ports, if named, must be ports)."""
+        stream = self.stream
+        if stream is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "PortForward: podfsm serve runs without a streaming server")
+            raise AssertionError("unreachable: abort raises")
+        sid = self.ctl.resolve_id(request.pod_sandbox_id)
+        st = await self.ctl.sandbox_status(sid)
+        if st.state is not State.READY:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"sandbox {sid} is {st.state.value}, not running: no port "
+                                "forwarding")
+        bad = [p for p in request.port if not 0 < p < 65536]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"ports {bad} are not TCP ports (1-65535)")
+        try:
+            url = stream.url_for(PortForwardRequest(sid, tuple(request.port)))
+        except CacheFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return pb.PortForwardResponse(url=url)
+
     async def GetContainerEvents(self, request: pb.GetEventsRequest,
                                  context: grpc.aio.ServicerContext) -> None:
         """Sandbox lifecycle events from now on, until the client goes or the server stops
@@ -319,10 +351,11 @@ cancels their calls (a run unwinds, a stop or remove is finished) and waits for 
 removes the socket.
     """
 
-    def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET) -> None:
+    def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET,
+                 stream: StreamServer | None = None) -> None:
         self.ctl = ctl
         self.socket_path = os.path.abspath(socket_path)
-        self._runtime = RuntimeService(ctl)
+        self._runtime = RuntimeService(ctl, stream)
         self._image = ImageService(ctl)
         self._server: grpc.aio.Server | None = None
         self._inode: int | None = None
