@@ -290,7 +290,12 @@ async def test_crictl_attach_through_conmons_attach_socket(env: Env) -> None:
         assert (rc, out) == (0, b"line one\nline two\n"), err
         log = Path(bundle).parent.joinpath("log").read_text()
         assert "stdout F line two" in log and "stderr F warn" in log
-        assert Path(bundle).parent.joinpath("exit", "att1").read_text() == "0"
+        # conmon writes the exit file once it has reaped the container, after the session
+        exit_file = Path(bundle).parent.joinpath("exit", "att1")
+        deadline = time.monotonic() + 10
+        while not exit_file.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert exit_file.read_text() == "0"
 
 
 def test_the_daemon_listens_on_loopback_only(env: Env, daemon: Daemon) -> None:  # noqa: F811
