@@ -86,3 +86,35 @@ class StateDirError(PodfsmError):
 class UnsafeDirectory(StateDirError):
     """A directory podfsm keeps root's state in (state_dir, run_dir, netns_dir) is not a
     directory, is owned by another user, or is writable by group or others."""
+
+
+class InvalidImageReference(PodfsmError, ValueError):
+    """An image reference (or digest) that does not parse; nothing was fetched."""
+
+
+class ImageNotFound(PodfsmError, KeyError):
+    """No image with that id, tag, digest or id prefix is in the store."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(ref)
+        self.ref = ref
+
+    def __str__(self) -> str:
+        return f"image {self.ref!r} not found"
+
+
+class ImagePullError(PodfsmError):
+    """A pull failed: the registry refused or lacked something, a document was malformed, or
+    content did not match its digest. Nothing of the failed pull is kept."""
+
+
+class DigestMismatch(ImagePullError):
+    """Content fetched for a digest hashed (or measured) to something else."""
+
+    def __init__(self, digest: str, message: str) -> None:
+        super().__init__(f"content of {digest} does not match: {message}")
+        self.digest = digest
+
+
+class ImageInUse(PodfsmError):
+    """The image is used by a container and may not be removed."""

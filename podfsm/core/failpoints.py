@@ -21,12 +21,19 @@ STEPS: tuple[str, ...] = (
     "runtime_delete",
     "cni_del",
     "unpin_namespaces",
+    # a pull: each blob's download (before: nothing written; after: the blob is in the store),
+    # each layer's unpacking, the image record's write
+    "fetch_blob",
+    "unpack_layer",
+    "save_image",
 )
 NAMES: tuple[str, ...] = tuple(f"{step}.{when}" for step in STEPS for when in ("before", "after"))
 #: The steps a successful run meets (the first record write, then the forward steps) and the
 #: ones only a stop, a remove or an unwinding meets (the compensating steps).
 RUN_STEPS: tuple[str, ...] = STEPS[:5]
-STOP_STEPS: tuple[str, ...] = STEPS[5:]
+STOP_STEPS: tuple[str, ...] = STEPS[5:9]
+#: The steps of an image pull.
+PULL_STEPS: tuple[str, ...] = STEPS[9:]
 
 _ACTION = re.compile(r"^(?:(?P<count>\d+)\*)?(?P<kind>error|crash|delay\((?P<ms>\d+)\))$")
 
