@@ -315,8 +315,11 @@ class Controller(Recovery):
         await self.images.remove(reference)
 
     async def image_fs_info(self) -> list[FilesystemUsage]:
-        """What the image store holds: bytes and inodes, with its filesystem's mount point."""
-        return [await self.images.usage()]
+        """What the image store holds: bytes and inodes, with its filesystem's mount point
+        (without an image store, fake drivers: the usage of state_dir's filesystem)."""
+        if self._image_manager is None:
+            return self._host.filesystem_usage([self.config.state_dir])
+        return [await self._image_manager.usage()]
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
         """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error."""

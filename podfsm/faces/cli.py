@@ -2,6 +2,7 @@
 
     podfsm serve [--socket S] [--state-dir D] [--run-dir D] [--netns-dir D] [--runtime R]
                  [--cni-conf-dir D] [--host H --port P [--token-file F]] [--cri-socket PATH]
+                 [--registry-config-dir DIR] [--image-dir DIR]
     podfsm runp FILE [--runtime R]      run a sandbox from a crictl pod config; prints its id
     podfsm pods [-o table|json] [-q]    list sandboxes
     podfsm inspectp ID [-o table|json]  one sandbox's status and history
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cri-socket", default="/run/podfsm/cri.sock", metavar="PATH",
                    help="unix socket of the CRI v1 gRPC face, mode 0660, there once recovery "
                    "is done (default /run/podfsm/cri.sock; '' for none)")
+    p.add_argument("--registry-config-dir", metavar="DIR",
+                   help="registry hosts configuration, containerd's certs.d format: "
+                   "DIR/<host>/hosts.toml (default /etc/podfsm/certs.d)")
+    p.add_argument("--image-dir", metavar="DIR",
+                   help="the image store (default <state-dir>/images)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("runp", parents=[client], help="run a sandbox from a pod config file")
@@ -270,8 +276,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dirs(args: argparse.Namespace) -> dict[str, str]:
-    names = ("state_dir", "run_dir", "netns_dir", "runtime", "cni_conf_dir")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    names = ("state_dir", "run_dir", "netns_dir", "runtime", "cni_conf_dir",
+             "registry_config_dir", "image_dir")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def _failpoints(args: argparse.Namespace) -> int:

@@ -3,13 +3,17 @@ sandboxes, each RPC one Controller call (see docs/cri.md).
 
 Served: Version, Status, RuntimeConfig, UpdateRuntimeConfig, RunPodSandbox, StopPodSandbox,
 RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats,
-GetContainerEvents (sandbox events) and ImageFsInfo. Every other RPC answers UNIMPLEMENTED:
-podfsm runs pod sandboxes only; containers and images belong to a container runtime beside it.
+GetContainerEvents (sandbox events), and the whole ImageService (PullImage, ListImages,
+ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md). Every other RPC answers
+UNIMPLEMENTED: containers arrive later.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
 FAILED_PRECONDITION, a recovering or closing controller UNAVAILABLE, a failed step UNKNOWN with
-the step's error. Stop and remove of an unknown id succeed (they are idempotent).
+the step's error; a bad image reference INVALID_ARGUMENT, a failed pull UNKNOWN naming what
+failed (a digest that did not match), a pull past its deadline DEADLINE_EXCEEDED, an image in
+use FAILED_PRECONDITION. Stop and remove of an unknown id succeed (they are idempotent), and so
+does the removal of an unknown image.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 from podfsm import __version__
 from podfsm.controller import Controller
 from podfsm.core.errors import (
+    ImageInUse,
+    ImageNotFound,
+    InvalidImageReference,
     InvalidPodConfig,
     NameReserved,
     PodfsmError,
@@ -38,6 +45,7 @@ from podfsm.core.errors import (
     SandboxNotFound,
     StateDirError,
 )
+from podfsm.core.registryhosts import auth_from_cri
 from podfsm.faces.cri import convert
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
 
@@ -57,13 +65,13 @@ Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
-    if isinstance(exc, InvalidPodConfig):
+    if isinstance(exc, InvalidPodConfig | InvalidImageReference):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound):
+    if isinstance(exc, SandboxNotFound | ImageNotFound):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, PrerequisiteMissing):
+    if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, StateDirError):
         return grpc.StatusCode.INTERNAL
@@ -241,16 +249,58 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
-    """runtime.v1.ImageService: only ImageFsInfo (critest and the kubelet ask it)."""
+    """runtime.v1.ImageService: pull, list, status, remove, and the image store's usage."""
 
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.serving = True
 
     @_rpc
+    async def PullImage(self, request: pb.PullImageRequest,
+                        context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
+        a = request.auth
+        auth = auth_from_cri(a.username, a.password, a.auth, a.identity_token, a.registry_token)
+        left = context.time_remaining()
+        try:
+            img = await self.ctl.pull_image(request.image.image, auth, timeout=left)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"pulling {request.image.image}: deadline exceeded; nothing "
+                                "of it was kept")
+        return pb.PullImageResponse(image_ref=img.id)
+
+    @_rpc
+    async def ListImages(self, request: pb.ListImagesRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListImagesResponse:
+        ref = request.filter.image.image if request.HasField("filter") else ""
+        try:
+            images = await self.ctl.list_images(ref or None)
+        except InvalidImageReference:
+            images = []
+        return pb.ListImagesResponse(images=[convert.image(i) for i in images])
+
+    @_rpc
+    async def ImageStatus(self, request: pb.ImageStatusRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ImageStatusResponse:
+        """An unknown image is no error: the answer has no image (as containerd)."""
+        try:
+            img = await self.ctl.image_status(request.image.image)
+        except ImageNotFound:
+            return pb.ImageStatusResponse()
+        info = ({"info": json.dumps(await self.ctl.image_info(img.id))}
+                if request.verbose else {})
+        return pb.ImageStatusResponse(image=convert.image(img), info=info)
+
+    @_rpc
+    async def RemoveImage(self, request: pb.RemoveImageRequest,
+                          context: grpc.aio.ServicerContext) -> pb.RemoveImageResponse:
+        await self.ctl.remove_image(request.image.image)
+        return pb.RemoveImageResponse()
+
+    @_rpc
     async def ImageFsInfo(self, request: pb.ImageFsInfoRequest,
                           context: grpc.aio.ServicerContext) -> pb.ImageFsInfoResponse:
-        usage = [convert.filesystem_usage(fs) for fs in await self.ctl.filesystem_usage()]
+        usage = [convert.filesystem_usage(fs) for fs in await self.ctl.image_fs_info()]
         return pb.ImageFsInfoResponse(image_filesystems=usage)
 
 
