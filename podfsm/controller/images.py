@@ -47,6 +47,20 @@ Failpoints = Callable[[str], AbstractAsyncContextManager[None]]
 PARALLEL_DOWNLOADS = 3
 
 
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report of several downloads that failed together: the first that is not
+    a cancellation (the others were cancelled because of it)."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
+
+    walk(group)
+    cancelled = anyio.get_cancelled_exc_class()
+    return next((e for e in leaves if not isinstance(e, cancelled)), leaves[0])
+
+
 class _Flight:
     def __init__(self) -> None:
         self.done = anyio.Event()
@@ -220,9 +234,12 @@ class ImageManager:
             async with limiter:
                 await self._blob(ref, desc, ep, auth, diff_id)
 
-        async with anyio.create_task_group() as tg:
-            for desc, diff in zip(layers, diff_ids, strict=True):
-                tg.start_soon(one, desc, diff)
+        try:
+            async with anyio.create_task_group() as tg:
+                for desc, diff in zip(layers, diff_ids, strict=True):
+                    tg.start_soon(one, desc, diff)
+        except BaseExceptionGroup as group:
+            raise _first(group) from None
         parent: str | None = None
         for desc, chain in zip(layers, chains, strict=True):
             await self._once(f"layer:{chain}", self._unpack_fn(chain, parent, desc))

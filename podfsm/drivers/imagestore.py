@@ -77,6 +77,7 @@ class Ingest:
         self._sha = hashlib.sha256()
         self._diff = hashlib.sha256() if self.diff_id else None
         self._inflate = zlib.decompressobj(31) if self.diff_id and self.compression else None
+        self._gzip_error = ""
 
     def write(self, chunk: bytes) -> None:
         self.written += len(chunk)
@@ -86,10 +87,11 @@ class Ingest:
         self._sha.update(chunk)
         if self._diff is not None:
             if self._inflate is not None:
-                try:
-                    self._diff.update(self._inflate.decompress(chunk))
-                except zlib.error as exc:
-                    raise DigestMismatch(self.digest, f"not gzip: {exc}") from None
+                if not self._gzip_error:  # a bad stream is reported once the digest is known
+                    try:
+                        self._diff.update(self._inflate.decompress(chunk))
+                    except zlib.error as exc:
+                        self._gzip_error = str(exc)
             else:
                 self._diff.update(chunk)
         view = memoryview(chunk)
@@ -104,6 +106,8 @@ class Ingest:
         got = "sha256:" + self._sha.hexdigest()
         if got != self.digest:
             raise DigestMismatch(self.digest, f"it hashes to {got}")
+        if self._gzip_error:
+            raise DigestMismatch(self.digest, f"not gzip: {self._gzip_error}")
         if self._diff is not None:
             if self._inflate is not None:
                 self._diff.update(self._inflate.flush())
@@ -254,9 +258,11 @@ class ImageStore:
         return images, stale
 
     def usage(self) -> tuple[int, int]:
-        """(bytes, inodes) of blobs, records and ingest files (layers are counted apart)."""
+        """(bytes, inodes) of the store's directories, blobs, records and ingest files (the
+        layers' contents are counted apart, by the layer store)."""
         total, inodes = 0, 0
-        for d in (self.blob_dir, self.record_dir, self.ingest_dir):
+        for d in (self.root, os.path.dirname(self.blob_dir), self.blob_dir, self.record_dir,
+                  self.ingest_dir):
             for entry in _scan(d):
                 st = entry.stat(follow_symlinks=False)
                 total += st.st_blocks * 512

@@ -297,9 +297,7 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
                 assert grpc_code(fn, req)[0] is grpc.StatusCode.NOT_FOUND
             for fn, req in ((rt.CreateContainer, pb.CreateContainerRequest()),
                             (rt.Attach, pb.AttachRequest()),
-                            (rt.PortForward, pb.PortForwardRequest()),
-                            (img.PullImage, pb.PullImageRequest()),
-                            (img.ImageStatus, pb.ImageStatusRequest())):
+                            (rt.PortForward, pb.PortForwardRequest())):
                 code, msg = grpc_code(fn, req)
                 assert code is grpc.StatusCode.UNIMPLEMENTED and "sandboxes only" in msg
 
