@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 
 from podfsm import Controller, ControllerConfig
-from tests.fakes import Faults, FakeNamespaces, FakeNetwork, FakeRuntime, MemoryStore
+from tests.fakes import FakeNamespaces, FakeNetwork, FakeRuntime, Faults, MemoryStore
 
 
 def controller(state_dir: str, run_dir: str, config_dir: str, failpoints: str | None = None,

@@ -201,7 +201,7 @@ async def test_a_missing_tag_or_repository_fails_and_keeps_nothing(world: World)
     async with world.ctl() as ctl:
         with pytest.raises(ImagePullError, match="404 MANIFEST_UNKNOWN"):
             await ctl.pull_image(world.name("t/there:v2"))
-        with pytest.raises(ImagePullError, match="nowhere.*404 MANIFEST_UNKNOWN"):
+        with pytest.raises(ImagePullError, match=r"nowhere.*404 MANIFEST_UNKNOWN"):
             await ctl.pull_image(world.name("t/nowhere"))
     assert world.empty(), world.files()
 
@@ -352,7 +352,7 @@ async def test_token_auth_with_basic_credentials_from_the_cri(tmp_path: Path) ->
         async with w.ctl() as ctl:
             with pytest.raises(ImagePullError, match="401"):
                 await ctl.pull_image(w.name("private/app:v1"))
-            with pytest.raises(ImagePullError, match="token server .*401"):
+            with pytest.raises(ImagePullError, match=r"token server .*401"):
                 await ctl.pull_image(w.name("private/app:v1"),
                                      RegistryAuth(username="alice", password="wrong"))
             auth = auth_from_cri(auth=base64.b64encode(b"alice:s3cret").decode())
