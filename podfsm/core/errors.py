@@ -86,3 +86,22 @@ class StateDirError(PodfsmError):
 class UnsafeDirectory(StateDirError):
     """A directory podfsm keeps root's state in (state_dir, run_dir, netns_dir) is not a
     directory, is owned by another user, or is writable by group or others."""
+
+
+class UnpackError(PodfsmError):
+    """An image layer was refused while it was unpacked: not a layer (media type, compression,
+    tar format, digest), or an entry that would write outside the layer directory or cannot be
+    represented. `entry` names the offending archive member ("" when the fault is the stream's,
+    not one member's); `layer` the chain id, once known. Nothing of the layer is left behind."""
+
+    def __init__(self, entry: str, reason: str, layer: str = "") -> None:
+        super().__init__(entry, reason, layer)
+        self.entry = entry
+        self.reason = reason
+        self.layer = layer
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer}" if self.layer else "layer"
+        if self.entry:
+            where += f": entry {self.entry!r}"
+        return f"{where}: {self.reason}"
