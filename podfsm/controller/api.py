@@ -82,7 +82,8 @@ class Controller(Recovery):
                 stack.push_async_callback(rt.close)
             await self._net.start()
             stack.push_async_callback(self._net.close)
-            images = self._image_driver or (factory.images(cfg) if self._real else None)
+            images = self._image_driver or (factory.images(cfg, self._failpoints) if self._real
+                                           else None)
             if images is not None:
                 manager = ImageManager(images, self._failpoints_around)
                 await manager.open()
@@ -316,9 +317,9 @@ class Controller(Recovery):
 
     async def image_fs_info(self) -> list[FilesystemUsage]:
         """What the image store holds: bytes and inodes, with its filesystem's mount point
-        (without an image store, fake drivers: the usage of state_dir's filesystem)."""
+        (without an image store, fake drivers: the filesystems of state_dir and run_dir)."""
         if self._image_manager is None:
-            return self._host.filesystem_usage([self.config.state_dir])
+            return await self.filesystem_usage()
         return [await self._image_manager.usage()]
 
     async def stop_sandbox(self, sandbox_id: str) -> None:

@@ -118,3 +118,22 @@ class DigestMismatch(ImagePullError):
 
 class ImageInUse(PodfsmError):
     """The image is used by a container and may not be removed."""
+
+
+class UnpackError(PodfsmError):
+    """An image layer was refused while it was unpacked: not a layer (media type, compression,
+    tar format, digest), or an entry that would write outside the layer directory or cannot be
+    represented. `entry` names the offending archive member ("" when the fault is the stream's,
+    not one member's); `layer` the chain id, once known. Nothing of the layer is left behind."""
+
+    def __init__(self, entry: str, reason: str, layer: str = "") -> None:
+        super().__init__(entry, reason, layer)
+        self.entry = entry
+        self.reason = reason
+        self.layer = layer
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer}" if self.layer else "layer"
+        if self.entry:
+            where += f": entry {self.entry!r}"
+        return f"{where}: {self.reason}"

@@ -21,19 +21,25 @@ STEPS: tuple[str, ...] = (
     "runtime_delete",
     "cni_del",
     "unpin_namespaces",
-    # a pull: each blob's download (before: nothing written; after: the blob is in the store),
-    # each layer's unpacking, the image record's write
+)
+#: The image store's steps that touch the system, in the order a pull meets them: each blob's
+#: download (before: nothing written; after: the blob is in the store; fired by the
+#: controller), each layer's unpacking (fired in a worker thread by the driver that owns it:
+#: see podfsm/drivers/layers.py), the image record's write (the controller). Image steps go
+#: here, not in STEPS: the sandbox durability and chaos runs take theirs from STEPS.
+IMAGE_STEPS: tuple[str, ...] = (
     "fetch_blob",
     "unpack_layer",
     "save_image",
 )
-NAMES: tuple[str, ...] = tuple(f"{step}.{when}" for step in STEPS for when in ("before", "after"))
+NAMES: tuple[str, ...] = tuple(
+    f"{step}.{when}" for step in STEPS + IMAGE_STEPS for when in ("before", "after"))
+#: The failpoints a sandbox's lifecycle meets.
+SANDBOX_NAMES: tuple[str, ...] = NAMES[:2 * len(STEPS)]
 #: The steps a successful run meets (the first record write, then the forward steps) and the
 #: ones only a stop, a remove or an unwinding meets (the compensating steps).
 RUN_STEPS: tuple[str, ...] = STEPS[:5]
-STOP_STEPS: tuple[str, ...] = STEPS[5:9]
-#: The steps of an image pull.
-PULL_STEPS: tuple[str, ...] = STEPS[9:]
+STOP_STEPS: tuple[str, ...] = STEPS[5:]
 
 _ACTION = re.compile(r"^(?:(?P<count>\d+)\*)?(?P<kind>error|crash|delay\((?P<ms>\d+)\))$")
 

@@ -6,16 +6,16 @@ store, fsync, unpacking, walking the store for its usage) runs in worker threads
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import platform as _platform
 import re
 import time
+from collections.abc import Mapping
 from typing import Protocol
 
 import anyio
 
-from podfsm.core.errors import PrerequisiteMissing
+from podfsm.core.failpoints import Failpoint
 from podfsm.core.imageref import ImageReference
 from podfsm.core.images import ImageRecord
 from podfsm.core.imagespec import LAYER_TYPES, Descriptor, Platform, host_platform
@@ -23,13 +23,14 @@ from podfsm.core.records import FilesystemUsage
 from podfsm.core.registryhosts import Endpoint, RegistryAuth
 from podfsm.drivers import sysinfo
 from podfsm.drivers.imagestore import ImageStore, check_document
+from podfsm.drivers.layers import LayerStore
 from podfsm.drivers.registry import Registry
 
 _CHAIN_DIR = re.compile(r"[0-9a-f]{64}")
 
 
 class Layers(Protocol):
-    """drivers.layers.LayerStore (the unpacker), as agreed."""
+    """What the image driver uses of drivers.layers.LayerStore (tests may hand another)."""
 
     def recover(self) -> None: ...
 
@@ -41,33 +42,24 @@ class Layers(Protocol):
     def usage(self) -> tuple[int, int]: ...
 
 
-def layer_store(root: str) -> Layers:
-    """The real layer store (drivers.layers)."""
-    try:
-        mod = importlib.import_module("podfsm.drivers.layers")
-    except ImportError as exc:
-        raise PrerequisiteMissing(f"the layer store (podfsm.drivers.layers) is missing: {exc}"
-                                  ) from None
-    store: Layers = mod.LayerStore(root)
-    return store
-
-
 class LocalImages:
     """drivers.base.ImageDriver on this host."""
 
     def __init__(self, image_dir: str, registry_config_dir: str, *,
                  platform: Platform | None = None, layers: Layers | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, failpoints: Mapping[str, Failpoint] | None = None,
+                 ) -> None:
         self.store = ImageStore(image_dir)
         self.registry = Registry(registry_config_dir, timeout=timeout)
         self._platform = platform or host_platform(_platform.machine())
         self._layers = layers
+        self._failpoints = failpoints
         self._limiter = anyio.CapacityLimiter(4)
 
     @property
     def layers(self) -> Layers:
         if self._layers is None:
-            self._layers = layer_store(self.store.layer_dir)
+            self._layers = LayerStore(self.store.layer_dir, self._failpoints)
         return self._layers
 
     async def open(self) -> dict[str, ImageRecord]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -154,9 +155,14 @@ async def test_multi_layer_image_unpacks_each_layer_once_by_chain_id(world: Worl
         chains = chain_ids([la.diff_id for la in img.layers])
         assert [la.chain_id for la in rec.layers] == chains
         assert sorted(world.files()["layers"]) == sorted(c[7:] for c in chains)
-        # the base layer's directory holds busybox, whole
-        assert (world.store / "layers" / chains[0][7:] / "bin/busybox").read_bytes() == \
-            Path(ik.BUSYBOX).read_bytes()
+        # the base layer's directory holds busybox, whole; the top one the whiteouts in
+        # overlay's form (a 0:0 char device, an opaque directory)
+        lower = [world.store / "layers" / c[7:] / "fs" for c in chains]
+        assert (lower[0] / "bin/busybox").read_bytes() == Path(ik.BUSYBOX).read_bytes()
+        st = os.lstat(lower[2] / "etc/motd")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        assert os.getxattr(lower[2] / "opq", "trusted.overlay.opaque") == b"y"
+        assert (lower[2] / "opq/y").read_bytes() == b"y"
         await ctl.remove_image(world.name("t/layers:v1"))
     assert world.empty(), world.files()
 
