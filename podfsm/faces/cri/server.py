@@ -57,7 +57,7 @@ SOCKET_MODE = 0o660
 KUBELET_API_VERSION = "0.1.0"
 RUNTIME_NAME = "podfsm"
 ONLY_SANDBOXES = ("podfsm runs pod sandboxes only (RunPodSandbox and its kin): {rpc} belongs "
-                  "to a container runtime or image service beside it")
+                  "to a container runtime beside it")
 
 R = TypeVar("R")
 Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
