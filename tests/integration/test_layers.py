@@ -215,7 +215,7 @@ HOSTILE = [
     ("a/../../x", [lt.file("a/../../x", b"evil")], "'..' component"),
     ("a/x", [lt.symlink("a", "{sentinel}"), lt.file("a/x", b"evil")], "crosses the symlink a"),
     ("a/x", [lt.symlink("a", ".."), lt.file("a/x", b"evil")], "crosses the symlink a"),
-    ("d/a/x", [lt.symlink("d/a", "../../../.."), lt.directory("d/a/x")],
+    ("d/a/x/", [lt.symlink("d/a", "../../../.."), lt.directory("d/a/x")],
      "crosses the symlink d/a"),
     ("h", [lt.hardlink("h", "../../etc/passwd")], "'..' component"),
     ("h", [lt.hardlink("h", "/etc/passwd")], "is not in the layer"),
