@@ -328,6 +328,8 @@ def extract(chunks: Iterator[bytes], root_fd: int, *, devices: bool) -> Extracte
             ex.apply(entry, reader)
             count += 1
         ex.finish()
+        diff_id = reader.finish()
     finally:
         ex.close()
-    return Extracted(diff_id=reader.finish(), tar_size=reader.total, entries=count)
+        reader.close()
+    return Extracted(diff_id=diff_id, tar_size=reader.total, entries=count)

@@ -159,6 +159,12 @@ def test_bad_blobs_are_refused_with_nothing_left(work: Path) -> None:
     Path(layer.blob).write_bytes(data[: len(data) // 2])
     with pytest.raises(UnpackError, match="gzip stream is truncated"):
         store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
+    # zstandard's reader ends a truncated frame quietly, as if the tar ended at a header: the
+    # diff id check refuses what the tar reader let through
+    zst = lt.write_layer(str(work), [lt.file("f", b"1" * 100_000)], media_type=lt.ZSTD)
+    Path(zst.blob).write_bytes(Path(zst.blob).read_bytes()[:20])
+    with pytest.raises(UnpackError, match="gives chain id"):
+        store.ensure(zst.chain_id, None, zst.blob, zst.media_type)
     Path(layer.blob).write_bytes(b"\0" * 100 + b"not a tar" * 100)
     with pytest.raises(UnpackError, match="not a tar header"):
         store.ensure(layer.chain_id, None, layer.blob, lt.TAR)
@@ -215,7 +221,7 @@ HOSTILE = [
     ("a/../../x", [lt.file("a/../../x", b"evil")], "'..' component"),
     ("a/x", [lt.symlink("a", "{sentinel}"), lt.file("a/x", b"evil")], "crosses the symlink a"),
     ("a/x", [lt.symlink("a", ".."), lt.file("a/x", b"evil")], "crosses the symlink a"),
-    ("d/a/x", [lt.symlink("d/a", "../../../.."), lt.directory("d/a/x")],
+    ("d/a/x/", [lt.symlink("d/a", "../../../.."), lt.directory("d/a/x")],
      "crosses the symlink d/a"),
     ("h", [lt.hardlink("h", "../../etc/passwd")], "'..' component"),
     ("h", [lt.hardlink("h", "/etc/passwd")], "is not in the layer"),
