@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from podfsm import Controller
-from podfsm.core.errors import DigestMismatch, ImagePullError
+from podfsm.core.errors import DigestMismatch, ImagePullError, UnpackError
 from podfsm.core.registryhosts import RegistryAuth, auth_from_cri
 from tests import imagekit as ik
 from tests.imagekit import Entry
@@ -374,3 +374,34 @@ async def test_token_auth_with_basic_credentials_from_the_cri(tmp_path: Path) ->
             assert rec.id == img.id
             await ctl.remove_image(rec.id)
         assert w.empty(), w.files()
+
+
+@pytest.mark.parametrize(("entries", "named"), [
+    ([Entry("../escaped", data=b"x")], "../escaped"),
+    ([Entry("d", "symlink", target="/tmp"), Entry("d/escaped", data=b"x")], "d/escaped"),
+], ids=["dotdot", "through-a-symlink"])
+async def test_a_hostile_layer_fails_the_pull_naming_the_entry_and_keeps_nothing(
+        world: World, entries: list[Entry], named: str) -> None:
+    img = ik.build_image([ik.busybox_layer(), ik.make_layer(entries)],
+                         label=f"hostile-{named}")
+    world.reg.push_image("t/hostile", img, "v1")
+    assert not os.path.lexists("/tmp/escaped")
+    async with world.ctl() as ctl:
+        with pytest.raises(UnpackError) as info:
+            await ctl.pull_image(world.name("t/hostile:v1"))
+        assert repr(named) in str(info.value)
+        assert await ctl.list_images() == []
+    assert world.empty(), world.files()
+    assert not os.path.lexists("/tmp/escaped")
+    assert [f for _, _, files in os.walk(world.tmp) for f in files if f == "escaped"] == []
+
+
+async def test_a_pull_past_its_deadline_stops_and_keeps_nothing(world: World) -> None:
+    world.reg.push_image("t/slow", _image("slow", layers=2), "v1")
+    async with world.ctl(failpoints="fetch_blob.after=delay(400)") as ctl:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await ctl.pull_image(world.name("t/slow:v1"), timeout=0.5)
+        assert time.monotonic() - started < 2
+        assert await ctl.list_images() == []
+    assert world.empty(), world.files()
