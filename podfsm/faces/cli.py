@@ -9,6 +9,7 @@
     podfsm stopp ID...                  stop sandboxes (NotReady)
     podfsm rmp ID...                    remove sandboxes
     podfsm events [--since N]           stream transitions until the daemon stops
+    podfsm pull | images | inspecti | rmi   images, as crictl's verbs (faces/imagecli.py)
     podfsm graph [ID] [-o FILE]         a diagram: .mmd .dot .svg .png (Mermaid on stdout)
     podfsm debug failpoints             the failpoint names for PODFSM_FAILPOINTS
     podfsm demo | bench                 see their --help
@@ -36,7 +37,7 @@ from podfsm import __version__
 from podfsm.core import failpoints
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.faces import graph
+from podfsm.faces import graph, imagecli
 from podfsm.faces.client import ApiError, Client, DaemonUnreachable, resolve_socket
 
 EXIT_OK = 0
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID", help="sandbox id or a unique prefix")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(run=_client_verb(_inspectp))
+
+    imagecli.add_verbs(sub, client, _client_verb)
 
     p = sub.add_parser("stopp", parents=[client], help="stop sandboxes (NotReady)")
     p.add_argument("ids", metavar="ID", nargs="+")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from podfsm.core.images import ImageRecord
 from podfsm.core.records import SandboxStatus
 
 DEFAULT_SOCKET = "/run/podfsm/podfsm.sock"
@@ -16,6 +17,8 @@ GraphFormat = Literal["mmd", "dot", "svg", "png"]
 MAX_SEQ = (1 << 53) - 1
 #: a sandbox id as the server takes it: 64 lower-case hex digits (the CLI expands prefixes)
 SANDBOX_ID_PATTERN = "^[0-9a-f]{64}$"
+#: an image id in a path, with or without `sha256:` (the CLI resolves names and prefixes)
+IMAGE_ID_PATTERN = "^(sha256:)?[0-9a-f]{64}$"
 
 
 class ErrorBody(BaseModel):
@@ -32,6 +35,35 @@ class SandboxList(BaseModel):
 
     items: list[SandboxStatus]
     last_event_seq: int
+
+
+class ImageList(BaseModel):
+    """GET /v1/images."""
+
+    items: list[ImageRecord]
+
+
+class RegistryAuthBody(BaseModel):
+    """Credentials for a pull, as the CRI's AuthConfig carries them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    username: str = Field(default="", max_length=4096)
+    password: str = Field(default="", max_length=4096)
+    auth: str = Field(default="", max_length=8192, description="base64 of user:password")
+    identity_token: str = Field(default="", max_length=8192)
+    registry_token: str = Field(default="", max_length=8192)
+
+
+class PullBody(BaseModel):
+    """POST /v1/images: what to pull."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, max_length=4096, description=(
+        "an image reference: `busybox`, `name:tag`, `name@sha256:<hex>`, as Docker "
+        "normalizes it"))
+    auth: RegistryAuthBody | None = None
 
 
 class Health(BaseModel):
@@ -61,6 +93,13 @@ class GraphQuery(_Query):
     """GET /v1/graph and GET /v1/sandboxes/{sandbox_id}/graph."""
 
     format: GraphFormat = Field(default="svg", description="the diagram's format")
+
+
+class ImagesQuery(_Query):
+    """GET /v1/images."""
+
+    image: str = Field(default="", max_length=4096, description=(
+        "only the image this names (a tag, a digest, a short name, an id or id prefix)"))
 
 
 class EventsQuery(_Query):
