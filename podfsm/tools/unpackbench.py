@@ -7,7 +7,8 @@ one of many small files and a few big ones, each gzip-compressed as a registry s
 is unpacked `rounds` times by LayerStore.ensure (decompression, diff id, extraction, usage walk,
 syncfs, rename) and by `tar -xzf` (GNU tar, gzip in a process of its own, no sync) and `tar
 -xzf` followed by `sync -f` (flushed as the store flushes). Throughput is uncompressed tar bytes
-per second, the median of the rounds.
+per second, the median of the rounds; CPU seconds (user + system, of this process and of tar
+and its gzip) are printed too, as the wall time of a loaded machine says little.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -43,6 +45,8 @@ class Result:
     podfsm_s: float
     tar_s: float
     tar_sync_s: float
+    podfsm_cpu_s: float
+    tar_cpu_s: float
 
     @property
     def podfsm_mbps(self) -> float:
@@ -109,10 +113,16 @@ def synthetic_tar(small: int = 12000, big: int = 4, big_mb: int = 8, seed: int =
     return buf.getvalue()
 
 
-def _timed(action: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _cpu() -> float:
+    me, kids = os.times(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.user + me.system + kids.ru_utime + kids.ru_stime
+
+
+def _timed(action: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds of `action` (this process's threads and reaped children)."""
+    start, cpu = time.perf_counter(), _cpu()
     action()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu() - cpu
 
 
 def measure(name: str, raw: bytes, work: str, rounds: int) -> Result:
@@ -120,7 +130,9 @@ def measure(name: str, raw: bytes, work: str, rounds: int) -> Result:
     with open(blob, "wb") as f:
         f.write(gzip.compress(raw, compresslevel=6, mtime=0))
     diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
-    ours, tar, tar_sync = [], [], []
+    ours: list[tuple[float, float]] = []
+    tar: list[tuple[float, float]] = []
+    tar_sync: list[tuple[float, float]] = []
     entries = 0
     for n in range(rounds):
         root = os.path.join(work, f"store-{name}-{n}")
@@ -142,8 +154,11 @@ def measure(name: str, raw: bytes, work: str, rounds: int) -> Result:
             times.append(_timed(run))
             shutil.rmtree(dest)
     return Result(layer=name, tar_mb=len(raw) / 1e6, blob_mb=os.path.getsize(blob) / 1e6,
-                  entries=entries, podfsm_s=statistics.median(ours),
-                  tar_s=statistics.median(tar), tar_sync_s=statistics.median(tar_sync))
+                  entries=entries, podfsm_s=statistics.median(w for w, _ in ours),
+                  tar_s=statistics.median(w for w, _ in tar),
+                  tar_sync_s=statistics.median(w for w, _ in tar_sync),
+                  podfsm_cpu_s=statistics.median(c for _, c in ours),
+                  tar_cpu_s=statistics.median(c for _, c in tar))
 
 
 def run(rounds: int = 5, directory: str | None = None) -> list[Result]:
@@ -153,16 +168,16 @@ def run(rounds: int = 5, directory: str | None = None) -> list[Result]:
 
 
 def main(args: argparse.Namespace) -> int:
-    results = run(rounds=getattr(args, "count", 5) or 5,
-                  directory=getattr(args, "unpack_dir", None))
+    results = run(directory=getattr(args, "unpack_dir", None))
     if getattr(args, "json", False):
         print(json.dumps([{**asdict(r), "podfsm_mbps": r.podfsm_mbps, "tar_mbps": r.tar_mbps,
                            "tar_sync_mbps": r.tar_sync_mbps} for r in results], indent=2))
         return 0
     print(f"{'layer':<10} {'tar MB':>7} {'gz MB':>6} {'entries':>7} {'podfsm MB/s':>12} "
-          f"{'tar -x MB/s':>12} {'tar+sync MB/s':>14} {'podfsm/tar time':>16}")
+          f"{'tar -x MB/s':>12} {'tar+sync MB/s':>14} {'time ratio':>11} "
+          f"{'podfsm CPU s':>13} {'tar CPU s':>10}")
     for r in results:
         print(f"{r.layer:<10} {r.tar_mb:>7.1f} {r.blob_mb:>6.1f} {r.entries:>7} "
               f"{r.podfsm_mbps:>12.0f} {r.tar_mbps:>12.0f} {r.tar_sync_mbps:>14.0f} "
-              f"{r.podfsm_s / r.tar_s:>15.2f}x")
+              f"{r.podfsm_s / r.tar_s:>10.2f}x {r.podfsm_cpu_s:>13.3f} {r.tar_cpu_s:>10.3f}")
     return 0
