@@ -38,6 +38,7 @@ from podfsm.core import cniconf
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import STATES, TRANSITIONS
 from podfsm.drivers import linux
+from tests.integration.anyregistry import any_registry
 from tests.integration.conftest import Env, destroy_env, make_env
 
 pytestmark = pytest.mark.integration
@@ -907,15 +908,21 @@ def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
     env = make_env("runc")
     try:
         use_env_network(env)
-        with serving(env, port=0) as d:
+        certs = tmp_path / "certs.d"
+        with any_registry(certs), serving(env, port=0, options=[
+                "--registry-config-dir", str(certs)]) as d:
             assert d.tcp_port is not None
+            with d.client() as c:  # an image for imageStatus' cases (schemathesis_hooks.py)
+                pulled = c.post("/v1/images", json={"image": "example.com/held:1"})
+                assert pulled.status_code == 201, pulled.text
             report = tmp_path / "schemathesis.ndjson"
             started = time.monotonic()
             run = subprocess.run(schemathesis_argv(d.tcp_port, d.token, SCHEMATHESIS_EXAMPLES,
                                                    report), capture_output=True, text=True,
                                  timeout=600, cwd=tmp_path, check=False,
                                  env={**os.environ, "NO_COLOR": "1",
-                                      "SCHEMATHESIS_HOOKS": str(SCHEMATHESIS_HOOKS)})
+                                      "SCHEMATHESIS_HOOKS": str(SCHEMATHESIS_HOOKS),
+                                      "SCHEMATHESIS_IMAGE_ID": pulled.json()["id"]})
             took = time.monotonic() - started
             out = run.stdout + run.stderr
             print(out[-3000:], f"\nschemathesis took {took:.1f}s")
@@ -937,6 +944,8 @@ def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
             with d.client() as c:
                 for item in c.get("/v1/sandboxes").json()["items"]:
                     assert c.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
+                for item in c.get("/v1/images").json()["items"]:
+                    assert c.delete(f"/v1/images/{item['id']}").status_code == 204
             assert d.terminate() == 0
             assert "Traceback" not in d.log_text(), d.log_text()
         assert env.leftovers() == {}
