@@ -368,7 +368,14 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
         assert set(doc["paths"]) == {
             "/healthz", "/v1/sandboxes", "/v1/sandboxes/{sandbox_id}",
             "/v1/sandboxes/{sandbox_id}/stop", "/v1/sandboxes/{sandbox_id}/graph",
-            "/v1/graph", "/v1/events"}
+            "/v1/graph", "/v1/events", "/v1/images", "/v1/images/{image_id}"}
+        # images (tests/integration/test_images*.py pull for real): this daemon's every
+        # registry is a closed port of 127.0.0.1 (serve_argv)
+        assert c.get("/v1/images").json() == {"items": []}
+        failed = c.post("/v1/images", json={"image": "busybox"})
+        assert failed.status_code == 502 and "127.0.0.1:9" in failed.json()["error"]
+        assert c.get(f"/v1/images/{'f' * 64}").status_code == 404
+        assert c.delete(f"/v1/images/{'f' * 64}").status_code == 204
         page = c.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert 'id="conn"' in page.text and 'id="log"' in page.text
