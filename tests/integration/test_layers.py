@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -337,3 +338,40 @@ def test_tar_types_podfsm_does_not_lay_down_are_refused(work: Path) -> None:
     layer = lt.write_layer(str(work), [item])
     with pytest.raises(UnpackError, match="'vol': a sparse file"):
         store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
+
+
+def test_a_sigkill_in_the_middle_of_an_unpack_leaves_only_what_recover_removes(
+        work: Path) -> None:
+    """The blob is a fifo the test feeds: half the layer, then SIGKILL while the child waits
+    for the rest, with files already laid down in its temporary directory."""
+    layer = lt.write_layer(str(work), [lt.file(f"d/f{i}", b"y" * 4096) for i in range(200)],
+                           media_type=lt.TAR)
+    raw = Path(layer.blob).read_bytes()
+    fifo = work / "blob.fifo"
+    os.mkfifo(fifo)
+    root = str(work / "layers")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, root, "", layer.chain_id,
+                              str(fifo), layer.media_type])
+    try:
+        with open(fifo, "wb") as feed:
+            feed.write(raw[: len(raw) // 2])
+            feed.flush()
+            tmp = None
+            for _ in range(500):
+                names = [n for n in os.listdir(root) if n.startswith(".tmp-")]
+                if names and (Path(root, names[0], "fs", "d", "f10")).exists():
+                    tmp = names[0]
+                    break
+                time.sleep(0.01)
+            assert tmp is not None, "the child laid nothing down"
+            child.kill()
+            assert child.wait(10) == -9
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    store = LayerStore(root)
+    store.recover()
+    assert os.listdir(root) == []
+    fs = store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
+    assert Path(fs, "d/f199").read_bytes() == b"y" * 4096
