@@ -301,8 +301,10 @@ def _header(block: bytes, where: int) -> Header:
             text = _str(prefix) + "/" + text
         if kind == tarfile.AREGTYPE and text.endswith("/"):
             kind = tarfile.DIRTYPE  # an old tar's directory
+        device = kind in (CHARDEV, BLOCKDEV)
         return (text, kind, _num(mode), _num(uid), _num(gid), _num(size), _num(mtime),
-                _str(linkname), _num(devmajor), _num(devminor))
+                _str(linkname), _num(devmajor) if device else 0,
+                _num(devminor) if device else 0)
     except ValueError as exc:
         raise UnpackError("", f"not a tar header at byte {where}: {exc}") from None
 

@@ -112,6 +112,7 @@ class Extractor:
                                       ) from None
                 os.mkdir(comp, 0o755, dir_fd=fd)
                 nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
+                os.fchmod(nfd, 0o755)  # whatever the process's umask
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise

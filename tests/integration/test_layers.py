@@ -375,3 +375,17 @@ def test_a_sigkill_in_the_middle_of_an_unpack_leaves_only_what_recover_removes(
     assert os.listdir(root) == []
     fs = store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
     assert Path(fs, "d/f199").read_bytes() == b"y" * 4096
+
+
+def test_implied_directories_are_0755_whatever_the_umask(work: Path) -> None:
+    store = _store(work)
+    layer = lt.write_layer(str(work), [lt.file("usr/lib/x", b"1", mode=0o644)])
+    old = os.umask(0o077)
+    try:
+        fs = Path(store.ensure(layer.chain_id, None, layer.blob, layer.media_type))
+    finally:
+        os.umask(old)
+    for path in (fs, fs / "usr", fs / "usr/lib"):
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0), path
+    assert stat.S_IMODE((fs / "usr/lib/x").stat().st_mode) == 0o644
