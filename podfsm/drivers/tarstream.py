@@ -55,6 +55,10 @@ BLOCKDEV = tarfile.BLKTYPE
 DIRECTORY = tarfile.DIRTYPE
 FIFO = tarfile.FIFOTYPE
 _PAX = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
+_EXTENDED = (*_PAX, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+#: the most an extended header (PAX records, a GNU long name) may hold: names and xattrs of
+#: real layers take a few KiB; a hostile header must not make the reader buffer gigabytes
+MAX_EXTENDED = 1 << 20
 _HEADER_ONLY = (HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO)
 
 
@@ -361,6 +365,9 @@ def entries(reader: TarReader) -> Iterator[Entry]:
         (hname, kind, mode, uid, gid, size, mtime, hlink, devmajor, devminor
          ) = _header(block, where)
         padded = -(-size // BLOCK) * BLOCK
+        if kind in _EXTENDED and size > MAX_EXTENDED:
+            raise UnpackError(longname or hname, f"an extended header of {size} bytes at byte "
+                                                 f"{where} (at most {MAX_EXTENDED})")
         if kind in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
             text = _text(reader.read(padded)[:size].split(b"\0", 1)[0])
             if kind == tarfile.GNUTYPE_LONGNAME:

@@ -138,6 +138,10 @@ def test_bad_streams_are_refused_saying_why() -> None:
         _read(b"garbage" * 100, lt.ZSTD)
     with pytest.raises(UnpackError, match="not a layer media type"):
         ts.decompressor("application/vnd.oci.image.manifest.v1+json")
+    huge = lt.file("h", b"")
+    huge.info.pax_headers["SCHILY.xattr.user.big"] = "x" * (2 << 20)
+    with pytest.raises(UnpackError, match=r"an extended header of \d+ bytes at byte 0"):
+        _read(lt.tar_bytes([huge]))
     sparse = lt.file("s", b"")
     sparse.info.pax_headers["GNU.sparse.major"] = "1"
     with pytest.raises(UnpackError, match="sparse"):
