@@ -351,7 +351,6 @@ def _text(value: bytes) -> str:
 def entries(reader: TarReader) -> Iterator[Entry]:
     """The archive's entries in order. The consumer reads (copy/skip) at most `size` bytes of
     an entry's data before asking for the next one; the rest and the padding are skipped."""
-    pax_global: dict[str, bytes] = {}
     longname: str | None = None
     longlink: str | None = None
     pax: dict[str, bytes] = {}
@@ -379,9 +378,10 @@ def entries(reader: TarReader) -> Iterator[Entry]:
             pax.update(_parse_pax(reader.read(padded)[:size], where))
             continue
         if kind == tarfile.XGLTYPE:
-            pax_global.update(_parse_pax(reader.read(padded)[:size], where))
+            # ignored, as containerd ignores them (git archive writes its commit id in one)
+            _parse_pax(reader.read(padded)[:size], where)
             continue
-        ext = {**pax_global, **pax} if pax_global else pax
+        ext = pax
         name = _text(ext["path"]) if "path" in ext else longname or hname
         if any(k.startswith("GNU.sparse.") for k in ext) or kind == tarfile.GNUTYPE_SPARSE:
             raise UnpackError(name, "a sparse file (GNU sparse entries are not supported)")
