@@ -59,6 +59,9 @@ _EXTENDED = (*_PAX, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_L
 #: the most an extended header (PAX records, a GNU long name) may hold: names and xattrs of
 #: real layers take a few KiB; a hostile header must not make the reader buffer gigabytes
 MAX_EXTENDED = 1 << 20
+#: ids are 32-bit, (uid_t)-1 meaning "unchanged" to chown: refused; sizes as tar's 64-bit
+_MAX_ID = (1 << 32) - 1
+_MAX_SIZE = 1 << 63
 _HEADER_ONLY = (HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO)
 
 
@@ -385,19 +388,27 @@ def entries(reader: TarReader) -> Iterator[Entry]:
         name = _text(ext["path"]) if "path" in ext else longname or hname
         if any(k.startswith("GNU.sparse.") for k in ext) or kind == tarfile.GNUTYPE_SPARSE:
             raise UnpackError(name, "a sparse file (GNU sparse entries are not supported)")
-        mtime_ns = _ns(ext["mtime"]) if "mtime" in ext else mtime * 1_000_000_000
-        if "size" in ext:
-            size = int(ext["size"])
+        try:
+            mtime_ns = _ns(ext["mtime"]) if "mtime" in ext else mtime * 1_000_000_000
+            if "size" in ext:
+                size = int(ext["size"])
+            if "uid" in ext:
+                uid = int(ext["uid"])
+            if "gid" in ext:
+                gid = int(ext["gid"])
+            atime_ns = _ns(ext["atime"]) if "atime" in ext else mtime_ns
+        except ValueError:
+            raise UnpackError(name, f"a malformed number in the PAX header at byte {where}"
+                              ) from None
+        for what, number in (("size", size), ("uid", uid), ("gid", gid)):
+            if number < 0 or number >= (_MAX_SIZE if what == "size" else _MAX_ID):
+                raise UnpackError(name, f"a {what} of {number}")
         if kind in _HEADER_ONLY:
             size = 0  # whatever the size field says, as Go's archive/tar reads it
         padded = -(-size // BLOCK) * BLOCK
         entry = Entry(
-            name=name, type=kind, mode=mode & 0o7777,
-            uid=int(ext["uid"]) if "uid" in ext else uid,
-            gid=int(ext["gid"]) if "gid" in ext else gid,
-            mtime_ns=mtime_ns,
-            atime_ns=_ns(ext["atime"]) if "atime" in ext else mtime_ns,
-            size=size,
+            name=name, type=kind, mode=mode & 0o7777, uid=uid, gid=gid,
+            mtime_ns=mtime_ns, atime_ns=atime_ns, size=size,
             linkname=_text(ext["linkpath"]) if "linkpath" in ext else longlink or hlink,
             devmajor=devmajor, devminor=devminor,
         )

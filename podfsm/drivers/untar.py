@@ -148,7 +148,7 @@ class Extractor:
         except OSError as exc:
             raise UnpackError(e.name, os.strerror(exc.errno) if exc.errno else str(exc)
                               ) from None
-        except ValueError as exc:  # e.g. a NUL byte in a link target or an xattr name
+        except (ValueError, OverflowError) as exc:  # a NUL in a link target, a time past 2^63
             raise UnpackError(e.name, str(exc)) from None
 
     def _apply(self, e: ts.Entry, reader: ts.TarReader) -> None:

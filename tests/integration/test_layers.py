@@ -10,11 +10,14 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from podfsm.core import failpoints as fp
 from podfsm.core.errors import StepFailed, UnpackError
@@ -389,3 +392,52 @@ def test_implied_directories_are_0755_whatever_the_umask(work: Path) -> None:
         st = path.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0), path
     assert stat.S_IMODE((fs / "usr/lib/x").stat().st_mode) == 0o644
+
+
+_FUZZ_SAMPLE = lt.tar_bytes([
+    lt.directory("d", mode=0o750), lt.file("d/f", b"0123456789" * 50, xattrs={"user.x": b"y"}),
+    lt.symlink("d/s", "/etc"), lt.hardlink("d/h", "d/f"), lt.file("d/.wh.g"), lt.fifo("p"),
+    lt.file("e/" + "n" * 120, b"z", mode=0o4755),
+])
+
+
+def _header_offsets(raw: bytes) -> list[int]:
+    """Where the archive's header blocks start (PAX headers included)."""
+    out, pos = [], 0
+    while raw[pos:pos + 512].strip(b"\0"):
+        out.append(pos)
+        size = tarfile.TarInfo.frombuf(raw[pos:pos + 512], "utf-8", "strict").size
+        pos += 512 + -(-size // 512) * 512
+    return out
+
+
+_FUZZ_HEADERS = _header_offsets(_FUZZ_SAMPLE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_FUZZ_SAMPLE) - 1), st.integers(0, 255)),
+                min_size=1, max_size=6))
+def test_a_corrupted_layer_is_unpacked_inside_or_refused_leaving_nothing(
+        edits: list[tuple[int, int]]) -> None:
+    data = bytearray(_FUZZ_SAMPLE)
+    for pos, value in edits:  # into the headers, their checksums then made right again
+        block = _FUZZ_HEADERS[pos % len(_FUZZ_HEADERS)]
+        data[block + pos % 512] = value
+    for block in _FUZZ_HEADERS:
+        data[block + 148:block + 156] = b" " * 8
+        data[block + 148:block + 156] = b"%06o\0 " % sum(data[block:block + 512])
+    with tempfile.TemporaryDirectory(prefix="podfsm-fuzz-") as tmp:
+        work = Path(tmp)
+        (work / "sentinel").mkdir()
+        layer = lt.write_layer(tmp, bytes(data), media_type=lt.TAR)
+        store = LayerStore(str(work / "layers"))
+        try:
+            fs = store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
+        except UnpackError:
+            assert os.listdir(store.root) == []
+        else:
+            assert Path(fs).is_dir()
+            store.remove(layer.chain_id)
+        assert sorted(os.listdir(tmp)) == sorted(["sentinel", "layers",
+                                                  os.path.basename(layer.blob)])
+        assert os.listdir(work / "sentinel") == []
