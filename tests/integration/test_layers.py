@@ -441,3 +441,22 @@ def test_a_corrupted_layer_is_unpacked_inside_or_refused_leaving_nothing(
         assert sorted(os.listdir(tmp)) == sorted(["sentinel", "layers",
                                                   os.path.basename(layer.blob)])
         assert os.listdir(work / "sentinel") == []
+
+
+def test_xattrs_land_on_directories_symlinks_fifos_and_hard_links(work: Path) -> None:
+    store = _store(work)
+    d = lt.directory("d")
+    d.info.pax_headers["SCHILY.xattr.user.d"] = "1"
+    s = lt.symlink("s", "/nowhere")
+    s.info.pax_headers["SCHILY.xattr.trusted.s"] = "2"  # user.* is not allowed on symlinks
+    p = lt.fifo("p")
+    p.info.pax_headers["SCHILY.xattr.trusted.p"] = "3"
+    h = lt.hardlink("h", "f", mode=0o600)
+    h.info.pax_headers["SCHILY.xattr.user.h"] = "4"
+    layer = lt.write_layer(str(work), [d, s, p, lt.file("f", b"f"), h])
+    fs = Path(store.ensure(layer.chain_id, None, layer.blob, layer.media_type))
+    assert os.getxattr(fs / "d", "user.d") == b"1"
+    assert os.getxattr(fs / "s", "trusted.s", follow_symlinks=False) == b"2"
+    assert os.getxattr(fs / "p", "trusted.p") == b"3"
+    assert os.getxattr(fs / "f", "user.h") == b"4"  # the shared inode
+    assert stat.S_IMODE((fs / "f").stat().st_mode) == 0o600
