@@ -13,6 +13,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -460,3 +461,14 @@ def test_xattrs_land_on_directories_symlinks_fifos_and_hard_links(work: Path) ->
     assert os.getxattr(fs / "p", "trusted.p") == b"3"
     assert os.getxattr(fs / "f", "user.h") == b"4"  # the shared inode
     assert stat.S_IMODE((fs / "f").stat().st_mode) == 0o600
+
+
+def test_concurrent_ensures_of_one_layer_give_one_layer(work: Path) -> None:
+    store = _store(work)
+    layer = lt.write_layer(str(work), [lt.file(f"d{i}/f", b"x" * 5000) for i in range(300)])
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: store.ensure(layer.chain_id, None, layer.blob,
+                                                     layer.media_type), range(4)))
+    assert len(set(paths)) == 1
+    assert os.listdir(store.root) == [layer.chain_id.removeprefix("sha256:")]
+    assert Path(paths[0], "d299/f").read_bytes() == b"x" * 5000
