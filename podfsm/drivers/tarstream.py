@@ -5,7 +5,7 @@ headers (ustar, GNU long names, PAX) parsed out of one large buffer.
 Nothing here touches the file system but the blob it reads; the extractor (untar.py) decides
 what each entry becomes. `tarfile` is not used to read: its stream reader re-slices its whole
 buffer on every read (quadratic with the large buffers that make extraction fast) and its
-header decoder cost 100 us an entry, more than laying the entry down. Decompression and
+header decoder took more time than laying the entry down. Decompression and
 hashing run in a thread of their own (zlib, zstd and sha256 release the GIL), as GNU tar runs
 gzip in a process of its own.
 """
