@@ -302,8 +302,7 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
                 assert grpc_code(fn, req)[0] is grpc.StatusCode.NOT_FOUND
             for fn, req in ((rt.CreateContainer, pb.CreateContainerRequest()),
                             (rt.Attach, pb.AttachRequest()),
-                            (img.PullImage, pb.PullImageRequest()),
-                            (img.ImageStatus, pb.ImageStatusRequest())):
+                            (rt.Exec, pb.ExecRequest())):
                 code, msg = grpc_code(fn, req)
                 assert code is grpc.StatusCode.UNIMPLEMENTED and "sandboxes only" in msg
             code, msg = grpc_code(rt.PortForward, pb.PortForwardRequest(pod_sandbox_id="f" * 64))

@@ -293,7 +293,7 @@ async def test_crictl_attach_through_conmons_attach_socket(env: Env) -> None:
         # conmon writes the exit file once it has reaped the container, after the session
         exit_file = Path(bundle).parent.joinpath("exit", "att1")
         deadline = time.monotonic() + 10
-        while not exit_file.exists() and time.monotonic() < deadline:
+        while not exit_file.exists() and time.monotonic() < deadline:  # noqa: ASYNC110 (a file conmon writes)
             await asyncio.sleep(0.02)
         assert exit_file.read_text() == "0"
 

@@ -3,14 +3,18 @@ sandboxes, each RPC one Controller call (see docs/cri.md).
 
 Served: Version, Status, RuntimeConfig, UpdateRuntimeConfig, RunPodSandbox, StopPodSandbox,
 RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats,
-GetContainerEvents (sandbox events), ImageFsInfo and, with a streaming server, PortForward
-(its URL; see docs/streaming.md). Every other RPC answers UNIMPLEMENTED:
-podfsm runs pod sandboxes only; containers and images belong to a container runtime beside it.
+GetContainerEvents (sandbox events), the whole ImageService (PullImage, ListImages,
+ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md) and, with a streaming server,
+PortForward (its URL; see docs/streaming.md). Every other RPC answers UNIMPLEMENTED:
+containers arrive later.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
 FAILED_PRECONDITION, a recovering or closing controller UNAVAILABLE, a failed step UNKNOWN with
-the step's error. Stop and remove of an unknown id succeed (they are idempotent).
+the step's error; a bad image reference INVALID_ARGUMENT, a failed pull UNKNOWN naming what
+failed (a digest that did not match), a pull past its deadline DEADLINE_EXCEEDED, an image in
+use FAILED_PRECONDITION. Stop and remove of an unknown id succeed (they are idempotent), and so
+does the removal of an unknown image.
 
 Every RPC runs as a call of a CallGroup (podfsm.controller.calls): the native cancellation
 grpc.aio gives a handler whose client's deadline passed reaches the RPC's work only through an
@@ -39,7 +43,12 @@ from podfsm import __version__
 from podfsm.controller import Controller
 from podfsm.controller.calls import CallGroup
 from podfsm.core.errors import (
+    ImageInUse,
+    ImageNotFound,
+    ImageNotInRegistry,
+    InvalidImageReference,
     InvalidPodConfig,
+    InvalidPullRequest,
     NameReserved,
     NodeFull,
     PodfsmError,
@@ -47,6 +56,7 @@ from podfsm.core.errors import (
     SandboxNotFound,
     StateDirError,
 )
+from podfsm.core.registryhosts import auth_from_cri
 from podfsm.core.states import State
 from podfsm.faces.cri import convert
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
@@ -61,7 +71,7 @@ SOCKET_MODE = 0o660
 KUBELET_API_VERSION = "0.1.0"
 RUNTIME_NAME = "podfsm"
 ONLY_SANDBOXES = ("podfsm runs pod sandboxes only (RunPodSandbox and its kin): {rpc} belongs "
-                  "to a container runtime or image service beside it")
+                  "to a container runtime beside it")
 
 R = TypeVar("R")
 Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
@@ -71,13 +81,13 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
     if isinstance(exc, NodeFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, InvalidPodConfig):
+    if isinstance(exc, InvalidPodConfig | InvalidPullRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound):
+    if isinstance(exc, SandboxNotFound | ImageNotFound | ImageNotInRegistry):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, PrerequisiteMissing):
+    if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, StateDirError):
         return grpc.StatusCode.INTERNAL
@@ -304,7 +314,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
-    """runtime.v1.ImageService: only ImageFsInfo (critest and the kubelet ask it)."""
+    """runtime.v1.ImageService: pull, list, status, remove, and the image store's usage."""
 
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
@@ -312,9 +322,51 @@ class ImageService(pb_grpc.ImageServiceServicer):
         self.calls = CallGroup("CRI image service")
 
     @_rpc
+    async def PullImage(self, request: pb.PullImageRequest,
+                        context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
+        a = request.auth
+        auth = auth_from_cri(a.username, a.password, a.auth, a.identity_token, a.registry_token)
+        left = context.time_remaining()
+        try:
+            img = await self.ctl.pull_image(request.image.image, auth, timeout=left)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"pulling {request.image.image}: deadline exceeded; nothing "
+                                "of it was kept")
+        return pb.PullImageResponse(image_ref=img.id)
+
+    @_rpc
+    async def ListImages(self, request: pb.ListImagesRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListImagesResponse:
+        ref = request.filter.image.image if request.HasField("filter") else ""
+        try:
+            images = await self.ctl.list_images(ref or None)
+        except InvalidImageReference:
+            images = []
+        return pb.ListImagesResponse(images=[convert.image(i) for i in images])
+
+    @_rpc
+    async def ImageStatus(self, request: pb.ImageStatusRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ImageStatusResponse:
+        """An unknown image is no error: the answer has no image (as containerd)."""
+        try:
+            img = await self.ctl.image_status(request.image.image)
+        except ImageNotFound:
+            return pb.ImageStatusResponse()
+        info = ({"info": json.dumps(await self.ctl.image_info(img.id))}
+                if request.verbose else {})
+        return pb.ImageStatusResponse(image=convert.image(img), info=info)
+
+    @_rpc
+    async def RemoveImage(self, request: pb.RemoveImageRequest,
+                          context: grpc.aio.ServicerContext) -> pb.RemoveImageResponse:
+        await self.ctl.remove_image(request.image.image)
+        return pb.RemoveImageResponse()
+
+    @_rpc
     async def ImageFsInfo(self, request: pb.ImageFsInfoRequest,
                           context: grpc.aio.ServicerContext) -> pb.ImageFsInfoResponse:
-        usage = [convert.filesystem_usage(fs) for fs in await self.ctl.filesystem_usage()]
+        usage = [convert.filesystem_usage(fs) for fs in await self.ctl.image_fs_info()]
         return pb.ImageFsInfoResponse(image_filesystems=usage)
 
 
