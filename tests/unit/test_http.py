@@ -504,7 +504,9 @@ def test_an_unknown_diagram_format_is_400(client: httpx.Client) -> None:
 def test_the_openapi_document_describes_every_route(client: httpx.Client, rig: Rig) -> None:
     doc = client.get("/openapi.json").json()
     ctl = rig.controller()
-    assert doc == json.loads(json.dumps(openapi_document(ctl.runtime_handlers, ctl.config)))
+    facts = asyncio.run(ctl.host_facts())
+    assert doc == json.loads(json.dumps(openapi_document(ctl.runtime_handlers, ctl.config,
+                                                         facts)))
     assert doc["openapi"].startswith("3.")
     documented = {(path, m.upper()) for path, item in doc["paths"].items()
                   for m in item if m != "parameters"}
