@@ -119,8 +119,14 @@ class Run(Teardown):
         if not pod.linux.sysctls:
             return
         self._check_sysctl_names(pod)
+        id_maps = None
+        if pod.pod_userns:  # the pod's mappings, or as wide as those podfsm allocates
+            allocated = IDMapping(host_id=self.config.idmap_pool_start, container_id=0,
+                                  length=idmap.POD_RANGE)
+            id_maps = (pod.requested_uid_mapping or allocated,
+                       pod.requested_gid_mapping or allocated)
         try:
-            refused = await self._host.try_sysctls(pod.linux.sysctls, pod.pod_userns)
+            refused = await self._host.try_sysctls(pod.linux.sysctls, id_maps)
         except OSError as exc:
             log.warning("sysctl values not tried before the run: %s", exc)
             return  # the runtime's create still refuses them

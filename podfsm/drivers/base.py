@@ -27,7 +27,7 @@ from podfsm.core.requests import (
     PauseRequest,
     SetAside,
 )
-from podfsm.core.spec import PodSandboxConfig
+from podfsm.core.spec import IDMapping, PodSandboxConfig
 
 
 class NamespaceDriver(Protocol):
@@ -195,9 +195,11 @@ class HostDriver(Protocol):
         each with the value it starts with (None when unreadable); None when they cannot be
         listed here (then sysctl_exists decides). Listed once."""
 
-    async def try_sysctls(self, values: Mapping[str, str], own_userns: bool) -> dict[str, str]:
-        """Write `values` in new namespaces of the pod's kind, before anything is made: each
-        sysctl the kernel refused, with its reason. OSError when they cannot be tried."""
+    async def try_sysctls(self, values: Mapping[str, str],
+                          id_maps: tuple[IDMapping, IDMapping] | None) -> dict[str, str]:
+        """Write `values` in new namespaces of the pod's kind (a user namespace with these uid
+        and gid mappings, or the host's: None), before anything is made: each sysctl the
+        kernel refused, with its reason. OSError when they cannot be tried."""
 
     async def local_addresses(self) -> list[str]:
         """The addresses of the host's interfaces, IPv4 and IPv6 (for documents)."""

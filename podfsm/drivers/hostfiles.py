@@ -23,7 +23,7 @@ from typing import Any
 
 from podfsm.core.ocispec import LOCALHOST_HOSTS, SHM_OPTIONS, resolv_conf
 from podfsm.core.records import CgroupStats, FilesystemUsage, SandboxFiles
-from podfsm.core.spec import IPC_SYSCTLS, PodSandboxConfig
+from podfsm.core.spec import IPC_SYSCTLS, IDMapping, PodSandboxConfig
 from podfsm.drivers import linux, sysinfo
 
 HOST_RESOLV_CONF = "/etc/resolv.conf"
@@ -175,8 +175,10 @@ class HostFiles:
     def pod_sysctls(self, own_userns: bool) -> Mapping[str, str | None] | None:
         return sysinfo.pod_sysctls(own_userns, IPC_SYSCTLS)
 
-    async def try_sysctls(self, values: Mapping[str, str], own_userns: bool) -> dict[str, str]:
-        return await sysinfo.try_sysctls(values, own_userns)
+    async def try_sysctls(self, values: Mapping[str, str],
+                          id_maps: tuple[IDMapping, IDMapping] | None) -> dict[str, str]:
+        lines = (id_maps[0].line(), id_maps[1].line()) if id_maps is not None else None
+        return await sysinfo.try_sysctls(values, lines)
 
     async def local_addresses(self) -> list[str]:
         return await sysinfo.local_addresses()

@@ -203,11 +203,23 @@ json.dump(out, sys.stdout)
 """
 
 # A pod's sysctl values tried in new namespaces of the same kind: what the kernel refuses there
-# it refuses in the pod, and is answered before anything is made.
+# it refuses in the pod, and is answered before anything is made. The child unshares itself
+# (so it keeps its capabilities in a new user namespace), waits while the parent writes that
+# namespace's id maps (as wide as the pod's: a value such as ping_group_range names ids), then
+# becomes its root, as the runtime does before it writes the pod's sysctls.
 _TRY_SYSCTLS = r"""
-import json, os, sys
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+userns = sys.argv[1] == "userns"
+if libc.unshare(0x40000000 | 0x08000000 | (0x10000000 if userns else 0)) != 0:
+    sys.exit("unshare: " + os.strerror(ctypes.get_errno()))
+print("unshared", flush=True)
+sys.stdin.readline()
+if userns:
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 out = {}
-for name, value in json.load(sys.stdin).items():
+for name, value in json.loads(sys.stdin.readline()).items():
     try:
         fd = os.open("/proc/sys/" + name.replace(".", "/"), os.O_WRONLY)
         try:
@@ -245,14 +257,30 @@ def pod_sysctls(own_userns: bool, ipc_names: Iterable[str]) -> dict[str, str | N
     return _listed[own_userns]
 
 
-async def try_sysctls(values: Mapping[str, str], own_userns: bool) -> dict[str, str]:
-    """Write `values` in new namespaces of the pod's kind; each sysctl the kernel refused,
-    with the kernel's reason."""
-    proc = await asyncio.create_subprocess_exec(
-        *_unshare(own_userns), _TRY_SYSCTLS, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+def _write_proc(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        out, err = await proc.communicate(json.dumps(dict(values)).encode())
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+async def try_sysctls(values: Mapping[str, str],
+                      id_maps: tuple[str, str] | None) -> dict[str, str]:
+    """Write `values` in new namespaces of the pod's kind: a new user namespace with these
+    uid_map and gid_map lines (the pod's, or as wide), or None for the host's. Each sysctl the
+    kernel refused, with the kernel's reason."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-S", "-c", _TRY_SYSCTLS, "userns" if id_maps else "host",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        if await proc.stdout.readline() == b"unshared\n" and id_maps is not None:
+            for name, line in zip(("uid_map", "gid_map"), id_maps, strict=True):
+                _write_proc(f"/proc/{proc.pid}/{name}", line)  # one write to /proc, inline
+        proc.stdin.write(b"go\n" + json.dumps(dict(values)).encode() + b"\n")
+        out, err = await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()
