@@ -160,16 +160,30 @@ async def address_kind(address: str) -> str:
     return _ROUTE_TYPES.get(kind, "not an address of this host")
 
 
+def _bridge_indexes() -> set[int]:
+    """The interface indexes of the host's bridges."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/sys/class/net"):
+            if os.path.isdir(f"/sys/class/net/{name}/bridge"):
+                with contextlib.suppress(OSError, ValueError):
+                    out.add(_read_int(f"/sys/class/net/{name}/ifindex"))
+    return out
+
+
 async def local_addresses() -> list[str]:
     """The addresses of this host's interfaces (its own network namespace's), IPv4 and IPv6,
-    without IPv6 link-local ones (one per veth, each only with a scope)."""
+    but those of its bridges (pod networks' gateways, which come and go with them) and IPv6
+    link-local ones (one per veth, each only with a scope)."""
     from pyroute2 import AsyncIPRoute
 
+    bridges = _bridge_indexes()
     out: list[str] = []
     async with AsyncIPRoute() as ipr:
         async for msg in await ipr.addr("dump"):
             address = msg.get("local") or msg.get("address")
             if isinstance(address, str) and address not in out \
+                    and msg["index"] not in bridges \
                     and not address.lower().startswith("fe80:"):
                 out.append(address)
     return out
