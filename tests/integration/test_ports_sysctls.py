@@ -137,19 +137,48 @@ def test_port_mappings_that_cannot_work_are_refused_naming_the_field(env: Env,
     _nothing_made(env, daemon)
 
 
+@pytest.mark.parametrize("runtime", ["runc"])
+def test_a_host_port_takes_a_host_listeners_port_over_as_under_containerd(
+        env: Env, daemon: Daemon) -> None:
+    """Documented, not refused (docs/security.md, Host ports): a mapping without host_ip takes
+    new connections to that port of the host's addresses, even where a host program listens;
+    the program has them back once the pod is gone."""
+    port = free_port()
+    with socket.create_server(("0.0.0.0", port)) as host_listener:
+        with daemon.client() as c:
+            r = _run(c, {**pod("takeover"), "port_mappings": [
+                {"container_port": 8080, "host_port": port}]})
+            assert r.status_code == 201, r.text
+            assert _reaches(r.json()["netns_path"], host_address(), port)
+            host_listener.setblocking(False)
+            with pytest.raises(BlockingIOError):  # the host's program got nothing
+                host_listener.accept()
+            assert c.delete(f"/v1/sandboxes/{r.json()['id']}").status_code == 204
+        host_listener.settimeout(5)
+        with socket.create_connection((host_address(), port), timeout=5):
+            accepted, _ = host_listener.accept()  # the host's program has its port back
+            accepted.close()
+    _nothing_made(env, daemon)
+
+
 def _route_localnet(bridge: str) -> str:
     return Path(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet").read_text().strip()
 
 
 def _reaches_pod(netns: str, port: int) -> bool:
     """Does 127.0.0.1:`port` on the host reach a listener in the pod's netns?"""
+    return _reaches(netns, "127.0.0.1", port)
+
+
+def _reaches(netns: str, address: str, port: int) -> bool:
+    """Does `address`:`port` on the host reach a listener in the pod's netns?"""
     listener = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c", LISTENER],
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "ready"
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
+            with socket.create_connection((address, port), timeout=3) as conn:
                 return conn.recv(100) == b"hello-from-pod"
         except OSError:
             return False
