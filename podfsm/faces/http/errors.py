@@ -13,6 +13,7 @@ from podfsm.core.errors import (
     IdRangeUnavailable,
     InvalidPodConfig,
     NameReserved,
+    NodeFull,
     PodfsmError,
     SandboxNotFound,
     SandboxRunError,
@@ -55,6 +56,7 @@ _STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (SandboxNotFound, 404),
     (NameReserved, 409),
     (IdRangeUnavailable, 409),  # before InvalidPodConfig, which it is too
+    (NodeFull, 409),  # likewise
     (InvalidPodConfig, 422),
     (ValidationError, 422),
     (BadRequest, 400),
