@@ -19,7 +19,8 @@ rule. Negative cases are left as generated: they must stay refused.
   repeated one is dropped;
 - bytes the kernel counts where the pattern counts characters: path segments of at most 255
   bytes and whole paths of cgroup_parent and log_directory; log_directory is moved below a
-  directory of this run, so that the directories podfsm makes for it stay out of the host's /;
+  directory of this run, so that the directories podfsm makes for it stay out of the host's /
+  (its segments beyond the 12 a log directory may have, this directory's included, dropped);
 - sums: labels, and annotations, of at most MAP_BYTES_MAX bytes of keys and values in all
   (entries beyond it are dropped).
 """
@@ -38,6 +39,7 @@ import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.core.parameters import ParameterLocation
 
+from podfsm.core.paths import LOG_DIRECTORY_SEGMENTS
 from podfsm.core.spec import IPC_SYSCTLS
 from podfsm.drivers.sysinfo import pod_sysctls
 
@@ -92,10 +94,13 @@ def _dict(parent: Any, key: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _fit_path(path: str, prefix: str, most: int) -> str:
-    """`path` below `prefix`, its segments at most NAME_MAX bytes, the whole at most `most`."""
+def _fit_path(path: str, prefix: str, most: int, segments: int | None = None) -> str:
+    """`path` below `prefix`, its segments at most NAME_MAX bytes, the whole at most `most`
+    bytes and, with `segments`, at most that many segments."""
     parts = [p if len(p.encode()) <= NAME_MAX else p.encode()[:NAME_MAX].decode(errors="ignore")
              for p in path.split("/")]
+    if segments is not None:  # parts[0] is the empty one before the leading '/'
+        parts = parts[:1 + segments - prefix.count("/")]
     out = prefix + "/".join(parts)
     # cut to length, never leaving an empty, '.' or '..' last segment (a trailing '/'), which
     # the pattern refuses as the daemon does
@@ -144,7 +149,8 @@ def repair_pod_config(body: dict[str, Any], pool_end: int) -> None:
                 kept[k] = v
             body[field] = kept
     if isinstance(body.get("log_directory"), str) and body["log_directory"]:
-        body["log_directory"] = _fit_path(body["log_directory"], LOG_ROOT, 4095)
+        body["log_directory"] = _fit_path(body["log_directory"], LOG_ROOT, 4095,
+                                          LOG_DIRECTORY_SEGMENTS)
     if isinstance(body.get("port_mappings"), list):
         body["port_mappings"] = _one_per_host_port(body["port_mappings"])
     linux = _dict(body, "linux")
