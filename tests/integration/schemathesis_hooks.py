@@ -158,7 +158,9 @@ def repair_pod_config(body: dict[str, Any], pool_end: int) -> None:
         return
     if isinstance(linux.get("sysctls"), dict) and linux["sysctls"]:
         start = pod_sysctls(_own_userns(linux), IPC_SYSCTLS) or {}
-        linux["sysctls"] = {name: start[name] for name in linux["sysctls"]
+        # the kernel shows vectors with tabs, which no string may hold: spaces
+        linux["sysctls"] = {name: " ".join(str(start[name]).split())
+                            for name in linux["sysctls"]
                             if start.get(name) is not None and name not in ID_VALUED}
     if isinstance(linux.get("cgroup_parent"), str):
         linux["cgroup_parent"] = _fit_path(linux["cgroup_parent"], "", 1024)
