@@ -65,11 +65,29 @@ class ControllerConfig(BaseModel):
     #: seconds a CNI plugin or an OCI runtime command may run; then its whole process group is
     #: killed and the step fails naming the timeout
     command_timeout: float = Field(default=60.0, gt=0)
+    #: where images live (blobs, records, unpacked layers; see docs/images.md); None:
+    #: <state_dir>/images
+    image_dir: str | None = None
+    #: containerd-style registry hosts configuration: <dir>/<host>/hosts.toml (mirrors, TLS,
+    #: headers), `_default/hosts.toml` for every other host
+    registry_config_dir: str = "/etc/podfsm/certs.d"
+    #: the platform pulled from a multi-platform image, "os/arch[/variant]"; None: the host's
+    image_platform: str | None = Field(default=None, pattern=r"^[a-z0-9]+/[a-z0-9]+(/[a-z0-9]+)?\Z")
+    #: seconds a registry may take to answer (connect, or between two reads)
+    registry_timeout: float = Field(default=60.0, gt=0)
+
+    @property
+    def images_dir(self) -> str:
+        """image_dir, or its default under state_dir."""
+        return self.image_dir or os.path.join(self.state_dir, "images")
 
     @model_validator(mode="after")
     def _absolute(self) -> ControllerConfig:
-        for name in ("state_dir", "run_dir", "netns_dir", "cni_conf_dir", "pause_binary"):
+        for name in ("state_dir", "run_dir", "netns_dir", "cni_conf_dir", "pause_binary",
+                     "registry_config_dir", "image_dir"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if not os.path.isabs(value):
                 raise ValueError(f"{name} must be an absolute path, got {value!r}")
         # the pod's cgroup_parent is compared with it as a string (see core.paths)

@@ -33,6 +33,7 @@ from podfsm.core.requests import (
 from podfsm.drivers import linux
 from podfsm.drivers.namespaces import PinChecks
 from podfsm.drivers.runtime import PauseTasks
+from tests.fakeimages import FakeImages
 
 
 @dataclass
@@ -260,12 +261,13 @@ class Rig:
         self.net = FakeNetwork(self.faults)
         self.rt = FakeRuntime(self.faults)
         self.store = MemoryStore()
+        self.images = FakeImages()
         self.cfg = ControllerConfig(state_dir=str(tmp / "state"), run_dir=str(tmp / "run"),
                                     netns_dir=str(tmp / "netns"), stop_grace=0.5)
 
     def controller(self, failpoints: str = "") -> Controller:
         return Controller(self.cfg, namespaces=self.ns, network=self.net, runtime=self.rt,
-                          store=self.store, failpoints=failpoints)
+                          store=self.store, images=self.images, failpoints=failpoints)
 
     def nothing_left(self) -> None:
         assert self.ns.pinned == set()

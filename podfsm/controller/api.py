@@ -11,10 +11,19 @@ from typing import Any
 
 import anyio
 
+from podfsm.config import ControllerConfig
 from podfsm.controller.base import Subscriber
+from podfsm.controller.images import ImageManager
 from podfsm.controller.recovery import Recovery
 from podfsm.core import sizes
-from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound, id_problem
+from podfsm.core.errors import (
+    InvalidPodConfig,
+    PodfsmError,
+    PrerequisiteMissing,
+    SandboxNotFound,
+    id_problem,
+)
+from podfsm.core.images import ImageRecord
 from podfsm.core.records import (
     FilesystemUsage,
     InterfaceStats,
@@ -24,10 +33,12 @@ from podfsm.core.records import (
     SandboxStatus,
     TransitionEvent,
 )
+from podfsm.core.registryhosts import RegistryAuth
 from podfsm.core.requests import InterfaceInfo
 from podfsm.core.spec import PodSandboxConfig, parse_pod_config
 from podfsm.core.states import State
 from podfsm.drivers import factory
+from podfsm.drivers.base import ImageDriver
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,12 @@ class Controller(Recovery):
     Drivers may be injected (tests use fakes); by default the real ones are built from `cfg`.
     """
 
+    def __init__(self, config: ControllerConfig | None = None, *,
+                 images: ImageDriver | None = None, **drivers: Any) -> None:
+        super().__init__(config, **drivers)
+        self._image_driver = images
+        self._image_manager: ImageManager | None = None
+
     async def __aenter__(self) -> Controller:
         cfg = self.config
         if self._real:
@@ -67,6 +84,13 @@ class Controller(Recovery):
                 stack.push_async_callback(rt.close)
             await self._net.start()
             stack.push_async_callback(self._net.close)
+            images = self._image_driver or (factory.images(cfg, self._failpoints) if self._real
+                                           else None)
+            if images is not None:
+                manager = ImageManager(images, self._failpoints_around)
+                await manager.open()
+                stack.push_async_callback(manager.close)
+                self._image_manager = manager
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._tg.cancel_scope.cancel)
             self.recovering = True
@@ -277,6 +301,47 @@ class Controller(Recovery):
         """Usage of the filesystems holding state_dir and run_dir (one entry each when they
         are on different filesystems)."""
         return self._host.filesystem_usage([self.config.state_dir, self.config.run_dir])
+
+    # images (see controller/images.py and docs/images.md)
+
+    @property
+    def images(self) -> ImageManager:
+        if self._image_manager is None:
+            raise PrerequisiteMissing("this controller has no image store (fake drivers and "
+                                      "no image driver given)")
+        return self._image_manager
+
+    async def pull_image(self, reference: str, auth: RegistryAuth | None = None, *,
+                         timeout: float | None = None) -> ImageRecord:
+        """Pull an image (`busybox`, `name:tag`, `name@sha256:...`) from its registry (or the
+        mirrors the registry config gives), verify and unpack it; its record. Raises
+        InvalidImageReference, ImagePullError (DigestMismatch naming the digest), TimeoutError
+        after `timeout` seconds; nothing of a failed pull is kept."""
+        return await self.images.pull(reference, auth, timeout=timeout)
+
+    async def list_images(self, reference: str | None = None) -> list[ImageRecord]:
+        """Every image (oldest pull first), or the one `reference` names."""
+        return self.images.all(reference)
+
+    async def image_status(self, reference: str) -> ImageRecord:
+        """The image named by id, id prefix, tag, digest or short name; ImageNotFound."""
+        return self.images.get(reference)
+
+    async def image_info(self, reference: str) -> dict[str, Any]:
+        """The verbose information of an image (its config, chain id, layers)."""
+        return await self.images.info(self.images.get(reference))
+
+    async def remove_image(self, reference: str) -> None:
+        """Remove the image (every name of it) and the content only it needed. Idempotent: an
+        unknown image is not an error. ImageInUse while a container uses it."""
+        await self.images.remove(reference)
+
+    async def image_fs_info(self) -> list[FilesystemUsage]:
+        """What the image store holds: bytes and inodes, with its filesystem's mount point
+        (without an image store, fake drivers: the filesystems of state_dir and run_dir)."""
+        if self._image_manager is None:
+            return await self.filesystem_usage()
+        return [await self._image_manager.usage()]
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
         """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error.

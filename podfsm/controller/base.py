@@ -68,6 +68,8 @@ class Sandbox:
     lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     supervisor: anyio.CancelScope | None = None
     removed: bool = False
+    #: the runtime's `create` of the pause is under way (it makes the cgroup parent)
+    creating: bool = False
     #: transitions not yet published (see Controller._save)
     unpublished: list[HistoryEntry] = field(default_factory=list)
     #: what the sandbox takes of a list answer (podfsm.core.sizes.list_entry_bytes)

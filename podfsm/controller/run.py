@@ -462,27 +462,32 @@ class Run(Teardown):
             pod = rec.config
             sc = pod.linux.security_context
             rt = self._runtime(rec.runtime)
-            with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
-                task = await rt.create(PauseRequest(
-                    container_id=rec.id,
-                    hostname=pod.effective_hostname,
-                    netns_path=ns.netns_path if ns else None,
-                    userns_path=ns.userns_path if ns else None,
-                    uid_mapping=rec.uid_mapping,
-                    gid_mapping=rec.gid_mapping,
-                    cgroup_parent=self.cgroup_parent(rec),
-                    annotations=dict(pod.annotations),
-                    annotation_patterns=self.config.pod_annotations,
-                    sysctls=dict(pod.linux.sysctls),
-                    run_as_user=sc.run_as_user.value if sc.run_as_user else None,
-                    run_as_group=sc.run_as_group.value if sc.run_as_group else None,
-                    supplemental_groups=tuple(sc.supplemental_groups),
-                    seccomp=rec.seccomp_profile,
-                    host_pid=pod.host_pid,
-                    host_ipc=pod.host_ipc,
-                    files=rec.files,
-                    resources=pod.linux.resources,
-                ))
+            request = PauseRequest(
+                container_id=rec.id,
+                hostname=pod.effective_hostname,
+                netns_path=ns.netns_path if ns else None,
+                userns_path=ns.userns_path if ns else None,
+                uid_mapping=rec.uid_mapping,
+                gid_mapping=rec.gid_mapping,
+                cgroup_parent=self.cgroup_parent(rec),
+                annotations=dict(pod.annotations),
+                annotation_patterns=self.config.pod_annotations,
+                sysctls=dict(pod.linux.sysctls),
+                run_as_user=sc.run_as_user.value if sc.run_as_user else None,
+                run_as_group=sc.run_as_group.value if sc.run_as_group else None,
+                supplemental_groups=tuple(sc.supplemental_groups),
+                seccomp=rec.seccomp_profile,
+                host_pid=pod.host_pid,
+                host_ipc=pod.host_ipc,
+                files=rec.files,
+                resources=pod.linux.resources,
+            )
+            sb.creating = True
+            try:
+                with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
+                    task = await rt.create(request)
+            finally:
+                sb.creating = False
             sb.record = rec.evolve(container_created=True, task=task,
                                    bundle_path=rt.bundle_path(rec.id))
         await self._save(sb, Trigger.CREATE_CONTAINER, pending=Trigger.START_TASK.value)

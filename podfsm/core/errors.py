@@ -123,3 +123,63 @@ class StateDirError(PodfsmError):
 class UnsafeDirectory(StateDirError):
     """A directory podfsm keeps root's state in (state_dir, run_dir, netns_dir) is not a
     directory, is owned by another user, or is writable by group or others."""
+
+
+class InvalidPullRequest(PodfsmError, ValueError):
+    """A pull request that cannot be served as given (its reference, its credentials); nothing
+    was fetched."""
+
+
+class InvalidImageReference(InvalidPullRequest):
+    """An image reference (or digest) that does not parse; nothing was fetched."""
+
+
+class ImageNotFound(PodfsmError, KeyError):
+    """No image with that id, tag, digest or id prefix is in the store."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(ref)
+        self.ref = ref
+
+    def __str__(self) -> str:
+        return f"image {self.ref!r} not found"
+
+
+class ImagePullError(PodfsmError):
+    """A pull failed: the registry refused or lacked something, a document was malformed, or
+    content did not match its digest. Nothing of the failed pull is kept."""
+
+
+class ImageNotInRegistry(ImagePullError):
+    """Every registry endpoint asked answered that it has no such manifest (404)."""
+
+
+class DigestMismatch(ImagePullError):
+    """Content fetched for a digest hashed (or measured) to something else."""
+
+    def __init__(self, digest: str, message: str) -> None:
+        super().__init__(f"content of {digest} does not match: {message}")
+        self.digest = digest
+
+
+class ImageInUse(PodfsmError):
+    """The image is used by a container and may not be removed."""
+
+
+class UnpackError(PodfsmError):
+    """An image layer was refused while it was unpacked: not a layer (media type, compression,
+    tar format, digest), or an entry that would write outside the layer directory or cannot be
+    represented. `entry` names the offending archive member ("" when the fault is the stream's,
+    not one member's); `layer` the chain id, once known. Nothing of the layer is left behind."""
+
+    def __init__(self, entry: str, reason: str, layer: str = "") -> None:
+        super().__init__(entry, reason, layer)
+        self.entry = entry
+        self.reason = reason
+        self.layer = layer
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer}" if self.layer else "layer"
+        if self.entry:
+            where += f": entry {self.entry!r}"
+        return f"{where}: {self.reason}"

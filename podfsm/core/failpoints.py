@@ -22,7 +22,20 @@ STEPS: tuple[str, ...] = (
     "cni_del",
     "unpin_namespaces",
 )
-NAMES: tuple[str, ...] = tuple(f"{step}.{when}" for step in STEPS for when in ("before", "after"))
+#: The image store's steps that touch the system, in the order a pull meets them: each blob's
+#: download (before: nothing written; after: the blob is in the store; fired by the
+#: controller), each layer's unpacking (fired in a worker thread by the driver that owns it:
+#: see podfsm/drivers/layers.py), the image record's write (the controller). Image steps go
+#: here, not in STEPS: the sandbox durability and chaos runs take theirs from STEPS.
+IMAGE_STEPS: tuple[str, ...] = (
+    "fetch_blob",
+    "unpack_layer",
+    "save_image",
+)
+NAMES: tuple[str, ...] = tuple(
+    f"{step}.{when}" for step in STEPS + IMAGE_STEPS for when in ("before", "after"))
+#: The failpoints a sandbox's lifecycle meets.
+SANDBOX_NAMES: tuple[str, ...] = NAMES[:2 * len(STEPS)]
 #: The steps a successful run meets (the first record write, then the forward steps) and the
 #: ones only a stop, a remove or an unwinding meets (the compensating steps).
 RUN_STEPS: tuple[str, ...] = STEPS[:5]

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
+from podfsm.core.imageref import ImageReference
+from podfsm.core.images import ImageRecord
+from podfsm.core.imagespec import Descriptor, Platform
 from podfsm.core.records import (
     CgroupStats,
     FilesystemUsage,
@@ -20,6 +23,7 @@ from podfsm.core.records import (
     SandboxRecord,
     TaskInfo,
 )
+from podfsm.core.registryhosts import Endpoint, RegistryAuth
 from podfsm.core.requests import (
     InterfaceInfo,
     NamespaceRequest,
@@ -253,3 +257,57 @@ class Store(Protocol):
 
 
 JsonDict = dict[str, Any]
+
+
+class ImageDriver(Protocol):
+    """Registries, the content store, image records and layer directories (see
+    drivers/images.py). Blocking work runs in worker threads."""
+
+    async def open(self) -> dict[str, ImageRecord]:
+        """Take the image dir, remove what a crash left (downloads, unfinished layers, content
+        no record needs) and return the records."""
+
+    async def close(self) -> None:
+        """Close registry connections and release the image dir."""
+
+    def platform(self) -> Platform:
+        """The platform pulled from an index (the host's unless configured)."""
+
+    async def resolve(self, ref: ImageReference, auth: RegistryAuth,
+                      ) -> tuple[bytes, str, str, Endpoint]:
+        """The top manifest or index of `ref`, verified: (body, content type, digest, the
+        endpoint that answered)."""
+
+    async def fetch_manifest(self, ref: ImageReference, desc: Descriptor, first: Endpoint,
+                             auth: RegistryAuth) -> tuple[bytes, str]:
+        """A manifest named by an index entry, verified: (body, content type)."""
+
+    async def has_blob(self, digest: str, size: int) -> bool:
+        """Whether the store holds blob `digest` (whole: `size` bytes)."""
+
+    async def put_document(self, digest: str, data: bytes) -> None:
+        """Store a verified small document (manifest, index, config) as blob `digest`."""
+
+    async def read_blob(self, digest: str) -> bytes:
+        """A small blob's bytes."""
+
+    async def fetch_blob(self, ref: ImageReference, desc: Descriptor, first: Endpoint,
+                         auth: RegistryAuth, diff_id: str | None) -> None:
+        """Download blob `desc` into the store, verified against its digest and size (and
+        `diff_id`, when cheap); DigestMismatch names it, and nothing of it is kept."""
+
+    async def unpack(self, chain_id: str, parent: str | None, digest: str,
+                     media_type: str) -> str:
+        """Unpack layer blob `digest` once as layer `chain_id`; its directory."""
+
+    async def save_image(self, rec: ImageRecord) -> None:
+        """Write the image's record atomically."""
+
+    async def delete_image(self, image_id: str) -> None:
+        """Remove the image's record. Idempotent."""
+
+    async def remove_content(self, blobs: set[str], chain_ids: set[str]) -> None:
+        """Remove blobs and layer directories (no image needs them)."""
+
+    async def usage(self) -> FilesystemUsage:
+        """The bytes and inodes the image store holds, with its mount point."""

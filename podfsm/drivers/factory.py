@@ -12,13 +12,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from podfsm.config import ControllerConfig
 from podfsm.core.errors import PrerequisiteMissing
+from podfsm.core.failpoints import Failpoint
 from podfsm.drivers import linux
-from podfsm.drivers.base import HostDriver, NamespaceDriver, NetworkDriver, RuntimeDriver
+from podfsm.drivers.base import (
+    HostDriver,
+    ImageDriver,
+    NamespaceDriver,
+    NetworkDriver,
+    RuntimeDriver,
+)
 
 if TYPE_CHECKING:
     from podfsm.drivers.store import FileStore
@@ -111,3 +118,15 @@ def controller_tag(cfg: ControllerConfig) -> str:
     through a symlink names the same controller), so controllers on different state dirs never
     take each other's pins for orphans."""
     return hashlib.sha256(os.path.realpath(cfg.state_dir).encode()).hexdigest()[:8]
+
+
+def images(cfg: ControllerConfig, failpoints: Mapping[str, Failpoint] | None = None,
+           ) -> ImageDriver:
+    """The image driver: registries per cfg.registry_config_dir, the store in cfg.images_dir;
+    `failpoints` (a parsed plan) reaches the layer store (unpack_layer.*)."""
+    from podfsm.core.imagespec import parse_platform
+    from podfsm.drivers.images import LocalImages
+
+    plat = parse_platform(cfg.image_platform) if cfg.image_platform else None
+    return LocalImages(cfg.images_dir, cfg.registry_config_dir, platform=plat,
+                       timeout=cfg.registry_timeout, failpoints=failpoints)

@@ -2,12 +2,14 @@
 
     podfsm serve [--socket S] [--state-dir D] [--run-dir D] [--netns-dir D] [--runtime R]
                  [--cni-conf-dir D] [--host H --port P [--token-file F]] [--cri-socket PATH]
+                 [--registry-config-dir DIR] [--image-dir DIR]
     podfsm runp FILE [--runtime R]      run a sandbox from a crictl pod config; prints its id
     podfsm pods [-o table|json] [-q]    list sandboxes
     podfsm inspectp ID [-o table|json]  one sandbox's status and history
     podfsm stopp ID...                  stop sandboxes (NotReady)
     podfsm rmp ID...                    remove sandboxes
     podfsm events [--since N]           stream transitions until the daemon stops
+    podfsm pull | images | inspecti | rmi   images, as crictl's verbs (faces/imagecli.py)
     podfsm graph [ID] [-o FILE]         a diagram: .mmd .dot .svg .png (Mermaid on stdout)
     podfsm debug failpoints             the failpoint names for PODFSM_FAILPOINTS
     podfsm demo | bench                 see their --help
@@ -35,7 +37,7 @@ from podfsm import __version__
 from podfsm.core import failpoints
 from podfsm.core.errors import PodfsmError, shown_id
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.faces import graph
+from podfsm.faces import graph, imagecli
 from podfsm.faces.client import ApiError, Client, DaemonUnreachable, resolve_socket
 
 EXIT_OK = 0
@@ -111,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cri-socket", default="/run/podfsm/cri.sock", metavar="PATH",
                    help="unix socket of the CRI v1 gRPC face, mode 0660, there once recovery "
                    "is done (default /run/podfsm/cri.sock; '' for none)")
+    p.add_argument("--stream-address", default="127.0.0.1", metavar="ADDR",
+                   help="address of the streaming server whose URLs CRI PortForward (and "
+                   "Exec, Attach) answer (default 127.0.0.1: whoever reaches it with a URL "
+                   "gets into a pod)")
+    p.add_argument("--stream-port", type=int, default=0, metavar="PORT",
+                   help="its TCP port (default 0: a free one; -1: no streaming server)")
+    p.add_argument("--registry-config-dir", metavar="DIR",
+                   help="registry hosts configuration, containerd's certs.d format: "
+                   "DIR/<host>/hosts.toml (default /etc/podfsm/certs.d)")
+    p.add_argument("--image-dir", metavar="DIR",
+                   help="the image store (default <state-dir>/images)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("runp", parents=[client], help="run a sandbox from a pod config file")
@@ -131,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID", help="sandbox id or a unique prefix")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(run=_client_verb(_inspectp))
+
+    imagecli.add_verbs(sub, client, _client_verb)
 
     p = sub.add_parser("stopp", parents=[client], help="stop sandboxes (NotReady)")
     p.add_argument("ids", metavar="ID", nargs="+")
@@ -187,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chaos", type=int, default=0, metavar="N",
                    help="instead: N rounds of random operations, failpoints and SIGKILLs, "
                         "checking the invariants after each recovery (see docs/security.md)")
+    p.add_argument("--unpack", action="store_true",
+                   help="instead: the image layer extractor's throughput next to GNU tar's on "
+                        "a busybox layer and a synthetic 95 MB one (see docs/images.md)")
+    p.add_argument("--unpack-dir", metavar="DIR",
+                   help="with --unpack: unpack under DIR (default: the temporary directory)")
     p.set_defaults(run=_bench)
     return parser
 
@@ -244,6 +264,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise _UsageError("--host needs --port")
     if args.token_file is not None and args.port is None:
         raise _UsageError("--token-file needs --port (the unix socket takes no token)")
+    if args.stream_port > 65535 or args.stream_port < -1:
+        raise _UsageError(f"--stream-port {args.stream_port} is not a port (0: a free one, "
+                          "-1: none)")
     if min(args.header_timeout, args.body_timeout) <= 0 or args.max_event_streams < 1:
         raise _UsageError("--header-timeout, --body-timeout and --max-event-streams must be "
                           "positive")
@@ -262,7 +285,9 @@ def _serve(args: argparse.Namespace) -> int:
                           token_file=args.token_file, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout,
                           max_streams=args.max_event_streams,
-                          cri_socket=args.cri_socket or None))
+                          cri_socket=args.cri_socket or None,
+                          stream_address=args.stream_address,
+                          stream_port=None if args.stream_port < 0 else args.stream_port))
     except PodfsmError as exc:
         print(f"podfsm serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -270,8 +295,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dirs(args: argparse.Namespace) -> dict[str, str]:
-    names = ("state_dir", "run_dir", "netns_dir", "runtime", "cni_conf_dir")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    names = ("state_dir", "run_dir", "netns_dir", "runtime", "cni_conf_dir",
+             "registry_config_dir", "image_dir")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def _failpoints(args: argparse.Namespace) -> int:

@@ -20,8 +20,9 @@ import httpx
 from pydantic import ValidationError
 
 from podfsm.core.errors import PodfsmError, id_problem
+from podfsm.core.images import ImageRecord
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.faces.wire import DEFAULT_SOCKET, ErrorBody, SandboxList
+from podfsm.faces.wire import DEFAULT_SOCKET, ErrorBody, ImageList, SandboxList
 
 __all__ = ["DEFAULT_SOCKET", "ApiError", "Client", "DaemonUnreachable", "resolve_socket"]
 SOCKET_ENV = "PODFSM_SOCKET"
@@ -137,6 +138,30 @@ class Client:
                         data = []
         except httpx.TransportError as exc:
             raise DaemonUnreachable(self.socket_path, _reason(exc)) from None
+
+    async def pull_image(self, reference: str, auth: Mapping[str, str] | None = None,
+                         ) -> ImageRecord:
+        """Pull an image; its record. `auth`: the CRI AuthConfig's fields (username,
+        password, auth, identity_token, registry_token)."""
+        body: dict[str, Any] = {"image": reference}
+        if auth:
+            body["auth"] = dict(auth)
+        resp = await self._send("POST", "/v1/images", json=body)
+        return ImageRecord.model_validate_json(resp.content)
+
+    async def list_images(self, reference: str | None = None) -> list[ImageRecord]:
+        """Every image, or only the one `reference` names (any name, id or id prefix)."""
+        params = {"image": reference} if reference else None
+        resp = await self._send("GET", "/v1/images", params=params)
+        return ImageList.model_validate_json(resp.content).items
+
+    async def image_status(self, image_id: str) -> ImageRecord:
+        resp = await self._send("GET", f"/v1/images/{image_id}")
+        return ImageRecord.model_validate_json(resp.content)
+
+    async def remove_image(self, image_id: str) -> None:
+        """Remove it (every name); an unknown id is removed already."""
+        await self._send("DELETE", f"/v1/images/{image_id}")
 
     async def resolve_id(self, id_or_prefix: str) -> str:
         """A full sandbox id from a unique prefix of one (as crictl takes them). What is no

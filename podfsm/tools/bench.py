@@ -582,6 +582,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if getattr(args, "chaos", 0):
         return chaos_main(runtimes, args.chaos, as_json=args.json)
+    if getattr(args, "unpack", False):
+        from podfsm.tools.unpackbench import main as unpack_main
+
+        return unpack_main(args)
     try:
         results = [asyncio.run(bench_runtime(rt, args)) for rt in runtimes]
     except PodfsmError as exc:

@@ -95,7 +95,7 @@ def random_failpoints(rnd: random.Random) -> str:
     if rnd.random() < 1 / 3:
         return ""
     entries = []
-    for name in rnd.sample(fp.NAMES, rnd.choice((1, 2))):
+    for name in rnd.sample(fp.SANDBOX_NAMES, rnd.choice((1, 2))):
         action = rnd.choices(
             (f"{rnd.randint(1, 3)}*error", f"delay({rnd.randint(20, 400)})", "1*crash"),
             weights=(4, 4, 2))[0]

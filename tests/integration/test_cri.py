@@ -313,11 +313,11 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
                 assert grpc_code(fn, req)[0] is grpc.StatusCode.NOT_FOUND
             for fn, req in ((rt.CreateContainer, pb.CreateContainerRequest()),
                             (rt.Attach, pb.AttachRequest()),
-                            (rt.PortForward, pb.PortForwardRequest()),
-                            (img.PullImage, pb.PullImageRequest()),
-                            (img.ImageStatus, pb.ImageStatusRequest())):
+                            (rt.Exec, pb.ExecRequest())):
                 code, msg = grpc_code(fn, req)
                 assert code is grpc.StatusCode.UNIMPLEMENTED and "sandboxes only" in msg
+            code, msg = grpc_code(rt.PortForward, pb.PortForwardRequest(pod_sandbox_id="f" * 64))
+            assert code is grpc.StatusCode.NOT_FOUND, msg  # served: see test_streaming.py
 
             # stop twice, remove twice; a Ready one is stopped by its remove
             for _ in range(2):

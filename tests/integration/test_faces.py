@@ -38,6 +38,7 @@ from podfsm.core import cniconf
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import STATES, TRANSITIONS
 from podfsm.drivers import linux
+from tests.integration.anyregistry import any_registry
 from tests.integration.conftest import Env, destroy_env, make_env
 
 pytestmark = pytest.mark.integration
@@ -68,11 +69,16 @@ def use_env_network(env: Env) -> None:
 
 
 def serve_argv(env: Env, socket_path: str, *extra: str) -> list[str]:
-    """The CRI socket goes beside `socket_path` (cri.sock), never to the host's default."""
+    """The CRI socket goes beside `socket_path` (cri.sock), never to the host's default; every
+    registry is a closed port of 127.0.0.1 (a generated pull never leaves the machine) unless
+    `extra` gives another --registry-config-dir."""
     c = env.cfg
+    certs = os.path.join(env.tmp, "no-registries")
+    os.makedirs(os.path.join(certs, "_default"), exist_ok=True)
+    Path(certs, "_default", "hosts.toml").write_text('server = "http://127.0.0.1:9"\n')
     return [PYTHON, "-m", "podfsm", "serve", "--socket", socket_path, "--state-dir", c.state_dir,
             "--run-dir", c.run_dir, "--netns-dir", c.netns_dir, "--runtime", c.runtime,
-            "--cni-conf-dir", c.cni_conf_dir,
+            "--cni-conf-dir", c.cni_conf_dir, "--registry-config-dir", certs,
             "--cri-socket", os.path.join(os.path.dirname(socket_path), "cri.sock"), *extra]
 
 
@@ -242,6 +248,14 @@ def tcp_listeners(pid: int) -> list[tuple[str, int]]:
     return found
 
 
+def stream_port(d: Daemon) -> int:
+    """The port of the daemon's streaming server (with the CRI socket), from its log line."""
+    m = re.search(r"streaming server \(exec, attach, port-forward\) on http://127\.0\.0\.1:(\d+)",
+                  d.log_text())
+    assert m, "no streaming server in the log"
+    return int(m.group(1))
+
+
 def svg_current(svg: bytes) -> list[str]:
     """The ids of the nodes drawn as the current state."""
     root = ET.fromstring(svg)
@@ -350,11 +364,12 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
     use_env_network(env)
     subnet = ipaddress.ip_network(env.subnet)
     with serving(env) as d, d.client() as c:
-        # the socket: a socket, root's, mode 0660; and no TCP listener unless asked
+        # the socket: a socket, root's, mode 0660; and no TCP listener unless asked but the
+        # streaming server's, on loopback (docs/streaming.md)
         sst = os.stat(d.socket)
         assert stat.S_ISSOCK(sst.st_mode) and stat.S_IMODE(sst.st_mode) == 0o660
         assert sst.st_uid == 0
-        assert tcp_listeners(d.proc.pid) == []
+        assert tcp_listeners(d.proc.pid) == [("127.0.0.1", stream_port(d))]
 
         health = c.get("/healthz")
         assert health.status_code == 200
@@ -364,7 +379,14 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
         assert set(doc["paths"]) == {
             "/healthz", "/v1/sandboxes", "/v1/sandboxes/{sandbox_id}",
             "/v1/sandboxes/{sandbox_id}/stop", "/v1/sandboxes/{sandbox_id}/graph",
-            "/v1/graph", "/v1/events"}
+            "/v1/graph", "/v1/events", "/v1/images", "/v1/images/{image_id}"}
+        # images (tests/integration/test_images*.py pull for real): this daemon's every
+        # registry is a closed port of 127.0.0.1 (serve_argv)
+        assert c.get("/v1/images").json() == {"items": []}
+        failed = c.post("/v1/images", json={"image": "busybox"})
+        assert failed.status_code == 502 and "127.0.0.1:9" in failed.json()["error"]
+        assert c.get(f"/v1/images/{'f' * 64}").status_code == 404
+        assert c.delete(f"/v1/images/{'f' * 64}").status_code == 204
         page = c.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert 'id="conn"' in page.text and 'id="log"' in page.text
@@ -610,7 +632,8 @@ def test_tcp_needs_the_token_a_listening_name_and_the_pages_origin(tmp_path: Pat
         use_env_network(env)
         with serving(env, port=0) as d:
             assert d.tcp_port is not None
-            assert tcp_listeners(d.proc.pid) == [("127.0.0.1", d.tcp_port)]
+            assert sorted(tcp_listeners(d.proc.pid)) == sorted(
+                [("127.0.0.1", d.tcp_port), ("127.0.0.1", stream_port(d))])
             token_file = Path(env.tmp, "http-token")
             assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
             assert token_file.stat().st_uid == 0 and len(d.token) >= 32
@@ -904,15 +927,21 @@ def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
     env = make_env("runc")
     try:
         use_env_network(env)
-        with serving(env, port=0) as d:
+        certs = tmp_path / "certs.d"
+        with any_registry(certs), serving(env, port=0, options=[
+                "--registry-config-dir", str(certs)]) as d:
             assert d.tcp_port is not None
+            with d.client() as c:  # an image for imageStatus' cases (schemathesis_hooks.py)
+                pulled = c.post("/v1/images", json={"image": "example.com/held:1"})
+                assert pulled.status_code == 201, pulled.text
             report = tmp_path / "schemathesis.ndjson"
             started = time.monotonic()
             run = subprocess.run(schemathesis_argv(d.tcp_port, d.token, SCHEMATHESIS_EXAMPLES,
                                                    report), capture_output=True, text=True,
                                  timeout=600, cwd=tmp_path, check=False,
                                  env={**os.environ, "NO_COLOR": "1",
-                                      "SCHEMATHESIS_HOOKS": str(SCHEMATHESIS_HOOKS)})
+                                      "SCHEMATHESIS_HOOKS": str(SCHEMATHESIS_HOOKS),
+                                      "SCHEMATHESIS_IMAGE_ID": pulled.json()["id"]})
             took = time.monotonic() - started
             out = run.stdout + run.stderr
             print(out[-3000:], f"\nschemathesis took {took:.1f}s")
@@ -934,6 +963,8 @@ def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
             with d.client() as c:
                 for item in c.get("/v1/sandboxes").json()["items"]:
                     assert c.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
+                for item in c.get("/v1/images").json()["items"]:
+                    assert c.delete(f"/v1/images/{item['id']}").status_code == 204
             assert d.terminate() == 0
             assert "Traceback" not in d.log_text(), d.log_text()
         assert env.leftovers() == {}

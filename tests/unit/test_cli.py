@@ -342,6 +342,7 @@ def test_debug_failpoints_lists_every_name(capsys: pytest.CaptureFixture[str]) -
     ([], 2), (["nope"], 2), (["--help"], 0), (["pods", "-o", "yaml"], 2),
     (["serve", "--host", "0.0.0.0"], 2), (["bench", "--runtime", "docker"], 2),
     (["bench", "-n", "0"], 2), (["debug"], 2),
+    (["serve", "--stream-port", "70000"], 2), (["serve", "--stream-port", "-2"], 2),
 ])
 def test_usage_errors_exit_2(argv: list[str], code: int,
                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,7 @@ from podfsm.core.errors import (
 from podfsm.core.states import State, lifecycle_kind
 from podfsm.drivers.base import NetworkDriver
 from podfsm.faces.cri import CriServer
+from podfsm.faces.stream import PortForwardRequest, StreamServer
 from tests.fakes import FakeRuntime, Rig
 
 
@@ -63,8 +64,8 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def serving(rig: Rig, sock_dir: str,
-                  network: NetworkDriver | None = None) -> AsyncIterator[World]:
+async def serving(rig: Rig, sock_dir: str, network: NetworkDriver | None = None,
+                  stream: StreamServer | None = None) -> AsyncIterator[World]:
     """The CRI server over an entered Controller on the rig's fakes (and `network`, when
     given), with a second runtime handler; not a fixture: the Controller's task group must be
     entered and left in one task."""
@@ -73,7 +74,7 @@ async def serving(rig: Rig, sock_dir: str,
                      runtimes=[other], store=rig.store)
     path = os.path.join(sock_dir, "cri.sock")
     async with ctl:
-        server = CriServer(ctl, path)
+        server = CriServer(ctl, path, stream)
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
@@ -250,9 +251,7 @@ async def test_every_error_code(rig: Rig, sock_dir: str) -> None:
         assert [s.name for s in await world.ctl.list_sandboxes()] == ["dup"]  # nothing of "f"
         for call in (rt.CreateContainer(pb.CreateContainerRequest()),
                      rt.ListContainers(pb.ListContainersRequest()),
-                     rt.ExecSync(pb.ExecSyncRequest()),
-                     world.img.PullImage(pb.PullImageRequest()),
-                     world.img.ListImages(pb.ListImagesRequest())):
+                     rt.ExecSync(pb.ExecSyncRequest())):
             code, msg = await code_of(call)
             assert code is grpc.StatusCode.UNIMPLEMENTED and "pod sandboxes only" in msg
         world.ctl.recovering = True
@@ -468,3 +467,41 @@ def test_serve_refuses_a_cri_socket_another_server_answers_on(rig: Rig, sock_dir
             asyncio.run(daemon.run())
         assert os.listdir(sock_dir) == ["cri.sock"]  # its own socket is gone, the other's kept
     os.unlink(cri)
+
+
+async def test_port_forward_answers_a_single_use_url_for_a_ready_sandbox(
+        rig: Rig, sock_dir: str) -> None:
+    stream = StreamServer()
+    await stream.start()
+    try:
+        async with serving(rig, sock_dir, stream=stream) as world:
+            rt = world.rt
+            sid = (await rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cri_pod("pf")))
+                   ).pod_sandbox_id
+            url = (await rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=sid[:13],
+                                                              port=[80]))).url
+            assert url.startswith(f"http://127.0.0.1:{stream.port}/portforward/")
+            token = url.rsplit("/", 1)[1]
+            request = stream.cache.consume(token)
+            assert request == PortForwardRequest(sid, (80,))
+            assert stream.cache.consume(token) is None  # once
+            code, msg = await code_of(rt.PortForward(pb.PortForwardRequest(
+                pod_sandbox_id=sid, port=[0])))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and "[0]" in msg
+            code, _ = await code_of(rt.PortForward(pb.PortForwardRequest(
+                pod_sandbox_id="f" * 64)))
+            assert code is grpc.StatusCode.NOT_FOUND
+            await rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
+            code, msg = await code_of(rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=sid)))
+            assert code is grpc.StatusCode.FAILED_PRECONDITION and "not running" in msg
+            assert len(stream.cache) == 0
+    finally:
+        await stream.stop()
+
+
+async def test_port_forward_without_a_streaming_server_is_unimplemented(
+        rig: Rig, sock_dir: str) -> None:
+    async with serving(rig, sock_dir) as world:
+        code, msg = await code_of(world.rt.PortForward(pb.PortForwardRequest(
+            pod_sandbox_id="x")))
+        assert code is grpc.StatusCode.UNIMPLEMENTED and "streaming server" in msg

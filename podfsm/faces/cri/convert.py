@@ -14,6 +14,7 @@ from typing import Any
 from cri_api.v1 import api_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
+from podfsm.core.images import ImageRecord
 from podfsm.core.records import (
     FilesystemUsage,
     InterfaceStats,
@@ -137,6 +138,16 @@ def filesystem_usage(fs: FilesystemUsage) -> pb.FilesystemUsage:
     return pb.FilesystemUsage(timestamp=fs.timestamp_ns,
                               fs_id=pb.FilesystemIdentifier(mountpoint=fs.mountpoint),
                               used_bytes=_u64(fs.used_bytes), inodes_used=_u64(fs.inodes_used))
+
+
+def image(img: ImageRecord) -> pb.Image:
+    """A CRI Image: uid set only for a numeric config User, username only for a name."""
+    out = pb.Image(id=img.id, repo_tags=list(img.repo_tags), repo_digests=list(img.repo_digests),
+                   size=img.size, username=img.username,
+                   spec=pb.ImageSpec(image=img.id), pinned=img.pinned)
+    if img.uid is not None:
+        out.uid.value = img.uid
+    return out
 
 
 def container_event(ev: LifecycleEvent, config: PodSandboxConfig) -> pb.ContainerEventResponse:

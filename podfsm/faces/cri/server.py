@@ -3,13 +3,18 @@ sandboxes, each RPC one Controller call (see docs/cri.md).
 
 Served: Version, Status, RuntimeConfig, UpdateRuntimeConfig, RunPodSandbox, StopPodSandbox,
 RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats,
-GetContainerEvents (sandbox events) and ImageFsInfo. Every other RPC answers UNIMPLEMENTED:
-podfsm runs pod sandboxes only; containers and images belong to a container runtime beside it.
+GetContainerEvents (sandbox events), the whole ImageService (PullImage, ListImages,
+ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md) and, with a streaming server,
+PortForward (its URL; see docs/streaming.md). Every other RPC answers UNIMPLEMENTED:
+containers arrive later.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
 FAILED_PRECONDITION, a recovering or closing controller UNAVAILABLE, a failed step UNKNOWN with
-the step's error. Stop and remove of an unknown id succeed (they are idempotent).
+the step's error; a bad image reference INVALID_ARGUMENT, a failed pull UNKNOWN naming what
+failed (a digest that did not match), a pull past its deadline DEADLINE_EXCEEDED, an image in
+use FAILED_PRECONDITION. Stop and remove of an unknown id succeed (they are idempotent), and so
+does the removal of an unknown image.
 
 Every RPC runs as a call of a CallGroup (podfsm.controller.calls): the native cancellation
 grpc.aio gives a handler whose client's deadline passed reaches the RPC's work only through an
@@ -38,7 +43,12 @@ from podfsm import __version__
 from podfsm.controller import Controller
 from podfsm.controller.calls import CallGroup
 from podfsm.core.errors import (
+    ImageInUse,
+    ImageNotFound,
+    ImageNotInRegistry,
+    InvalidImageReference,
     InvalidPodConfig,
+    InvalidPullRequest,
     NameReserved,
     NodeFull,
     PodfsmError,
@@ -46,8 +56,12 @@ from podfsm.core.errors import (
     SandboxNotFound,
     StateDirError,
 )
+from podfsm.core.registryhosts import auth_from_cri
+from podfsm.core.states import State
 from podfsm.faces.cri import convert
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
+from podfsm.faces.stream import PortForwardRequest, StreamServer
+from podfsm.faces.stream.tokens import CacheFull
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +71,7 @@ SOCKET_MODE = 0o660
 KUBELET_API_VERSION = "0.1.0"
 RUNTIME_NAME = "podfsm"
 ONLY_SANDBOXES = ("podfsm runs pod sandboxes only (RunPodSandbox and its kin): {rpc} belongs "
-                  "to a container runtime or image service beside it")
+                  "to a container runtime beside it")
 
 R = TypeVar("R")
 Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
@@ -67,13 +81,13 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
     if isinstance(exc, NodeFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, InvalidPodConfig):
+    if isinstance(exc, InvalidPodConfig | InvalidPullRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound):
+    if isinstance(exc, SandboxNotFound | ImageNotFound | ImageNotInRegistry):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, PrerequisiteMissing):
+    if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, StateDirError):
         return grpc.StatusCode.INTERNAL
@@ -115,11 +129,13 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
 class RuntimeService(pb_grpc.RuntimeServiceServicer):
     """runtime.v1.RuntimeService for pod sandboxes."""
 
-    def __init__(self, ctl: Controller) -> None:
+    def __init__(self, ctl: Controller, stream: StreamServer | None = None) -> None:
         self.ctl = ctl
         self.serving = True
         #: the RPCs in flight, each in a task its client's cancellation cannot cut short
         self.calls = CallGroup("CRI runtime service")
+        #: the streaming server whose URLs PortForward (and Exec, Attach) answer
+        self.stream = stream
         self._streams: set[anyio.CancelScope] = set()
         #: the pod CIDRs the kubelet gave in UpdateRuntimeConfig (reported, not applied)
         self.pod_cidrs: list[str] = []
@@ -248,6 +264,32 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 out.append(convert.sandbox_stats(st, await self.ctl.sandbox_stats(st.id)))
         return pb.ListPodSandboxStatsResponse(stats=out)
 
+    @_rpc
+    async def PortForward(self, request: pb.PortForwardRequest,
+                          context: grpc.aio.ServicerContext) -> pb.PortForwardResponse:
+        """A single-use URL of the streaming server for the sandbox's network namespace
+        (as containerd: the sandbox must be ready; ports, if named, must be ports)."""
+        stream = self.stream
+        if stream is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "PortForward: podfsm serve runs without a streaming server")
+            raise AssertionError("unreachable: abort raises")
+        sid = self.ctl.resolve_id(request.pod_sandbox_id)
+        st = await self.ctl.sandbox_status(sid)
+        if st.state is not State.READY:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"sandbox {sid} is {st.state.value}, not running: no port "
+                                "forwarding")
+        bad = [p for p in request.port if not 0 < p < 65536]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"ports {bad} are not TCP ports (1-65535)")
+        try:
+            url = stream.url_for(PortForwardRequest(sid, tuple(request.port)))
+        except CacheFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return pb.PortForwardResponse(url=url)
+
     async def GetContainerEvents(self, request: pb.GetEventsRequest,
                                  context: grpc.aio.ServicerContext) -> None:
         """Sandbox lifecycle events from now on, until the client goes or the server stops
@@ -272,7 +314,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
-    """runtime.v1.ImageService: only ImageFsInfo (critest and the kubelet ask it)."""
+    """runtime.v1.ImageService: pull, list, status, remove, and the image store's usage."""
 
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
@@ -280,9 +322,51 @@ class ImageService(pb_grpc.ImageServiceServicer):
         self.calls = CallGroup("CRI image service")
 
     @_rpc
+    async def PullImage(self, request: pb.PullImageRequest,
+                        context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
+        a = request.auth
+        auth = auth_from_cri(a.username, a.password, a.auth, a.identity_token, a.registry_token)
+        left = context.time_remaining()
+        try:
+            img = await self.ctl.pull_image(request.image.image, auth, timeout=left)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"pulling {request.image.image}: deadline exceeded; nothing "
+                                "of it was kept")
+        return pb.PullImageResponse(image_ref=img.id)
+
+    @_rpc
+    async def ListImages(self, request: pb.ListImagesRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListImagesResponse:
+        ref = request.filter.image.image if request.HasField("filter") else ""
+        try:
+            images = await self.ctl.list_images(ref or None)
+        except InvalidImageReference:
+            images = []
+        return pb.ListImagesResponse(images=[convert.image(i) for i in images])
+
+    @_rpc
+    async def ImageStatus(self, request: pb.ImageStatusRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ImageStatusResponse:
+        """An unknown image is no error: the answer has no image (as containerd)."""
+        try:
+            img = await self.ctl.image_status(request.image.image)
+        except ImageNotFound:
+            return pb.ImageStatusResponse()
+        info = ({"info": json.dumps(await self.ctl.image_info(img.id))}
+                if request.verbose else {})
+        return pb.ImageStatusResponse(image=convert.image(img), info=info)
+
+    @_rpc
+    async def RemoveImage(self, request: pb.RemoveImageRequest,
+                          context: grpc.aio.ServicerContext) -> pb.RemoveImageResponse:
+        await self.ctl.remove_image(request.image.image)
+        return pb.RemoveImageResponse()
+
+    @_rpc
     async def ImageFsInfo(self, request: pb.ImageFsInfoRequest,
                           context: grpc.aio.ServicerContext) -> pb.ImageFsInfoResponse:
-        usage = [convert.filesystem_usage(fs) for fs in await self.ctl.filesystem_usage()]
+        usage = [convert.filesystem_usage(fs) for fs in await self.ctl.image_fs_info()]
         return pb.ImageFsInfoResponse(image_filesystems=usage)
 
 
@@ -319,10 +403,11 @@ cancels their calls (a run unwinds, a stop or remove is finished) and waits for 
 removes the socket.
     """
 
-    def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET) -> None:
+    def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET,
+                 stream: StreamServer | None = None) -> None:
         self.ctl = ctl
         self.socket_path = os.path.abspath(socket_path)
-        self._runtime = RuntimeService(ctl)
+        self._runtime = RuntimeService(ctl, stream)
         self._image = ImageService(ctl)
         self._server: grpc.aio.Server | None = None
         self._inode: int | None = None

@@ -27,8 +27,17 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from podfsm.controller import Controller
-from podfsm.core.errors import InvalidPodConfig, PodfsmError, SandboxNotFound, SandboxRunError
-from podfsm.core.spec import parse_pod_config
+from podfsm.core.errors import (
+    ImagePullError,
+    InvalidImageReference,
+    InvalidPodConfig,
+    PodfsmError,
+    SandboxNotFound,
+    SandboxRunError,
+    UnpackError,
+)
+from podfsm.core.registryhosts import auth_from_cri
+from podfsm.core.spec import describe_validation_error, parse_pod_config
 from podfsm.faces import graph
 from podfsm.faces.http.errors import (
     BadRequest,
@@ -46,10 +55,14 @@ from podfsm.faces.http.events import DEFAULT_MAX_STREAMS, EventStream
 from podfsm.faces.http.guard import TcpGuard
 from podfsm.faces.http.openapi import ALLOWED, OPERATIONS, openapi_document
 from podfsm.faces.wire import (
+    IMAGE_ID_PATTERN,
     SANDBOX_ID_PATTERN,
     ErrorBody,
     GraphQuery,
     Health,
+    ImageList,
+    ImagesQuery,
+    PullBody,
     RunQuery,
     SandboxList,
 )
@@ -91,6 +104,7 @@ class Shim:
                    for path in ALLOWED]
         # what no route above takes under /v1/sandboxes/ ("%2F", "a/b", "") has a malformed id
         routes.append(Route("/v1/sandboxes/{sandbox_id:path}", _MalformedId()))
+        routes.append(Route("/v1/images/{image_id:path}", _MalformedImageId()))
         self.starlette = Starlette(
             routes=routes,
             exception_handlers={
@@ -153,7 +167,8 @@ class Shim:
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, PodfsmError) and error_response(exc).status_code >= 500 and not (
-                isinstance(exc, SandboxRunError | ServiceUnavailable)):
+                isinstance(exc, SandboxRunError | ServiceUnavailable | ImagePullError
+                           | UnpackError)):
             return await self._on_crash(request, exc)
         if isinstance(exc, PodfsmError) and not isinstance(exc, ServiceUnavailable | BadRequest):
             log.log(logging.ERROR if isinstance(exc, SandboxRunError) else logging.INFO,
@@ -246,6 +261,39 @@ class Shim:
         return Response(body, media_type=graph.MEDIA_TYPES[fmt])
 
 
+    async def list_images(self, request: Request) -> Response:
+        ctl = self.controller()
+        query = parse_query(ImagesQuery, request)
+        try:
+            items = await ctl.list_images(query.image or None)
+        except InvalidImageReference:
+            items = []
+        return json_response(ImageList(items=items))
+
+    async def pull_image(self, request: Request) -> Response:
+        ctl = self.controller()
+        _require_json(request, empty_too=True)
+        try:
+            body = PullBody.model_validate(_decode_json(await _read_body(request)))
+        except ValidationError as exc:
+            raise InvalidImageReference(f"bad pull request: {describe_validation_error(exc)}"
+                                        ) from None
+        a = body.auth
+        auth = auth_from_cri(a.username, a.password, a.auth, a.identity_token,
+                             a.registry_token) if a else None
+        img = await ctl.pull_image(body.image, auth)
+        return json_response(img, 201, {"location": f"/v1/images/{img.id}"})
+
+    async def image_status(self, request: Request) -> Response:
+        ctl = self.controller()
+        return json_response(await ctl.image_status(_image_id(request)))
+
+    async def remove_image(self, request: Request) -> Response:
+        ctl = self.controller()
+        await ctl.remove_image(_image_id(request))
+        return Response(status_code=204)
+
+
 class _Resource:
     """One path's methods; any other method is 405 with an `Allow` listing all of them."""
 
@@ -272,6 +320,14 @@ class _MalformedId:
         raise HTTPException(404)  # an id with no slash never gets here
 
 
+class _MalformedImageId:
+    """Any method on a path under /v1/images/ that no resource takes: a 400."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _image_id(Request(scope))
+        raise HTTPException(404)
+
+
 def _sandbox_id(request: Request) -> str:
     sandbox_id: str = request.path_params["sandbox_id"]
     if not re.fullmatch(SANDBOX_ID_PATTERN.strip("^$"), sandbox_id):
@@ -293,6 +349,14 @@ def _shown_path(request: Request) -> str:
     if len(path) <= SHOWN_PATH_MAX:
         return path
     return f"{path[:SHOWN_PATH_MAX]}... ({len(path)} characters)"
+
+
+def _image_id(request: Request) -> str:
+    image_id: str = request.path_params["image_id"]
+    if not re.fullmatch(IMAGE_ID_PATTERN.strip("^$"), image_id):
+        raise BadRequest(f"{image_id[:80]!r} is not an image id (sha256: and 64 lower-case hex "
+                         "digits, or the digits alone)")
+    return image_id if image_id.startswith("sha256:") else f"sha256:{image_id}"
 
 
 def _require_json(request: Request, *, empty_too: bool) -> None:

@@ -11,12 +11,18 @@ from starlette.responses import Response
 
 from podfsm.core.errors import (
     IdRangeUnavailable,
+    ImageInUse,
+    ImageNotFound,
+    ImageNotInRegistry,
+    ImagePullError,
     InvalidPodConfig,
+    InvalidPullRequest,
     NameReserved,
     NodeFull,
     PodfsmError,
     SandboxNotFound,
     SandboxRunError,
+    UnpackError,
 )
 from podfsm.core.spec import describe_validation_error
 from podfsm.faces.wire import ErrorBody
@@ -54,6 +60,12 @@ class DaemonError(PodfsmError):
 
 _STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (SandboxNotFound, 404),
+    (ImageNotFound, 404),
+    (ImageInUse, 409),
+    (ImageNotInRegistry, 404),
+    (InvalidPullRequest, 422),
+    (ImagePullError, 502),  # the registry or what it served: refused, missing, not matching
+    (UnpackError, 502),
     (NameReserved, 409),
     (IdRangeUnavailable, 409),  # before InvalidPodConfig, which it is too
     (NodeFull, 409),  # likewise

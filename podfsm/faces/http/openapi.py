@@ -17,15 +17,20 @@ from pydantic.json_schema import models_json_schema
 
 from podfsm import __version__
 from podfsm.config import ControllerConfig
+from podfsm.core.images import ImageRecord
 from podfsm.core.records import HostFacts, SandboxStatus, TransitionEvent
 from podfsm.core.spec import ID_SPACE, PATH_SEGMENT, PodSandboxConfig
 from podfsm.faces import graph
 from podfsm.faces.wire import (
+    IMAGE_ID_PATTERN,
     SANDBOX_ID_PATTERN,
     ErrorBody,
     EventsQuery,
     GraphQuery,
     Health,
+    ImageList,
+    ImagesQuery,
+    PullBody,
     RunQuery,
     SandboxList,
 )
@@ -39,19 +44,26 @@ ERRORS: dict[int, str] = {
     400: "a malformed parameter (a sandbox id is 64 lower-case hex digits)",
     401: "TCP only: no valid token (`Authorization: Bearer TOKEN` or the page's cookie)",
     403: "TCP only: a Host that is not one of the listening names, or a foreign Origin",
-    404: "no sandbox with that id",
+    404: ("no sandbox (or image) with that id; for a pull: no registry endpoint has that "
+          "image (`ImageNotInRegistry`)"),
     409: ("a conflict with the sandboxes that exist (nothing was created): one with that name, "
           "namespace, uid and attempt exists (`NameReserved`), or the host id range asked for "
           "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`), "
           "or the sandboxes there are already take what one list answer may carry "
-          "(`NodeFull`); the same request may succeed once they are removed"),
+          "(`NodeFull`); the same request may succeed once they are removed; an image in use "
+          "by a container (`ImageInUse`)"),
     413: "the body is over 1 MiB",
     415: "the body is not `application/json`",
     422: ("the pod config is refused (nothing was created): `InvalidPodConfig` names the field "
           "and the rule, one the schema states or one its descriptions say (a sysctl, a seccomp "
           "profile file or a security module of this host; ids that the pod's mappings must "
-          "hold); an unknown runtime_handler"),
+          "hold); an unknown runtime_handler; a malformed image reference or credentials "
+          "(`InvalidImageReference`, `InvalidPullRequest`)"),
     500: "the run failed: `step` says which step, `leftovers` what unwinding left",
+    502: ("the pull failed (nothing of it was kept): no registry endpoint served it "
+          "(`ImagePullError` gives each one's answer), content did not match its digest "
+          "(`DigestMismatch` names it) or a layer was hostile (`UnpackError` names the "
+          "entry)"),
     503: "the controller is starting, recovering or shutting down; retry",
 }
 #: answered by every operation that needs the controller (503) or, on TCP, a token (401, 403)
@@ -95,6 +107,12 @@ _RUN_LINKS = {"GetSandbox": _per_sandbox("sandboxStatus"),
               "SandboxGraph": _per_sandbox("sandboxGraph"),
               "RemoveSandbox": _per_sandbox("removeSandbox")}
 _SANDBOX = "/v1/sandboxes/{sandbox_id}"
+_IMAGE = "/v1/images/{image_id}"
+
+
+def _per_image(operation_id: str) -> dict[str, Any]:
+    return {"operationId": operation_id,
+            "parameters": {"image_id": "$response.body#/id"}}
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/healthz", "healthz", "Is the controller serving?", "healthz",
@@ -125,6 +143,21 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", f"{_SANDBOX}/graph", "sandboxGraph",
               "The machine with this sandbox's state and path drawn on it", "sandbox_graph",
               {200: ("the diagram", _DIAGRAM)}, (400, 404), query=GraphQuery),
+    Operation("get", "/v1/images", "listImages", "Every image, oldest pull first",
+              "list_images", {200: ("the images", "ImageList")}, (400,), query=ImagesQuery),
+    Operation("post", "/v1/images", "pullImage",
+              "Pull an image from its registry (or the mirrors of --registry-config-dir), "
+              "verify and unpack it", "pull_image", {201: ("pulled", "ImageRecord")},
+              (404, 413, 415, 422, 502), body=PullBody,
+              body_description="the reference, and credentials when the registry wants some",
+              links={"GetImage": _per_image("imageStatus"),
+                     "RemoveImage": _per_image("removeImage")}),
+    Operation("get", _IMAGE, "imageStatus", "One image's record", "image_status",
+              {200: ("its record", "ImageRecord")}, (400, 404)),
+    Operation("delete", _IMAGE, "removeImage",
+              "Remove the image (every name of it) and the content only it needed "
+              "(idempotent)", "remove_image",
+              {204: ("removed, or there was no such image", None)}, (400, 409)),
     Operation("get", "/v1/graph", "machineGraph", "The state machine's diagram",
               "machine_graph", {200: ("the diagram", _DIAGRAM)}, (400,), query=GraphQuery),
     Operation("get", "/v1/events", "events",
@@ -296,17 +329,25 @@ def openapi_document(runtime_handlers: list[str] | None = None,
     _, top = models_json_schema(
         [(PodSandboxConfig, "validation"), (SandboxStatus, "serialization"),
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
-         (ErrorBody, "serialization"), (Health, "serialization")],
+         (ErrorBody, "serialization"), (Health, "serialization"),
+         (ImageRecord, "serialization"), (ImageList, "serialization"),
+         (PullBody, "validation")],
         ref_template=REF, by_alias=False,
     )
     sandbox_id = {"name": "sandbox_id", "in": "path", "required": True,
                   "description": "the sandbox's id (64 hex digits; the CLI expands prefixes)",
                   "schema": {"type": "string", "pattern": SANDBOX_ID_PATTERN}}
+    image_id = {"name": "image_id", "in": "path", "required": True,
+                "description": "the image's id, `sha256:` and 64 hex digits or the digits "
+                               "alone (the CLI resolves names and prefixes)",
+                "schema": {"type": "string", "pattern": IMAGE_ID_PATTERN}}
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
         item = paths.setdefault(op.path, {})
         if "{sandbox_id}" in op.path:
             item["parameters"] = [sandbox_id]
+        if "{image_id}" in op.path:
+            item["parameters"] = [image_id]
         item[op.method] = _operation(op)
         for param in item[op.method].get("parameters", []):
             if param["name"] == "runtime_handler" and runtime_handlers is not None:
