@@ -126,6 +126,9 @@ class FakeNetwork:
     def problem(self) -> str | None:
         return None
 
+    def address_families(self) -> frozenset[int] | None:
+        return frozenset({4})
+
     async def reserved_container_ids(self) -> set[str]:
         return set(self.reserved)
 

@@ -140,6 +140,7 @@ class Controller(Recovery):
             raise InvalidPodConfig(f"unknown runtime handler {handler!r} (installed: "
                                    f"{', '.join(self._runtimes)})")
         async with self._limiter:
+            await self._check_on_host(pod)
             # The sandbox is published with its lock already held, and nothing awaits between
             # admission and the run's own clean-up: a concurrent stop/remove/status waits for
             # the run, and a cancellation can never leave an admitted sandbox that never ran.

@@ -4,9 +4,11 @@ failure unwinds them LIFO.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -25,7 +27,7 @@ from podfsm.core.errors import (
     StepFailed,
 )
 from podfsm.core.ocispec import runtime_default_seccomp, seccomp_from_profile
-from podfsm.core.records import SandboxRecord
+from podfsm.core.records import HostFacts, SandboxRecord
 from podfsm.core.requests import NamespaceRequest, PauseRequest
 from podfsm.core.spec import IDMapping, PodSandboxConfig, ProfileType
 from podfsm.core.states import Trigger
@@ -99,9 +101,7 @@ class Run(Teardown):
         """Refusals that need a look at this host: a sysctl the kernel does not have; SELinux
         or AppArmor settings where the facility is enabled (podfsm does not apply them; on a
         host without them containerd ignores them too, and so does podfsm)."""
-        for name in pod.linux.sysctls:
-            if not self._host.sysctl_exists(name):
-                raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
+        self._check_sysctl_names(pod)
         sc = pod.linux.security_context
         wants_apparmor = (sc.apparmor is not None
                           and sc.apparmor.profile_type is not ProfileType.Unconfined)
@@ -114,6 +114,90 @@ class Run(Teardown):
         if wants_apparmor and "apparmor" in lsms:
             raise InvalidPodConfig("linux.security_context.apparmor: AppArmor is enabled on "
                                    "this host and podfsm does not apply AppArmor profiles")
+
+    def _check_sysctl_names(self, pod: PodSandboxConfig) -> None:
+        """Each sysctl must be one a pod of this kind has: the host's list of them (which the
+        HTTP face's document gives too), or, where it cannot be listed, the host's own."""
+        if not pod.linux.sysctls:
+            return
+        names = self._host.pod_sysctls(pod.pod_userns)
+        for name in pod.linux.sysctls:
+            if names is None and not self._host.sysctl_exists(name):
+                raise InvalidPodConfig(f"sysctl {name!r} does not exist on this host")
+            if names is not None and name not in names:
+                kind = "with" if pod.pod_userns else "without"
+                raise InvalidPodConfig(
+                    f"sysctl {name!r} does not exist on this host for a pod {kind} its own "
+                    "user namespace (or cannot be written there)")
+
+    async def _check_on_host(self, pod: PodSandboxConfig) -> None:
+        """The refusals that need the host asked (before admission, which never awaits): the
+        port mappings' host addresses, the sysctls' values."""
+        await self._check_port_mappings(pod)
+        await self._try_sysctls(pod)
+
+    async def _try_sysctls(self, pod: PodSandboxConfig) -> None:
+        """Refuse, before anything is made, a sysctl value the kernel does not take: tried in
+        new namespaces of the pod's kind (else the runtime's create would fail on it, after
+        the namespaces and the network were made and then unwound)."""
+        if not pod.linux.sysctls:
+            return
+        self._check_sysctl_names(pod)
+        id_maps = None
+        if pod.pod_userns:  # the pod's mappings, or as wide as those podfsm allocates
+            allocated = IDMapping(host_id=self.config.idmap_pool_start, container_id=0,
+                                  length=idmap.POD_RANGE)
+            id_maps = (pod.requested_uid_mapping or allocated,
+                       pod.requested_gid_mapping or allocated)
+        try:
+            refused = await self._host.try_sysctls(pod.linux.sysctls, id_maps)
+        except OSError as exc:
+            log.warning("sysctl values not tried before the run: %s", exc)
+            return  # the runtime's create still refuses them
+        for name, reason in sorted(refused.items()):
+            raise InvalidPodConfig(f"sysctl {name!r}: the kernel refuses the value given "
+                                   f"({reason})")
+
+    async def _check_port_mappings(self, pod: PodSandboxConfig) -> None:
+        """A host_ip must be an address of this host (what portmap's rules can match: its jump
+        takes only packets to local addresses) of a family the network gives pods (portmap
+        skips a mapping of the other family, leaving an empty chain)."""
+        families = self._net.address_families()
+        for i, pm in enumerate(pod.port_mappings):
+            if not pm.host_ip:  # checked without a host port too: it is wrong either way
+                continue
+            where = f"port_mappings[{i}].host_ip {pm.host_ip}"
+            version = 6 if ":" in pm.host_ip else 4
+            if families is not None and version not in families:
+                raise InvalidPodConfig(
+                    f"{where} is an IPv{version} address and the pod network gives pods "
+                    f"only {' and '.join(f'IPv{v}' for v in sorted(families))} addresses "
+                    "(portmap would skip the mapping)")
+            if pm.host_ip in ("0.0.0.0", "::"):
+                continue  # every address of that family
+            kind = await self._host.address_kind(pm.host_ip)  # a netlink request, ~0.5 ms
+            if kind != "local":
+                raise InvalidPodConfig(f"{where} is {kind}: a host port is reached at an "
+                                       "address of this host (or at all of them: empty)")
+
+    async def host_facts(self) -> HostFacts:
+        """What admission checks pod configs against on this host (the sysctls a pod can set,
+        the addresses a host_ip may name), for the HTTP face's document. Reads the host (one
+        netlink request; the sysctls are listed once): call it from the face, not per pod."""
+        names = [self._host.pod_sysctls(own) for own in (False, True)]
+        try:
+            families = self._net.address_families()
+        except RuntimeError:  # the network is not loaded yet
+            return HostFacts(sysctls=_names(names[0]), userns_sysctls=_names(names[1]))
+        ips: list[str] | None = None
+        with contextlib.suppress(OSError, ImportError):
+            ips = [ip for ip in await self._host.local_addresses()
+                   if families is None or (6 if ":" in ip else 4) in families]
+            ips += [any_ip for v, any_ip in ((4, "0.0.0.0"), (6, "::"))
+                    if families is None or v in families]
+        return HostFacts(sysctls=_names(names[0]), userns_sysctls=_names(names[1]),
+                         host_ips=tuple(ips) if ips is not None else None,
+                         families=tuple(sorted(families)) if families is not None else None)
 
     def _check_cgroup_parent(self, pod: PodSandboxConfig) -> None:
         """The parent must be podfsm's cgroup root or below it, and not inside another
@@ -427,3 +511,7 @@ class Run(Teardown):
             raise StepFailed("verify task", problem)
         await self._save(sb, Trigger.MARK_READY, pending=None)
 
+
+
+def _names(sysctls: Mapping[str, str | None] | None) -> tuple[str, ...] | None:
+    return tuple(sorted(sysctls)) if sysctls is not None else None

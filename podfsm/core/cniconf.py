@@ -532,3 +532,41 @@ def capability_args_for(port_mappings: Sequence[PortMapping]) -> dict[str, Any]:
     """The capability arguments podfsm passes to plugins: only ``portMappings``, when any."""
     pms = port_mappings_arg(port_mappings)
     return {"portMappings": pms} if pms else {}
+
+
+def address_families(conflist: NetworkConfigList) -> frozenset[int] | None:
+    """The IP versions (4, 6) the network gives pods, read from its host-local IPAM (``subnet``
+    or ``ranges``); None when it cannot tell (another IPAM, or none)."""
+    families: set[int] = set()
+    for plugin in conflist.plugins:
+        ipam = plugin.get("ipam")
+        if not isinstance(ipam, dict) or not ipam:
+            continue
+        if ipam.get("type") != "host-local":
+            return None
+        subnets = [ipam.get("subnet")]
+        for range_set in ipam.get("ranges") or ():
+            subnets += [r.get("subnet") for r in range_set if isinstance(r, dict)] \
+                if isinstance(range_set, list) else []
+        for subnet in subnets:
+            if isinstance(subnet, str) and subnet:
+                try:
+                    families.add(ipaddress.ip_network(subnet, strict=False).version)
+                except ValueError:
+                    return None
+    return frozenset(families) or None
+
+
+def localnet_bridge(conflist: NetworkConfigList) -> str | None:
+    """The host interface on which portmap sets ``route_localnet`` (so that 127.0.0.1 reaches
+    a pod's host port): the bridge of a ``bridge`` plugin (default cni0) chained with a
+    ``portmap`` that masquerades (``snat``, its default); None for any other network."""
+    snat = any(p.get("type") == "portmap" and p.get("snat", True) is not False
+               for p in conflist.plugins)
+    bridge = next((p for p in conflist.plugins if p.get("type") == "bridge"), None)
+    if not snat or bridge is None:
+        return None
+    name = bridge.get("bridge") or "cni0"
+    if not isinstance(name, str) or "/" in name or name in (".", ".."):
+        return None
+    return name

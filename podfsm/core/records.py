@@ -273,3 +273,17 @@ class LifecycleEvent(_Frozen):
     at: datetime
     status: SandboxStatus
     config: PodSandboxConfig
+
+
+class HostFacts(_Frozen):
+    """What admission checks a pod config against on this host, for the documents that state
+    it (the HTTP face's OpenAPI document). None where it is not known."""
+
+    #: the namespaced sysctls a pod without (with) its own user namespace can write
+    sysctls: tuple[str, ...] | None = None
+    userns_sysctls: tuple[str, ...] | None = None
+    #: the addresses a port mapping's host_ip may name: the host's own, of the families the
+    #: pod network gives pods, with those families' unspecified address
+    host_ips: tuple[str, ...] | None = None
+    #: the IP versions the pod network gives pods
+    families: tuple[int, ...] | None = None

@@ -375,11 +375,11 @@ class LinuxContainerResources(_Model):
 
 # Sysctls a pod may set: the ones namespaced by the kernel (ipc and net), as runc accepts them
 # for a container with its own ipc and network namespaces.
-_IPC_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
+IPC_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
                 "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced")
 
 
-_IPC_SYSCTL_TEXT = (r"kernel\.(" + "|".join(n.removeprefix("kernel.") for n in _IPC_SYSCTLS)
+_IPC_SYSCTL_TEXT = (r"kernel\.(" + "|".join(n.removeprefix("kernel.") for n in IPC_SYSCTLS)
                     + r")|fs\.mqueue(\.[a-zA-Z0-9_-]+)+")
 #: the names _sysctls accepts (a sysctl name, namespaced: net.* or ipc), for the JSON schema
 SYSCTL_NAME = rf"^(net(\.[a-zA-Z0-9_-]+)+|{_IPC_SYSCTL_TEXT})\Z"
@@ -406,7 +406,7 @@ _LOG_PLACES = ("; not inside /proc, /sys or /dev, nor inside the daemon's state,
 
 def is_ipc_sysctl(name: str) -> bool:
     """True for the sysctls of the ipc namespace (kernel.shm*/msg*/sem, fs.mqueue.*)."""
-    return name in _IPC_SYSCTLS or name.startswith("fs.mqueue.")
+    return name in IPC_SYSCTLS or name.startswith("fs.mqueue.")
 
 
 class LinuxPodSandboxConfig(_Model):
@@ -530,6 +530,16 @@ class DNSConfig(_Model):
         return v
 
 
+#: what the daemon checks of a port mapping's host_ip at admission (with the network)
+HOST_IP_RULE = ("empty (every address of the host), an unspecified address (0.0.0.0 or ::: "
+                "every address of that family) or an address of this host (else 422): of a "
+                "family the pod network gives pods (portmap skips the others); no multicast or "
+                "broadcast address")
+#: the host_ip texts that the model refuses, as patterns of the normalised text (ipv4
+#: multicast 224-239.x and the limited broadcast; ipv6 multicast ff00::/8)
+_NOT_HOST_IP = (r"^2(2[4-9]|3[0-9])\.", r"^255\.255\.255\.255$", r"^[fF][fF][0-9a-fA-F]{2}:")
+
+
 class PortMapping(_Model):
     # _ports' rule in the JSON schema
     model_config = ConfigDict(json_schema_extra={
@@ -540,14 +550,29 @@ class PortMapping(_Model):
     container_port: int = Field(default=0, ge=0, le=65535)
     host_port: int = Field(default=0, ge=0, le=65535)
     # Exactly what _host_ip accepts, stated as the formats JSON Schema has for it (a pattern
-    # looser than the check let schemathesis send "1:2" and see it refused).
-    host_ip: str = Field(default="", max_length=45, json_schema_extra={
-        "anyOf": [{"type": "string", "maxLength": 0}, *_IP_ADDRESS]})
+    # looser than the check let schemathesis send "1:2" and see it refused); no multicast or
+    # broadcast address (the daemon's document narrows it to the host's own addresses).
+    host_ip: str = Field(default="", max_length=45, description=HOST_IP_RULE,
+                         json_schema_extra={
+                             "anyOf": [{"type": "string", "maxLength": 0}, *_IP_ADDRESS],
+                             "not": {"anyOf": [{"pattern": p} for p in _NOT_HOST_IP]}})
 
     @field_validator("host_ip")
     @classmethod
     def _host_ip(cls, v: str) -> str:
-        return _ip(v, "port_mappings host_ip") if v else v
+        if not v:
+            return v
+        ip = ipaddress.ip_address(_ip(v, "port_mappings host_ip"))
+        if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+            kind = "multicast" if ip.is_multicast else "broadcast"
+            raise ValueError(f"port_mappings host_ip {v!r} is a {kind} address: a host port is "
+                             "reached at an address of this host (or all of them: empty)")
+        return str(ip)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """What a host port is told apart by: the address, the port and the protocol."""
+        return self.host_ip, self.host_port, self.protocol.name
 
     @model_validator(mode="after")
     def _ports(self) -> PortMapping:
@@ -635,6 +660,16 @@ class PodSandboxConfig(_Model):
         if opts.network is NamespaceMode.NODE and any(p.host_port for p in self.port_mappings):
             raise ValueError("port_mappings need the pod's own network (namespace_options."
                              "network is NODE: the pod's ports are the host's already)")
+        seen: dict[tuple[str, int, str], int] = {}
+        for i, pm in enumerate(self.port_mappings):
+            if pm.host_port <= 0:
+                continue
+            if pm.key in seen:  # portmap would add a second rule that never matches
+                raise ValueError(
+                    f"port_mappings[{i}] repeats port_mappings[{seen[pm.key]}]: host_ip "
+                    f"{pm.host_ip!r}, host_port {pm.host_port}, {pm.protocol.name} (one host "
+                    "port goes to one container port)")
+            seen[pm.key] = i
         us = opts.userns_options
         if sc.privileged and us is not None and us.mode is NamespaceMode.POD:
             raise ValueError(

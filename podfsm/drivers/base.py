@@ -8,7 +8,7 @@ runs the same behaviour against both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from podfsm.core.imageref import ImageReference
@@ -31,7 +31,7 @@ from podfsm.core.requests import (
     PauseRequest,
     SetAside,
 )
-from podfsm.core.spec import PodSandboxConfig
+from podfsm.core.spec import IDMapping, PodSandboxConfig
 
 
 class NamespaceDriver(Protocol):
@@ -90,6 +90,10 @@ class NetworkDriver(Protocol):
     def problem(self) -> str | None:
         """None when the network loaded at start() is still usable (every plugin it needs is
         still an executable file); else what is wrong, in words."""
+
+    def address_families(self) -> frozenset[int] | None:
+        """The IP versions (4, 6) the network gives pods (after start()); None when its
+        configuration does not tell."""
 
 
 class RuntimeDriver(Protocol):
@@ -203,6 +207,24 @@ class HostDriver(Protocol):
 
     def sysctl_exists(self, name: str) -> bool:
         """Whether the kernel has the sysctl `name` ("net.ipv4.ip_forward"), at admission."""
+
+    def pod_sysctls(self, own_userns: bool) -> Mapping[str, str | None] | None:
+        """The namespaced sysctls a pod with (or without) its own user namespace can write,
+        each with the value it starts with (None when unreadable); None when they cannot be
+        listed here (then sysctl_exists decides). Listed once."""
+
+    async def try_sysctls(self, values: Mapping[str, str],
+                          id_maps: tuple[IDMapping, IDMapping] | None) -> dict[str, str]:
+        """Write `values` in new namespaces of the pod's kind (a user namespace with these uid
+        and gid mappings, or the host's: None), before anything is made: each sysctl the
+        kernel refused, with its reason. OSError when they cannot be tried."""
+
+    async def local_addresses(self) -> list[str]:
+        """The addresses of the host's interfaces, IPv4 and IPv6 (for documents)."""
+
+    async def address_kind(self, address: str) -> str:
+        """What the host's routing makes of `address`: "local" for one of this host's
+        addresses, else why not in words (a broadcast or multicast address, not this host's)."""
 
     def security_modules(self) -> frozenset[str]:
         """The Linux security modules enabled on the host that podfsm would have to apply:

@@ -33,6 +33,7 @@ from podfsm.core.errors import PrerequisiteMissing, StepFailed
 from podfsm.core.records import NetworkResult
 from podfsm.core.requests import InterfaceInfo, NetworkRequest
 from podfsm.drivers import linux
+from podfsm.drivers.localnet import LocalnetHolds, needs_localnet
 from podfsm.drivers.reaper import CommandTimedOut, ReaperError
 from podfsm.drivers.reaperclient import ChainStep, ReaperClient
 
@@ -98,6 +99,8 @@ class CniNetwork:
         # process then never forks for them (asyncio's child watcher would start a thread per
         # plugin run, the largest CPU cost the controller had).
         self._reaper = ReaperClient(reaper_run_dir) if reaper_run_dir else None
+        #: the pods that need route_localnet on the bridge (kept under the same run_dir)
+        self._localnet = LocalnetHolds(reaper_run_dir) if reaper_run_dir else None
         self.bin_dirs: tuple[str, ...] = tuple(bin_dirs)
         self.default_name = default_name
         self.default_bridge = default_bridge
@@ -203,6 +206,7 @@ class CniNetwork:
             raise StepFailed(STEP, "ADD needs the pod's network namespace path")
         env = self._env(req, "ADD", req.netns_path, req.ifname)
         caps = cniconf.capability_args_for(req.port_mappings)
+        self._localnet_held(req, True)
         steps: list[_Step] = []
         if self._loopback is not None:
             steps.append(_Step(self._loopback, 0, self._env(req, "ADD", req.netns_path, "lo")))
@@ -250,7 +254,19 @@ class CniNetwork:
         errors = await self._del_chain(conf, env, del_prev, last, caps, lo_env)
         if errors:
             return "; undoing it failed too: " + "; ".join(errors)
+        self._localnet_held(req, False)
         return ""
+
+    def _localnet_held(self, req: NetworkRequest, held: bool) -> None:
+        """Count the pod among those that need route_localnet on the bridge (before its ADD),
+        or no longer (after its DEL): see podfsm.drivers.localnet."""
+        bridge = cniconf.localnet_bridge(self.conflist)
+        if self._localnet is None or bridge is None or not needs_localnet(req.port_mappings):
+            return
+        if held:
+            self._localnet.hold(bridge, req.sandbox_id)
+        else:
+            self._localnet.release(bridge, req.sandbox_id)
 
     async def check(self, req: NetworkRequest, result: NetworkResult) -> None:
         """CNI CHECK of every plugin against the stored ADD result.
@@ -296,6 +312,7 @@ class CniNetwork:
         errors = await self._del_chain(conf, env, prev, len(conf.plugins) - 1, caps, lo_env)
         if errors:
             raise StepFailed(STEP, "; ".join(errors))
+        self._localnet_held(req, False)
 
     async def _del_chain(
         self,
@@ -313,6 +330,9 @@ class CniNetwork:
             steps.append(_Step(self._loopback, 0, lo_env))
         outputs = await self._run_steps("DEL", steps, caps, stop_on_failure=False)
         return [str(out) for out in outputs if isinstance(out, _PluginFailed)]
+
+    def address_families(self) -> frozenset[int] | None:
+        return cniconf.address_families(self.conflist)
 
     def problem(self) -> str | None:
         """None while the network config file loaded at start() is still there and every

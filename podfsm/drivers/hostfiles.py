@@ -19,13 +19,13 @@ import os
 import shutil
 import socket
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from podfsm.core import paths
 from podfsm.core.ocispec import LOCALHOST_HOSTS, SHM_OPTIONS, resolv_conf
 from podfsm.core.records import CgroupStats, FilesystemUsage, SandboxFiles
-from podfsm.core.spec import PodSandboxConfig
+from podfsm.core.spec import IPC_SYSCTLS, IDMapping, PodSandboxConfig
 from podfsm.drivers import linux, sysinfo
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,20 @@ class HostFiles:
 
     def sysctl_exists(self, name: str) -> bool:
         return os.path.exists("/proc/sys/" + name.replace(".", "/"))
+
+    def pod_sysctls(self, own_userns: bool) -> Mapping[str, str | None] | None:
+        return sysinfo.pod_sysctls(own_userns, IPC_SYSCTLS)
+
+    async def try_sysctls(self, values: Mapping[str, str],
+                          id_maps: tuple[IDMapping, IDMapping] | None) -> dict[str, str]:
+        lines = (id_maps[0].line(), id_maps[1].line()) if id_maps is not None else None
+        return await sysinfo.try_sysctls(values, lines)
+
+    async def local_addresses(self) -> list[str]:
+        return await sysinfo.local_addresses()
+
+    async def address_kind(self, address: str) -> str:
+        return await sysinfo.address_kind(address)
 
     def security_modules(self) -> frozenset[str]:
         return frozenset(name for name, on in (("selinux", selinux_enabled()),

@@ -10,12 +10,17 @@ rule. Negative cases are left as generated: they must stay refused.
 - arithmetic between fields: a requested mapping's host_id + length inside the id pool (the
   pool's end is the document's bound on host_id); run_as_user, run_as_group and
   supplemental_groups inside the pod's mapped container ids;
-- the host: each sysctl must exist in the kernel and take the value given (the generated
-  values are random text: the sysctls are dropped); a Localhost seccomp profile must be a file
-  (the one written here); SELinux and AppArmor settings where the host enables them;
+- the host: each sysctl (one the daemon's document lists) must take the value given, which
+  the kernel decides (the generated values are random text: each is set to the value a new
+  pod's namespaces start with, and one whose values name ids, which the pod's mapping must
+  hold, is dropped); a Localhost seccomp profile must be a file (the one written here);
+  SELinux and AppArmor settings where the host enables them;
+- port mappings: one host port (host_ip, host_port, protocol) goes to one container port: a
+  repeated one is dropped;
 - bytes the kernel counts where the pattern counts characters: path segments of at most 255
   bytes and whole paths of cgroup_parent and log_directory; log_directory is moved below a
-  directory of this run, so that the directories podfsm makes for it stay out of the host's /;
+  directory of this run, so that the directories podfsm makes for it stay out of the host's /
+  (its segments beyond the 12 a log directory may have, this directory's included, dropped);
 - sums: labels, and annotations, of at most MAP_BYTES_MAX bytes of keys and values in all
   (entries beyond it are dropped).
 """
@@ -23,6 +28,7 @@ rule. Negative cases are left as generated: they must stay refused.
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import json
 import os
 import random
@@ -34,9 +40,15 @@ import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.core.parameters import ParameterLocation
 
+from podfsm.core.paths import LOG_DIRECTORY_SEGMENTS
+from podfsm.core.spec import IPC_SYSCTLS
+from podfsm.drivers.sysinfo import pod_sysctls
+
 #: the ids podfsm allocates when a POD user namespace asks for none
 ALLOCATED = 65536
 NAME_MAX = 255
+#: sysctls whose values name ids: which ones the kernel takes depends on the pod's mapping
+ID_VALUED = ("net.ipv4.ping_group_range",)
 #: the most bytes of keys and values of labels, and of annotations (podfsm.core.spec)
 MAP_BYTES_MAX = 256 << 10
 
@@ -83,10 +95,13 @@ def _dict(parent: Any, key: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _fit_path(path: str, prefix: str, most: int) -> str:
-    """`path` below `prefix`, its segments at most NAME_MAX bytes, the whole at most `most`."""
+def _fit_path(path: str, prefix: str, most: int, segments: int | None = None) -> str:
+    """`path` below `prefix`, its segments at most NAME_MAX bytes, the whole at most `most`
+    bytes and, with `segments`, at most that many segments."""
     parts = [p if len(p.encode()) <= NAME_MAX else p.encode()[:NAME_MAX].decode(errors="ignore")
              for p in path.split("/")]
+    if segments is not None:  # parts[0] is the empty one before the leading '/'
+        parts = parts[:1 + segments - prefix.count("/")]
     out = prefix + "/".join(parts)
     # cut to length, never leaving an empty, '.' or '..' last segment (a trailing '/'), which
     # the pattern refuses as the daemon does
@@ -102,6 +117,26 @@ def map_case(context: Any, case: Any) -> Any:
     return case
 
 
+def _one_per_host_port(mappings: list[Any]) -> list[Any]:
+    """The port mappings without those that repeat an earlier one's host port."""
+    seen, out = set(), []
+    for m in mappings:
+        if isinstance(m, dict) and isinstance(m.get("host_port"), int) and m["host_port"] > 0:
+            ip = m.get("host_ip") or ""
+            key = (str(ipaddress.ip_address(ip)) if ip else "", m["host_port"],
+                   {0: "TCP", 1: "UDP", 2: "SCTP"}.get(m.get("protocol", 0), m.get("protocol")))
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(m)
+    return out
+
+
+def _own_userns(linux: dict[str, Any]) -> bool:
+    us = _dict(_dict(_dict(linux, "security_context"), "namespace_options"), "userns_options")
+    return us is not None and us.get("mode", "POD") in ("POD", 0)
+
+
 def repair_pod_config(body: dict[str, Any], pool_end: int) -> None:
     """Make a schema-valid pod config keep the rules the schema cannot state (in place)."""
     for field in ("labels", "annotations"):
@@ -115,12 +150,19 @@ def repair_pod_config(body: dict[str, Any], pool_end: int) -> None:
                 kept[k] = v
             body[field] = kept
     if isinstance(body.get("log_directory"), str) and body["log_directory"]:
-        body["log_directory"] = _fit_path(body["log_directory"], LOG_ROOT, 4095)
+        body["log_directory"] = _fit_path(body["log_directory"], LOG_ROOT, 4095,
+                                          LOG_DIRECTORY_SEGMENTS)
+    if isinstance(body.get("port_mappings"), list):
+        body["port_mappings"] = _one_per_host_port(body["port_mappings"])
     linux = _dict(body, "linux")
     if linux is None:
         return
-    if linux.get("sysctls"):
-        linux["sysctls"] = {}  # which exist, and which values each takes, is the kernel's
+    if isinstance(linux.get("sysctls"), dict) and linux["sysctls"]:
+        start = pod_sysctls(_own_userns(linux), IPC_SYSCTLS) or {}
+        # the kernel shows vectors with tabs, which no string may hold: spaces
+        linux["sysctls"] = {name: " ".join(str(start[name]).split())
+                            for name in linux["sysctls"]
+                            if start.get(name) is not None and name not in ID_VALUED}
     if isinstance(linux.get("cgroup_parent"), str):
         linux["cgroup_parent"] = _fit_path(linux["cgroup_parent"], "", 1024)
     sc = _dict(linux, "security_context")

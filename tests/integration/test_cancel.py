@@ -304,14 +304,19 @@ def test_a_cgroup_parent_ending_in_whitespace_leaves_no_cgroup(
         assert any(d.endswith(parent) for d in glob.glob(f"{CGROUP_FS}/*/podfsm/*"))
         rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
     assert cgroups_left(env) == [] and not glob.glob(f"{CGROUP_FS}/*{parent}")
+    # the pause cannot exec: its run fails after the runtime made the cgroups (at
+    # mark_ready: the pause is gone), and is unwound
+    # (a sysctl value the kernel refuses, used here before, is now refused at admission)
+    profile = os.path.join(env.tmp, "no-execve.json")
+    with open(profile, "w") as f:
+        json.dump({"defaultAction": "SCMP_ACT_ALLOW",
+                   "syscalls": [{"names": ["execve"], "action": "SCMP_ACT_ERRNO"}]}, f)
     body = {"metadata": {"name": "ws-failed", "namespace": "cancel-test", "uid": "ws-failed"},
-            "linux": {"cgroup_parent": parent,
-                      # the runtime cannot write this value: create fails after it made the
-                      # cgroups, and the run is unwound
-                      "sysctls": {"net.ipv4.tcp_syncookies": "not-a-number"}}}
+            "linux": {"cgroup_parent": parent, "security_context": {
+                "seccomp": {"profile_type": "Localhost", "localhost_ref": profile}}}}
     with daemon.client() as c:
         r = c.post("/v1/sandboxes", json=body, params={"runtime_handler": runtime})
-        assert r.status_code == 500 and "create_container" in r.text, r.text
+        assert r.status_code == 500 and "everything done was unwound" in r.text, r.text
         assert c.get("/v1/sandboxes").json()["items"] == []
     assert cgroups_left(env) == [] and not glob.glob(f"{CGROUP_FS}/*{parent}")
 

@@ -288,9 +288,20 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
             code, msg = grpc_code(rt.RunPodSandbox, pb.RunPodSandboxRequest(
                 config=config("g-runc")))
             assert code is grpc.StatusCode.ALREADY_EXISTS and ids["runc"] in msg
-            # a step that fails for real: the runtime cannot write this sysctl value
+            # a sysctl value the kernel refuses: the caller's error, before anything is made
             bad = config("g-z")
             bad.linux.sysctls["net.ipv4.tcp_syncookies"] = "not-a-number"
+            code, msg = grpc_code(rt.RunPodSandbox, pb.RunPodSandboxRequest(
+                config=bad, runtime_handler="crun"))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT, msg
+            assert "net.ipv4.tcp_syncookies" in msg and "kernel refuses" in msg, msg
+            # a step that fails for real: the runtime knows no such seccomp architecture
+            profile = os.path.join(env.tmp, "odd-arch.json")
+            Path(profile).write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW",
+                                                 "architectures": ["SCMP_ARCH_NOPE"]}))
+            bad = config("g-z")
+            bad.linux.security_context.seccomp.CopyFrom(pb.SecurityProfile(
+                profile_type=pb.SecurityProfile.Localhost, localhost_ref=profile))
             code, msg = grpc_code(rt.RunPodSandbox, pb.RunPodSandboxRequest(
                 config=bad, runtime_handler="crun"))
             assert code is grpc.StatusCode.UNKNOWN and "create_container" in msg, msg

@@ -320,3 +320,22 @@ def test_portmap_is_idle_without_port_mappings_and_nothing_else_is() -> None:
     assert not cniconf.idle_without(portmap, cniconf.capability_args_for([PortMapping(
         container_port=80, host_port=8080)]))
     assert not cniconf.idle_without({"type": "bridge"}, {})
+
+
+@pytest.mark.parametrize(("plugins", "families", "bridge"), [
+    ([{"type": "bridge", "bridge": "br9", "ipam": {"type": "host-local",
+                                                  "ranges": [[{"subnet": "10.1.0.0/24"}]]}},
+      {"type": "portmap", "capabilities": {"portMappings": True}}], {4}, "br9"),
+    ([{"type": "bridge", "ipam": {"type": "host-local", "subnet": "fd00::/64"}},
+      {"type": "portmap", "snat": False}], {6}, None),
+    ([{"type": "bridge", "ipam": {"type": "host-local", "ranges": [
+        [{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]]}},
+      {"type": "portmap"}], {4, 6}, "cni0"),
+    ([{"type": "ptp", "ipam": {"type": "dhcp"}}, {"type": "portmap"}], None, None),
+])
+def test_the_families_and_the_bridge_portmap_sets_route_localnet_on(
+        plugins: list[dict[str, Any]], families: set[int] | None, bridge: str | None) -> None:
+    conf = cniconf.conflist_from_dict({"cniVersion": "1.0.0", "name": "n",
+                                       "plugins": plugins}, "x")
+    assert cniconf.address_families(conf) == (frozenset(families) if families else None)
+    assert cniconf.localnet_bridge(conf) == bridge

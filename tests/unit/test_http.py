@@ -293,8 +293,11 @@ def test_the_schemathesis_hooks_repair_what_the_schema_cannot_state(
 
     pool_end = ControllerConfig().idmap_pool_start + ControllerConfig().idmap_pool_size
     near_end = {"host_id": pool_end - 10, "container_id": 0, "length": 65536}
-    body = pod(log_directory="/x/" + "\u00e9" * 200, linux={
-        "sysctls": {"net.nope": "?"}, "cgroup_parent": "/podfsm/" + "\u00e9" * 200,
+    body = pod(log_directory="/x/" + "\u00e9" * 200, port_mappings=[
+        {"container_port": 80, "host_port": 8080}, {"container_port": 81, "host_port": 8080,
+                                                     "protocol": 0}], linux={
+        "sysctls": {"net.nope": "?", "kernel.msgmax": "?", "net.ipv4.ping_group_range": "?"},
+        "cgroup_parent": "/podfsm/" + "\u00e9" * 200,
         "security_context": {
             "run_as_user": {"value": 70000}, "run_as_group": {"value": 123456},
             "supplemental_groups": [5, 99999], "seccomp": {
@@ -304,7 +307,11 @@ def test_the_schemathesis_hooks_repair_what_the_schema_cannot_state(
     assert client.post("/v1/sandboxes", json=body).status_code == 422
     repair_pod_config(body, pool_end)
     sc = body["linux"]["security_context"]
-    assert sc["seccomp"]["localhost_ref"] == SECCOMP_PROFILE and body["linux"]["sysctls"] == {}
+    assert sc["seccomp"]["localhost_ref"] == SECCOMP_PROFILE
+    # a sysctl this host's pods have, at the value a pod starts with; one naming ids dropped
+    assert list(body["linux"]["sysctls"]) == ["kernel.msgmax"]
+    assert body["linux"]["sysctls"]["kernel.msgmax"].isdigit()
+    assert body["port_mappings"] == [{"container_port": 80, "host_port": 8080}]
     assert sc["run_as_user"]["value"] < 10 and sc["supplemental_groups"] == [5, 99999 % 10]
     resp = client.post("/v1/sandboxes", json=body)
     assert resp.status_code == 201, resp.text
@@ -504,7 +511,9 @@ def test_an_unknown_diagram_format_is_400(client: httpx.Client) -> None:
 def test_the_openapi_document_describes_every_route(client: httpx.Client, rig: Rig) -> None:
     doc = client.get("/openapi.json").json()
     ctl = rig.controller()
-    assert doc == json.loads(json.dumps(openapi_document(ctl.runtime_handlers, ctl.config)))
+    facts = asyncio.run(ctl.host_facts())
+    assert doc == json.loads(json.dumps(openapi_document(ctl.runtime_handlers, ctl.config,
+                                                         facts)))
     assert doc["openapi"].startswith("3.")
     documented = {(path, m.upper()) for path, item in doc["paths"].items()
                   for m in item if m != "parameters"}

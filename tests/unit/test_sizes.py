@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cri_api.v1 import api_pb2 as pb
@@ -25,9 +26,11 @@ from podfsm.core.records import (
     SandboxStatus,
     TaskInfo,
 )
-from podfsm.core.spec import MAP_BYTES_MAX, parse_pod_config
+from podfsm.core.spec import IPC_SYSCTLS, MAP_BYTES_MAX, parse_pod_config
 from podfsm.core.states import State
+from podfsm.drivers.hostfiles import HostFiles
 from podfsm.drivers.store import FileStore
+from podfsm.drivers.sysinfo import pod_sysctls
 from podfsm.faces.cri import convert
 from tests.fakes import Rig
 from tests.worst import worst_everywhere, worst_listed, worst_map
@@ -43,13 +46,22 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 def host_sysctls(count: int) -> list[str]:
-    """`count` net.* sysctls this host has (admission checks that they exist)."""
-    names = []
-    for root, _dirs, files in os.walk("/proc/sys/net/ipv4"):
-        names += [os.path.join(root, f)[len("/proc/sys/"):].replace("/", ".") for f in files]
-    names = [n for n in sorted(names) if n.count(".") >= 2 and len(n) <= 256]
+    """`count` net.* sysctls a pod (without its own user namespace) has on this host (admission
+    checks that they exist)."""
+    names = [n for n in sorted(pod_sysctls(False, IPC_SYSCTLS) or ())
+             if n.startswith("net.ipv4.") and len(n) <= 256]
     assert len(names) >= count
     return names[:count]
+
+
+@pytest.fixture(autouse=True)
+def _any_sysctl_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sysctls' values here are padding, which the kernel would refuse at admission (see
+    tests/integration/test_ports_sysctls.py): take any."""
+    async def take_any(self: Any, values: Any, id_maps: Any) -> dict[str, str]:
+        return {}
+
+    monkeypatch.setattr(HostFiles, "try_sysctls", take_any)
 
 
 # ------------------------------------------------------------------------------- the maps

@@ -95,7 +95,28 @@ REFUSALS = {
     "cgroup parent escaping": (dict(pod(), linux={"cgroup_parent": "../../../x"}),
                                "must be an absolute path"),
     "cgroup parent with ..": (dict(pod(), linux={"cgroup_parent": "/podfsm/../x"}), "'..'"),
+    "multicast host_ip": (dict(pod(), port_mappings=[
+        {"container_port": 1, "host_port": 80, "host_ip": "239.1.2.3"}]), "multicast"),
+    "ipv6 multicast host_ip": (dict(pod(), port_mappings=[
+        {"container_port": 1, "host_ip": "FF05::2"}]), "multicast"),
+    "broadcast host_ip": (dict(pod(), port_mappings=[
+        {"container_port": 1, "host_port": 80, "host_ip": "255.255.255.255"}]), "broadcast"),
+    "repeated host port": (dict(pod(), port_mappings=[
+        {"container_port": 1, "host_port": 80, "host_ip": "::1"},
+        {"container_port": 2, "host_port": 80, "host_ip": "0:0::1", "protocol": "TCP"}]),
+        "port_mappings[1] repeats port_mappings[0]"),
 }
+
+
+def test_a_host_port_is_told_apart_by_address_port_and_protocol() -> None:
+    # 00ff::1 is no multicast address; no host port, or another protocol, is no repeat
+    cfg = parse_pod_config(dict(pod(), port_mappings=[
+        {"container_port": 1, "host_port": 80, "host_ip": "ff::1"},
+        {"container_port": 2, "host_port": 80, "host_ip": "ff::1", "protocol": "UDP"},
+        {"container_port": 3, "host_port": 80}, {"container_port": 4},
+        {"container_port": 5}]))
+    assert [pm.key for pm in cfg.port_mappings][:3] == [
+        ("ff::1", 80, "TCP"), ("ff::1", 80, "UDP"), ("", 80, "TCP")]
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))

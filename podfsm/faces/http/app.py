@@ -95,8 +95,8 @@ class Shim:
         self.streams: set[anyio.CancelScope] = set()
         self._closing = False
         self._machine_graphs: dict[str, bytes] = {}
-        self._openapi = openapi_document(getattr(ctl, "runtime_handlers", None),
-                                         getattr(ctl, "config", None))
+        #: the document, and the host facts it was made with (made again when they change)
+        self._openapi: tuple[Any, bytes] | None = None
         routes = [Route("/", self.page, methods=["GET"]),
                   Route("/openapi.json", self.openapi, methods=["GET"])]
         routes += [Route(path, _Resource(path, {op.method.upper(): self._endpoint(op.handler)
@@ -204,7 +204,13 @@ class Shim:
         return json_response(Health(status=status), 200 if status == "ok" else 503)
 
     async def openapi(self, request: Request) -> Response:
-        return Response(json.dumps(self._openapi), media_type="application/json")
+        host_facts = getattr(self.ctl, "host_facts", None)
+        facts = await host_facts() if host_facts is not None and self.ready else None
+        if self._openapi is None or self._openapi[0] != facts:
+            doc = openapi_document(getattr(self.ctl, "runtime_handlers", None),
+                                   getattr(self.ctl, "config", None), facts)
+            self._openapi = (facts, json.dumps(doc).encode())
+        return Response(self._openapi[1], media_type="application/json")
 
     async def list_sandboxes(self, request: Request) -> Response:
         ctl = self.controller()

@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 from podfsm import __version__
 from podfsm.config import ControllerConfig
 from podfsm.core.images import ImageRecord
-from podfsm.core.records import SandboxStatus, TransitionEvent
+from podfsm.core.records import HostFacts, SandboxStatus, TransitionEvent
 from podfsm.core.spec import ID_SPACE, PATH_SEGMENT, PodSandboxConfig
 from podfsm.faces import graph
 from podfsm.faces.wire import (
@@ -285,13 +285,47 @@ def _cgroup_parent(config: ControllerConfig, prop: dict[str, Any]) -> None:
                            + prop.get("description", ""))
 
 
+def _host_facts(schemas: dict[str, Any], facts: HostFacts) -> None:
+    """Narrow the pod config's schemas to what admission takes on this host: the sysctls a
+    pod of each kind can write, and the addresses a host_ip may name."""
+    linux = schemas["LinuxPodSandboxConfig"]
+    sysctls = linux["properties"]["sysctls"]
+    if facts.sysctls is not None and facts.userns_sysctls is not None:
+        # Every name either kind of pod has. That a pod with its own user namespace has fewer
+        # is said in words: an if/then on its mode (its userns_options may be null) is more
+        # than schemathesis' generator takes ("does not support this part").
+        names = sorted({*facts.sysctls, *facts.userns_sysctls})
+        sysctls["propertyNames"] = {**sysctls.get("propertyNames", {}), "enum": names}
+        fewer = sorted(set(names) - set(facts.userns_sysctls))
+        sysctls["description"] = (
+            f"one of the {len(names)} namespaced sysctls this host gives a pod"
+            + (f" (a pod with its own user namespace has not {', '.join(fewer)}: 422)"
+               if fewer else "")
+            + "; each set to a value the kernel takes (tried in new namespaces of the pod's "
+            "kind before anything is made, else 422 naming it)")
+    if facts.host_ips is not None:
+        host_ip = schemas["PortMapping"]["properties"]["host_ip"]
+        choices: list[dict[str, Any]] = [{"type": "string", "maxLength": 0},
+                                         {"type": "string", "enum": list(facts.host_ips)}]
+        if facts.families is None or 4 in facts.families:  # every 127.x is this host's
+            choices.append({"type": "string", "format": "ipv4", "pattern": r"^127\."})
+        host_ip["anyOf"] = choices
+        host_ip["description"] = (
+            "empty (every address), or an address of this host of a family the pod network "
+            "gives pods, or that family's unspecified address (else 422): those listed, and "
+            "any other the host has when the pod is run (its bridges' addresses, which come "
+            "and go, are not listed)")
+
+
 def openapi_document(runtime_handlers: list[str] | None = None,
-                     config: ControllerConfig | None = None) -> dict[str, Any]:
+                     config: ControllerConfig | None = None,
+                     facts: HostFacts | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the shim; schemas come from the pydantic models.
     `runtime_handlers` (the daemon's installed ones) become the choices of runSandbox's
     `runtime_handler`, which the server checks against the same list; `config` (the daemon's)
     adds its id pool's bounds to the user namespace mappings a pod may ask for, and its
-    cgroup_root to linux.cgroup_parent."""
+    cgroup_root to linux.cgroup_parent; `facts` (the host's) the sysctls a pod can set and the
+    addresses a port mapping's host_ip may name."""
     _, top = models_json_schema(
         [(PodSandboxConfig, "validation"), (SandboxStatus, "serialization"),
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
@@ -324,6 +358,8 @@ def openapi_document(runtime_handlers: list[str] | None = None,
         userns = schemas["UserNamespace"]
         userns["allOf"] = [*userns.get("allOf", ()), _id_pool(config)]
         _cgroup_parent(config, schemas["LinuxPodSandboxConfig"]["properties"]["cgroup_parent"])
+    if facts is not None:
+        _host_facts(schemas, facts)
     return {
         "openapi": "3.1.0",
         "info": {"title": "podfsm", "version": __version__,
