@@ -67,10 +67,9 @@ PATH_SEGMENT = (rf"([^/.{UNSAFE}]{_SEG}{{0,254}}|\.[^/.{UNSAFE}]{_SEG}{{0,253}}"
 #: a cgroup_parent: empty, or an absolute path spelled one way only (core.paths), as
 #: paths.check_host_path checks it (openapi.py narrows it to the daemon's cgroup_root)
 CGROUP_PARENT = rf"^(/{PATH_SEGMENT})*\Z"
-#: a log_directory: empty, or an absolute path spelled one way only, not "/", of at most
-#: paths.LOG_DIRECTORY_SEGMENTS segments (as _log_directory checks it; that it lies outside
-#: /proc, /sys and /dev is said in words)
-LOG_DIRECTORY = rf"^(/{PATH_SEGMENT}){{0,{paths.LOG_DIRECTORY_SEGMENTS}}}\Z"
+#: a log_directory: empty, or an absolute path spelled one way only, not "/" (as
+#: _log_directory checks it; that it lies outside /proc, /sys and /dev is said in words)
+LOG_DIRECTORY = rf"^(/{PATH_SEGMENT})*\Z"
 CPUSET = r"^[0-9,\-]*\Z"
 _SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 ID_SPACE = 1 << 32  # uid_t range
