@@ -3,9 +3,12 @@ sandboxes, each RPC one Controller call (see docs/cri.md).
 
 Served: Version, Status, RuntimeConfig, UpdateRuntimeConfig, RunPodSandbox, StopPodSandbox,
 RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats,
-GetContainerEvents (sandbox events), and the whole ImageService (PullImage, ListImages,
-ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md). Every other RPC answers
-UNIMPLEMENTED: containers arrive later.
+GetContainerEvents (sandbox and container events), the container RPCs (faces/cri/containers.py:
+CreateContainer, StartContainer, StopContainer, RemoveContainer, ListContainers,
+ContainerStatus, ContainerStats, ListContainerStats, UpdateContainerResources,
+ReopenContainerLog, ExecSync; see docs/containers.md) and the whole ImageService (PullImage,
+ListImages, ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md). Every other RPC (Exec,
+Attach, PortForward: streaming arrives later) answers UNIMPLEMENTED.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
@@ -35,6 +38,7 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 from podfsm import __version__
 from podfsm.controller import Controller
 from podfsm.core.errors import (
+    ContainerNotFound,
     ImageInUse,
     ImageNotFound,
     InvalidImageReference,
@@ -47,6 +51,7 @@ from podfsm.core.errors import (
 )
 from podfsm.core.registryhosts import auth_from_cri
 from podfsm.faces.cri import convert
+from podfsm.faces.cri.containers import ContainerRpcs
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
 
 log = logging.getLogger(__name__)
@@ -69,7 +74,7 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound | ImageNotFound):
+    if isinstance(exc, SandboxNotFound | ImageNotFound | ContainerNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION
@@ -98,8 +103,8 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
     return call
 
 
-class RuntimeService(pb_grpc.RuntimeServiceServicer):
-    """runtime.v1.RuntimeService for pod sandboxes."""
+class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
+    """runtime.v1.RuntimeService: pod sandboxes here, containers in ContainerRpcs."""
 
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
@@ -246,6 +251,12 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.serving = False
         for scope in list(self._streams):
             scope.cancel()
+
+
+# the container RPCs (faces/cri/containers.py) get the same refusal and error mapping
+for _name, _fn in list(vars(ContainerRpcs).items()):
+    if _name[:1].isupper() and callable(_fn):
+        setattr(RuntimeService, _name, _rpc(_fn))
 
 
 class ImageService(pb_grpc.ImageServiceServicer):

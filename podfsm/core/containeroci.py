@@ -1,0 +1,378 @@
+"""The OCI runtime spec (config.json) of a container, from its image's config and its CRI
+ContainerConfig, as containerd 2.x builds it (internal/cri/server/container_create_linux.go,
+internal/cri/opts/spec_linux_opts.go, pkg/oci/spec_opts.go). Pure: every fact about the system
+(the rootfs, the sandbox's pause pid and files, resolved host paths, the user's ids) comes in
+a ContainerSpecInput.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from podfsm.core.containerspec import ContainerConfig, MountPropagation
+from podfsm.core.ocispec import (
+    DEFAULT_PATH,
+    MASKED_PATHS,
+    OCI_VERSION,
+    READONLY_PATHS,
+    cgroups_path,
+    passthrough_annotations,
+)
+from podfsm.core.records import SandboxFiles
+from podfsm.core.spec import NamespaceMode, ProfileType
+
+#: containerd's default capabilities (pkg/oci defaultUnixCaps, Docker's set)
+DEFAULT_CAPS: tuple[str, ...] = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)
+#: every capability of Linux 6.x, for "ALL"
+ALL_CAPS: tuple[str, ...] = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+_PROPAGATION = {
+    MountPropagation.PROPAGATION_PRIVATE: "rprivate",
+    MountPropagation.PROPAGATION_HOST_TO_CONTAINER: "rslave",
+    MountPropagation.PROPAGATION_BIDIRECTIONAL: "rshared",
+}
+
+
+@dataclass(frozen=True)
+class User:
+    """The process's ids, as resolved from the image's /etc/passwd and /etc/group."""
+
+    uid: int = 0
+    gid: int = 0
+    additional_gids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContainerSpecInput:
+    container_id: str
+    sandbox_id: str
+    config: ContainerConfig
+    #: the image config's `config` object (Env, Entrypoint, Cmd, WorkingDir, User, ...)
+    image_config: Mapping[str, Any]
+    image_name: str
+    rootfs: str
+    pause_pid: int
+    netns_path: str | None
+    pod_pid_mode: NamespaceMode
+    pod_ipc_mode: NamespaceMode
+    pod_hostname: str
+    pod_name: str
+    pod_namespace: str
+    pod_uid: str
+    files: SandboxFiles | None
+    cgroup_parent: str
+    user: User
+    #: CRI mounts' host paths with symlinks resolved (container_path -> real host path)
+    host_paths: Mapping[str, str] = field(default_factory=dict)
+    #: a Localhost seccomp profile, loaded; the RuntimeDefault one
+    seccomp_localhost: dict[str, Any] | None = None
+    seccomp_default: dict[str, Any] | None = None
+    annotation_patterns: tuple[str, ...] = ()
+
+
+def process_args(config: ContainerConfig, image: Mapping[str, Any]) -> list[str]:
+    """The command line as containerd (after moby) forms it; ValueError when there is none."""
+    command, args = list(config.command), list(config.args)
+    if not command:
+        if not args:
+            args = list(image.get("Cmd") or [])
+        entry = list(image.get("Entrypoint") or [])
+        if entry != [""]:
+            command = entry
+    argv = command + args
+    if not argv:
+        raise ValueError("no command specified: neither the container config nor the image "
+                         "gives one")
+    return argv
+
+
+def environment(config: ContainerConfig, image: Mapping[str, Any], hostname: str) -> list[str]:
+    """HOSTNAME, then the image's Env, then the config's envs, each key once (later wins)."""
+    env: dict[str, str] = {}
+    for item in [f"HOSTNAME={hostname}", *(image.get("Env") or [])]:
+        key, _, value = str(item).partition("=")
+        env[key] = value
+    for kv in config.envs:
+        env[kv.key] = kv.value
+    if "PATH" not in env:
+        env["PATH"] = DEFAULT_PATH.partition("=")[2]
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def capabilities(config: ContainerConfig) -> list[str]:
+    """The default set with the config's adds and drops ("ALL" understood), as containerd."""
+    caps = config.linux.security_context.capabilities
+    have = list(DEFAULT_CAPS)
+    if caps is None:
+        return have
+
+    def norm(name: str) -> str:
+        name = name.upper()
+        return name if name.startswith("CAP_") or name == "ALL" else f"CAP_{name}"
+
+    adds = [norm(c) for c in caps.add_capabilities]
+    drops = [norm(c) for c in caps.drop_capabilities]
+    for c in adds + drops:
+        if c != "ALL" and c not in ALL_CAPS:
+            raise ValueError(f"unknown capability {c!r}")
+    if "ALL" in drops:
+        have = []
+    if "ALL" in adds:
+        have = list(ALL_CAPS)
+    else:
+        have += [c for c in adds if c not in have]
+    if "ALL" not in drops:
+        have = [c for c in have if c not in drops]
+    return have
+
+
+def stop_signal(config: ContainerConfig, image: Mapping[str, Any]) -> str:
+    """The signal that stops the container: the config's, the image's StopSignal, SIGTERM."""
+    sig = config.stop_signal if config.stop_signal not in ("", "RUNTIMEDEFAULT") else ""
+    return sig or str(image.get("StopSignal") or "") or "SIGTERM"
+
+
+def signal_number(name: str) -> int:
+    """The number of a signal given as SIGTERM, TERM or 15; ValueError if unknown."""
+    text = name.strip().upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        raise ValueError(f"unknown stop signal {name!r}") from None
+
+
+def _bind(source: str, dest: str, options: Sequence[str]) -> dict[str, Any]:
+    return {"destination": dest, "type": "bind", "source": source, "options": list(options)}
+
+
+def _mounts(inp: ContainerSpecInput) -> list[dict[str, Any]]:
+    cfg = inp.config
+    sc = cfg.linux.security_context
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+    ]
+    user_paths = {m.container_path.rstrip("/") or "/" for m in cfg.mounts}
+    f = inp.files
+    if f is not None:
+        ro = "ro" if sc.readonly_rootfs else "rw"
+        for src, dest in ((f.hostname_path, "/etc/hostname"), (f.hosts_path, "/etc/hosts"),
+                          (f.resolv_conf_path, "/etc/resolv.conf")):
+            if dest not in user_paths:
+                mounts.append(_bind(src, dest, ["rbind", "rprivate", ro]))
+        if "/dev/shm" not in user_paths:
+            mounts.append(_bind(f.shm_path, "/dev/shm", ["rbind", "rprivate", "rw"]))
+    # the CRI mounts, shallowest first (containerd sorts them so a parent never hides a child)
+    for m in sorted(cfg.mounts, key=lambda m: m.container_path.rstrip("/").count("/")):
+        src = inp.host_paths.get(m.container_path, m.host_path)
+        opts = ["rbind", _PROPAGATION[m.propagation], "ro" if m.readonly else "rw"]
+        mounts.append(_bind(src, m.container_path, opts))
+    return mounts
+
+
+def _namespaces(inp: ContainerSpecInput) -> list[dict[str, str]]:
+    ns_opts = inp.config.linux.security_context.namespace_options
+    pause = f"/proc/{inp.pause_pid}/ns"
+    out: list[dict[str, str]] = [{"type": "mount"}]
+    if inp.netns_path is not None:
+        out.append({"type": "network", "path": inp.netns_path})
+        out.append({"type": "uts", "path": f"{pause}/uts"})
+    if ns_opts.pid is NamespaceMode.CONTAINER:
+        out.append({"type": "pid"})
+    elif ns_opts.pid is NamespaceMode.POD and inp.pod_pid_mode is not NamespaceMode.NODE:
+        out.append({"type": "pid", "path": f"{pause}/pid"})
+    if inp.pod_ipc_mode is not NamespaceMode.NODE:
+        out.append({"type": "ipc", "path": f"{pause}/ipc"})
+    return out
+
+
+def _resources(inp: ContainerSpecInput) -> dict[str, Any]:
+    res = inp.config.linux.resources
+    out: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if res is None:
+        return out
+    cpu: dict[str, Any] = {}
+    if res.cpu_shares:
+        cpu["shares"] = res.cpu_shares
+    if res.cpu_quota:
+        cpu["quota"] = res.cpu_quota
+    if res.cpu_period:
+        cpu["period"] = res.cpu_period
+    if res.cpuset_cpus:
+        cpu["cpus"] = res.cpuset_cpus
+    if res.cpuset_mems:
+        cpu["mems"] = res.cpuset_mems
+    if cpu:
+        out["cpu"] = cpu
+    if res.memory_limit_in_bytes:
+        mem: dict[str, Any] = {"limit": res.memory_limit_in_bytes}
+        if res.memory_swap_limit_in_bytes:
+            mem["swap"] = res.memory_swap_limit_in_bytes
+        out["memory"] = mem
+    if res.hugepage_limits:
+        out["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit}
+                                 for h in res.hugepage_limits]
+    if res.unified:
+        out["unified"] = dict(res.unified)
+    return out
+
+
+def seccomp(inp: ContainerSpecInput) -> dict[str, Any] | None:
+    """The linux.seccomp object: none unless asked (containerd's default), RuntimeDefault the
+    default profile, Localhost the loaded one."""
+    sc = inp.config.linux.security_context
+    prof = sc.seccomp
+    path = sc.seccomp_profile_path
+    if prof is None and path in ("", "unconfined"):
+        return None
+    if prof is None:
+        if path in ("runtime/default", "docker/default"):
+            return inp.seccomp_default
+        return inp.seccomp_localhost
+    if prof.profile_type is ProfileType.Unconfined:
+        return None
+    if prof.profile_type is ProfileType.RuntimeDefault:
+        return inp.seccomp_default
+    return inp.seccomp_localhost
+
+
+def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
+    """config.json of the container. ValueError naming what cannot be honoured."""
+    cfg = inp.config
+    sc = cfg.linux.security_context
+    img = inp.image_config
+    caps = capabilities(cfg)
+    user: dict[str, Any] = {"uid": inp.user.uid, "gid": inp.user.gid}
+    if inp.user.additional_gids:
+        user["additionalGids"] = list(inp.user.additional_gids)
+    process: dict[str, Any] = {
+        "terminal": cfg.tty,
+        "user": user,
+        "args": process_args(cfg, img),
+        "env": environment(cfg, img, inp.pod_hostname),
+        "cwd": cfg.working_dir or str(img.get("WorkingDir") or "") or "/",
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        "noNewPrivileges": sc.no_new_privs,
+    }
+    res = cfg.linux.resources
+    if res is not None and res.oom_score_adj:
+        process["oomScoreAdj"] = res.oom_score_adj
+    linux: dict[str, Any] = {
+        "namespaces": _namespaces(inp),
+        "cgroupsPath": cgroups_path(inp.container_id, inp.cgroup_parent),
+        "resources": _resources(inp),
+        "maskedPaths": list(sc.masked_paths or MASKED_PATHS),
+        "readonlyPaths": list(sc.readonly_paths or READONLY_PATHS),
+    }
+    filt = seccomp(inp)
+    if filt is not None:
+        linux["seccomp"] = filt
+    annotations = {
+        **passthrough_annotations(cfg.annotations, inp.annotation_patterns),
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.container-name": cfg.metadata.name,
+        "io.kubernetes.cri.sandbox-id": inp.sandbox_id,
+        "io.kubernetes.cri.sandbox-name": inp.pod_name,
+        "io.kubernetes.cri.sandbox-namespace": inp.pod_namespace,
+        "io.kubernetes.cri.sandbox-uid": inp.pod_uid,
+        "io.kubernetes.cri.image-name": inp.image_name,
+    }
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": process,
+        "root": {"path": inp.rootfs, "readonly": sc.readonly_rootfs},
+        "mounts": _mounts(inp),
+        "linux": linux,
+        "annotations": dict(sorted(annotations.items())),
+    }
+
+
+# -- users -------------------------------------------------------------------------------------
+
+
+def _table(text: str) -> list[list[str]]:
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def resolve_user(spec: str, passwd: str, group: str, *, supplemental: Sequence[int] = (),
+                 run_as_group: int | None = None) -> User:
+    """The ids of `spec` (an image's User or a CRI username: `name|uid[:group|gid]`), looked up
+    in the image's /etc/passwd and /etc/group as containerd does: a numeric uid need not be
+    listed (gid then 0 unless given); a name must be. Supplementary groups: those of /etc/group
+    that list the user by name, then `supplemental`. ValueError naming what is not found."""
+    users = _table(passwd)
+    groups = _table(group)
+    name_part, _, group_part = spec.partition(":")
+    name = ""
+    uid, gid = 0, 0
+    if name_part.isdigit():
+        uid = int(name_part)
+        row = next((u for u in users if len(u) > 3 and u[2] == name_part), None)
+        if row is not None:
+            name, gid = row[0], int(row[3]) if row[3].isdigit() else 0
+    elif name_part:
+        row = next((u for u in users if len(u) > 3 and u[0] == name_part), None)
+        if row is None or not row[2].isdigit():
+            raise ValueError(f"user {name_part!r} is not in the image's /etc/passwd")
+        name, uid = name_part, int(row[2])
+        gid = int(row[3]) if row[3].isdigit() else 0
+    if group_part:
+        if group_part.isdigit():
+            gid = int(group_part)
+        else:
+            grow = next((g for g in groups if len(g) > 2 and g[0] == group_part), None)
+            if grow is None or not grow[2].isdigit():
+                raise ValueError(f"group {group_part!r} is not in the image's /etc/group")
+            gid = int(grow[2])
+    if run_as_group is not None:
+        gid = run_as_group
+    extra: list[int] = []
+    if name:
+        for g in groups:
+            if len(g) > 3 and g[2].isdigit() and name in g[3].split(","):
+                extra.append(int(g[2]))
+    for s in supplemental:
+        extra.append(s)
+    seen: list[int] = []
+    for one in [gid, *extra]:
+        if one not in seen:
+            seen.append(one)
+    return User(uid=uid, gid=gid, additional_gids=tuple(seen))
+
+
+def user_spec(config: ContainerConfig, image: Mapping[str, Any]) -> str:
+    """Which user to resolve: run_as_user, run_as_username, else the image's User."""
+    sc = config.linux.security_context
+    if sc.run_as_user is not None:
+        return str(sc.run_as_user.value)
+    if sc.run_as_username:
+        return sc.run_as_username
+    return str(image.get("User") or "")
