@@ -61,8 +61,8 @@ SOCKET_MODE = 0o660
 #: The CRI API version this server speaks (VersionResponse.version is the kubelet API's).
 KUBELET_API_VERSION = "0.1.0"
 RUNTIME_NAME = "podfsm"
-ONLY_SANDBOXES = ("podfsm runs pod sandboxes only (RunPodSandbox and its kin): {rpc} belongs "
-                  "to a container runtime beside it")
+ONLY_SANDBOXES = ("podfsm does not serve {rpc} yet (streaming: Exec, Attach and PortForward "
+                  "arrive with a later issue)")
 
 R = TypeVar("R")
 Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
