@@ -157,8 +157,8 @@ class CreateContainer(ContainerBase):
                 and sc.apparmor.profile_type is not ProfileType.Unconfined)):
             raise InvalidContainerConfig("linux.security_context.apparmor: AppArmor is "
                                          "enabled here and podfsm does not apply it")
-        if (prof_ := sc.seccomp) is not None and prof_.profile_type is \
-                ProfileType.RuntimeDefault or sc.seccomp_profile_path in ("runtime/default",
+        if ((prof_ := sc.seccomp) is not None and prof_.profile_type is \
+                ProfileType.RuntimeDefault) or sc.seccomp_profile_path in ("runtime/default",
                                                                           "docker/default"):
             raise InvalidContainerConfig(
                 "linux.security_context.seccomp: RuntimeDefault is not supported for "
