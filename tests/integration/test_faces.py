@@ -68,11 +68,16 @@ def use_env_network(env: Env) -> None:
 
 
 def serve_argv(env: Env, socket_path: str, *extra: str) -> list[str]:
-    """The CRI socket goes beside `socket_path` (cri.sock), never to the host's default."""
+    """The CRI socket goes beside `socket_path` (cri.sock), never to the host's default; every
+    registry is a closed port of 127.0.0.1 (a generated pull never leaves the machine) unless
+    `extra` gives another --registry-config-dir."""
     c = env.cfg
+    certs = os.path.join(env.tmp, "no-registries")
+    os.makedirs(os.path.join(certs, "_default"), exist_ok=True)
+    Path(certs, "_default", "hosts.toml").write_text('server = "http://127.0.0.1:9"\n')
     return [PYTHON, "-m", "podfsm", "serve", "--socket", socket_path, "--state-dir", c.state_dir,
             "--run-dir", c.run_dir, "--netns-dir", c.netns_dir, "--runtime", c.runtime,
-            "--cni-conf-dir", c.cni_conf_dir,
+            "--cni-conf-dir", c.cni_conf_dir, "--registry-config-dir", certs,
             "--cri-socket", os.path.join(os.path.dirname(socket_path), "cri.sock"), *extra]
 
 

@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 from tests import imagekit as ik
 from tests.integration.conftest import Env
 from tests.integration.test_cri import Crictl, tool
-from tests.integration.test_faces import Daemon, serving, use_env_network
+from tests.integration.test_faces import Daemon, podfsm, serving, use_env_network
 
 pytestmark = [pytest.mark.integration, pytest.mark.parametrize("runtime", ["runc"])]
 
@@ -90,6 +90,23 @@ def test_a_crictl_image_session(env: Env, daemon: Daemon) -> None:
     assert "registry.k8s.io/pause" not in c.ok("images")
     store = _store(env)
     assert not os.listdir(store / "blobs/sha256") and not os.listdir(store / "layers")
+
+
+def test_a_podfsm_cli_image_session(env: Env, daemon: Daemon) -> None:
+    """podfsm's own verbs, over the HTTP socket of the same daemon."""
+    name = f"gcr.io/{CRITOOLS}/test-image-user-username"
+    out = podfsm(daemon.socket, "pull", name)
+    assert out.returncode == 0 and out.stdout.startswith("Image is up to date for sha256:"), out
+    image_id = out.stdout.split()[-1]
+    table = podfsm(daemon.socket, "images").stdout.splitlines()
+    assert table[1].split()[:3] == [name, "latest", image_id[7:20]], table
+    info = json.loads(podfsm(daemon.socket, "inspecti", image_id[7:19]).stdout)
+    assert info["status"]["username"] == "www-data" and info["status"]["uid"] is None
+    bad = podfsm(daemon.socket, "pull", f"gcr.io/{CRITOOLS}/none:1")
+    assert bad.returncode == 1 and "MANIFEST_UNKNOWN" in bad.stderr, bad.stderr
+    out = podfsm(daemon.socket, "rmi", name)
+    assert out.returncode == 0 and out.stdout == f"Deleted: {name}:latest\n", out
+    assert podfsm(daemon.socket, "images", "-q").stdout == ""
 
 
 def test_image_service_over_grpc(env: Env, daemon: Daemon) -> None:

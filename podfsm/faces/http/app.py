@@ -28,11 +28,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from podfsm.controller import Controller
 from podfsm.core.errors import (
+    ImagePullError,
     InvalidImageReference,
     InvalidPodConfig,
     PodfsmError,
     SandboxNotFound,
     SandboxRunError,
+    UnpackError,
 )
 from podfsm.core.registryhosts import auth_from_cri
 from podfsm.core.spec import describe_validation_error, parse_pod_config
@@ -165,7 +167,8 @@ class Shim:
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, PodfsmError) and error_response(exc).status_code >= 500 and not (
-                isinstance(exc, SandboxRunError | ServiceUnavailable)):
+                isinstance(exc, SandboxRunError | ServiceUnavailable | ImagePullError
+                           | UnpackError)):
             return await self._on_crash(request, exc)
         if isinstance(exc, PodfsmError) and not isinstance(exc, ServiceUnavailable | BadRequest):
             log.log(logging.ERROR if isinstance(exc, SandboxRunError) else logging.INFO,
