@@ -22,6 +22,7 @@ from podfsm.core.ocispec import (
     passthrough_annotations,
 )
 from podfsm.core.records import SandboxFiles
+from podfsm.core.seccompdefault import default_profile
 from podfsm.core.spec import NamespaceMode, ProfileType
 
 #: containerd's default capabilities (pkg/oci defaultUnixCaps, Docker's set)
@@ -80,9 +81,8 @@ class ContainerSpecInput:
     user: User
     #: CRI mounts' host paths with symlinks resolved (container_path -> real host path)
     host_paths: Mapping[str, str] = field(default_factory=dict)
-    #: a Localhost seccomp profile, loaded; the RuntimeDefault one
+    #: a Localhost seccomp profile, loaded
     seccomp_localhost: dict[str, Any] | None = None
-    seccomp_default: dict[str, Any] | None = None
     annotation_patterns: tuple[str, ...] = ()
 
 
@@ -245,9 +245,9 @@ def _resources(inp: ContainerSpecInput) -> dict[str, Any]:
     return out
 
 
-def seccomp(inp: ContainerSpecInput) -> dict[str, Any] | None:
+def seccomp(inp: ContainerSpecInput, caps: Sequence[str]) -> dict[str, Any] | None:
     """The linux.seccomp object: none unless asked (containerd's default), RuntimeDefault the
-    default profile, Localhost the loaded one."""
+    default profile for the container's capabilities, Localhost the loaded one."""
     sc = inp.config.linux.security_context
     prof = sc.seccomp
     path = sc.seccomp_profile_path
@@ -255,12 +255,12 @@ def seccomp(inp: ContainerSpecInput) -> dict[str, Any] | None:
         return None
     if prof is None:
         if path in ("runtime/default", "docker/default"):
-            return inp.seccomp_default
+            return default_profile(caps)
         return inp.seccomp_localhost
     if prof.profile_type is ProfileType.Unconfined:
         return None
     if prof.profile_type is ProfileType.RuntimeDefault:
-        return inp.seccomp_default
+        return default_profile(caps)
     return inp.seccomp_localhost
 
 
@@ -292,7 +292,7 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
         "maskedPaths": list(sc.masked_paths or MASKED_PATHS),
         "readonlyPaths": list(sc.readonly_paths or READONLY_PATHS),
     }
-    filt = seccomp(inp)
+    filt = seccomp(inp, caps)
     if filt is not None:
         linux["seccomp"] = filt
     annotations = {

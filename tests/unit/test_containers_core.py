@@ -168,3 +168,27 @@ def test_the_spec_joins_the_pause_and_binds_the_sandbox_files() -> None:
     own = ContainerSpecInput(**{**inp.__dict__, "config": cfg(command=["top"], linux={
         "security_context": {"namespace_options": {"pid": 1}}})})
     assert {"type": "pid"} in container_spec(own)["linux"]["namespaces"]
+
+
+def test_runtime_default_is_containerds_profile_for_the_capabilities() -> None:
+    from podfsm.core.seccompdefault import default_profile
+
+    plain = default_profile(DEFAULT_CAPS)
+    allowed = set(plain["syscalls"][0]["names"])
+    assert plain["defaultAction"] == "SCMP_ACT_ERRNO" and plain["defaultErrnoRet"] == 1
+    assert {"read", "execve", "clock_nanosleep", "chroot"} <= allowed  # SYS_CHROOT is default
+    assert not {"mount", "unshare", "setns", "ptrace", "reboot"} & allowed
+    rules = {tuple(r["names"]): r for r in plain["syscalls"][1:]}
+    assert rules[("clone3",)]["errnoRet"] == 38  # ENOSYS: the C library falls back to clone
+    assert rules[("clone",)]["args"][0]["op"] == "SCMP_CMP_MASKED_EQ"
+    admin = default_profile([*DEFAULT_CAPS, "CAP_SYS_ADMIN"])
+    assert {"mount", "unshare", "clone", "clone3"} <= set(admin["syscalls"][0]["names"])
+    assert all(r["names"] != ["clone3"] for r in admin["syscalls"])
+    spec = container_spec(ContainerSpecInput(
+        container_id="c", sandbox_id="s", config=cfg(command=["top"], linux={
+            "security_context": {"seccomp": {"profile_type": "RuntimeDefault"}}}),
+        image_config={}, image_name="b", rootfs="/r", pause_pid=1, netns_path=None,
+        pod_pid_mode=NamespaceMode.POD, pod_ipc_mode=NamespaceMode.POD, pod_hostname="h",
+        pod_name="p", pod_namespace="n", pod_uid="u", files=None, cgroup_parent="",
+        user=User()))
+    assert spec["linux"]["seccomp"] == plain

@@ -157,13 +157,6 @@ class CreateContainer(ContainerBase):
                 and sc.apparmor.profile_type is not ProfileType.Unconfined)):
             raise InvalidContainerConfig("linux.security_context.apparmor: AppArmor is "
                                          "enabled here and podfsm does not apply it")
-        if ((prof_ := sc.seccomp) is not None and prof_.profile_type is \
-                ProfileType.RuntimeDefault) or sc.seccomp_profile_path in ("runtime/default",
-                                                                          "docker/default"):
-            raise InvalidContainerConfig(
-                "linux.security_context.seccomp: RuntimeDefault is not supported for "
-                "containers yet (containerd's default profile is still to come); ask for "
-                "Unconfined or a Localhost profile")
         host_paths: dict[str, str] = {}
         for m in cfg.mounts:
             try:
