@@ -341,6 +341,9 @@ class ContainerDriver(Protocol):
     def exists(self, runtime: str, container_id: str) -> bool:
         """Whether the runtime has this container."""
 
+    async def state(self, runtime: str, container_id: str) -> str | None:
+        """The runtime's status of the container (created, running, stopped) or None."""
+
     def runtime_ids(self) -> dict[str, list[str]]:
         """Handler -> the ids of the containers under its container root."""
 

@@ -103,6 +103,9 @@ class LocalContainers:
     async def delete(self, runtime: str, container_id: str) -> None:
         await self._rt(runtime).delete(container_id)
 
+    async def state(self, runtime: str, container_id: str) -> str | None:
+        return await self._rt(runtime).state(container_id)
+
     def exists(self, runtime: str, container_id: str) -> bool:
         return self._rt(runtime).exists(container_id)
 

@@ -174,6 +174,20 @@ class ContainerRuntime:
         if rc != 0 and self.exists(container_id):
             raise StepFailed("runtime", f"{self.name} delete failed: {err.strip()[-600:]}")
 
+    async def state(self, container_id: str) -> str | None:
+        """The runtime's status of the container (created, running, stopped), None if it
+        has no such container."""
+        if not self.exists(container_id):
+            return None
+        rc, out, _ = await self._run("state", container_id)
+        if rc != 0:
+            return None
+        try:
+            status = json.loads(out).get("status")
+        except (ValueError, AttributeError):
+            return None
+        return str(status) if status else None
+
     async def exec_sync(self, container_id: str, process: dict[str, Any],
                         bundle: str, timeout: float) -> tuple[int, str, str]:
         """Run `process` in the container; (exit code, stdout, stderr). ExecTimeout when it

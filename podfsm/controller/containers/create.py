@@ -1,6 +1,6 @@
 """create_container: Unknown -> Created. The rootfs is mounted, the bundle written and the
 monitor started (which runs the runtime's create), each step recorded before and after and
-wrapped in failpoints `container.<step>.before/.after`; a failure unwinds what was done."""
+wrapped in failpoints `container_<step>.before/.after`; a failure unwinds what was done."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class CreateContainer(ContainerBase):
     async def _step(self, c: Container, step: CreateStep) -> Any:
         """Record `step` as pending, around its failpoints (the caller runs it)."""
         await self._csave(c, pending=step.value)
-        return self._failpoints_around(f"container.{step.value}")
+        return self._failpoints_around(f"container_{step.value}")
 
     async def _create_steps(self, c: Container, sb: Sandbox, image_config: dict[str, Any],
                             lowers: list[str]) -> None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 
+from podfsm.controller.base import now
 from podfsm.controller.containers.base import Container
 from podfsm.controller.containers.remove import RemoveContainer
-from podfsm.core.containerstates import ContainerState
+from podfsm.core.containerstates import ContainerState, ContainerTrigger
 from podfsm.core.errors import PodfsmError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,13 @@ class RecoverContainers(RemoveContainer):
         if rec.pending == "stop":
             await self.stop_container(rec.id, 0)
         elif rec.pending == "start" and rec.state is ContainerState.CREATED:
-            # the start may have happened: the runtime says whether the process runs
+            # the start may have happened: the runtime says whether the process was started
+            said = await self._cd.state(rec.runtime, rec.id)
             async with c.lock:
-                await self._csave(c, pending=None)
+                if said in ("running", "stopped"):
+                    await self._csave(c, ContainerTrigger.START, pending=None,
+                                      started_at=now())
+                    if not await self._note_exit(c):
+                        self._supervise_container(c)
+                else:
+                    await self._csave(c, pending=None)

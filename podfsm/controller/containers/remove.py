@@ -34,7 +34,7 @@ class RemoveContainer(StopContainer, CreateContainer):
                     await self._stop_locked(c, 0)
                 await self._csave(c, pending="remove")
                 try:
-                    async with self._failpoints_around("container.remove"):
+                    async with self._failpoints_around("container_remove"):
                         await self._undo_create(c)
                 except (PodfsmError, OSError) as exc:
                     await self._csave(c, pending=None, last_error=(

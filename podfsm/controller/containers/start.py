@@ -23,7 +23,7 @@ class StartContainer(ContainerBase):
                     "can be started")
             await self._csave(c, pending="start")
             try:
-                async with self._failpoints_around("container.start"):
+                async with self._failpoints_around("container_start"):
                     await self._cd.start(rec.runtime, rec.id)
             except BaseException as exc:
                 if isinstance(exc, PodfsmError | OSError):

@@ -39,7 +39,7 @@ class StopContainer(ContainerBase):
         if rec.state not in (ContainerState.RUNNING, ContainerState.CREATED):
             return
         await self._csave(c, pending="stop")
-        async with self._failpoints_around("container.stop"):
+        async with self._failpoints_around("container_stop"):
             if rec.state is ContainerState.RUNNING and timeout > 0:
                 try:
                     sig = signal_number(rec.stop_signal)
