@@ -12,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from podfsm import Controller
@@ -89,7 +89,7 @@ async def test_crash_at_every_container_failpoint(registry: ik.Registry, runtime
             assert ctl.recovery_problems == []
             sts = {s.name: s for s in await ctl.list_containers()}
             assert sts["survivor"].state is ContainerState.RUNNING
-            time.sleep(0.3)
+            await anyio.sleep(0.3)
             assert len(log.read_text().splitlines()) > before  # it ran on, and still does
             res = await ctl.exec_sync(survivor, ["echo", "up"], 10)
             assert (res.exit_code, res.stdout) == (0, "up\n")
