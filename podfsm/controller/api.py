@@ -88,6 +88,8 @@ class Controller(Containers, Recovery):
                                            else None)
             if images is not None:
                 manager = ImageManager(images, self._failpoints_around)
+                manager.in_use = lambda image_id: self.container_using_image(image_id) \
+                    is not None
                 await manager.open()
                 stack.push_async_callback(manager.close)
                 self._image_manager = manager

@@ -60,6 +60,18 @@ class User:
 
 
 @dataclass(frozen=True)
+class HostDevice:
+    """A host device node as stat(2) shows it."""
+
+    kind: str  # "c" or "b"
+    major: int
+    minor: int
+    mode: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
 class ContainerSpecInput:
     container_id: str
     sandbox_id: str
@@ -84,6 +96,8 @@ class ContainerSpecInput:
     #: a Localhost seccomp profile, loaded
     seccomp_localhost: dict[str, Any] | None = None
     annotation_patterns: tuple[str, ...] = ()
+    #: the config's devices, by container path, as found on the host
+    devices: Mapping[str, HostDevice] = field(default_factory=dict)
 
 
 def process_args(config: ContainerConfig, image: Mapping[str, Any]) -> list[str]:
@@ -217,6 +231,10 @@ def _namespaces(inp: ContainerSpecInput) -> list[dict[str, str]]:
 def _resources(inp: ContainerSpecInput) -> dict[str, Any]:
     res = inp.config.linux.resources
     out: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    for d in inp.config.devices:
+        dev = inp.devices[d.container_path]
+        out["devices"].append({"allow": True, "type": dev.kind, "major": dev.major,
+                               "minor": dev.minor, "access": d.permissions or "rwm"})
     if res is None:
         return out
     cpu: dict[str, Any] = {}
@@ -292,6 +310,15 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
         "maskedPaths": list(sc.masked_paths or MASKED_PATHS),
         "readonlyPaths": list(sc.readonly_paths or READONLY_PATHS),
     }
+    if cfg.devices:
+        linux["devices"] = [
+            {"path": d.container_path, "type": inp.devices[d.container_path].kind,
+             "major": inp.devices[d.container_path].major,
+             "minor": inp.devices[d.container_path].minor,
+             "fileMode": inp.devices[d.container_path].mode & 0o777,
+             "uid": inp.devices[d.container_path].uid,
+             "gid": inp.devices[d.container_path].gid}
+            for d in cfg.devices]
     filt = seccomp(inp, caps)
     if filt is not None:
         linux["seccomp"] = filt

@@ -198,8 +198,9 @@ class ContainerConfig(_Model):
     working_dir: str = Field(default="", max_length=4095, pattern=TEXT)
     envs: list[KeyValue] = Field(default_factory=list, max_length=4096)
     mounts: list[Mount] = Field(default_factory=list, max_length=256)
-    devices: list[Device] = Field(default_factory=list, max_length=0, description=(
-        "devices are refused for now (a later step resolves and allows host devices)"))
+    devices: list[Device] = Field(default_factory=list, max_length=256, description=(
+        "host character or block devices (a symlink resolved), made in the container and "
+        "allowed in its device cgroup with `permissions`"))
     labels: dict[LabelKey, Text] = Field(default_factory=dict)
     annotations: dict[LabelKey, Text] = Field(default_factory=dict)
     log_path: str = Field(default="", max_length=4095, pattern=TEXT)

@@ -313,6 +313,9 @@ class ContainerDriver(Protocol):
     def real_host_path(self, path: str) -> str:
         """`path` with symlinks resolved; OSError when it does not exist."""
 
+    def host_device(self, path: str) -> tuple[str, int, int, int, int, int]:
+        """(c|b, major, minor, mode, uid, gid) of a device node; ValueError if not one."""
+
     async def write_spec(self, container_id: str, spec: dict[str, Any]) -> None:
         """Write config.json into the bundle."""
 

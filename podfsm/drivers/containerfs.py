@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from typing import Any
 
 from podfsm.core.containerrecords import ContainerRecord
@@ -176,6 +177,20 @@ class ContainerFiles:
         """A mount's host path with symlinks resolved (it must exist), as containerd does."""
         real = os.path.realpath(path, strict=True)
         return real
+
+    @staticmethod
+    def host_device(path: str) -> tuple[str, int, int, int, int, int]:
+        """(kind c|b, major, minor, mode, uid, gid) of the device node at `path` (a symlink
+        followed); ValueError when it is not a device, OSError when it cannot be read."""
+        st = os.stat(path)
+        if stat.S_ISCHR(st.st_mode):
+            kind = "c"
+        elif stat.S_ISBLK(st.st_mode):
+            kind = "b"
+        else:
+            raise ValueError(f"{path} is not a character or block device")
+        return (kind, os.major(st.st_rdev), os.minor(st.st_rdev), st.st_mode, st.st_uid,
+                st.st_gid)
 
     def upper_usage(self, container_id: str) -> tuple[int, int]:
         """Bytes and inodes of the writable layer."""

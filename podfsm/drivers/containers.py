@@ -73,6 +73,9 @@ class LocalContainers:
     async def read_etc(self, rootfs: str, name: str) -> str:
         return await asyncio.to_thread(self.files.read_etc, rootfs, name)
 
+    def host_device(self, path: str) -> tuple[str, int, int, int, int, int]:
+        return self.files.host_device(path)
+
     def real_host_path(self, path: str) -> str:
         return self.files.real_host_path(path)
 

@@ -124,11 +124,12 @@ class Cri:
             config=cfg, runtime_handler=self.runtime), timeout=60).pod_sandbox_id
 
     def container(self, pod: str, name: str, cmd: list[str],
-                  linux: pb.LinuxContainerConfig | None = None) -> str:
+                  linux: pb.LinuxContainerConfig | None = None,
+                  devices: list[pb.Device] | None = None) -> str:
         self.img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=BUSYBOX)), timeout=60)
         cfg = pb.ContainerConfig(metadata=pb.ContainerMetadata(name=name),
                                  image=pb.ImageSpec(image=BUSYBOX), command=cmd,
-                                 log_path=f"{name}.log", linux=linux)
+                                 log_path=f"{name}.log", linux=linux, devices=devices)
         cid = self.rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=pod, config=cfg), timeout=60).container_id
         self.rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
@@ -165,6 +166,12 @@ def test_a_container_from_outside(env: Env, daemon: Daemon, runtime: str) -> Non
     os.kill(pid, signal.SIGKILL)
     st = cri.wait_exited(sleeper)
     assert st.state == pb.CONTAINER_EXITED and st.exit_code == 137 and st.reason == "Error"
+    # a host device, made in the container and allowed in its device cgroup
+    dev = cri.container(pod, "dev", ["sleep", "1000"], None, [pb.Device(
+        container_path="/dev/mynull", host_path="/dev/null", permissions="rw")])
+    out = cri.rt.ExecSync(pb.ExecSyncRequest(container_id=dev, cmd=[
+        "sh", "-c", "echo gone > /dev/mynull && ls -l /dev/mynull"], timeout=10), timeout=30)
+    assert out.exit_code == 0 and out.stdout.startswith(b"crw"), out
     # RuntimeDefault: containerd's default profile is in force (a filter, mode 2)
     confined = cri.container(pod, "confined", ["sleep", "1000"], pb.LinuxContainerConfig(
         security_context=pb.LinuxContainerSecurityContext(seccomp=pb.SecurityProfile(

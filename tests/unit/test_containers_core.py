@@ -14,6 +14,7 @@ from podfsm.core import containerspec
 from podfsm.core.containeroci import (
     DEFAULT_CAPS,
     ContainerSpecInput,
+    HostDevice,
     User,
     capabilities,
     container_spec,
@@ -61,8 +62,10 @@ def test_the_table_walks_unknown_created_running_exited() -> None:
 
 def test_refusals_name_the_field() -> None:
     for kw, word in (({"linux": {"security_context": {"privileged": True}}}, "privileged"),
-                     ({"devices": [{"container_path": "/dev/x", "host_path": "/dev/x"}]},
-                      "devices"),
+                     ({"devices": [{"container_path": "dev/x", "host_path": "/dev/x"}]},
+                      "container_path"),
+                     ({"devices": [{"container_path": "/dev/x", "host_path": "/dev/x",
+                                    "permissions": "rwx"}]}, "permissions"),
                      ({"log_path": "../x"}, "log_path"),
                      ({"mounts": [{"container_path": "rel", "host_path": "/x"}]},
                       "container_path"),
@@ -165,6 +168,16 @@ def test_the_spec_joins_the_pause_and_binds_the_sandbox_files() -> None:
     assert spec["linux"]["resources"]["cpu"] == {"shares": 512}
     assert "seccomp" not in spec["linux"]
     assert spec["annotations"]["io.kubernetes.cri.sandbox-id"] == "s1"
+    with_dev = ContainerSpecInput(**{**inp.__dict__, "config": cfg(command=["top"], devices=[
+        {"container_path": "/dev/fuse", "host_path": "/dev/fuse", "permissions": "rw"}]),
+        "devices": {"/dev/fuse": HostDevice("c", 10, 229, 0o20666, 0, 0)}})
+    dspec = container_spec(with_dev)
+    assert dspec["linux"]["devices"] == [{"path": "/dev/fuse", "type": "c", "major": 10,
+                                          "minor": 229, "fileMode": 0o666, "uid": 0,
+                                          "gid": 0}]
+    assert dspec["linux"]["resources"]["devices"] == [
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "rw"}]
     own = ContainerSpecInput(**{**inp.__dict__, "config": cfg(command=["top"], linux={
         "security_context": {"namespace_options": {"pid": 1}}})})
     assert {"type": "pid"} in container_spec(own)["linux"]["namespaces"]

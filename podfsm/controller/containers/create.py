@@ -13,6 +13,7 @@ from podfsm.controller.base import Sandbox, describe, now
 from podfsm.controller.containers.base import Container, ContainerBase
 from podfsm.core.containeroci import (
     ContainerSpecInput,
+    HostDevice,
     container_spec,
     resolve_user,
     stop_signal,
@@ -164,6 +165,14 @@ class CreateContainer(ContainerBase):
             except OSError as exc:
                 raise InvalidContainerConfig(
                     f"mount host_path {m.host_path!r}: {exc.strerror or exc}") from None
+        devices: dict[str, HostDevice] = {}
+        for d in cfg.devices:
+            try:
+                devices[d.container_path] = HostDevice(*self._cd.host_device(d.host_path))
+            except (OSError, ValueError) as exc:
+                raise InvalidContainerConfig(f"device host_path {d.host_path!r}: "
+                                             f"{getattr(exc, 'strerror', None) or exc}") \
+                    from None
         localhost = None
         prof = sc.seccomp
         ref = prof.localhost_ref if prof and prof.profile_type is ProfileType.Localhost else (
@@ -187,7 +196,7 @@ class CreateContainer(ContainerBase):
             pod_namespace=pod.metadata.namespace, pod_uid=pod.metadata.uid,
             files=sb.record.files, cgroup_parent=self.cgroup_parent(sb.record), user=user,
             host_paths=host_paths, seccomp_localhost=localhost,
-            annotation_patterns=tuple(self.config.pod_annotations),
+            annotation_patterns=tuple(self.config.pod_annotations), devices=devices,
         )
         try:
             return container_spec(inp)
