@@ -582,6 +582,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if getattr(args, "chaos", 0):
         return chaos_main(runtimes, args.chaos, as_json=args.json)
+    if getattr(args, "containers", False):
+        from podfsm.tools.containerbench import main as containers_main
+
+        args.runtime = runtimes
+        return containers_main(args)
     if getattr(args, "unpack", False):
         from podfsm.tools.unpackbench import main as unpack_main
 
