@@ -158,7 +158,17 @@ def test_a_container_from_outside(env: Env, daemon: Daemon, runtime: str) -> Non
     pod = cri.pod("outside")
     pause = json.loads(cri.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(
         pod_sandbox_id=pod, verbose=True), timeout=30).info["info"])["pid"]
+    events = cri.rt.GetContainerEvents(pb.GetEventsRequest(), timeout=60)
     sleeper = cri.container(pod, "sleeper", ["sleep", "1000"])
+    got = []
+    for ev in events:  # the container's own events, with its pod's status
+        if ev.container_id == sleeper:
+            got.append(ev.container_event_type)
+            assert ev.pod_sandbox_status.id == pod
+        if pb.CONTAINER_STARTED_EVENT in got:
+            break
+    events.cancel()
+    assert got == [pb.CONTAINER_CREATED_EVENT, pb.CONTAINER_STARTED_EVENT]
     pid = json.loads(cri.status(sleeper).info["info"])["pid"]
     for kind in ("net", "ipc", "uts", "pid"):
         assert _ns(pid, kind) == _ns(pause, kind), kind
