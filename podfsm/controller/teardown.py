@@ -51,8 +51,9 @@ class Teardown(ControllerBase):
             await self._runtime(rec.runtime).delete(rec.id)
             # The runtime removes only the container's own cgroup; the parents podfsm caused to
             # exist under its cgroup root go too when no other pod uses them.
-            await self._host.remove_cgroup_parent(self.cgroup_parent(rec),
-                                                  self.config.cgroup_root)
+            await self._host.remove_cgroup_parent(
+                self.cgroup_parent(rec), self.config.cgroup_root,
+                [self.cgroup_parent(s.record) for s in self._others(sb)])
             sb.record = sb.record.evolve(container_created=False, bundle_path=None)
 
     async def _teardown_network(self, sb: Sandbox) -> None:
@@ -75,7 +76,8 @@ class Teardown(ControllerBase):
         if files is None:  # a crash before the record named them: the tmpfs may be there
             await self._release_shm(sb)
             return
-        await self._host.remove_files(files)  # the tmpfs first, if still mounted
+        # the tmpfs first, if still mounted; no log directory another sandbox uses
+        await self._host.remove_files(files, *self._log_directories_in_use(sb))
         sb.record = sb.record.evolve(files=None)
 
     async def _teardown_namespaces(self, sb: Sandbox) -> None:

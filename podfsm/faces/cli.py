@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from podfsm import __version__
 from podfsm.core import failpoints
-from podfsm.core.errors import PodfsmError
+from podfsm.core.errors import PodfsmError, shown_id
 from podfsm.core.records import SandboxStatus, TransitionEvent
 from podfsm.faces import graph, imagecli
 from podfsm.faces.client import ApiError, Client, DaemonUnreachable, resolve_socket
@@ -443,7 +443,7 @@ async def _each(ids: list[str], c: Client, done: str,
             if exc.status == 404:
                 print(f"{done} sandbox {sandbox_id}")
                 continue
-            print(f"podfsm: {given}: {exc.message}", file=sys.stderr)
+            print(f"podfsm: {shown_id(given)}: {exc.message}", file=sys.stderr)
             code = EXIT_FAILED
             continue
         print(f"{done} sandbox {sandbox_id}")

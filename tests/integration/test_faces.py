@@ -138,9 +138,10 @@ class Daemon:
 
 def start_daemon(env: Env, *, port: int | None = None, host: str | None = None,
                  socket_path: str | None = None, options: Sequence[str] = (),
-                 until_socket_file: bool = False) -> Daemon:
+                 until_socket_file: bool = False, new_session: bool = False) -> Daemon:
     """Start `podfsm serve` on the env and wait until /healthz answers 200 (or, as scripts
-    do, only until its socket file exists)."""
+    do, only until its socket file exists). `new_session`: in a session of its own (setsid),
+    whose leader it is, without a controlling terminal, as an init system starts it."""
     sock = socket_path or os.path.join(env.tmp, "podfsm.sock")
     extra = ([] if port is None else ["--port", str(port)]) + ([] if host is None
                                                                else ["--host", host])
@@ -148,7 +149,8 @@ def start_daemon(env: Env, *, port: int | None = None, host: str | None = None,
     log = Path(env.tmp, f"serve-{next(_logs)}.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(serve_argv(env, sock, *extra), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=new_session)
     d = Daemon(env, sock, proc, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT

@@ -201,8 +201,8 @@ async def test_the_client_gives_up_on_a_daemon_that_stays_unavailable(served: Se
 
 # ---------------------------------------------------------------------- finding the daemon
 
-@pytest.mark.parametrize("verb", [["pods"], ["inspectp", "x"], ["stopp", "x"], ["rmp", "x"],
-                                  ["events"], ["graph", "x"]])
+@pytest.mark.parametrize("verb", [["pods"], ["inspectp", "ab"], ["stopp", "ab"], ["rmp", "ab"],
+                                  ["events"], ["graph", "ab"]])
 def test_no_daemon_exits_2_naming_the_socket(tmp_path: Path, verb: list[str],
                                              capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "none.sock")

@@ -90,6 +90,17 @@ async def serving(rig: Rig, sock_dir: str,
     assert other.containers == {}
 
 
+async def test_status_says_user_namespaces_false_for_a_handler_that_cannot_idmap(
+        rig: Rig, sock_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(rig, sock_dir) as world:
+        monkeypatch.setattr(world.ctl, "user_namespaces_problem",
+                            lambda name: "kernel 5.15 is older than 5.19" if name == "fake"
+                            else None)
+        s = await world.rt.Status(pb.StatusRequest())
+        assert [(h.name, h.features.user_namespaces) for h in s.runtime_handlers] == [
+            ("fake", False), ("", False), ("fake2", True)]
+
+
 async def test_version_status_runtime_config_and_image_fs(rig: Rig, sock_dir: str) -> None:
     async with serving(rig, sock_dir) as world:
         v = await world.rt.Version(pb.VersionRequest(version="v1"))
@@ -97,8 +108,9 @@ async def test_version_status_runtime_config_and_image_fs(rig: Rig, sock_dir: st
         s = await world.rt.Status(pb.StatusRequest(verbose=True))
         conds = {c.type: c.status for c in s.status.conditions}
         assert conds == {"RuntimeReady": True, "NetworkReady": True}
+        # the default handler is listed again under "", as containerd does
         assert [(h.name, h.features.user_namespaces) for h in s.runtime_handlers] == [
-            ("fake", True), ("fake2", True)]
+            ("fake", True), ("", True), ("fake2", True)]
         assert json.loads(s.info["runtimeHandlers"]) == ["fake", "fake2"]
         assert json.loads(s.info["config"])["state_dir"] == world.ctl.config.state_dir
         rc = await world.rt.RuntimeConfig(pb.RuntimeConfigRequest())

@@ -17,10 +17,16 @@ the step's error; a bad image reference INVALID_ARGUMENT, a failed pull UNKNOWN 
 failed (a digest that did not match), a pull past its deadline DEADLINE_EXCEEDED, an image in
 use FAILED_PRECONDITION. Stop and remove of an unknown id succeed (they are idempotent), and so
 does the removal of an unknown image.
+
+Every RPC runs as a call of a CallGroup (podfsm.controller.calls): the native cancellation
+grpc.aio gives a handler whose client's deadline passed reaches the RPC's work only through an
+anyio scope, so a run is unwound as a failed run is and a stop or remove is finished; the
+handler returns once the call has ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -37,6 +43,7 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from podfsm import __version__
 from podfsm.controller import Controller
+from podfsm.controller.calls import CallGroup
 from podfsm.core.errors import (
     ContainerNotFound,
     ImageInUse,
@@ -44,6 +51,7 @@ from podfsm.core.errors import (
     InvalidImageReference,
     InvalidPodConfig,
     NameReserved,
+    NodeFull,
     PodfsmError,
     PrerequisiteMissing,
     SandboxNotFound,
@@ -70,6 +78,8 @@ Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
+    if isinstance(exc, NodeFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, InvalidPodConfig | InvalidImageReference):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
@@ -84,7 +94,13 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
 
 
 def _rpc(fn: Rpc[R]) -> Rpc[R]:
-    """Refuse while the controller is not serving; turn podfsm errors into gRPC statuses."""
+    """Refuse while the controller is not serving; run the RPC as a call of the service's
+    CallGroup; turn podfsm errors into gRPC statuses.
+
+    grpc.aio cancels the handler natively when its client's deadline passes or the client
+    goes; the RPC's work runs in a task of its own, which that cancellation reaches only
+    through an anyio cancel scope, so the controller's shields hold: a run is unwound as a
+    failed run is, a stop or remove once begun is finished (podfsm.controller.calls)."""
 
     @functools.wraps(fn)
     async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
@@ -92,10 +108,16 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
         if ctl.recovering or not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "podfsm is not ready: recovering or shutting down")
+        calls: CallGroup = self.calls
         try:
-            return await fn(self, request, context)
+            return await calls.run(fn, self, request, context)
         except PodfsmError as exc:
             code, message = status_code(exc), str(exc)
+        except asyncio.CancelledError:
+            log.info("CRI %s: its client gave up (deadline passed or gone); the call has "
+                     "ended (a run unwound unless past its last step, a stop or remove "
+                     "finished)", fn.__name__)
+            raise
         log.info("CRI %s: %s: %s", fn.__name__, code.name, message)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
@@ -109,6 +131,8 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.serving = True
+        #: the RPCs in flight, each in a task its client's cancellation cannot cut short
+        self.calls = CallGroup("CRI runtime service")
         self._streams: set[anyio.CancelScope] = set()
         #: the pod CIDRs the kubelet gave in UpdateRuntimeConfig (reported, not applied)
         self.pod_cidrs: list[str] = []
@@ -125,9 +149,16 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
         ctl = self.ctl
         conditions = [pb.RuntimeCondition(type=c.type, status=c.status, reason=c.reason,
                                           message=c.message) for c in ctl.conditions()]
-        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
-            user_namespaces=True, recursive_read_only_mounts=False))
-            for name in ctl.runtime_handlers]
+        handlers: list[pb.RuntimeHandler] = []
+        for name in ctl.runtime_handlers:
+            features = pb.RuntimeHandlerFeatures(
+                user_namespaces=ctl.user_namespaces_problem(name) is None,
+                recursive_read_only_mounts=False)
+            handlers.append(pb.RuntimeHandler(name=name, features=features))
+            if name == ctl.runtime_handlers[0]:
+                # the default handler again under "", as containerd lists it: a client that
+                # asks for no handler (critest without --runtime-handler) looks up ""
+                handlers.append(pb.RuntimeHandler(name="", features=features))
         info: dict[str, str] = {}
         if request.verbose:
             net = next(c for c in ctl.conditions() if c.type == "NetworkReady")
@@ -265,6 +296,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.serving = True
+        self.calls = CallGroup("CRI image service")
 
     @_rpc
     async def PullImage(self, request: pb.PullImageRequest,
@@ -343,7 +375,9 @@ class CriServer:
 
     `start()` binds a temporary name beside `socket_path`, narrows its mode to 0660 and renames
     it into place, so the socket appears only when it answers; call it after the Controller
-    has recovered. `stop()` ends open streams after `grace` seconds and removes the socket.
+    has recovered. `stop()` ends open streams, gives RPCs in flight `grace` seconds, then
+cancels their calls (a run unwinds, a stop or remove is finished) and waits for them, and
+removes the socket.
     """
 
     def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET) -> None:
@@ -391,6 +425,10 @@ class CriServer:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
+        # RPCs whose handlers grpc cancelled at the end of the grace: their calls end now
+        # (unwound or finished), before the controller closes under them.
+        await self._runtime.calls.aclose()
+        await self._image.calls.aclose()
         if self._inode is not None:
             unlink_if_ours(self.socket_path, self._inode)
             self._inode = None

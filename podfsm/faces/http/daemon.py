@@ -36,6 +36,28 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 30.0
 #: the token file's name beside the unix socket, unless --token-file says otherwise
 TOKEN_FILE = "http-token"
+#: the longest request path uvicorn's access log shows whole (h11 takes ~16 KiB)
+ACCESS_PATH_MAX = 160
+
+
+class _ClipPath(logging.Filter):
+    """Cut the path of uvicorn's access log lines after ACCESS_PATH_MAX characters: a client
+    chooses it (an id of any length), and one request must not make a 16 KB log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) \
+                and len(args[2]) > ACCESS_PATH_MAX:
+            path = args[2]
+            record.args = (*args[:2], f"{path[:ACCESS_PATH_MAX]}... ({len(path)} characters)",
+                           *args[3:])
+        return True
+
+
+def _clip_access_paths() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _ClipPath) for f in access.filters):
+        access.addFilter(_ClipPath())
 
 
 class _Server(uvicorn.Server):
@@ -170,6 +192,7 @@ class Daemon:
         _clear_stale_socket(self.socket_path)  # refuse at once if another daemon answers
         ctl = self._ctl or Controller(self.cfg)
         shim = Shim(ctl, ready=False, heartbeat=self._heartbeat, max_streams=self._max_streams)
+        _clip_access_paths()
         config = uvicorn.Config(shim.app, http=self._protocol, interface="asgi3", ws="none",
                                 lifespan="off",
                                 log_config=None, timeout_graceful_shutdown=self._graceful_timeout)
