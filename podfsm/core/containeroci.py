@@ -12,51 +12,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from podfsm.core import secctx
 from podfsm.core.containerspec import ContainerConfig, MountPropagation
 from podfsm.core.ocispec import (
     DEFAULT_PATH,
-    MASKED_PATHS,
     OCI_VERSION,
-    READONLY_PATHS,
     cgroups_path,
     passthrough_annotations,
 )
 from podfsm.core.records import SandboxFiles
-from podfsm.core.seccompdefault import default_profile
-from podfsm.core.spec import NamespaceMode, ProfileType
+from podfsm.core.secctx import ProcessUser, SeccompChoice
+from podfsm.core.spec import NamespaceMode, SupplementalGroupsPolicy
 
-#: containerd's default capabilities (pkg/oci defaultUnixCaps, Docker's set)
-DEFAULT_CAPS: tuple[str, ...] = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
-)
-#: every capability of Linux 6.x, for "ALL"
-ALL_CAPS: tuple[str, ...] = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
-    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
-)
 _PROPAGATION = {
     MountPropagation.PROPAGATION_PRIVATE: "rprivate",
     MountPropagation.PROPAGATION_HOST_TO_CONTAINER: "rslave",
     MountPropagation.PROPAGATION_BIDIRECTIONAL: "rshared",
 }
-
-
-@dataclass(frozen=True)
-class User:
-    """The process's ids, as resolved from the image's /etc/passwd and /etc/group."""
-
-    uid: int = 0
-    gid: int = 0
-    additional_gids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,11 +62,14 @@ class ContainerSpecInput:
     pod_uid: str
     files: SandboxFiles | None
     cgroup_parent: str
-    user: User
+    user: ProcessUser
     #: CRI mounts' host paths with symlinks resolved (container_path -> real host path)
     host_paths: Mapping[str, str] = field(default_factory=dict)
-    #: a Localhost seccomp profile, loaded
-    seccomp_localhost: dict[str, Any] | None = None
+    #: a Localhost seccomp profile's text, read from the file seccomp_choice named
+    seccomp_localhost: str | bytes | None = None
+    #: the host's machine (uname -m) and kernel (major, minor): RuntimeDefault depends on them
+    machine: str = "x86_64"
+    kernel: tuple[int, int] = (6, 0)
     annotation_patterns: tuple[str, ...] = ()
     #: the config's devices, by container path, as found on the host
     devices: Mapping[str, HostDevice] = field(default_factory=dict)
@@ -130,30 +105,12 @@ def environment(config: ContainerConfig, image: Mapping[str, Any], hostname: str
 
 
 def capabilities(config: ContainerConfig) -> list[str]:
-    """The default set with the config's adds and drops ("ALL" understood), as containerd."""
-    caps = config.linux.security_context.capabilities
-    have = list(DEFAULT_CAPS)
-    if caps is None:
-        return have
-
-    def norm(name: str) -> str:
-        name = name.upper()
-        return name if name.startswith("CAP_") or name == "ALL" else f"CAP_{name}"
-
-    adds = [norm(c) for c in caps.add_capabilities]
-    drops = [norm(c) for c in caps.drop_capabilities]
-    for c in adds + drops:
-        if c != "ALL" and c not in ALL_CAPS:
-            raise ValueError(f"unknown capability {c!r}")
-    if "ALL" in drops:
-        have = []
-    if "ALL" in adds:
-        have = list(ALL_CAPS)
-    else:
-        have += [c for c in adds if c not in have]
-    if "ALL" not in drops:
-        have = [c for c in have if c not in drops]
-    return have
+    """The container's capabilities as containerd gives them (podfsm.core.secctx)."""
+    sc = config.linux.security_context
+    caps = sc.capabilities
+    return secctx.capabilities(caps.add_capabilities if caps else (),
+                               caps.drop_capabilities if caps else (),
+                               privileged=sc.privileged)
 
 
 def stop_signal(config: ContainerConfig, image: Mapping[str, Any]) -> str:
@@ -263,23 +220,20 @@ def _resources(inp: ContainerSpecInput) -> dict[str, Any]:
     return out
 
 
+def seccomp_choice(config: ContainerConfig) -> SeccompChoice:
+    """Which seccomp profile the config asks for (the field, else the legacy path string):
+    SecurityContextError (a ValueError) naming a bad one."""
+    sc = config.linux.security_context
+    return secctx.seccomp_choice(sc.seccomp, sc.seccomp_profile_path, privileged=sc.privileged)
+
+
 def seccomp(inp: ContainerSpecInput, caps: Sequence[str]) -> dict[str, Any] | None:
-    """The linux.seccomp object: none unless asked (containerd's default), RuntimeDefault the
-    default profile for the container's capabilities, Localhost the loaded one."""
-    sc = inp.config.linux.security_context
-    prof = sc.seccomp
-    path = sc.seccomp_profile_path
-    if prof is None and path in ("", "unconfined"):
-        return None
-    if prof is None:
-        if path in ("runtime/default", "docker/default"):
-            return default_profile(caps)
-        return inp.seccomp_localhost
-    if prof.profile_type is ProfileType.Unconfined:
-        return None
-    if prof.profile_type is ProfileType.RuntimeDefault:
-        return default_profile(caps)
-    return inp.seccomp_localhost
+    """The linux.seccomp object: none unless asked (containerd's default), RuntimeDefault
+    containerd's profile for the container's capabilities on this machine, Localhost the
+    profile read by the caller (checked)."""
+    return secctx.seccomp_spec(seccomp_choice(inp.config), bounding=caps,
+                               localhost_text=inp.seccomp_localhost, machine=inp.machine,
+                               kernel=inp.kernel)
 
 
 def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
@@ -297,18 +251,20 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
         "args": process_args(cfg, img),
         "env": environment(cfg, img, inp.pod_hostname),
         "cwd": cfg.working_dir or str(img.get("WorkingDir") or "") or "/",
-        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        "capabilities": secctx.oci_capabilities(caps),
         "noNewPrivileges": sc.no_new_privs,
     }
     res = cfg.linux.resources
     if res is not None and res.oom_score_adj:
         process["oomScoreAdj"] = res.oom_score_adj
+    masked, readonly = secctx.proc_paths(sc.masked_paths, sc.readonly_paths,
+                                         privileged=sc.privileged, defaults_when_empty=True)
     linux: dict[str, Any] = {
         "namespaces": _namespaces(inp),
         "cgroupsPath": cgroups_path(inp.container_id, inp.cgroup_parent),
         "resources": _resources(inp),
-        "maskedPaths": list(sc.masked_paths or MASKED_PATHS),
-        "readonlyPaths": list(sc.readonly_paths or READONLY_PATHS),
+        "maskedPaths": masked,
+        "readonlyPaths": readonly,
     }
     if cfg.devices:
         linux["devices"] = [
@@ -345,61 +301,15 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
 # -- users -------------------------------------------------------------------------------------
 
 
-def _table(text: str) -> list[list[str]]:
-    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
-
-
-def resolve_user(spec: str, passwd: str, group: str, *, supplemental: Sequence[int] = (),
-                 run_as_group: int | None = None) -> User:
-    """The ids of `spec` (an image's User or a CRI username: `name|uid[:group|gid]`), looked up
-    in the image's /etc/passwd and /etc/group as containerd does: a numeric uid need not be
-    listed (gid then 0 unless given); a name must be. Supplementary groups: those of /etc/group
-    that list the user by name, then `supplemental`. ValueError naming what is not found."""
-    users = _table(passwd)
-    groups = _table(group)
-    name_part, _, group_part = spec.partition(":")
-    name = ""
-    uid, gid = 0, 0
-    if name_part.isdigit():
-        uid = int(name_part)
-        row = next((u for u in users if len(u) > 3 and u[2] == name_part), None)
-        if row is not None:
-            name, gid = row[0], int(row[3]) if row[3].isdigit() else 0
-    elif name_part:
-        row = next((u for u in users if len(u) > 3 and u[0] == name_part), None)
-        if row is None or not row[2].isdigit():
-            raise ValueError(f"user {name_part!r} is not in the image's /etc/passwd")
-        name, uid = name_part, int(row[2])
-        gid = int(row[3]) if row[3].isdigit() else 0
-    if group_part:
-        if group_part.isdigit():
-            gid = int(group_part)
-        else:
-            grow = next((g for g in groups if len(g) > 2 and g[0] == group_part), None)
-            if grow is None or not grow[2].isdigit():
-                raise ValueError(f"group {group_part!r} is not in the image's /etc/group")
-            gid = int(grow[2])
-    if run_as_group is not None:
-        gid = run_as_group
-    extra: list[int] = []
-    if name:
-        for g in groups:
-            if len(g) > 3 and g[2].isdigit() and name in g[3].split(","):
-                extra.append(int(g[2]))
-    for s in supplemental:
-        extra.append(s)
-    seen: list[int] = []
-    for one in [gid, *extra]:
-        if one not in seen:
-            seen.append(one)
-    return User(uid=uid, gid=gid, additional_gids=tuple(seen))
-
-
-def user_spec(config: ContainerConfig, image: Mapping[str, Any]) -> str:
-    """Which user to resolve: run_as_user, run_as_username, else the image's User."""
+def resolve_user(config: ContainerConfig, image: Mapping[str, Any], passwd: str,
+                 group: str) -> ProcessUser:
+    """process.user for the config in an image whose /etc/passwd and /etc/group read
+    `passwd` and `group`, as containerd resolves it (podfsm.core.secctx: the username over the
+    uid, run_as_group, the image's User, supplemental groups Merge or Strict).
+    SecurityContextError (a ValueError) names what the image does not list."""
     sc = config.linux.security_context
-    if sc.run_as_user is not None:
-        return str(sc.run_as_user.value)
-    if sc.run_as_username:
-        return sc.run_as_username
-    return str(image.get("User") or "")
+    userstr = secctx.user_string(
+        sc.run_as_username, sc.run_as_user.value if sc.run_as_user else None,
+        sc.run_as_group.value if sc.run_as_group else None, str(image.get("User") or ""))
+    return secctx.resolve_user(userstr, passwd, group, supplemental=sc.supplemental_groups,
+                               policy=SupplementalGroupsPolicy(sc.supplemental_groups_policy))

@@ -159,8 +159,9 @@ class LinuxContainerSecurityContext(_Model):
     readonly_rootfs: bool = False
     supplemental_groups: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(
         default_factory=list, max_length=64)
-    supplemental_groups_policy: int = Field(default=0, ge=0, le=0, description=(
-        "Merge only: Strict is refused"))
+    supplemental_groups_policy: int = Field(default=0, ge=0, le=1, description=(
+        "0 Merge (the image's /etc/group memberships with supplemental_groups), 1 Strict "
+        "(supplemental_groups only)"))
     no_new_privs: bool = False
     masked_paths: list[AbsPath] = Field(default_factory=list, max_length=256)
     readonly_paths: list[AbsPath] = Field(default_factory=list, max_length=256)

@@ -327,6 +327,10 @@ class ContainerDriver(Protocol):
     def real_host_path(self, path: str) -> str:
         """`path` with symlinks resolved; OSError when it does not exist."""
 
+    def platform(self) -> tuple[str, tuple[int, int]]:
+        """The machine (uname -m) and the kernel's (major, minor): the RuntimeDefault seccomp
+        profile depends on them."""
+
     def host_device(self, path: str) -> tuple[str, int, int, int, int, int]:
         """(c|b, major, minor, mode, uid, gid) of a device node; ValueError if not one."""
 

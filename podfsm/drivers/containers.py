@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,6 +80,10 @@ class LocalContainers:
 
     def real_host_path(self, path: str) -> str:
         return self.files.real_host_path(path)
+
+    def platform(self) -> tuple[str, tuple[int, int]]:
+        m = re.match(r"(\d+)\.(\d+)", platform.release())
+        return platform.machine(), (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
     async def write_spec(self, container_id: str, spec: dict[str, Any]) -> None:
         await asyncio.to_thread(self.files.write_spec, container_id, spec)

@@ -12,10 +12,8 @@ from pydantic import BaseModel
 
 from podfsm.core import containerspec
 from podfsm.core.containeroci import (
-    DEFAULT_CAPS,
     ContainerSpecInput,
     HostDevice,
-    User,
     capabilities,
     container_spec,
     environment,
@@ -35,6 +33,9 @@ from podfsm.core.containerstates import (
 )
 from podfsm.core.errors import InvalidContainerConfig
 from podfsm.core.records import SandboxFiles
+from podfsm.core.runtimedefault import runtime_default_profile
+from podfsm.core.secctx import DEFAULT_CAPS
+from podfsm.core.secctx import ProcessUser as User
 from podfsm.core.spec import NamespaceMode
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -115,6 +116,9 @@ def test_args_env_caps_and_signal_as_containerd() -> None:
     assert "CAP_NET_ADMIN" in caps and "CAP_KILL" not in caps
     assert capabilities(cfg(linux={"security_context": {"capabilities": {
         "add_capabilities": ["SYS_TIME"], "drop_capabilities": ["ALL"]}}})) == ["CAP_SYS_TIME"]
+    # containerd: add ALL, then drop ALL, leaves none (secctx.capabilities is the one place)
+    assert capabilities(cfg(linux={"security_context": {"capabilities": {
+        "add_capabilities": ["ALL"], "drop_capabilities": ["ALL"]}}})) == []
     assert stop_signal(cfg(), img) == "SIGQUIT" and stop_signal(cfg(), {}) == "SIGTERM"
     assert signal_number("SIGKILL") == 9 and signal_number("TERM") == 15
     with pytest.raises(ValueError):
@@ -126,17 +130,23 @@ GROUP = "root:x:0:\nwww-data:x:33:\nstaff:x:50:bob,www-data\nbob:x:1000:\n"
 
 
 def test_users_from_the_images_files() -> None:
-    assert resolve_user("", PASSWD, GROUP) == User(0, 0, (0,))
-    assert resolve_user("www-data", PASSWD, GROUP) == User(33, 33, (33, 50))
-    assert resolve_user("1000", PASSWD, GROUP, supplemental=[7]) == User(1000, 1000,
-                                                                          (1000, 50, 7))
-    assert resolve_user("1002", PASSWD, GROUP) == User(1002, 0, (0,))
-    assert resolve_user("bob:www-data", PASSWD, GROUP).gid == 33
-    assert resolve_user("1003:1004", PASSWD, GROUP).gid == 1004
+    def user(sc: dict[str, Any], image_user: str = "") -> User:
+        return resolve_user(cfg(linux={"security_context": sc}), {"User": image_user},
+                            PASSWD, GROUP)
+
+    assert user({}) == User(0, 0, (0,))
+    assert user({}, "www-data") == User(33, 33, (33, 50))
+    assert user({"run_as_user": {"value": 1000}, "supplemental_groups": [7]}) == User(
+        1000, 1000, (7, 50, 1000))
+    assert user({"run_as_user": {"value": 1000}, "supplemental_groups": [7],
+                 "supplemental_groups_policy": 1}) == User(1000, 1000, (7, 1000))  # Strict
+    assert user({"run_as_user": {"value": 1002}}) == User(1002, 0, (0,))
+    assert user({}, "bob:www-data").gid == 33
+    assert user({"run_as_user": {"value": 1003}, "run_as_group": {"value": 1004}}).gid == 1004
     with pytest.raises(ValueError, match="nobody"):
-        resolve_user("nobody", PASSWD, GROUP)
+        user({"run_as_username": "nobody"})
     with pytest.raises(ValueError, match="grp"):
-        resolve_user("bob:grp", PASSWD, GROUP)
+        user({}, "bob:grp")
 
 
 def test_the_spec_joins_the_pause_and_binds_the_sandbox_files() -> None:
@@ -184,24 +194,15 @@ def test_the_spec_joins_the_pause_and_binds_the_sandbox_files() -> None:
 
 
 def test_runtime_default_is_containerds_profile_for_the_capabilities() -> None:
-    from podfsm.core.seccompdefault import default_profile
-
-    plain = default_profile(DEFAULT_CAPS)
-    allowed = set(plain["syscalls"][0]["names"])
-    assert plain["defaultAction"] == "SCMP_ACT_ERRNO" and plain["defaultErrnoRet"] == 1
-    assert {"read", "execve", "clock_nanosleep", "chroot"} <= allowed  # SYS_CHROOT is default
-    assert not {"mount", "unshare", "setns", "ptrace", "reboot"} & allowed
-    rules = {tuple(r["names"]): r for r in plain["syscalls"][1:]}
-    assert rules[("clone3",)]["errnoRet"] == 38  # ENOSYS: the C library falls back to clone
-    assert rules[("clone",)]["args"][0]["op"] == "SCMP_CMP_MASKED_EQ"
-    admin = default_profile([*DEFAULT_CAPS, "CAP_SYS_ADMIN"])
-    assert {"mount", "unshare", "clone", "clone3"} <= set(admin["syscalls"][0]["names"])
-    assert all(r["names"] != ["clone3"] for r in admin["syscalls"])
+    # the profile itself is tested in test_secctx.py; here: the spec carries it for the
+    # container's capabilities and the host's machine and kernel
+    plain = runtime_default_profile(DEFAULT_CAPS, "aarch64", (6, 1))
     spec = container_spec(ContainerSpecInput(
         container_id="c", sandbox_id="s", config=cfg(command=["top"], linux={
             "security_context": {"seccomp": {"profile_type": "RuntimeDefault"}}}),
         image_config={}, image_name="b", rootfs="/r", pause_pid=1, netns_path=None,
         pod_pid_mode=NamespaceMode.POD, pod_ipc_mode=NamespaceMode.POD, pod_hostname="h",
         pod_name="p", pod_namespace="n", pod_uid="u", files=None, cgroup_parent="",
-        user=User()))
+        user=User(0, 0, (0,)), machine="aarch64", kernel=(6, 1)))
     assert spec["linux"]["seccomp"] == plain
+    assert spec["linux"]["seccomp"] != runtime_default_profile(DEFAULT_CAPS, "x86_64", (6, 1))

@@ -16,8 +16,8 @@ from podfsm.core.containeroci import (
     HostDevice,
     container_spec,
     resolve_user,
+    seccomp_choice,
     stop_signal,
-    user_spec,
 )
 from podfsm.core.containerrecords import ContainerRecord
 from podfsm.core.containerspec import ContainerConfig, parse_container_config
@@ -31,7 +31,6 @@ from podfsm.core.errors import (
     SandboxNotFound,
     StepFailed,
 )
-from podfsm.core.ocispec import seccomp_from_profile
 from podfsm.core.spec import ProfileType
 from podfsm.core.states import State
 
@@ -141,12 +140,8 @@ class CreateContainer(ContainerBase):
         sc = cfg.linux.security_context
         pod = sb.record.config
         try:
-            user = resolve_user(
-                user_spec(cfg, image_config),
-                await self._cd.read_etc(rootfs, "passwd"),
-                await self._cd.read_etc(rootfs, "group"),
-                supplemental=sc.supplemental_groups,
-                run_as_group=sc.run_as_group.value if sc.run_as_group else None)
+            user = resolve_user(cfg, image_config, await self._cd.read_etc(rootfs, "passwd"),
+                                await self._cd.read_etc(rootfs, "group"))
         except ValueError as exc:
             raise InvalidContainerConfig(f"user: {exc}") from None
         lsms = self._host.security_modules()
@@ -174,16 +169,17 @@ class CreateContainer(ContainerBase):
                                              f"{getattr(exc, 'strerror', None) or exc}") \
                     from None
         localhost = None
-        prof = sc.seccomp
-        ref = prof.localhost_ref if prof and prof.profile_type is ProfileType.Localhost else (
-            sc.seccomp_profile_path.removeprefix("localhost/")
-            if sc.seccomp_profile_path.startswith("localhost/") else "")
-        if ref:
+        try:
+            choice = seccomp_choice(cfg)
+        except ValueError as exc:
+            raise InvalidContainerConfig(str(exc)) from None
+        if choice.kind == "localhost":
             try:
-                localhost = seccomp_from_profile(
-                    self._host.read_seccomp_profile(ref, SECCOMP_PROFILE_LIMIT))
+                localhost = self._host.read_seccomp_profile(choice.path, SECCOMP_PROFILE_LIMIT)
             except (OSError, ValueError) as exc:
-                raise InvalidContainerConfig(f"seccomp profile {ref!r}: {exc}") from None
+                raise InvalidContainerConfig(
+                    f"seccomp: the Localhost profile {choice.path}: {exc}") from None
+        machine, kernel = self._cd.platform()
         pod_ns = pod.linux.security_context.namespace_options
         ns = sb.record.namespaces
         assert sb.record.task is not None
@@ -197,6 +193,7 @@ class CreateContainer(ContainerBase):
             files=sb.record.files, cgroup_parent=self.cgroup_parent(sb.record), user=user,
             host_paths=host_paths, seccomp_localhost=localhost,
             annotation_patterns=tuple(self.config.pod_annotations), devices=devices,
+            machine=machine, kernel=kernel,
         )
         try:
             return container_spec(inp)
