@@ -22,8 +22,9 @@ from podfsm.core.ocispec import (
 )
 from podfsm.core.records import SandboxFiles
 from podfsm.core.secctx import ProcessUser, SeccompChoice
-from podfsm.core.spec import NamespaceMode, SupplementalGroupsPolicy
+from podfsm.core.spec import IDMapping, NamespaceMode, SupplementalGroupsPolicy
 
+TTY_GID = 5
 _PROPAGATION = {
     MountPropagation.PROPAGATION_PRIVATE: "rprivate",
     MountPropagation.PROPAGATION_HOST_TO_CONTAINER: "rslave",
@@ -70,6 +71,11 @@ class ContainerSpecInput:
     #: the host's machine (uname -m) and kernel (major, minor): RuntimeDefault depends on them
     machine: str = "x86_64"
     kernel: tuple[int, int] = (6, 0)
+    #: the pod's pinned user namespace (userns mode POD) and its mappings: the container
+    #: joins it; None: the host's
+    userns_path: str | None = None
+    uid_mapping: IDMapping | None = None
+    gid_mapping: IDMapping | None = None
     annotation_patterns: tuple[str, ...] = ()
     #: the config's devices, by container path, as found on the host
     devices: Mapping[str, HostDevice] = field(default_factory=dict)
@@ -145,7 +151,8 @@ def _mounts(inp: ContainerSpecInput) -> list[dict[str, Any]]:
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620",
+                     *(["gid=5"] if _maps_tty_gid(inp) else [])]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
          "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs",
@@ -169,6 +176,14 @@ def _mounts(inp: ContainerSpecInput) -> list[dict[str, Any]]:
     return mounts
 
 
+def _maps_tty_gid(inp: ContainerSpecInput) -> bool:
+    """Whether gid 5 (tty) exists where the container lives: devpts refuses a gid its user
+    namespace does not map (as for the pause, ocispec)."""
+    m = inp.gid_mapping
+    return inp.userns_path is None or (m is not None and m.container_id <= TTY_GID
+                                       < m.container_id + m.length)
+
+
 def _namespaces(inp: ContainerSpecInput) -> list[dict[str, str]]:
     ns_opts = inp.config.linux.security_context.namespace_options
     pause = f"/proc/{inp.pause_pid}/ns"
@@ -182,6 +197,8 @@ def _namespaces(inp: ContainerSpecInput) -> list[dict[str, str]]:
         out.append({"type": "pid", "path": f"{pause}/pid"})
     if inp.pod_ipc_mode is not NamespaceMode.NODE:
         out.append({"type": "ipc", "path": f"{pause}/ipc"})
+    if inp.userns_path is not None:
+        out.append({"type": "user", "path": inp.userns_path})
     return out
 
 
@@ -275,6 +292,14 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
              "uid": inp.devices[d.container_path].uid,
              "gid": inp.devices[d.container_path].gid}
             for d in cfg.devices]
+    if inp.userns_path is not None:
+        # runc refuses to join a user namespace by path without them; crun ignores them
+        for key, m in (("uidMappings", inp.uid_mapping), ("gidMappings", inp.gid_mapping)):
+            if m is None:
+                raise ValueError(f"the pod's user namespace {inp.userns_path} has no "
+                                 f"{key} recorded")
+            linux[key] = [{"containerID": m.container_id, "hostID": m.host_id,
+                           "size": m.length}]
     filt = seccomp(inp, caps)
     if filt is not None:
         linux["seccomp"] = filt

@@ -130,7 +130,7 @@ class ContainerNamespaceOption(_Model):
     target_id: str = Field(default="", max_length=0,
                            description="pid TARGET (another container's) is refused")
     userns_options: dict[str, Any] | None = Field(default=None, description=(
-        "a container's own user namespace options: refused (the pod's apply)"))
+        "as kubelet sends them: the pod's (mode and mappings); anything else is refused"))
 
     @model_validator(mode="after")
     def _modes(self) -> ContainerNamespaceOption:
@@ -140,9 +140,6 @@ class ContainerNamespaceOption(_Model):
         for name in ("network", "ipc"):
             if getattr(self, name) in (NamespaceMode.CONTAINER, NamespaceMode.TARGET):
                 raise ValueError(f"namespace_options.{name} must be POD or NODE")
-        if self.userns_options is not None:
-            raise ValueError("namespace_options.userns_options: a container takes its pod's "
-                             "user namespace")
         return self
 
 

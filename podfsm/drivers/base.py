@@ -312,11 +312,22 @@ class ContainerDriver(Protocol):
     def layer_path(self, chain_id: str) -> str:
         """The unpacked layer `chain_id` (an overlay lower dir)."""
 
-    async def mount_rootfs(self, container_id: str, lowers: list[str]) -> str:
-        """Mount the overlay of `lowers` (topmost first) + the container's upper; its path."""
+    async def mount_rootfs(self, container_id: str, lowers: list[str],
+                           userns_path: str | None = None) -> str:
+        """Mount the overlay of `lowers` (topmost first) + the container's upper; its path.
+        With `userns_path` (the pod's user namespace) the lowers are idmapped by it and the
+        upper and work belong to its mapped root; IdmapUnsupported names what cannot."""
+
+    async def mount_volume(self, container_id: str, index: int, src: str, userns_path: str,
+                           readonly: bool) -> str:
+        """Idmap a CRI mount's host path `src` by the pod's user namespace under the
+        container's directory; the path the spec binds."""
+
+    def idmap_problem(self) -> str | None:
+        """Why this kernel cannot give containers an idmapped rootfs, or None."""
 
     async def unmount_rootfs(self, container_id: str) -> None:
-        """Unmount the overlay. Idempotent."""
+        """Unmount everything under the container's directory (rootfs, volumes). Idempotent."""
 
     async def remove_dir(self, container_id: str) -> None:
         """Unmount and remove the container's directory, its record last. Idempotent."""

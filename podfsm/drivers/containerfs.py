@@ -4,7 +4,10 @@ and work directories) and what the spec builder needs read from the system.
 Layout, per container, under `<state_dir>/containers/<id>/`:
   record.json        the ContainerRecord (written atomically: temp file + rename)
   upper/, work/      the overlay's writable layer and its work directory
-  rootfs/            the overlay mount: the image's unpacked layers (lowest last) + upper
+  rootfs/            the overlay mount: the image's unpacked layers (lowest last) + upper;
+                     in a pod with a user namespace its lowers are idmapped by the pod's
+                     namespace and upper/work belong to the pod's mapped root
+  volumes/<n>        a user-namespaced container's CRI mounts, idmapped (idmapmounts)
   config.json        the OCI spec (the directory is the bundle)
   pid, conmon.pid    the container's init and its monitor, as conmon writes them
   exit/              the monitor's exit file (`exit/<id>`: the exit code) and `oom`
@@ -25,7 +28,7 @@ import stat
 from typing import Any
 
 from podfsm.core.containerrecords import ContainerRecord
-from podfsm.drivers import linux
+from podfsm.drivers import idmapmounts, linux
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +87,16 @@ class ContainerFiles:
     def rootfs(self, container_id: str) -> str:
         return os.path.join(self.dir(container_id), "rootfs")
 
-    async def mount_rootfs(self, container_id: str, lowers: list[str]) -> str:
+    async def mount_rootfs(self, container_id: str, lowers: list[str],
+                           userns_path: str | None = None) -> str:
         """Mount the overlay of `lowers` (topmost first) with this container's upper and work
-        directories; the merged rootfs path. On failure nothing is left mounted."""
-        return await asyncio.to_thread(self._mount_rootfs, container_id, lowers)
+        directories; the merged rootfs path. With `userns_path` (the pod's pinned user
+        namespace) the lowers are idmapped by it and upper and work belong to its mapped root
+        (idmapmounts.idmapped_overlay). On failure nothing is left mounted."""
+        return await asyncio.to_thread(self._mount_rootfs, container_id, lowers, userns_path)
 
-    def _mount_rootfs(self, container_id: str, lowers: list[str]) -> str:
+    def _mount_rootfs(self, container_id: str, lowers: list[str],
+                      userns_path: str | None = None) -> str:
         d = self.dir(container_id)
         upper, work, merged = (os.path.join(d, n) for n in ("upper", "work", "rootfs"))
         for p in (upper, work, merged):
@@ -99,13 +106,31 @@ class ContainerFiles:
         for low in lowers:
             if not os.path.isdir(low):
                 raise FileNotFoundError(errno.ENOENT, "image layer is not unpacked", low)
+        if userns_path is not None:
+            idmapmounts.idmapped_overlay(lowers, upper, work, merged, userns_path)
+            return merged
         data = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
         linux.mount("overlay", merged, "overlay", 0, data)
         return merged
 
+    async def mount_volume(self, container_id: str, index: int, src: str, userns_path: str,
+                           readonly: bool) -> str:
+        """Idmap the host path `src` of the container's `index`th CRI mount by the pod's user
+        namespace, under the container's directory (volumes/<index>); the path to bind."""
+        return await asyncio.to_thread(idmapmounts.idmapped_volume, self.dir(container_id),
+                                       index, src, userns_path, readonly)
+
     async def unmount_rootfs(self, container_id: str) -> None:
-        """Unmount the overlay (idempotent)."""
-        await asyncio.to_thread(self._unmount, self.rootfs(container_id))
+        """Unmount every mount under the container's directory: the overlay and any idmapped
+        volume, deepest first (idempotent; after a crash at any step too)."""
+        await asyncio.to_thread(self._unmount_all, self.dir(container_id))
+
+    @staticmethod
+    def _unmount_all(d: str) -> None:
+        idmapmounts.recover(d)
+        left = idmapmounts.mounts_under(d) if os.path.isdir(d) else []
+        if left:
+            raise OSError(errno.EBUSY, f"still mounted after unmounting: {', '.join(left)}", d)
 
     @staticmethod
     def _unmount(path: str) -> None:
@@ -126,7 +151,8 @@ class ContainerFiles:
 
     def _remove_dir(self, container_id: str) -> None:
         d = self.dir(container_id)
-        self._unmount(os.path.join(d, "rootfs"))
+        # never remove through a mount: an idmapped volume is the host's own directory
+        self._unmount_all(d)
         if not os.path.isdir(d):
             return
         rec = os.path.join(d, RECORD)

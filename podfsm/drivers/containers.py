@@ -13,6 +13,7 @@ from typing import Any
 from podfsm.core.containerrecords import ContainerRecord, Exit
 from podfsm.core.errors import PrerequisiteMissing
 from podfsm.core.records import TaskInfo
+from podfsm.drivers import idmapmounts
 from podfsm.drivers.containerfs import ContainerFiles
 from podfsm.drivers.layers import LayerStore
 from podfsm.drivers.monitor import CONMON, ContainerRuntime
@@ -63,8 +64,16 @@ class LocalContainers:
             self._layers = LayerStore(self._layer_dir)
         return self._layers.path(chain_id)
 
-    async def mount_rootfs(self, container_id: str, lowers: list[str]) -> str:
-        return await self.files.mount_rootfs(container_id, lowers)
+    async def mount_rootfs(self, container_id: str, lowers: list[str],
+                           userns_path: str | None = None) -> str:
+        return await self.files.mount_rootfs(container_id, lowers, userns_path)
+
+    async def mount_volume(self, container_id: str, index: int, src: str, userns_path: str,
+                           readonly: bool) -> str:
+        return await self.files.mount_volume(container_id, index, src, userns_path, readonly)
+
+    def idmap_problem(self) -> str | None:
+        return idmapmounts.support_problem()
 
     async def unmount_rootfs(self, container_id: str) -> None:
         await self.files.unmount_rootfs(container_id)

@@ -37,7 +37,8 @@ async def test_directories_are_created_with_tight_modes() -> None:
     try:
         async with env.controller():
             pass
-        assert _mode(env.cfg.state_dir) == 0o700
+        assert _mode(env.cfg.state_dir) == 0o711  # searchable: a userns container's rootfs
+        assert _mode(os.path.join(env.cfg.state_dir, "sandboxes")) == 0o700
         assert _mode(env.cfg.run_dir) == 0o711
         assert _mode(env.cfg.netns_dir) == 0o755
         assert _mode(os.path.join(env.cfg.run_dir, reaper.EXITS_DIR)) == 0o700

@@ -53,6 +53,7 @@ class CreateContainer(ContainerBase):
         if sb is None or sb.removed:
             raise SandboxNotFound(sandbox_id)
         self._check_pod(sb)
+        self._check_userns(sb, cfg)
         img = self._imgs.find(cfg.image.image)
         if img is None:
             raise ImageNotFound(cfg.image.image)
@@ -91,12 +92,46 @@ class CreateContainer(ContainerBase):
         if rec.state is not State.READY:
             raise ContainerPrecondition(f"sandbox {rec.id} is {rec.state.value}, not Ready: "
                                         "a container is created only in a Ready sandbox")
-        if rec.uid_mapping is not None or (rec.namespaces and rec.namespaces.userns_path):
+        if self._pod_userns(sb) is not None and (problem := self._cd.idmap_problem()):
             raise ContainerPrecondition(
-                f"sandbox {rec.id} has its own user namespace: containers in a user-namespaced "
-                "pod are not supported yet (idmapped rootfs and mounts come with a later issue)")
+                f"sandbox {rec.id} has its own user namespace and this host cannot give its "
+                f"containers an idmapped rootfs: {problem}")
         if rec.task is None:
             raise ContainerPrecondition(f"sandbox {rec.id} has no pause process to join")
+
+    def _check_userns(self, sb: Sandbox, cfg: ContainerConfig) -> None:
+        """A container's userns_options (kubelet copies the pod's) must say what its pod
+        has, as containerd checks: mode POD with the pod's mappings, or NODE in a pod
+        without a user namespace."""
+        opts = cfg.linux.security_context.namespace_options.userns_options
+        if opts is None:
+            return
+        modes = {0: "POD", 1: "CONTAINER", 2: "NODE", 3: "TARGET"}
+        mode = opts.get("mode", "POD")
+        mode = modes.get(mode, str(mode)) if isinstance(mode, int) else str(mode)
+        rec = sb.record
+        pod_mode = "POD" if self._pod_userns(sb) is not None else "NODE"
+        if mode != pod_mode:
+            raise InvalidContainerConfig(
+                f"linux.security_context.namespace_options.userns_options: mode {mode} does "
+                f"not match its pod's user namespace (mode {pod_mode})")
+        for key, have in (("uids", rec.uid_mapping), ("gids", rec.gid_mapping)):
+            given = opts.get(key) or []
+            want = [] if have is None else [
+                {"host_id": have.host_id, "container_id": have.container_id,
+                 "length": have.length}]
+            norm = [{k: int(m.get(k, 0)) for k in ("host_id", "container_id", "length")}
+                    for m in given if isinstance(m, dict)]
+            if given and norm != want:
+                raise InvalidContainerConfig(
+                    f"linux.security_context.namespace_options.userns_options.{key}: "
+                    f"{norm} are not its pod's mappings {want}")
+
+    @staticmethod
+    def _pod_userns(sb: Sandbox) -> str | None:
+        """The pinned user namespace a container of this pod joins, or None (the host's)."""
+        ns = sb.record.namespaces
+        return ns.userns_path if ns is not None and sb.record.uid_mapping is not None else None
 
     async def _image_config(self, image_id: str) -> dict[str, Any]:
         raw = await self._imgs.driver.read_blob(image_id)
@@ -117,7 +152,7 @@ class CreateContainer(ContainerBase):
         cid, cd = c.record.id, self._cd
         async with await self._step(c, CreateStep.MOUNT_ROOTFS):
             try:
-                rootfs = await cd.mount_rootfs(cid, lowers)
+                rootfs = await cd.mount_rootfs(cid, lowers, self._pod_userns(sb))
             except OSError as exc:
                 raise StepFailed(CreateStep.MOUNT_ROOTFS.value,
                                  f"cannot mount the rootfs: {exc}") from exc
@@ -160,6 +195,13 @@ class CreateContainer(ContainerBase):
             except OSError as exc:
                 raise InvalidContainerConfig(
                     f"mount host_path {m.host_path!r}: {exc.strerror or exc}") from None
+        userns = self._pod_userns(sb)
+        if userns is not None:
+            # one mechanism for runc and crun: podfsm idmaps each source itself (runc 1.1
+            # ignores OCI per-mount idmaps); unmounted with the rootfs (unmount_rootfs)
+            for i, m in enumerate(cfg.mounts):
+                host_paths[m.container_path] = await self._cd.mount_volume(
+                    c.record.id, i, host_paths[m.container_path], userns, m.readonly)
         devices: dict[str, HostDevice] = {}
         for d in cfg.devices:
             try:
@@ -193,7 +235,9 @@ class CreateContainer(ContainerBase):
             files=sb.record.files, cgroup_parent=self.cgroup_parent(sb.record), user=user,
             host_paths=host_paths, seccomp_localhost=localhost,
             annotation_patterns=tuple(self.config.pod_annotations), devices=devices,
-            machine=machine, kernel=kernel,
+            machine=machine, kernel=kernel, userns_path=userns,
+            uid_mapping=sb.record.uid_mapping if userns else None,
+            gid_mapping=sb.record.gid_mapping if userns else None,
         )
         try:
             return container_spec(inp)
