@@ -23,6 +23,7 @@ from podfsm import Controller
 from podfsm.core import failpoints as fp
 from podfsm.core.containerstates import ContainerState
 from podfsm.core.errors import PodfsmError
+from podfsm.drivers import idmapmounts
 from tests import imagekit as ik
 from tests.integration.conftest import Env, destroy_env, make_env, pod
 from tests.integration.test_containers_cri import E2E, busybox_image
@@ -52,15 +53,20 @@ def _env(registry: ik.Registry, runtime: str) -> Env:
     return env
 
 
-def _logpod(env: Env) -> dict[str, Any]:
-    p = pod("ctrpod", userns={"mode": "NODE"})
+def _logpod(env: Env, userns: str = "NODE") -> dict[str, Any]:
+    p = pod("ctrpod", userns={"mode": userns})
     p["log_directory"] = os.path.join(env.tmp, "logs")
     return p
 
 
-def _child(env: Env, failpoints: str, then: str | None) -> tuple[int, str, str]:
-    spec = {"cfg": env.cfg.model_dump(mode="json"), "image": IMAGE, "pod": _logpod(env),
-            "then": then}
+def _child(env: Env, failpoints: str, then: str | None,
+           userns: str = "NODE") -> tuple[int, str, str]:
+    volume = None
+    if userns == "POD":  # the idmapped rootfs and an idmapped volume are crashed too
+        volume = os.path.join(env.tmp, "vol")
+        os.makedirs(volume, exist_ok=True)
+    spec = {"cfg": env.cfg.model_dump(mode="json"), "image": IMAGE,
+            "pod": _logpod(env, userns), "then": then, "volume": volume}
     r = subprocess.run([sys.executable, "-m", "tests.integration.containerchild",
                         json.dumps(spec)], cwd=REPO, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PODFSM_FAILPOINTS": failpoints},
@@ -73,13 +79,15 @@ def _said(out: str, word: str) -> str | None:
                 None)
 
 
+@pytest.mark.parametrize("userns", ["NODE", "POD"])
 @pytest.mark.parametrize("runtime", ["runc", "crun"])
 @pytest.mark.parametrize(("point", "then"), CASES)
 async def test_crash_at_every_container_failpoint(registry: ik.Registry, runtime: str,
-                                                  point: str, then: str | None) -> None:
+                                                  point: str, then: str | None,
+                                                  userns: str) -> None:
     env = _env(registry, runtime)
     try:
-        rc, out, err = _child(env, f"{point}=crash", then)
+        rc, out, err = _child(env, f"{point}=crash", then, userns)
         assert rc == -signal.SIGKILL, f"the failpoint was not met: {out}{err}"
         survivor, victim = _said(out, "survivor"), _said(out, "victim")
         assert survivor is not None
@@ -113,20 +121,26 @@ async def test_crash_at_every_container_failpoint(registry: ik.Registry, runtime
                 await ctl.remove_sandbox(st.id)
             assert await ctl.list_containers() == []
         assert env.leftovers() == {}
+        assert idmapmounts.mounts_under(env.tmp) == []
     finally:
         destroy_env(env)
 
 
+@pytest.mark.parametrize("userns", ["NODE", "POD"])
 @pytest.mark.parametrize("point", [p for p in fp.NAMES if p.startswith("container_")])
 async def test_error_at_every_container_failpoint_unwinds(registry: ik.Registry,
-                                                          point: str) -> None:
+                                                          point: str, userns: str) -> None:
     env = _env(registry, "runc")
     try:
         async with Controller(env.cfg, failpoints=f"{point}=1*error") as ctl:
             await ctl.pull_image(IMAGE)
-            st = await ctl.run_sandbox(_logpod(env))
-            cfg = {"metadata": {"name": "v"}, "image": {"image": IMAGE},
-                   "command": ["sleep", "1000"]}
+            st = await ctl.run_sandbox(_logpod(env, userns))
+            cfg: dict[str, Any] = {"metadata": {"name": "v"}, "image": {"image": IMAGE},
+                                   "command": ["sleep", "1000"]}
+            if userns == "POD":  # an idmapped volume beside the idmapped rootfs
+                os.makedirs(os.path.join(env.tmp, "vol"), exist_ok=True)
+                cfg["mounts"] = [{"container_path": "/vol",
+                                  "host_path": os.path.join(env.tmp, "vol")}]
             try:
                 cid = await ctl.create_container(st.id, cfg)
             except PodfsmError as exc:
@@ -152,25 +166,6 @@ async def test_error_at_every_container_failpoint_unwinds(registry: ik.Registry,
                     await ctl.remove_container(cid)
             await ctl.remove_sandbox(st.id)
             assert await ctl.list_containers() == []
-        assert env.leftovers() == {}
-    finally:
-        destroy_env(env)
-
-
-async def test_a_container_in_a_user_namespaced_pod_is_refused_naming_why(
-        registry: ik.Registry) -> None:
-    env = _env(registry, "runc")
-    try:
-        async with Controller(env.cfg) as ctl:
-            await ctl.pull_image(IMAGE)
-            st = await ctl.run_sandbox(pod("mapped"))  # userns mode POD
-            with pytest.raises(PodfsmError, match="own user namespace") as info:
-                await ctl.create_container(st.id, {"metadata": {"name": "c"},
-                                                   "image": {"image": IMAGE},
-                                                   "command": ["true"]})
-            assert type(info.value).__name__ == "ContainerPrecondition"
-            assert await ctl.list_containers() == [] and env.container_dirs() == []
-            await ctl.remove_sandbox(st.id)
         assert env.leftovers() == {}
     finally:
         destroy_env(env)
