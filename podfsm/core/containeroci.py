@@ -71,6 +71,10 @@ class ContainerSpecInput:
     #: the host's machine (uname -m) and kernel (major, minor): RuntimeDefault depends on them
     machine: str = "x86_64"
     kernel: tuple[int, int] = (6, 0)
+    #: the capabilities this host's podfsm holds (what `ALL` and privileged give)
+    held_caps: tuple[str, ...] = secctx.ALL_CAPS
+    #: a privileged container's host devices (every node under /dev), by container path
+    host_devices: Mapping[str, HostDevice] = field(default_factory=dict)
     #: the pod's pinned user namespace (userns mode POD) and its mappings: the container
     #: joins it; None: the host's
     userns_path: str | None = None
@@ -110,13 +114,14 @@ def environment(config: ContainerConfig, image: Mapping[str, Any], hostname: str
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def capabilities(config: ContainerConfig) -> list[str]:
-    """The container's capabilities as containerd gives them (podfsm.core.secctx)."""
+def capabilities(config: ContainerConfig, held: Sequence[str] = secctx.ALL_CAPS) -> list[str]:
+    """The container's capabilities as containerd gives them (podfsm.core.secctx); `ALL` and
+    privileged give `held`, the capabilities podfsm itself holds."""
     sc = config.linux.security_context
     caps = sc.capabilities
     return secctx.capabilities(caps.add_capabilities if caps else (),
                                caps.drop_capabilities if caps else (),
-                               privileged=sc.privileged)
+                               privileged=sc.privileged, all_caps=held)
 
 
 def stop_signal(config: ContainerConfig, image: Mapping[str, Any]) -> str:
@@ -156,7 +161,7 @@ def _mounts(inp: ContainerSpecInput) -> list[dict[str, Any]]:
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
          "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
+         "options": ["nosuid", "noexec", "nodev", "rw" if sc.privileged else "ro"]},
     ]
     user_paths = {m.container_path.rstrip("/") or "/" for m in cfg.mounts}
     f = inp.files
@@ -204,7 +209,10 @@ def _namespaces(inp: ContainerSpecInput) -> list[dict[str, str]]:
 
 def _resources(inp: ContainerSpecInput) -> dict[str, Any]:
     res = inp.config.linux.resources
-    out: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if inp.config.linux.security_context.privileged:  # every device, as containerd
+        out: dict[str, Any] = {"devices": [{"allow": True, "access": "rwm"}]}
+    else:
+        out = {"devices": [{"allow": False, "access": "rwm"}]}
     for d in inp.config.devices:
         dev = inp.devices[d.container_path]
         out["devices"].append({"allow": True, "type": dev.kind, "major": dev.major,
@@ -258,7 +266,7 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
     cfg = inp.config
     sc = cfg.linux.security_context
     img = inp.image_config
-    caps = capabilities(cfg)
+    caps = capabilities(cfg, inp.held_caps)
     user: dict[str, Any] = {"uid": inp.user.uid, "gid": inp.user.gid}
     if inp.user.additional_gids:
         user["additionalGids"] = list(inp.user.additional_gids)
@@ -274,6 +282,7 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
     res = cfg.linux.resources
     if res is not None and res.oom_score_adj:
         process["oomScoreAdj"] = res.oom_score_adj
+    propagations = {m.propagation for m in cfg.mounts}
     masked, readonly = secctx.proc_paths(sc.masked_paths, sc.readonly_paths,
                                          privileged=sc.privileged, defaults_when_empty=True)
     linux: dict[str, Any] = {
@@ -283,15 +292,19 @@ def container_spec(inp: ContainerSpecInput) -> dict[str, Any]:
         "maskedPaths": masked,
         "readonlyPaths": readonly,
     }
-    if cfg.devices:
+    # a bidirectional mount needs a shared rootfs to propagate back, a host-to-container one
+    # a slave rootfs (containerd's WithMounts)
+    if MountPropagation.PROPAGATION_BIDIRECTIONAL in propagations:
+        linux["rootfsPropagation"] = "rshared"
+    elif MountPropagation.PROPAGATION_HOST_TO_CONTAINER in propagations:
+        linux["rootfsPropagation"] = "rslave"
+    devices = {**(inp.host_devices if sc.privileged else {}),
+               **{d.container_path: inp.devices[d.container_path] for d in cfg.devices}}
+    if devices:
         linux["devices"] = [
-            {"path": d.container_path, "type": inp.devices[d.container_path].kind,
-             "major": inp.devices[d.container_path].major,
-             "minor": inp.devices[d.container_path].minor,
-             "fileMode": inp.devices[d.container_path].mode & 0o777,
-             "uid": inp.devices[d.container_path].uid,
-             "gid": inp.devices[d.container_path].gid}
-            for d in cfg.devices]
+            {"path": path, "type": dev.kind, "major": dev.major, "minor": dev.minor,
+             "fileMode": dev.mode & 0o777, "uid": dev.uid, "gid": dev.gid}
+            for path, dev in devices.items()]
     if inp.userns_path is not None:
         # runc refuses to join a user namespace by path without them; crun ignores them
         for key, m in (("uidMappings", inp.uid_mapping), ("gidMappings", inp.gid_mapping)):

@@ -146,7 +146,8 @@ class ContainerNamespaceOption(_Model):
 class LinuxContainerSecurityContext(_Model):
     capabilities: Capability | None = None
     privileged: bool = Field(default=False, description=(
-        "refused: privileged containers are not supported yet"))
+        "every capability podfsm holds, every host device, no seccomp, no masked or read-only "
+        "paths, /sys read-write; only in a privileged sandbox without a user namespace"))
     namespace_options: ContainerNamespaceOption = Field(
         default_factory=ContainerNamespaceOption)
     selinux_options: SELinuxOption | None = None
@@ -169,8 +170,6 @@ class LinuxContainerSecurityContext(_Model):
 
     @model_validator(mode="after")
     def _rules(self) -> LinuxContainerSecurityContext:
-        if self.privileged:
-            raise ValueError("privileged containers are not supported yet")
         if self.run_as_group is not None and self.run_as_user is None \
                 and not self.run_as_username:
             raise ValueError("run_as_group is set without run_as_user or run_as_username "

@@ -338,6 +338,13 @@ class ContainerDriver(Protocol):
     def real_host_path(self, path: str) -> str:
         """`path` with symlinks resolved; OSError when it does not exist."""
 
+    def held_capabilities(self) -> list[str]:
+        """The capabilities in podfsm's own bounding set (what `ALL` and privileged give)."""
+
+    def host_devices(self) -> dict[str, tuple[str, int, int, int, int, int]]:
+        """Every device node under the host's /dev (but pts, shm, mqueue), by path: what a
+        privileged container gets."""
+
     def platform(self) -> tuple[str, tuple[int, int]]:
         """The machine (uname -m) and the kernel's (major, minor): the RuntimeDefault seccomp
         profile depends on them."""

@@ -7,12 +7,14 @@ import asyncio
 import os
 import platform
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any
 
 from podfsm.core.containerrecords import ContainerRecord, Exit
 from podfsm.core.errors import PrerequisiteMissing
 from podfsm.core.records import TaskInfo
+from podfsm.core.secctx import ALL_CAPS
 from podfsm.drivers import idmapmounts
 from podfsm.drivers.containerfs import ContainerFiles
 from podfsm.drivers.layers import LayerStore
@@ -90,6 +92,12 @@ class LocalContainers:
     def real_host_path(self, path: str) -> str:
         return self.files.real_host_path(path)
 
+    def held_capabilities(self) -> list[str]:
+        return held_capabilities()
+
+    def host_devices(self) -> dict[str, tuple[str, int, int, int, int, int]]:
+        return host_devices()
+
     def platform(self) -> tuple[str, tuple[int, int]]:
         m = re.match(r"(\d+)\.(\d+)", platform.release())
         return platform.machine(), (int(m.group(1)), int(m.group(2))) if m else (0, 0)
@@ -159,6 +167,37 @@ class LocalContainers:
 
     async def read_lines(self, path: str, offset: int) -> tuple[list[str], int]:
         return await asyncio.to_thread(_read_lines, path, offset)
+
+
+def held_capabilities() -> list[str]:
+    """The names of the capabilities in this process's bounding set (/proc/self/status)."""
+    with open("/proc/self/status") as f:
+        bnd = next((int(line.split()[1], 16) for line in f if line.startswith("CapBnd:")), 0)
+    return [name for i, name in enumerate(ALL_CAPS) if bnd >> i & 1]
+
+
+#: what containerd leaves out of a privileged container's devices (oci.HostDevices)
+_SKIP_DEV = ("/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/.lxc", "/dev/.lxd-mounts",
+             "/dev/.udev")
+
+
+def host_devices(root: str = "/dev") -> dict[str, tuple[str, int, int, int, int, int]]:
+    """Every character and block device node under `root` (symlinks not followed), by path."""
+    out: dict[str, tuple[str, int, int, int, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in _SKIP_DEV]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if path == "/dev/console":  # the runtime makes the container's own
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                out[path] = ("c" if stat.S_ISCHR(st.st_mode) else "b", os.major(st.st_rdev),
+                             os.minor(st.st_rdev), st.st_mode, st.st_uid, st.st_gid)
+    return out
 
 
 def _read_lines(path: str, offset: int) -> tuple[list[str], int]:

@@ -31,6 +31,7 @@ from podfsm.core.errors import (
     SandboxNotFound,
     StepFailed,
 )
+from podfsm.core.secctx import privileged_problem
 from podfsm.core.spec import ProfileType
 from podfsm.core.states import State
 
@@ -54,6 +55,12 @@ class CreateContainer(ContainerBase):
             raise SandboxNotFound(sandbox_id)
         self._check_pod(sb)
         self._check_userns(sb, cfg)
+        problem = privileged_problem(
+            cfg.linux.security_context.privileged,
+            sandbox_privileged=sb.record.config.linux.security_context.privileged,
+            pod_userns=self._pod_userns(sb) is not None)
+        if problem:
+            raise InvalidContainerConfig(f"linux.security_context.{problem}")
         img = self._imgs.find(cfg.image.image)
         if img is None:
             raise ImageNotFound(cfg.image.image)
@@ -188,6 +195,7 @@ class CreateContainer(ContainerBase):
                 and sc.apparmor.profile_type is not ProfileType.Unconfined)):
             raise InvalidContainerConfig("linux.security_context.apparmor: AppArmor is "
                                          "enabled here and podfsm does not apply it")
+        userns = self._pod_userns(sb)
         host_paths: dict[str, str] = {}
         for m in cfg.mounts:
             try:
@@ -195,13 +203,14 @@ class CreateContainer(ContainerBase):
             except OSError as exc:
                 raise InvalidContainerConfig(
                     f"mount host_path {m.host_path!r}: {exc.strerror or exc}") from None
-        userns = self._pod_userns(sb)
         if userns is not None:
             # one mechanism for runc and crun: podfsm idmaps each source itself (runc 1.1
             # ignores OCI per-mount idmaps); unmounted with the rootfs (unmount_rootfs)
             for i, m in enumerate(cfg.mounts):
                 host_paths[m.container_path] = await self._cd.mount_volume(
                     c.record.id, i, host_paths[m.container_path], userns, m.readonly)
+        host_devices = ({p: HostDevice(*d) for p, d in self._cd.host_devices().items()}
+                        if sc.privileged else {})
         devices: dict[str, HostDevice] = {}
         for d in cfg.devices:
             try:
@@ -236,6 +245,7 @@ class CreateContainer(ContainerBase):
             host_paths=host_paths, seccomp_localhost=localhost,
             annotation_patterns=tuple(self.config.pod_annotations), devices=devices,
             machine=machine, kernel=kernel, userns_path=userns,
+            held_caps=tuple(self._cd.held_capabilities()), host_devices=host_devices,
             uid_mapping=sb.record.uid_mapping if userns else None,
             gid_mapping=sb.record.gid_mapping if userns else None,
         )
