@@ -36,7 +36,7 @@ from podfsm.core.records import SandboxFiles
 from podfsm.core.runtimedefault import runtime_default_profile
 from podfsm.core.secctx import DEFAULT_CAPS
 from podfsm.core.secctx import ProcessUser as User
-from podfsm.core.spec import NamespaceMode
+from podfsm.core.spec import IDMapping, NamespaceMode
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 S, T = ContainerState, ContainerTrigger
@@ -62,8 +62,7 @@ def test_the_table_walks_unknown_created_running_exited() -> None:
 
 
 def test_refusals_name_the_field() -> None:
-    for kw, word in (({"linux": {"security_context": {"privileged": True}}}, "privileged"),
-                     ({"devices": [{"container_path": "dev/x", "host_path": "/dev/x"}]},
+    for kw, word in (({"devices": [{"container_path": "dev/x", "host_path": "/dev/x"}]},
                       "container_path"),
                      ({"devices": [{"container_path": "/dev/x", "host_path": "/dev/x",
                                     "permissions": "rwx"}]}, "permissions"),
@@ -206,3 +205,70 @@ def test_runtime_default_is_containerds_profile_for_the_capabilities() -> None:
         user=User(0, 0, (0,)), machine="aarch64", kernel=(6, 1)))
     assert spec["linux"]["seccomp"] == plain
     assert spec["linux"]["seccomp"] != runtime_default_profile(DEFAULT_CAPS, "x86_64", (6, 1))
+
+
+def _inp(**kw: Any) -> ContainerSpecInput:
+    base: dict[str, Any] = dict(
+        container_id="c", sandbox_id="s", config=cfg(command=["top"]), image_config={},
+        image_name="b", rootfs="/r", pause_pid=7, netns_path="/run/netns/p",
+        pod_pid_mode=NamespaceMode.POD, pod_ipc_mode=NamespaceMode.POD, pod_hostname="h",
+        pod_name="p", pod_namespace="n", pod_uid="u", files=None, cgroup_parent="",
+        user=User(0, 0, (0,)))
+    return ContainerSpecInput(**{**base, **kw})
+
+
+def test_a_user_namespaced_container_joins_the_pods_namespace_with_its_mappings() -> None:
+    m = IDMapping(container_id=0, host_id=1 << 20, length=65536)
+    spec = container_spec(_inp(userns_path="/run/podfsm/sandboxes/s/userns", uid_mapping=m,
+                               gid_mapping=m))
+    ns = {n["type"]: n.get("path") for n in spec["linux"]["namespaces"]}
+    assert ns["user"] == "/run/podfsm/sandboxes/s/userns"
+    assert spec["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 1 << 20,
+                                             "size": 65536}]
+    assert spec["linux"]["gidMappings"] == spec["linux"]["uidMappings"]
+    pts = next(x for x in spec["mounts"] if x["destination"] == "/dev/pts")
+    assert "gid=5" in pts["options"]
+    small = IDMapping(container_id=1000, host_id=1 << 20, length=10)  # gid 5 unmapped
+    spec = container_spec(_inp(userns_path="/u", uid_mapping=small, gid_mapping=small))
+    pts = next(x for x in spec["mounts"] if x["destination"] == "/dev/pts")
+    assert "gid=5" not in pts["options"]
+    assert "user" not in {n["type"] for n in container_spec(_inp())["linux"]["namespaces"]}
+    with pytest.raises(ValueError, match="uidMappings"):
+        container_spec(_inp(userns_path="/u"))  # runc cannot join without them
+
+
+def test_privileged_gets_what_podfsm_holds_every_device_and_no_filter() -> None:
+    held = ("CAP_CHOWN", "CAP_SYS_ADMIN")
+    null = HostDevice("c", 1, 3, 0o20666, 0, 0)
+    priv = cfg(command=["top"], linux={"security_context": {
+        "privileged": True, "seccomp": {"profile_type": "RuntimeDefault"},
+        "masked_paths": ["/proc/kcore"]}})
+    spec = container_spec(_inp(config=priv, held_caps=held,
+                               host_devices={"/dev/null": null}))
+    assert spec["process"]["capabilities"]["bounding"] == list(held)
+    assert "seccomp" not in spec["linux"]
+    assert spec["linux"]["maskedPaths"] == [] and spec["linux"]["readonlyPaths"] == []
+    assert spec["linux"]["devices"][0]["path"] == "/dev/null"
+    assert spec["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
+    sysfs = next(x for x in spec["mounts"] if x["destination"] == "/sys")
+    assert "rw" in sysfs["options"]
+    # not privileged: the host devices are not given, /sys is read-only
+    plain = container_spec(_inp(held_caps=held, host_devices={"/dev/null": null}))
+    assert "devices" not in plain["linux"]
+    assert "ro" in next(x for x in plain["mounts"] if x["destination"] == "/sys")["options"]
+    # ALL is what podfsm holds, not every capability Linux has
+    every = cfg(command=["top"], linux={"security_context": {"capabilities": {
+        "add_capabilities": ["ALL"]}}})
+    assert capabilities(every, held) == list(held)
+
+
+def test_mount_propagation_sets_the_rootfs_propagation() -> None:
+    def prop(*modes: int) -> str | None:
+        mounts = [{"container_path": f"/m{i}", "host_path": "/x", "propagation": p}
+                  for i, p in enumerate(modes)]
+        got: str | None = container_spec(_inp(config=cfg(command=["top"], mounts=mounts)))[
+            "linux"].get("rootfsPropagation")
+        return got
+
+    assert prop() is None and prop(0) is None
+    assert prop(1) == "rslave" and prop(2) == "rshared" and prop(1, 2) == "rshared"
