@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from podfsm import Controller
@@ -109,7 +110,7 @@ async def test_the_container_verbs(env: Env, registry: ik.Registry) -> None:  # 
         await ctl.remove_container(a)  # idempotent
         with pytest.raises(ContainerNotFound):
             await ctl.container_status(a)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         await ctl.remove_sandbox(st.id)
         assert await ctl.list_containers() == []
     assert env.leftovers() == {}
