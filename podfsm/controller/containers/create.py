@@ -53,6 +53,14 @@ class CreateContainer(ContainerBase):
         sb = self._sandboxes.get(sandbox_id)
         if sb is None or sb.removed:
             raise SandboxNotFound(sandbox_id)
+        # under the sandbox's lock: its stop or remove (which stop and remove its containers
+        # under the same lock) waits until this container is Created or unwound
+        async with sb.lock:
+            if sb.removed:
+                raise SandboxNotFound(sandbox_id)
+            return await self._create_in(sb, cfg)
+
+    async def _create_in(self, sb: Sandbox, cfg: ContainerConfig) -> str:
         self._check_pod(sb)
         img = self._imgs.find(cfg.image.image)
         if img is None:
