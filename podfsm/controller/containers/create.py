@@ -9,6 +9,8 @@ import os
 import secrets
 from typing import Any
 
+import anyio
+
 from podfsm.controller.base import Sandbox, describe, now
 from podfsm.controller.containers.base import Container, ContainerBase
 from podfsm.core.containeroci import (
@@ -37,6 +39,8 @@ from podfsm.core.states import State
 
 #: a file of at most this size is read as a Localhost seccomp profile
 SECCOMP_PROFILE_LIMIT = 1 << 20
+#: how long a removal waits for the container's monitor to exit once the runtime deleted it
+MONITOR_EXIT_WAIT = 5.0
 
 
 class CreateContainer(ContainerBase):
@@ -228,6 +232,11 @@ class CreateContainer(ContainerBase):
         cid, cd, rt = c.record.id, self._cd, c.record.runtime
         # the monitor step may have got as far as the runtime's create: undo it in any case
         await cd.delete(rt, cid)
+        monitor = c.record.monitor
+        if monitor is not None:
+            # conmon writes the exit file into the directory as it goes: let it finish first
+            with anyio.move_on_after(MONITOR_EXIT_WAIT):
+                await cd.wait_exit(monitor)
         cd.remove_spec(cid)
         await cd.unmount_rootfs(cid)
         await cd.remove_dir(cid)
