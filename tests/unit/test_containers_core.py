@@ -272,3 +272,11 @@ def test_mount_propagation_sets_the_rootfs_propagation() -> None:
 
     assert prop() is None and prop(0) is None
     assert prop(1) == "rslave" and prop(2) == "rshared" and prop(1, 2) == "rshared"
+
+
+def test_containers_md_shows_the_table_and_diagram_the_code_makes() -> None:
+    from podfsm.core.containerstates import markdown_table, mermaid
+
+    text = (DOCS / "containers.md").read_text()
+    assert markdown_table() in text
+    assert "```mermaid\n" + mermaid() + "```" in text

@@ -9,6 +9,8 @@ import os
 import secrets
 from typing import Any
 
+import anyio
+
 from podfsm.controller.base import Sandbox, describe, now
 from podfsm.controller.containers.base import Container, ContainerBase
 from podfsm.core.containeroci import (
@@ -37,6 +39,8 @@ from podfsm.core.states import State
 
 #: a file of at most this size is read as a Localhost seccomp profile
 SECCOMP_PROFILE_LIMIT = 1 << 20
+#: how long a removal waits for the container's monitor to exit once the runtime deleted it
+MONITOR_EXIT_WAIT = 5.0
 
 
 class CreateContainer(ContainerBase):
@@ -53,6 +57,14 @@ class CreateContainer(ContainerBase):
         sb = self._sandboxes.get(sandbox_id)
         if sb is None or sb.removed:
             raise SandboxNotFound(sandbox_id)
+        # under the sandbox's lock: its stop or remove (which stop and remove its containers
+        # under the same lock) waits until this container is Created or unwound
+        async with sb.lock:
+            if sb.removed:
+                raise SandboxNotFound(sandbox_id)
+            return await self._create_in(sb, cfg)
+
+    async def _create_in(self, sb: Sandbox, cfg: ContainerConfig) -> str:
         self._check_pod(sb)
         self._check_userns(sb, cfg)
         problem = privileged_problem(
@@ -86,7 +98,6 @@ class CreateContainer(ContainerBase):
         self._containers[cid] = c
         async with c.lock:
             try:
-                await self._csave(c)
                 await self._create_steps(c, sb, image_config, [
                     self._cd.layer_path(chain) for chain in reversed(img.chain_ids)])
             except BaseException as exc:
@@ -163,11 +174,13 @@ class CreateContainer(ContainerBase):
             except OSError as exc:
                 raise StepFailed(CreateStep.MOUNT_ROOTFS.value,
                                  f"cannot mount the rootfs: {exc}") from exc
-        await self._csave(c, done=[*c.record.done, CreateStep.MOUNT_ROOTFS.value])
+        # what is done is written with the next step's pending (one write a step: an
+        # unwinding undoes every step whatever `done` says, each undo being idempotent)
+        c.record = c.record.evolve(done=[*c.record.done, CreateStep.MOUNT_ROOTFS.value])
         async with await self._step(c, CreateStep.WRITE_BUNDLE):
             spec = await self._spec(c, sb, image_config, rootfs)
             await cd.write_spec(cid, spec)
-        await self._csave(c, done=[*c.record.done, CreateStep.WRITE_BUNDLE.value])
+        c.record = c.record.evolve(done=[*c.record.done, CreateStep.WRITE_BUNDLE.value])
         async with await self._step(c, CreateStep.START_MONITOR):
             task, monitor = await cd.create(
                 c.record.runtime, cid, c.record.config.metadata.name,
@@ -270,6 +283,11 @@ class CreateContainer(ContainerBase):
         cid, cd, rt = c.record.id, self._cd, c.record.runtime
         # the monitor step may have got as far as the runtime's create: undo it in any case
         await cd.delete(rt, cid)
+        monitor = c.record.monitor
+        if monitor is not None:
+            # conmon writes the exit file into the directory as it goes: let it finish first
+            with anyio.move_on_after(MONITOR_EXIT_WAIT):
+                await cd.wait_exit(monitor)
         cd.remove_spec(cid)
         await cd.unmount_rootfs(cid)
         await cd.remove_dir(cid)

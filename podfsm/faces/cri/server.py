@@ -48,8 +48,10 @@ from podfsm.core.errors import (
     ContainerNotFound,
     ImageInUse,
     ImageNotFound,
+    ImageNotInRegistry,
     InvalidImageReference,
     InvalidPodConfig,
+    InvalidPullRequest,
     NameReserved,
     NodeFull,
     PodfsmError,
@@ -80,11 +82,12 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
     if isinstance(exc, NodeFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, InvalidPodConfig | InvalidImageReference):
+    if isinstance(exc, InvalidPodConfig | InvalidPullRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound | ImageNotFound | ContainerNotFound):
+    if isinstance(exc, SandboxNotFound | ImageNotFound | ImageNotInRegistry
+                  | ContainerNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION
