@@ -41,4 +41,8 @@ def test_bench_containers_prints_every_figure(capsys: pytest.CaptureFixture[str]
             assert mine["run_ms"]["p50"] > lv["container_create_start_ms_p50"] > 0
             assert mine["cpu_ms_per_cycle_by_process"]["controller"] > 0
             assert raw["cycles_per_s"] > 0
+            # the same in user-namespaced pods: an idmapped rootfs
+            umine = lv["userns_pod_and_container"]
+            assert umine["count"] == 2 and umine["cycles_per_s"] > 0
+            assert umine["run_ms"]["p50"] > lv["userns_container_create_start_ms_p50"] > 0
     assert set(glob.glob("/tmp/podfsm-bench-*")) == before and _conmons() == []
