@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from podfsm import Controller
-from podfsm.drivers import idmapmounts
+from podfsm.core.errors import PodfsmError
+from podfsm.drivers import idmapmounts, linux
 from tests import imagekit as ik
 from tests.integration.conftest import Env, destroy_env, make_env, pod
 from tests.integration.test_containers_cri import E2E, busybox_image
@@ -168,4 +169,34 @@ async def test_a_containers_userns_options_must_be_its_pods(uenv: Env) -> None:
                 "mode": "POD", "uids": [other], "gids": [other]}))
         assert await ctl.list_containers() == [] and env.container_dirs() == []
         await ctl.remove_sandbox(st.id)
+    assert env.leftovers() == {}
+
+
+async def test_a_volume_on_a_filesystem_that_cannot_be_idmapped_is_refused_naming_it(
+        uenv: Env) -> None:
+    """An overlay cannot be the source of an idmapped mount (EINVAL): the container is refused
+    naming the filesystem, never given a chowned copy, and nothing of it is left."""
+    env = uenv
+    base = os.path.join(env.tmp, "ovl")
+    dirs = {n: os.path.join(base, n) for n in ("lower", "upper", "work", "merged")}
+    for d in dirs.values():
+        os.makedirs(d)
+    linux.mount("overlay", dirs["merged"], "overlay", 0,
+                f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}")
+    try:
+        async with Controller(env.cfg) as ctl:
+            await ctl.pull_image(IMAGE)
+            st = await ctl.run_sandbox(pod("noidmap"))
+            cfg = {"metadata": {"name": "c"}, "image": {"image": IMAGE},
+                   "command": ["sleep", "1000"],
+                   "mounts": [{"container_path": "/vol", "host_path": dirs["merged"]}]}
+            with pytest.raises(PodfsmError, match="overlay") as info:
+                await ctl.create_container(st.id, cfg)
+            assert "idmap" in str(info.value).lower() or "EINVAL" in str(info.value)
+            assert await ctl.list_containers() == [] and env.container_dirs() == []
+            assert idmapmounts.mounts_under(os.path.join(env.cfg.state_dir,
+                                                         "containers")) == []
+            await ctl.remove_sandbox(st.id)
+    finally:
+        idmapmounts.unmount(dirs["merged"])
     assert env.leftovers() == {}
