@@ -135,19 +135,6 @@ class ContainerFiles:
         if left:
             raise OSError(errno.EBUSY, f"still mounted after unmounting: {', '.join(left)}", d)
 
-    @staticmethod
-    def _unmount(path: str) -> None:
-        while os.path.ismount(path):
-            try:
-                linux.umount2(path, 0)
-            except OSError as exc:
-                if exc.errno == errno.EBUSY:
-                    linux.umount2(path, linux.MNT_DETACH)
-                elif exc.errno in (errno.EINVAL, errno.ENOENT):
-                    return
-                else:
-                    raise
-
     async def remove_dir(self, container_id: str) -> None:
         """Unmount and remove the container's whole directory, record last. Idempotent."""
         await asyncio.to_thread(self._remove_dir, container_id)
