@@ -46,6 +46,18 @@ async def test_directories_are_created_with_tight_modes() -> None:
         destroy_env(env)
 
 
+async def test_a_state_dir_made_0700_by_an_older_podfsm_is_given_the_search_bits() -> None:
+    env = make_env("runc")
+    try:
+        os.makedirs(env.cfg.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(env.cfg.state_dir, 0o700)
+        async with env.controller():
+            pass
+        assert _mode(env.cfg.state_dir) == 0o711  # a userns container's root walks through
+    finally:
+        destroy_env(env)
+
+
 @pytest.mark.parametrize("which", ["state_dir", "run_dir", "netns_dir"])
 @pytest.mark.parametrize("problem", ["group-writable", "other-writable", "foreign-owner"])
 async def test_a_directory_another_user_could_change_is_refused(which: str, problem: str) -> None:
