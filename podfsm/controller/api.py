@@ -13,10 +13,12 @@ import anyio
 
 from podfsm.config import ControllerConfig
 from podfsm.controller.base import Subscriber
+from podfsm.controller.containers import Containers
 from podfsm.controller.images import ImageManager
 from podfsm.controller.recovery import Recovery
 from podfsm.core import sizes
 from podfsm.core.errors import (
+    ImageInUse,
     InvalidPodConfig,
     PodfsmError,
     PrerequisiteMissing,
@@ -51,7 +53,7 @@ class Condition:
     message: str = ""
 
 
-class Controller(Recovery):
+class Controller(Containers, Recovery):
     """Runs pod sandboxes. Use as `async with Controller(cfg) as ctl:`.
 
     Entering recovers every persisted sandbox and re-attaches supervision to running ones;
@@ -88,14 +90,22 @@ class Controller(Recovery):
                                            else None)
             if images is not None:
                 manager = ImageManager(images, self._failpoints_around)
+                manager.in_use = lambda image_id: self.container_using_image(image_id) \
+                    is not None
                 await manager.open()
                 stack.push_async_callback(manager.close)
                 self._image_manager = manager
+            if self._ctr_driver is None and self._real:
+                self._ctr_driver = factory.containers(cfg)
+            if self._ctr_driver is not None:
+                self._open_containers()
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._tg.cancel_scope.cancel)
             self.recovering = True
             try:
                 await self._recover()
+                if self._ctr_driver is not None:
+                    await self._recover_containers()
             finally:
                 self.recovering = False
         except BaseException:
@@ -333,7 +343,11 @@ class Controller(Recovery):
 
     async def remove_image(self, reference: str) -> None:
         """Remove the image (every name of it) and the content only it needed. Idempotent: an
-        unknown image is not an error. ImageInUse while a container uses it."""
+        unknown image is not an error. ImageInUse, naming the container, while one uses it."""
+        img = self.images.find(reference)
+        user = self.container_using_image(img.id) if img is not None else None
+        if img is not None and user is not None:
+            raise ImageInUse(f"image {img.id} is in use by container {user}")
         await self.images.remove(reference)
 
     async def image_fs_info(self) -> list[FilesystemUsage]:
@@ -355,6 +369,8 @@ class Controller(Recovery):
         async with self._limiter, sb.lock:
             if not sb.removed:
                 with anyio.CancelScope(shield=True):  # once begun, a stop is finished
+                    # the containers first, under the sandbox's lock: no create slips in
+                    await self._stop_pod_containers(sandbox_id)
                     await self._stop(sb)
 
     async def remove_sandbox(self, sandbox_id: str) -> None:
@@ -369,6 +385,7 @@ class Controller(Recovery):
         async with self._limiter, sb.lock:
             if not sb.removed:
                 with anyio.CancelScope(shield=True):
+                    await self._remove_pod_containers(sandbox_id)  # the containers first
                     await self._remove(sb)
 
     async def events(self, since: int | None = None) -> AsyncIterator[TransitionEvent]:

@@ -183,3 +183,37 @@ class UnpackError(PodfsmError):
         if self.entry:
             where += f": entry {self.entry!r}"
         return f"{where}: {self.reason}"
+
+
+class InvalidContainerConfig(InvalidPodConfig):
+    """The container config was refused before anything was created on the system."""
+
+
+class ContainerNotFound(PodfsmError, KeyError):
+    """No container has this id (or id prefix)."""
+
+    def __init__(self, container_id: str) -> None:
+        super().__init__(container_id)
+        self.container_id = container_id
+
+    def __str__(self) -> str:
+        return f"container {self.container_id!r} not found"
+
+
+class ContainerPrecondition(PrerequisiteMissing):
+    """The container cannot do this now: its sandbox is not ready, it is in the wrong state,
+    or its pod has a user namespace (containers there arrive with a later issue)."""
+
+
+class ExecTimeout(PodfsmError):
+    """An ExecSync command outlived its timeout and was killed."""
+
+
+class ContainerNameReserved(NameReserved):
+    """A container with the same name and attempt already exists in the pod."""
+
+    def __init__(self, name: str, existing_id: str) -> None:
+        PodfsmError.__init__(self, f"container name {name!r} is reserved for container "
+                                   f"{existing_id} in this pod")
+        self.container_name = name
+        self.existing_id = existing_id

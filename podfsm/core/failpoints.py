@@ -32,8 +32,20 @@ IMAGE_STEPS: tuple[str, ...] = (
     "unpack_layer",
     "save_image",
 )
+#: A container's steps that touch the system: create's (the overlay mounted, the bundle
+#: written, conmon started with the runtime's create), then start, stop and remove. Apart
+#: from STEPS too, for the same reason.
+CONTAINER_STEPS: tuple[str, ...] = (
+    "container_mount_rootfs",
+    "container_write_bundle",
+    "container_start_monitor",
+    "container_start",
+    "container_stop",
+    "container_remove",
+)
 NAMES: tuple[str, ...] = tuple(
-    f"{step}.{when}" for step in STEPS + IMAGE_STEPS for when in ("before", "after"))
+    f"{step}.{when}" for step in STEPS + IMAGE_STEPS + CONTAINER_STEPS
+    for when in ("before", "after"))
 #: The failpoints a sandbox's lifecycle meets.
 SANDBOX_NAMES: tuple[str, ...] = NAMES[:2 * len(STEPS)]
 #: The steps a successful run meets (the first record write, then the forward steps) and the

@@ -89,7 +89,8 @@ class HistoryEntry(_Frozen):
 
 
 class TransitionEvent(_Frozen):
-    """One move of one sandbox's state machine, as streamed by Controller.events()."""
+    """One move of one sandbox's state machine, as streamed by Controller.events(); or of one
+    of its containers' machines, then with `container_id` set."""
 
     seq: int = 0
     sandbox_id: str
@@ -98,6 +99,7 @@ class TransitionEvent(_Frozen):
     trigger: str
     at: datetime
     error: str | None = None
+    container_id: str | None = None
 
 
 class SandboxRecord(_Frozen):
@@ -273,6 +275,8 @@ class LifecycleEvent(_Frozen):
     at: datetime
     status: SandboxStatus
     config: PodSandboxConfig
+    #: set for an event of one of the sandbox's containers (then `kind` is the container's)
+    container_id: str | None = None
 
 
 class HostFacts(_Frozen):

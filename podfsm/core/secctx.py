@@ -85,10 +85,12 @@ def capabilities(add: Sequence[str] = (), drop: Sequence[str] = (), *,
         caps = list(all_caps)
     if any(c.upper() == "ALL" for c in drop):
         caps = []
+    # a name is checked against every capability Linux has; `ALL` is `all_caps` (what the
+    # caller holds: containerd takes its own process's set, and a runtime cannot give more)
     for c in add:
-        if c.upper() != "ALL" and (full := capability_name(c, all_caps)) not in caps:
+        if c.upper() != "ALL" and (full := capability_name(c)) not in caps:
             caps.append(full)
-    dropped = {capability_name(c, all_caps) for c in drop if c.upper() != "ALL"}
+    dropped = {capability_name(c) for c in drop if c.upper() != "ALL"}
     return [c for c in caps if c not in dropped]
 
 

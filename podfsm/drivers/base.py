@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
+from podfsm.core.containerrecords import ContainerRecord, Exit
 from podfsm.core.imageref import ImageReference
 from podfsm.core.images import ImageRecord
 from podfsm.core.imagespec import Descriptor, Platform
@@ -311,3 +312,124 @@ class ImageDriver(Protocol):
 
     async def usage(self) -> FilesystemUsage:
         """The bytes and inodes the image store holds, with its mount point."""
+
+
+class ContainerDriver(Protocol):
+    """What the containers need from the system: their records and directories, the overlay
+    rootfs, the image's /etc files, and the runtime under a monitor (conmon) per container
+    (podfsm.drivers.containers)."""
+
+    def open(self, runtimes: Mapping[str, Any]) -> None:
+        """Take the started pause runtime drivers (binaries, reaper); make the directories."""
+
+    def load_all(self) -> tuple[list[ContainerRecord], list[str]]:
+        """Every readable container record, and what was wrong with the others."""
+
+    async def save(self, rec: ContainerRecord) -> None:
+        """Write the record atomically (temp file, fsync, rename)."""
+
+    def dir(self, container_id: str) -> str:
+        """The container's directory (its bundle)."""
+
+    def layer_path(self, chain_id: str) -> str:
+        """The unpacked layer `chain_id` (an overlay lower dir)."""
+
+    async def mount_rootfs(self, container_id: str, lowers: list[str],
+                           userns_path: str | None = None) -> str:
+        """Mount the overlay of `lowers` (topmost first) + the container's upper; its path.
+        With `userns_path` (the pod's user namespace) the lowers are idmapped by it and the
+        upper and work belong to its mapped root; IdmapUnsupported names what cannot."""
+
+    async def mount_volume(self, container_id: str, index: int, src: str, userns_path: str,
+                           readonly: bool) -> str:
+        """Idmap a CRI mount's host path `src` by the pod's user namespace under the
+        container's directory; the path the spec binds."""
+
+    def idmap_problem(self) -> str | None:
+        """Why this kernel cannot give containers an idmapped rootfs, or None."""
+
+    async def unmount_rootfs(self, container_id: str) -> None:
+        """Unmount everything under the container's directory (rootfs, volumes). Idempotent."""
+
+    async def remove_dir(self, container_id: str) -> None:
+        """Unmount and remove the container's directory, its record last. Idempotent."""
+
+    async def read_etc(self, rootfs: str, name: str) -> str:
+        """The image's /etc/<name> ("" when missing), never through a symlink."""
+
+    def real_host_path(self, path: str) -> str:
+        """`path` with symlinks resolved; OSError when it does not exist."""
+
+    def held_capabilities(self) -> list[str]:
+        """The capabilities in podfsm's own bounding set (what `ALL` and privileged give)."""
+
+    def host_devices(self) -> dict[str, tuple[str, int, int, int, int, int]]:
+        """Every device node under the host's /dev (but pts, shm, mqueue), by path: what a
+        privileged container gets."""
+
+    def platform(self) -> tuple[str, tuple[int, int]]:
+        """The machine (uname -m) and the kernel's (major, minor): the RuntimeDefault seccomp
+        profile depends on them."""
+
+    def host_device(self, path: str) -> tuple[str, int, int, int, int, int]:
+        """(c|b, major, minor, mode, uid, gid) of a device node; ValueError if not one."""
+
+    async def write_spec(self, container_id: str, spec: dict[str, Any]) -> None:
+        """Write config.json into the bundle."""
+
+    def remove_spec(self, container_id: str) -> None:
+        """Remove config.json. Idempotent."""
+
+    def read_spec(self, container_id: str) -> dict[str, Any] | None:
+        """The bundle's config.json, or None."""
+
+    def usage(self, container_id: str) -> tuple[int, int]:
+        """Bytes and inodes of the container's writable layer."""
+
+    async def create(self, runtime: str, container_id: str, name: str, log_path: str, *,
+                     tty: bool, stdin: bool) -> tuple[TaskInfo, TaskInfo]:
+        """Start the monitor, which runs the runtime's create: (init, monitor) processes."""
+
+    async def start(self, runtime: str, container_id: str) -> None:
+        """Runtime start."""
+
+    async def kill(self, runtime: str, container_id: str, sig: int) -> None:
+        """Signal the container (every process with SIGKILL). Gone is not an error."""
+
+    async def delete(self, runtime: str, container_id: str) -> None:
+        """Runtime delete --force. Idempotent."""
+
+    def exists(self, runtime: str, container_id: str) -> bool:
+        """Whether the runtime has this container."""
+
+    async def state(self, runtime: str, container_id: str) -> str | None:
+        """The runtime's status of the container (created, running, stopped) or None."""
+
+    def runtime_ids(self) -> dict[str, list[str]]:
+        """Handler -> the ids of the containers under its container root."""
+
+    def dir_ids(self) -> list[str]:
+        """The names of the containers' directories."""
+
+    def exit_of(self, container_id: str) -> Exit | None:
+        """The exit the monitor recorded (code, time, OOM), or None."""
+
+    async def wait_exit(self, monitor: TaskInfo) -> None:
+        """Return once the monitor process has exited (it records the exit first)."""
+
+    def alive(self, task: TaskInfo) -> bool:
+        """Whether the process `task` still runs (the same one, not a reuse of its pid)."""
+
+    async def reopen_log(self, container_id: str, log_path: str) -> None:
+        """Tell the monitor to reopen the log file (after a rotation); return once it has."""
+
+    async def exec_sync(self, runtime: str, container_id: str, process: dict[str, Any],
+                        timeout: float) -> tuple[int, str, str]:
+        """Run `process` in the container: (exit code, stdout, stderr); ExecTimeout."""
+
+    async def update(self, runtime: str, container_id: str, resources: dict[str, Any]
+                     ) -> None:
+        """Change the container's cgroup limits (runtime update)."""
+
+    async def read_lines(self, path: str, offset: int) -> tuple[list[str], int]:
+        """The whole lines of the log file `path` from byte `offset`, and the next offset."""

@@ -20,6 +20,7 @@ from podfsm.core.errors import PrerequisiteMissing
 from podfsm.core.failpoints import Failpoint
 from podfsm.drivers import linux
 from podfsm.drivers.base import (
+    ContainerDriver,
     HostDriver,
     ImageDriver,
     NamespaceDriver,
@@ -130,3 +131,13 @@ def images(cfg: ControllerConfig, failpoints: Mapping[str, Failpoint] | None = N
     plat = parse_platform(cfg.image_platform) if cfg.image_platform else None
     return LocalImages(cfg.images_dir, cfg.registry_config_dir, platform=plat,
                        timeout=cfg.registry_timeout, failpoints=failpoints)
+
+
+def containers(cfg: ControllerConfig) -> ContainerDriver:
+    """The containers' driver: directories under <state_dir>/containers, runtimes under
+    conmon, overlay lowers from the image store's layers."""
+    from podfsm.drivers.containers import LocalContainers
+
+    return LocalContainers(os.path.join(cfg.state_dir, "containers"), cfg.run_dir,
+                           os.path.join(cfg.images_dir, "layers"),
+                           command_timeout=cfg.command_timeout)

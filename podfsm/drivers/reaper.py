@@ -153,8 +153,15 @@ def _mount_workaround() -> None:
     exec, which is safe only because this process is single-threaded.
     """
     linux.unshare(linux.CLONE_NEWNS)
-    # Nothing the runtime mounts may propagate back to the host.
-    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    cgroup_root = os.path.dirname(_CGROUP2_HYBRID_MOUNT)
+    if _is_mountpoint(cgroup_root):
+        # Only the cgroup tree is cut off from the host (so the unmount below cannot propagate
+        # back through a shared parent); the rest keeps the host's propagation, as runc's
+        # does: a container's bidirectional (rshared) and host-to-container (rslave) mounts
+        # work on crun too.
+        linux.mount(None, cgroup_root, None, linux.MS_REC | linux.MS_PRIVATE)
+    else:
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     if _is_mountpoint(_CGROUP2_HYBRID_MOUNT):
         linux.umount2(_CGROUP2_HYBRID_MOUNT, linux.MNT_DETACH)
 

@@ -258,6 +258,11 @@ class OciRuntime(PauseTasks):
         """Disconnect; containers and the reaper keep running."""
         await self._reaper.close()
 
+    @property
+    def resolved_binary(self) -> str | None:
+        """The runtime binary found at start() (None before): containers run it too."""
+        return self._resolved
+
     # -- paths -------------------------------------------------------------------------------
 
     def bundle_path(self, container_id: str) -> str:

@@ -115,6 +115,10 @@ def migrate(
     return data
 
 
+#: the state dir's mode: searchable, not listable, by others (see FileStore.open)
+STATE_DIR_MODE = 0o711
+
+
 class FileStore:
     """Store implementation on the local filesystem."""
 
@@ -137,8 +141,13 @@ class FileStore:
         """Create the directories and take the controller lock (non-blocking). Raises
         ControllerLocked when another controller holds it, StateDirError when the state dir
         cannot be used (missing and not creatable, read-only)."""
-        linux.secure_dir(self.state_dir, 0o700, "state dir")
+        # 0711: a user-namespaced container's root (a high host uid) walks through it to its
+        # rootfs under containers/; nothing in it can be listed, the records stay 0700
+        linux.secure_dir(self.state_dir, STATE_DIR_MODE, "state dir")
         try:
+            mode = stat.S_IMODE(os.stat(self.state_dir).st_mode)
+            if mode & 0o011 != 0o011:  # one made 0700 by an older podfsm
+                os.chmod(self.state_dir, mode | 0o011)
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             self._lock_fd = linux.lock_dir(self.state_dir, "lock", "state dir")
         except OSError as exc:

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unpack", action="store_true",
                    help="instead: the image layer extractor's throughput next to GNU tar's on "
                         "a busybox layer and a synthetic 95 MB one (see docs/images.md)")
+    p.add_argument("--containers", action="store_true",
+                   help="instead: pod + one container (busybox sleep) created, started, stopped "
+                        "and removed, beside the pods-only baseline (see docs/containers.md)")
     p.add_argument("--unpack-dir", metavar="DIR",
                    help="with --unpack: unpack under DIR (default: the temporary directory)")
     p.set_defaults(run=_bench)

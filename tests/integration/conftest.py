@@ -96,6 +96,36 @@ class Env:
                              capture_output=True, text=True, check=False).stdout
         return out.split()
 
+    def workload_containers(self) -> list[str]:
+        """The containers (not pauses) under this env's container roots, every handler's."""
+        out: list[str] = []
+        for rt in ("runc", "crun"):
+            root = os.path.join(self.cfg.run_dir, "containers", rt)
+            if os.path.isdir(root):
+                out += subprocess.run([rt, "--root", root, "list", "-q"], capture_output=True,
+                                      text=True, check=False).stdout.split()
+        return out
+
+    def conmons(self) -> list[int]:
+        """Live conmon processes monitoring a container of this env."""
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"conmon") and any(
+                    self.tmp.encode() in a for a in argv):
+                found.append(int(name))
+        return found
+
+    def container_dirs(self) -> list[str]:
+        d = os.path.join(self.cfg.state_dir, "containers")
+        return os.listdir(d) if os.path.isdir(d) else []
+
     def leftovers(self) -> dict[str, list[Any]]:
         """Everything a finished sandbox must not leave; empty lists when clean."""
         pins = [os.path.join(self.cfg.netns_dir, n) for n in os.listdir(self.cfg.netns_dir)]
@@ -105,10 +135,12 @@ class Env:
         bundles = os.listdir(bundles_dir) if os.path.isdir(bundles_dir) else []
         records_dir = os.path.join(self.cfg.state_dir, "sandboxes")
         records = os.listdir(records_dir) if os.path.isdir(records_dir) else []
-        found = {
+        found: dict[str, list[Any]] = {
             "netns pins": pins, "userns pin dirs": userns, "mounts": self.mounts(),
             "reservations": self.reservations(), "containers": self.containers(),
             "pause processes": self.pause_processes(), "bundles": bundles, "records": records,
+            "workload containers": self.workload_containers(), "conmons": self.conmons(),
+            "container dirs": self.container_dirs(),
         }
         return {k: v for k, v in found.items() if v}
 
@@ -212,7 +244,12 @@ def destroy_env(env: Env) -> None:
     for cid in env.containers():
         subprocess.run([env.cfg.runtime, "--root", env.runtime_root, "delete", "-f", cid],
                        capture_output=True, check=False)
-    for pid in env.pause_processes():
+    for rt in ("runc", "crun"):
+        root = os.path.join(env.cfg.run_dir, "containers", rt)
+        for cid in env.workload_containers():
+            subprocess.run([rt, "--root", root, "delete", "-f", cid], capture_output=True,
+                           check=False)
+    for pid in env.pause_processes() + env.conmons():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
     # the network is this test's own: its whole IPAM store goes

@@ -37,10 +37,23 @@ async def test_directories_are_created_with_tight_modes() -> None:
     try:
         async with env.controller():
             pass
-        assert _mode(env.cfg.state_dir) == 0o700
+        assert _mode(env.cfg.state_dir) == 0o711  # searchable: a userns container's rootfs
+        assert _mode(os.path.join(env.cfg.state_dir, "sandboxes")) == 0o700
         assert _mode(env.cfg.run_dir) == 0o711
         assert _mode(env.cfg.netns_dir) == 0o755
         assert _mode(os.path.join(env.cfg.run_dir, reaper.EXITS_DIR)) == 0o700
+    finally:
+        destroy_env(env)
+
+
+async def test_a_state_dir_made_0700_by_an_older_podfsm_is_given_the_search_bits() -> None:
+    env = make_env("runc")
+    try:
+        os.makedirs(env.cfg.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(env.cfg.state_dir, 0o700)
+        async with env.controller():
+            pass
+        assert _mode(env.cfg.state_dir) == 0o711  # a userns container's root walks through
     finally:
         destroy_env(env)
 

@@ -249,11 +249,17 @@ async def test_every_error_code(rig: Rig, sock_dir: str) -> None:
         assert "create_container" in msg and "fake runtime.create failure" in msg
         rig.faults.fail.clear()
         assert [s.name for s in await world.ctl.list_sandboxes()] == ["dup"]  # nothing of "f"
-        for call in (rt.CreateContainer(pb.CreateContainerRequest()),
-                     rt.ListContainers(pb.ListContainersRequest()),
-                     rt.ExecSync(pb.ExecSyncRequest())):
+        for call in (rt.Exec(pb.ExecRequest()), rt.Attach(pb.AttachRequest()),
+                     rt.PortForward(pb.PortForwardRequest())):
             code, msg = await code_of(call)
-            assert code is grpc.StatusCode.UNIMPLEMENTED and "pod sandboxes only" in msg
+            assert code is grpc.StatusCode.UNIMPLEMENTED and "later issue" in msg
+        # a container config without metadata and image is refused naming them
+        code, msg = await code_of(rt.CreateContainer(pb.CreateContainerRequest()))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "metadata.name" in msg and "image.image" in msg, msg
+        code, msg = await code_of(rt.ContainerStatus(pb.ContainerStatusRequest(
+            container_id="nope")))
+        assert code is grpc.StatusCode.NOT_FOUND and "not found" in msg
         world.ctl.recovering = True
         try:
             for call in (rt.Version(pb.VersionRequest()),

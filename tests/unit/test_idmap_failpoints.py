@@ -34,7 +34,9 @@ def test_full_pool_is_refused_with_a_message() -> None:
 
 
 def test_failpoint_names_cover_before_and_after_every_step() -> None:
-    assert len(failpoints.NAMES) == 2 * len(failpoints.STEPS + failpoints.IMAGE_STEPS)
+    assert len(failpoints.NAMES) == 2 * len(failpoints.STEPS + failpoints.IMAGE_STEPS
+                                            + failpoints.CONTAINER_STEPS)
+    assert "container_start_monitor.after" in failpoints.NAMES
     assert "unpack_layer.before" in failpoints.NAMES
     assert not any(n.startswith("unpack_layer") for n in failpoints.SANDBOX_NAMES)
     assert "cni_add.before" in failpoints.NAMES and "runtime_start.after" in failpoints.NAMES

@@ -152,7 +152,7 @@ def image(img: ImageRecord) -> pb.Image:
 
 def container_event(ev: LifecycleEvent, config: PodSandboxConfig) -> pb.ContainerEventResponse:
     return pb.ContainerEventResponse(
-        container_id=ev.status.id, container_event_type=EVENT_TYPES[ev.kind],
+        container_id=ev.container_id or ev.status.id, container_event_type=EVENT_TYPES[ev.kind],
         created_at=ns(ev.at), pod_sandbox_status=sandbox_status(ev.status, config))
 
 

@@ -3,10 +3,13 @@ sandboxes, each RPC one Controller call (see docs/cri.md).
 
 Served: Version, Status, RuntimeConfig, UpdateRuntimeConfig, RunPodSandbox, StopPodSandbox,
 RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSandboxStats,
-GetContainerEvents (sandbox events), the whole ImageService (PullImage, ListImages,
-ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md) and, with a streaming server,
-PortForward (its URL; see docs/streaming.md). Every other RPC answers UNIMPLEMENTED:
-containers arrive later.
+GetContainerEvents (sandbox and container events), the container RPCs (faces/cri/containers.py:
+CreateContainer, StartContainer, StopContainer, RemoveContainer, ListContainers,
+ContainerStatus, ContainerStats, ListContainerStats, UpdateContainerResources,
+ReopenContainerLog, ExecSync; see docs/containers.md), the whole ImageService (PullImage,
+ListImages, ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md) and, with a streaming
+server, PortForward (its URL; see docs/streaming.md). Every other RPC (Exec, Attach) answers
+UNIMPLEMENTED.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
@@ -43,6 +46,7 @@ from podfsm import __version__
 from podfsm.controller import Controller
 from podfsm.controller.calls import CallGroup
 from podfsm.core.errors import (
+    ContainerNotFound,
     ImageInUse,
     ImageNotFound,
     ImageNotInRegistry,
@@ -59,6 +63,7 @@ from podfsm.core.errors import (
 from podfsm.core.registryhosts import auth_from_cri
 from podfsm.core.states import State
 from podfsm.faces.cri import convert
+from podfsm.faces.cri.containers import ContainerRpcs
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
 from podfsm.faces.stream import PortForwardRequest, StreamServer
 from podfsm.faces.stream.tokens import CacheFull
@@ -70,8 +75,8 @@ SOCKET_MODE = 0o660
 #: The CRI API version this server speaks (VersionResponse.version is the kubelet API's).
 KUBELET_API_VERSION = "0.1.0"
 RUNTIME_NAME = "podfsm"
-ONLY_SANDBOXES = ("podfsm runs pod sandboxes only (RunPodSandbox and its kin): {rpc} belongs "
-                  "to a container runtime beside it")
+ONLY_SANDBOXES = ("podfsm does not serve {rpc} yet (streaming: Exec and Attach "
+                  "arrive with a later issue)")
 
 R = TypeVar("R")
 Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
@@ -85,7 +90,8 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound | ImageNotFound | ImageNotInRegistry):
+    if isinstance(exc, SandboxNotFound | ImageNotFound | ImageNotInRegistry
+                  | ContainerNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION
@@ -126,8 +132,8 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
     return call
 
 
-class RuntimeService(pb_grpc.RuntimeServiceServicer):
-    """runtime.v1.RuntimeService for pod sandboxes."""
+class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
+    """runtime.v1.RuntimeService: pod sandboxes here, containers in ContainerRpcs."""
 
     def __init__(self, ctl: Controller, stream: StreamServer | None = None) -> None:
         self.ctl = ctl
@@ -311,6 +317,12 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.serving = False
         for scope in list(self._streams):
             scope.cancel()
+
+
+# the container RPCs (faces/cri/containers.py) get the same refusal and error mapping
+for _name, _fn in list(vars(ContainerRpcs).items()):
+    if _name[:1].isupper() and callable(_fn):
+        setattr(RuntimeService, _name, _rpc(_fn))
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
