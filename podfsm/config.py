@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from podfsm.core.paths import normalised_problem
+
 DEFAULT_CNI_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 # Pod user namespaces are handed 65536-id ranges from here; 0-65535 always stays with the host.
 DEFAULT_IDMAP_POOL_START = 1 << 20
@@ -88,4 +90,8 @@ class ControllerConfig(BaseModel):
                 continue
             if not os.path.isabs(value):
                 raise ValueError(f"{name} must be an absolute path, got {value!r}")
+        # the pod's cgroup_parent is compared with it as a string (see core.paths)
+        problem = normalised_problem(self.cgroup_root)
+        if problem is not None:
+            raise ValueError(f"cgroup_root {self.cgroup_root!r} {problem}")
         return self

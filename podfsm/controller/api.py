@@ -16,12 +16,14 @@ from podfsm.controller.base import Subscriber
 from podfsm.controller.containers import Containers
 from podfsm.controller.images import ImageManager
 from podfsm.controller.recovery import Recovery
+from podfsm.core import sizes
 from podfsm.core.errors import (
     ImageInUse,
     InvalidPodConfig,
     PodfsmError,
     PrerequisiteMissing,
     SandboxNotFound,
+    id_problem,
 )
 from podfsm.core.images import ImageRecord
 from podfsm.core.records import (
@@ -117,6 +119,9 @@ class Controller(Containers, Recovery):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # Calls in flight end first (a run unwinds, a stop or remove is finished), while the
+        # drivers they use still work.
+        await self._calls.aclose()
         for sub in list(self._subscribers):
             sub.close()
         for lsub in list(self._lifecycle_subscribers):
@@ -130,7 +135,15 @@ class Controller(Containers, Recovery):
 
         `runtime_handler` names the OCI runtime of this sandbox ("runc" or "crun", one of
         `runtime_handlers`); None or "" means the configured default. An unknown one is
-        refused with InvalidPodConfig before anything is made."""
+        refused with InvalidPodConfig before anything is made.
+
+        A caller cancelled meanwhile (by anyio or natively: `asyncio.timeout`, grpc.aio) gets
+        its cancellation once the run has been unwound as a failed run is, or has finished if
+        the cancellation came after its last step (see podfsm.controller.calls)."""
+        return await self._calls.run(self._run_sandbox, config, runtime_handler)
+
+    async def _run_sandbox(self, config: PodSandboxConfig | dict[str, Any],
+                           runtime_handler: str | None) -> SandboxStatus:
         pod = config if isinstance(config, PodSandboxConfig) else parse_pod_config(config)
         handler = runtime_handler or self._rt.name
         if handler not in self._runtimes:
@@ -181,7 +194,10 @@ class Controller(Containers, Recovery):
 
     def resolve_id(self, id_or_prefix: str) -> str:
         """The id of the sandbox whose id is `id_or_prefix`, or the only one that starts with
-        it (crictl sends truncated ids). Raises SandboxNotFound when none or several match."""
+        it (crictl sends truncated ids). Raises SandboxNotFound when none or several match,
+        and at once, before any lookup, when it is no id nor a prefix of one."""
+        if id_problem(id_or_prefix) is not None:
+            raise SandboxNotFound(id_or_prefix)
         if id_or_prefix in self._sandboxes:
             return id_or_prefix
         found = [i for i in self._sandboxes if id_or_prefix and i.startswith(id_or_prefix)]
@@ -224,12 +240,16 @@ class Controller(Containers, Recovery):
             with contextlib.suppress(PodfsmError, OSError):
                 ifaces = await self._net.interfaces(rec.namespaces.netns_path)
         default = rec.network.ifname if rec.network else ""
+        # the default interface first, and at most MAX_STATS_INTERFACES: a pod's entry in a
+        # ListPodSandboxStats answer stays within what core.sizes counts for it
+        ifaces = sorted((i for i in ifaces if i.name != "lo"), key=lambda i: i.name != default)
+        ifaces = ifaces[:sizes.MAX_STATS_INTERFACES]
         return SandboxStats(
             id=sandbox_id, timestamp_ns=time.time_ns(), cgroup=cgroup,
             default_interface=default,
             interfaces=[InterfaceStats(name=i.name, rx_bytes=i.rx_bytes, rx_errors=i.rx_errors,
                                        tx_bytes=i.tx_bytes, tx_errors=i.tx_errors)
-                        for i in ifaces if i.name != "lo"],
+                        for i in ifaces],
         )
 
     async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]:
@@ -337,7 +357,11 @@ class Controller(Containers, Recovery):
         return [await self._image_manager.usage()]
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
-        """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error."""
+        """Kill the task, CNI DEL, unpin: NotReady. Idempotent; an unknown id is not an error.
+        Once begun, a stop is finished, also when its caller is cancelled meanwhile."""
+        await self._calls.run(self._stop_sandbox, sandbox_id)
+
+    async def _stop_sandbox(self, sandbox_id: str) -> None:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             return
@@ -349,7 +373,11 @@ class Controller(Containers, Recovery):
                     await self._stop(sb)
 
     async def remove_sandbox(self, sandbox_id: str) -> None:
-        """Stop if needed, delete everything; the sandbox disappears. Idempotent."""
+        """Stop if needed, delete everything; the sandbox disappears. Idempotent. Once begun,
+        a remove is finished, also when its caller is cancelled meanwhile."""
+        await self._calls.run(self._remove_sandbox, sandbox_id)
+
+    async def _remove_sandbox(self, sandbox_id: str) -> None:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             return

@@ -20,8 +20,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from podfsm.config import ControllerConfig
+from podfsm.controller.calls import CallGroup
 from podfsm.core import failpoints as fp
+from podfsm.core import sizes
 from podfsm.core.errors import PodfsmError, SandboxRunError, StepFailed
+from podfsm.core.ocispec import cgroup_parent_path
 from podfsm.core.records import (
     HistoryEntry,
     LifecycleEvent,
@@ -65,8 +68,12 @@ class Sandbox:
     lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     supervisor: anyio.CancelScope | None = None
     removed: bool = False
+    #: the runtime's `create` of the pause is under way (it makes the cgroup parent)
+    creating: bool = False
     #: transitions not yet published (see Controller._save)
     unpublished: list[HistoryEntry] = field(default_factory=list)
+    #: what the sandbox takes of a list answer (podfsm.core.sizes.list_entry_bytes)
+    list_bytes: int = 0
 
 
 @dataclass
@@ -108,13 +115,16 @@ class ControllerBase:
         spec = os.environ.get("PODFSM_FAILPOINTS", "") if failpoints is None else failpoints
         self._failpoints = fp.parse(spec)
         self._sandboxes: dict[str, Sandbox] = {}
-        self._names: dict[str, str] = {}  # reserved name -> sandbox id
+        #: reserved name (name, namespace, uid, attempt) -> sandbox id
+        self._names: dict[tuple[str, str, str, int], str] = {}
         # fast_acquire, here and on each sandbox's lock: a free token or lock is taken without
         # a trip through the event loop (a checkpoint per acquisition cost ~50 us of CPU, five
         # a lifecycle); every holder awaits I/O soon after, so nobody starves.
         self._limiter = anyio.Semaphore(cfg.max_parallel, fast_acquire=True)
         self._tg: TaskGroup | None = None
         self._exit_stack = contextlib.AsyncExitStack()
+        #: run, stop and remove in flight, each in a task its caller cannot cancel natively
+        self._calls = CallGroup("controller")
         self._subscribers: set[Subscriber[TransitionEvent]] = set()
         self._lifecycle_subscribers: set[Subscriber[LifecycleEvent]] = set()
         self._backlog: deque[TransitionEvent] = deque(maxlen=EVENT_BACKLOG)
@@ -128,6 +138,15 @@ class ControllerBase:
     def runtime_handlers(self) -> list[str]:
         """The names of the installed runtime handlers, the default one first."""
         return list(self._runtimes)
+
+    def user_namespaces_problem(self, handler: str) -> str | None:
+        """None when handler `handler` runs user-namespaced pods' containers: podfsm idmaps
+        their rootfs and volumes itself (runc 1.1 ignores OCI mount idmaps), so what it takes
+        is the kernel's support, the same for runc and crun, which both join the pod's user
+        namespace by path. Else why not (what the CRI Status reports as false)."""
+        if handler not in self._runtimes:
+            return f"runtime handler {handler!r} is not installed"
+        return factory.user_namespaces_problem() if self._real else None
 
     def _runtime(self, name: str) -> RuntimeDriver:
         """The driver of runtime handler `name` (a sandbox's own, from its record)."""
@@ -158,8 +177,27 @@ class ControllerBase:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "shm")
 
     def cgroup_parent(self, rec: SandboxRecord) -> str:
-        """The cgroup parent of the sandbox's pause: the pod's, else the configured root."""
-        return rec.config.linux.cgroup_parent.rstrip("/") or self.config.cgroup_root
+        """The cgroup parent of the sandbox's pause: the pod's, else the configured root, as
+        the runtime is given it and the teardown removes it (ocispec.cgroup_parent_path)."""
+        return cgroup_parent_path(rec.config.linux.cgroup_parent, self.config.cgroup_root)
+
+    def _others(self, sb: Sandbox) -> list[Sandbox]:
+        """Every sandbox but `sb` (admitted, running or being removed)."""
+        return [s for s in self._sandboxes.values() if s is not sb]
+
+    def _log_directories_in_use(self, sb: Sandbox) -> tuple[list[str], list[str]]:
+        """What the other sandboxes use of the host's directories for logs: their log
+        directories and the directories podfsm made for them, symlinks resolved; and the log
+        directories, as named, of those whose files are not made yet (or whose record, of an
+        older podfsm, does not say how they resolved)."""
+        resolved, named = [], []
+        for s in self._others(sb):
+            files = s.record.files
+            if files is not None and files.log_directory_real:
+                resolved += [files.log_directory_real, *files.log_directories_made]
+            elif s.record.config.log_directory:
+                named.append(s.record.config.log_directory)
+        return resolved, named
 
     def userns_pin_path(self, sandbox_id: str) -> str:
         return os.path.join(self.sandbox_run_dir(sandbox_id), "userns")
@@ -175,14 +213,21 @@ class ControllerBase:
         about to disappear: its events are held until it is gone from status and list (see
         _forget), so whoever reacts to an event by asking for the status sees it gone."""
         events: list[HistoryEntry] = []
+        entry_error = sizes.clip(error, sizes.MAX_ENTRY_ERROR)
         for trig in triggers:
             source = sb.machine.current
             dest = sb.machine.fire(trig)
             events.append(HistoryEntry(source=source.value, dest=dest.value,
-                                       trigger=trig.value, at=now(), error=error))
+                                       trigger=trig.value, at=now(), error=entry_error))
         if events:
             changes["state"] = sb.machine.current
-            changes["history"] = [*sb.record.history, *events]
+            # the newest transitions only: a record's size stays bounded (core.sizes)
+            changes["history"] = [*sb.record.history, *events][-sizes.MAX_HISTORY:]
+        if "last_error" in changes:
+            changes["last_error"] = sizes.clip(changes["last_error"], sizes.MAX_LAST_ERROR)
+        if changes.get("leftovers"):
+            changes["leftovers"] = [sizes.clip(x, sizes.MAX_ENTRY_ERROR) or "" for x in
+                                    changes["leftovers"][:sizes.MAX_LEFTOVERS]]
         sb.record = sb.record.evolve(**changes)
         sb.unpublished.extend(events)
         try:

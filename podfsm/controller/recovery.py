@@ -18,15 +18,20 @@ from podfsm.controller.base import (
     now,
 )
 from podfsm.controller.run import Run
-from podfsm.core import steps
+from podfsm.core import paths, sizes, steps
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import PinnedNamespaces, SandboxRecord
-from podfsm.core.requests import NetworkRequest
+from podfsm.core.requests import NetworkRequest, SetAside
+from podfsm.core.spec import parse_pod_config
 from podfsm.core.states import State, Trigger
 from podfsm.core.steps import Compensation
 from podfsm.engine import SandboxMachine
 
 log = logging.getLogger(__name__)
+
+#: the label of the stand-in of a sandbox whose record was set aside (see _keep_set_aside):
+#: `crictl pods --label podfsm.io/set-aside=true` lists them
+SET_ASIDE_LABEL = "podfsm.io/set-aside"
 
 
 class Recovery(Run):
@@ -40,9 +45,12 @@ class Recovery(Run):
         self._set_aside_ids = {s.sandbox_id for s in set_aside
                                if SANDBOX_ID.match(s.sandbox_id)}
         for rec in records:
-            sb = Sandbox(rec, SandboxMachine(rec.state))
+            sb = Sandbox(rec, SandboxMachine(rec.state),
+                         list_bytes=sizes.list_entry_bytes(rec.config))
             self._sandboxes[rec.id] = sb
             self._names[rec.config.reserved_name] = rec.id
+            if _is_stand_in(rec):  # reported at every start until removed
+                self.recovery_problems.append(f"sandbox {rec.id}: {rec.last_error}")
         # What the runtime and the IPAM store say, asked once for all sandboxes: one
         # `runtime list` and one directory read instead of a runtime call and a CNI CHECK per
         # sandbox (which made a restart with 250 sandboxes take 3 s).
@@ -50,10 +58,63 @@ class Recovery(Run):
         for name, rt in self._runtimes.items():
             states[name] = await rt.states()
         world = _World(states, await self._net.reserved_container_ids())
+        for kept in set_aside:
+            await self._keep_set_aside(kept, world)
         async with anyio.create_task_group() as tg:
             for sb in list(self._sandboxes.values()):
                 tg.start_soon(self._recover_one, sb, world)
         await self._collect_orphans()
+
+    async def _keep_set_aside(self, kept: SetAside, world: _World) -> None:
+        """A record that could not be used is never taken for an orphan's: what its sandbox
+        has on the system (its pause, its namespaces, its address) stays as found, under a
+        stand-in record that lists it NotReady, named `set-aside-<id>` in namespace `podfsm`
+        with the label SET_ASIDE_LABEL, its last_error saying why, unsupervised, until a client
+        removes it (a removal tears down what an orphan's collection would: the container in
+        its runtime, the pod's network and pins, its run directory). The stand-in is written,
+        so the next start keeps it too. With no container, pin nor address of it on the system
+        there is nothing to keep: its files are collected as an orphan's."""
+        sid = kept.sandbox_id
+        if not SANDBOX_ID.match(sid) or sid in self._sandboxes:
+            return
+        handler = next((name for name, found in world.runtime_states.items() if sid in found),
+                       None)
+        netns, userns = self.netns_pin_path(sid), self.userns_pin_path(sid)
+        has_netns, has_userns = self._ns.pins_exist(netns), self._ns.pins_exist(userns)
+        reserved = sid in world.reserved
+        if not (handler or has_netns or has_userns or reserved):
+            return  # files alone (a bundle, a run directory): collected as an orphan's
+        has_bundle = sid in self._rt.bundle_ids()
+        # the cgroup parent the pause was given, from its bundle: removal takes it away too
+        spec = self._host.runtime_spec(self._rt.bundle_path(sid)) if has_bundle else None
+        path = str(((spec or {}).get("linux") or {}).get("cgroupsPath") or "")
+        parent = os.path.dirname(path) if path.endswith("/" + sid) else ""
+        root = self.config.cgroup_root
+        if parent != root and not parent.startswith(root + "/"):
+            parent = ""
+        network = "POD" if has_netns or reserved else "NODE"
+        config = parse_pod_config({
+            "metadata": {"name": f"set-aside-{sid[:12]}", "namespace": "podfsm", "uid": sid},
+            "labels": {SET_ASIDE_LABEL: "true"},
+            "linux": {"cgroup_parent": parent, "security_context": {
+                "namespace_options": {"network": network}}}})
+        why = (f"its record was set aside at start-up ({kept.problem}); what it has on the "
+               "system is kept as found, unsupervised: remove the sandbox to tear it down")
+        rec = SandboxRecord(id=sid, config=config, state=State.NOT_READY, created_at=now(),
+                            runtime=handler or self._rt.name,
+                            container_created=bool(handler) or has_bundle,
+                            planned_netns_path=netns if has_netns else None,
+                            planned_userns_path=userns if has_userns else None,
+                            last_error=sizes.clip(why, sizes.MAX_LAST_ERROR))
+        log.error("sandbox %s: %s", sid, why)
+        self.recovery_problems.append(f"sandbox {sid}: {why}")
+        try:
+            await self._store_save(rec, durable=True)
+        except PodfsmError as exc:
+            self.recovery_problems.append(f"sandbox {sid}: its stand-in record: {exc}")
+        self._sandboxes[sid] = Sandbox(rec, SandboxMachine(State.NOT_READY),
+                                       list_bytes=sizes.list_entry_bytes(config))
+        self._set_aside_ids.discard(sid)
 
     def _record_problem(self, rec: SandboxRecord) -> str | None:
         """Why a loaded record must not be acted on, or None. Its id must be a sandbox id and
@@ -70,6 +131,12 @@ class Recovery(Run):
                                    ("userns path", ns.userns_path, userns)):
             if value is not None and value != want:
                 return f"its {label} {value!r} is not the one podfsm uses ({want})"
+        files = rec.files
+        if files is not None and any(not paths.within(files.log_directory_real, d)
+                                     for d in files.log_directories_made):
+            # removal takes these: only the log directory and directories above it
+            return (f"its log directories made {files.log_directories_made!r} are not "
+                    f"{files.log_directory_real!r} or above it")
         return None
 
     async def _recover_one(self, sb: Sandbox, world: _World) -> None:
@@ -130,7 +197,8 @@ class Recovery(Run):
 
         What is ours: containers in our own runtime root, sandbox run directories and bundles
         under our run_dir (every sandbox has a run directory from before its first system
-        step until after its record is gone), ids of records set aside as corrupt, and netns
+        step until after its record is gone), ids of records set aside as corrupt (of which
+        nothing was found on the system: else they are kept, see _keep_set_aside), and netns
         pins carrying our tag. For each such id: runtime delete, CNI DEL, unpin, directory.
         """
         known = set(self._sandboxes)
@@ -182,6 +250,13 @@ class Recovery(Run):
         if not failed:
             with contextlib.suppress(OSError):
                 self._host.remove_sandbox_dir(self.sandbox_run_dir(sid))
+
+
+def _is_stand_in(rec: SandboxRecord) -> bool:
+    """Whether `rec` is the stand-in _keep_set_aside wrote for a record set aside."""
+    md = rec.config.metadata
+    return (rec.config.labels.get(SET_ASIDE_LABEL) == "true" and md.uid == rec.id
+            and md.namespace == "podfsm" and md.name == f"set-aside-{rec.id[:12]}")
 
 
 @dataclass(frozen=True)

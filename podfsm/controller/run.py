@@ -13,11 +13,12 @@ import anyio
 
 from podfsm.controller.base import Sandbox, Undo, describe, now
 from podfsm.controller.teardown import Teardown
-from podfsm.core import idmap, steps
+from podfsm.core import idmap, paths, sizes, steps
 from podfsm.core.errors import (
     IdRangeUnavailable,
     InvalidPodConfig,
     NameReserved,
+    NodeFull,
     PodfsmError,
     SandboxRunError,
     StateDirError,
@@ -46,8 +47,10 @@ class Run(Teardown):
         existing = self._names.get(pod.reserved_name)
         if existing is not None:
             raise NameReserved(pod.reserved_name, existing)
+        list_bytes = self._check_list_budget(pod)
         self._check_host_support(pod)
         self._check_cgroup_parent(pod)
+        self._check_log_directory(pod)
         uid_map, gid_map, allocated = self._id_ranges(pod)
         self._check_ids_mapped(pod, uid_map, gid_map)
         seccomp = self._seccomp(pod)
@@ -65,11 +68,32 @@ class Run(Teardown):
             pending=Trigger.SETUP_NAMESPACES.value,
             seccomp_profile=seccomp,
         )
-        sb = Sandbox(rec, SandboxMachine())
+        size = len(rec.model_dump_json().encode())
+        if size > sizes.ADMITTED_RECORD_BYTES:
+            raise InvalidPodConfig(
+                f"pod config too large: its record would take {size} bytes as JSON (the config, "
+                f"whose escaping doubles a backslash, and the seccomp profile), more than "
+                f"{sizes.ADMITTED_RECORD_BYTES}: the store keeps records of at most "
+                f"{sizes.MAX_RECORD_BYTES} bytes, what a sandbox's record gains included")
+        sb = Sandbox(rec, SandboxMachine(), list_bytes=list_bytes)
         sb.lock.acquire_nowait()
         self._sandboxes[sandbox_id] = sb
         self._names[pod.reserved_name] = sandbox_id
         return sb
+
+    def _check_list_budget(self, pod: PodSandboxConfig) -> int:
+        """What the pod would take of a list answer; NodeFull when the sandboxes there are
+        and this one would not fit in one a gRPC client receives (core.sizes)."""
+        need = sizes.list_entry_bytes(pod)
+        listed = sum(sb.list_bytes for sb in self._sandboxes.values())
+        if listed + need > sizes.LIST_BUDGET_BYTES:
+            raise NodeFull(
+                f"{len(self._sandboxes)} sandboxes take {listed} bytes of a list answer and "
+                f"this one would take {need} more (its metadata, labels and annotations), "
+                f"more than the {sizes.LIST_BUDGET_BYTES} a ListPodSandbox answer may carry "
+                f"(gRPC clients receive at most {sizes.GRPC_MAX_MESSAGE}): remove sandboxes "
+                "first")
+        return need
 
     def _check_host_support(self, pod: PodSandboxConfig) -> None:
         """Refusals that need a look at this host: a sysctl the kernel does not have; SELinux
@@ -92,12 +116,47 @@ class Run(Teardown):
                                    "this host and podfsm does not apply AppArmor profiles")
 
     def _check_cgroup_parent(self, pod: PodSandboxConfig) -> None:
-        parent = pod.linux.cgroup_parent.rstrip("/")
+        """The parent must be podfsm's cgroup root or below it, and not inside another
+        sandbox's cgroup (`<its parent>/<its id>`): a pod there counts against the other's
+        limits, and the other's cgroup could not be removed while it is there. (A parent above
+        another sandbox's cgroup is fine: removal never takes a parent another sandbox uses.)
+        The spec has refused every other spelling of a path (core.paths)."""
+        parent = pod.linux.cgroup_parent
         root = self.config.cgroup_root
-        if parent and parent != root and not parent.startswith(root + "/"):
+        if parent and not paths.within(parent, root):
             raise InvalidPodConfig(
-                f"linux.cgroup_parent {pod.linux.cgroup_parent!r} is not under podfsm's cgroup "
-                f"root {root} (ControllerConfig.cgroup_root)")
+                f"linux.cgroup_parent {parent!r} is not under podfsm's cgroup root {root} "
+                "(ControllerConfig.cgroup_root)")
+        for sb in self._sandboxes.values():
+            theirs = f"{self.cgroup_parent(sb.record)}/{sb.record.id}"
+            if parent and paths.within(parent, theirs):
+                raise InvalidPodConfig(
+                    f"linux.cgroup_parent {parent!r} is inside the cgroup of sandbox "
+                    f"{sb.record.id}: a pod's cgroup holds that pod only")
+
+    def _log_directory_problem(self, log_directory: str, real: str) -> str | None:
+        """Why a log directory (as named, and as it resolves) may not be used, or None: it
+        must not lie inside podfsm's own directories (a directory made among the records
+        stopped the next start) nor, through a symlink, in a kernel pseudo-filesystem."""
+        cfg = self.config
+        for label, top in (("state_dir", cfg.state_dir), ("run_dir", cfg.run_dir),
+                           ("netns_dir", cfg.netns_dir),
+                           *(("kernel pseudo-filesystem", d) for d in paths.SYSTEM_DIRS)):
+            tops = {paths.clean(top), self._host.real_path(top)}
+            if any(paths.within(p, t) for p in (log_directory, real) for t in tops):
+                shown = "" if real == log_directory else f" (resolved: {real!r})"
+                return (f"log_directory {log_directory!r}{shown} is inside podfsm's {label} "
+                        f"{top}: a pod's logs have no place there" if label.endswith("dir")
+                        else f"log_directory {log_directory!r}{shown} is inside {top}, a "
+                        f"{label}: no place for logs")
+        return None
+
+    def _check_log_directory(self, pod: PodSandboxConfig) -> None:
+        if pod.log_directory:
+            problem = self._log_directory_problem(
+                pod.log_directory, self._host.real_path(pod.log_directory))
+            if problem is not None:
+                raise InvalidPodConfig(problem)
 
     @staticmethod
     def _check_ids_mapped(pod: PodSandboxConfig, uid_map: IDMapping | None,
@@ -133,14 +192,17 @@ class Run(Teardown):
                  else "linux.security_context.seccomp_profile_path")
         if not os.path.isabs(path):
             raise InvalidPodConfig(f"{where} {path!r} must be an absolute path")
+        # Every refusal says why in words, never quoting the file, and a path that is missing,
+        # a directory, a device or unreadable gets one answer (the driver's): a client learns
+        # nothing of the host's files from it.
         try:
             text = self._host.read_seccomp_profile(path, MAX_SECCOMP_PROFILE)
-            return seccomp_from_profile(text, path)
-        except OSError as exc:
-            raise InvalidPodConfig(f"{where}: cannot read the seccomp profile {path}: "
-                                   f"{exc.strerror}") from None
-        except ValueError as exc:
-            raise InvalidPodConfig(f"{where}: {exc}") from None
+            loaded = seccomp_from_profile(text)
+        except (OSError, ValueError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else "it is not a readable regular file"
+            raise InvalidPodConfig(f"{where}: the seccomp profile {path!r} cannot be used: "
+                                   f"{why}") from None
+        return loaded
 
     def _id_ranges(self, pod: PodSandboxConfig) -> tuple[IDMapping | None, IDMapping | None, bool]:
         if not pod.pod_userns:
@@ -182,15 +244,25 @@ class Run(Teardown):
     async def _run(self, sb: Sandbox) -> None:
         undo: list[Undo] = []
         step = Trigger.SETUP_NAMESPACES
+        # Every system step is shielded once begun (its work goes on elsewhere), so a caller's
+        # cancellation could find no unshielded await to land on and the run would simply go
+        # on to Ready: it is taken at each step boundary instead, and the run unwinds as a
+        # failed run does (as containerd's RunPodSandbox does when its client's context ends).
+        # Past the last boundary the run is finished: Ready, as its caller may learn later.
+        boundary = anyio.lowlevel.checkpoint_if_cancelled
         try:
+            await boundary()
             await self._first_save(sb)
             await self._setup_files(sb, undo)
             await self._setup_namespaces(sb, undo)
             step = Trigger.CREATE_CONTAINER
+            await boundary()
             await self._create_container(sb, undo)
             step = Trigger.START_TASK
+            await boundary()
             await self._start_task(sb, undo)
             step = Trigger.MARK_READY
+            await boundary()
             await self._mark_ready(sb)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -250,11 +322,18 @@ class Run(Teardown):
         with the next write; until then the teardown finds the tmpfs by its derived path."""
         undo.append(Undo(steps.REMOVE_FILES, lambda: self._remove_files(sb)))
         try:
-            files = await self._host.setup_files(self.sandbox_run_dir(sb.record.id),
-                                                 sb.record.config)
+            files = await self._host.setup_files(
+                self.sandbox_run_dir(sb.record.id), sb.record.config,
+                [d for s in self._others(sb) if s.record.files is not None
+                 for d in s.record.files.log_directories_made])
         except OSError as exc:
             raise StepFailed("sandbox files", describe(exc)) from exc
         sb.record = sb.record.evolve(files=files)
+        # admission looked at the path before; a symlink swapped in since is caught here
+        problem = (self._log_directory_problem(files.log_directory, files.log_directory_real)
+                   if files.log_directory else None)
+        if problem is not None:
+            raise StepFailed("sandbox files", problem)
 
     async def _setup_namespaces(self, sb: Sandbox, undo: list[Undo]) -> None:
         rec = sb.record
@@ -281,10 +360,11 @@ class Run(Teardown):
                                  f"{pinned.netns_owner_inode}, not the pod's "
                                  f"{pinned.userns_inode}")
         if pod.pod_netns:
+            await anyio.lowlevel.checkpoint_if_cancelled()  # the CNI ADD is a step of its own
             undo.append(Undo(steps.DETACH_NETWORK, lambda: self._teardown_network(sb)))
             async with self._failpoints_around("cni_add"):
-                # Not shielded: a cancelled ADD kills the running plugin, and CNI DEL
-                # (registered above) releases whatever it had done.
+                # Once sent, the ADD chain runs to its end in the reaper (shielded there, in
+                # the driver); the DEL registered above then releases whatever it did.
                 result = await self._net.attach(self._net_request(rec))
                 sb.record = rec.evolve(network=result)
         await self._save(sb, Trigger.SETUP_NAMESPACES, pending=Trigger.CREATE_CONTAINER.value)
@@ -298,27 +378,32 @@ class Run(Teardown):
             pod = rec.config
             sc = pod.linux.security_context
             rt = self._runtime(rec.runtime)
-            with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
-                task = await rt.create(PauseRequest(
-                    container_id=rec.id,
-                    hostname=pod.effective_hostname,
-                    netns_path=ns.netns_path if ns else None,
-                    userns_path=ns.userns_path if ns else None,
-                    uid_mapping=rec.uid_mapping,
-                    gid_mapping=rec.gid_mapping,
-                    cgroup_parent=self.cgroup_parent(rec),
-                    annotations=dict(pod.annotations),
-                    annotation_patterns=self.config.pod_annotations,
-                    sysctls=dict(pod.linux.sysctls),
-                    run_as_user=sc.run_as_user.value if sc.run_as_user else None,
-                    run_as_group=sc.run_as_group.value if sc.run_as_group else None,
-                    supplemental_groups=tuple(sc.supplemental_groups),
-                    seccomp=rec.seccomp_profile,
-                    host_pid=pod.host_pid,
-                    host_ipc=pod.host_ipc,
-                    files=rec.files,
-                    resources=pod.linux.resources,
-                ))
+            request = PauseRequest(
+                container_id=rec.id,
+                hostname=pod.effective_hostname,
+                netns_path=ns.netns_path if ns else None,
+                userns_path=ns.userns_path if ns else None,
+                uid_mapping=rec.uid_mapping,
+                gid_mapping=rec.gid_mapping,
+                cgroup_parent=self.cgroup_parent(rec),
+                annotations=dict(pod.annotations),
+                annotation_patterns=self.config.pod_annotations,
+                sysctls=dict(pod.linux.sysctls),
+                run_as_user=sc.run_as_user.value if sc.run_as_user else None,
+                run_as_group=sc.run_as_group.value if sc.run_as_group else None,
+                supplemental_groups=tuple(sc.supplemental_groups),
+                seccomp=rec.seccomp_profile,
+                host_pid=pod.host_pid,
+                host_ipc=pod.host_ipc,
+                files=rec.files,
+                resources=pod.linux.resources,
+            )
+            sb.creating = True
+            try:
+                with anyio.CancelScope(shield=True):  # `create` runs on in the reaper once sent
+                    task = await rt.create(request)
+            finally:
+                sb.creating = False
             sb.record = rec.evolve(container_created=True, task=task,
                                    bundle_path=rt.bundle_path(rec.id))
         await self._save(sb, Trigger.CREATE_CONTAINER, pending=Trigger.START_TASK.value)

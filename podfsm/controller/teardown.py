@@ -49,11 +49,18 @@ class Teardown(ControllerBase):
         rec = sb.record
         async with self._failpoints_around(steps.DELETE_CONTAINER.failpoint):
             await self._runtime(rec.runtime).delete(rec.id)
-            # The runtime removes only the container's own cgroup; the parents podfsm caused to
-            # exist under its cgroup root go too when no other pod uses them.
-            await self._host.remove_cgroup_parent(self.cgroup_parent(rec),
-                                                  self.config.cgroup_root)
             sb.record = sb.record.evolve(container_created=False, bundle_path=None)
+            # The runtime removes only the container's own cgroup; the parents podfsm caused to
+            # exist under its cgroup root go too when no other pod's container is in them. Only
+            # pods whose container exists or is being created count (one admitted but not
+            # created yet makes its parent at its create; one whose container is deleted
+            # beside this one must not keep it, or two
+            # unwinding pods of one parent each leave it to the other), and this pod counts as
+            # gone before the await, so of two teardowns side by side the later one removes it.
+            await self._host.remove_cgroup_parent(
+                self.cgroup_parent(rec), self.config.cgroup_root,
+                [self.cgroup_parent(s.record) for s in self._others(sb)
+                 if s.record.container_created or s.creating])
 
     async def _teardown_network(self, sb: Sandbox) -> None:
         rec = sb.record
@@ -75,7 +82,8 @@ class Teardown(ControllerBase):
         if files is None:  # a crash before the record named them: the tmpfs may be there
             await self._release_shm(sb)
             return
-        await self._host.remove_files(files)  # the tmpfs first, if still mounted
+        # the tmpfs first, if still mounted; no log directory another sandbox uses
+        await self._host.remove_files(files, *self._log_directories_in_use(sb))
         sb.record = sb.record.evolve(files=None)
 
     async def _teardown_namespaces(self, sb: Sandbox) -> None:

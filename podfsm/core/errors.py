@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+import re
+
+#: a sandbox id (64 lower-case hex digits, as containerd's) or a prefix of one (crictl sends
+#: truncated ids); whatever else a client sends as an id is never echoed
+ID_OR_PREFIX = re.compile(r"[0-9a-f]{1,64}")
+
+
+def id_problem(value: str) -> str | None:
+    """None when `value` can be a sandbox id or a prefix of one; else why not, in words that
+    do not quote it (an id from a client may be of any length and hold anything)."""
+    if ID_OR_PREFIX.fullmatch(value):
+        return None
+    what = "empty" if not value else f"{len(value)} character{'s' if len(value) > 1 else ''}"
+    return f"not a sandbox id ({what}; an id is 64 lower-case hex digits, or a prefix of them)"
+
+
+def shown_id(value: str) -> str:
+    """`value` quoted when it can be a sandbox id or a prefix of one, else described."""
+    problem = id_problem(value)
+    return repr(value) if problem is None else f"<{problem}>"
+
 
 class PodfsmError(Exception):
     """Base class of every error podfsm raises on purpose."""
@@ -18,11 +39,24 @@ class IdRangeUnavailable(InvalidPodConfig):
     the config alone: the same request may succeed once they are removed."""
 
 
-class NameReserved(PodfsmError):
-    """A sandbox with the same metadata name, namespace and attempt already exists."""
+class NodeFull(InvalidPodConfig):
+    """The sandboxes that exist already take what one list answer may carry (see
+    podfsm.core.sizes): one more could not be listed by a gRPC client. Refused before anything
+    is created; the same request may succeed once some are removed (HTTP 409, gRPC
+    RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, name: str, existing_id: str) -> None:
-        super().__init__(f"pod sandbox name {name!r} is reserved for sandbox {existing_id}")
+
+class NameReserved(PodfsmError):
+    """A sandbox with the same metadata name, namespace, uid and attempt already exists."""
+
+    def __init__(self, name: tuple[str, str, str, int], existing_id: str) -> None:
+        # The holder's id, as containerd's "name ... is reserved for <id>": any client that may
+        # run a sandbox may list them all, so it tells that client nothing new, and it is what
+        # the client must remove to reuse the name.
+        pod, namespace, uid, attempt = name
+        super().__init__(
+            f"pod sandbox name {pod!r} in namespace {namespace!r} (uid {uid!r}, attempt "
+            f"{attempt}) is reserved for sandbox {existing_id}")
         self.name = name
         self.existing_id = existing_id
 
@@ -35,6 +69,9 @@ class SandboxNotFound(PodfsmError, KeyError):
         self.sandbox_id = sandbox_id
 
     def __str__(self) -> str:
+        problem = id_problem(self.sandbox_id)
+        if problem is not None:
+            return f"pod sandbox not found: the id given is {problem}"
         return f"pod sandbox {self.sandbox_id!r} not found"
 
 
@@ -169,5 +206,5 @@ class ContainerNameReserved(NameReserved):
     def __init__(self, name: str, existing_id: str) -> None:
         PodfsmError.__init__(self, f"container name {name!r} is reserved for container "
                                    f"{existing_id} in this pod")
-        self.name = name
+        self.container_name = name
         self.existing_id = existing_id

@@ -88,33 +88,33 @@ def runtime_default_seccomp() -> dict[str, Any]:
     }
 
 
-def seccomp_from_profile(text: str | bytes, path: str) -> dict[str, Any]:
+def seccomp_from_profile(text: str | bytes) -> dict[str, Any]:
     """A Localhost seccomp profile (the OCI linux.seccomp object, which is also what simple
     Docker-format profiles are) checked and reduced to the keys the runtime needs.
 
-    Raises ValueError naming `path`: not JSON, not an object, an unknown default action, or a
-    notification listener (listenerPath would make the runtime send the filter's fd to any
-    socket the profile names).
+    Raises ValueError saying what is wrong in words, never quoting the file (it may be any
+    file of the daemon's host the client cannot read itself): not JSON, not an object, an
+    unknown default action, or a notification listener (listenerPath would make the runtime
+    send the filter's fd to any socket the profile names).
     """
     try:
         obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"seccomp profile {path} is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ValueError("it is not JSON in UTF-8") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"seccomp profile {path} must be a JSON object")
+        raise ValueError("it is not a JSON object")
     if "listenerPath" in obj or "listenerMetadata" in obj:
-        raise ValueError(f"seccomp profile {path}: listenerPath is refused (it would hand the "
-                         "filter's notification fd to a socket)")
+        raise ValueError("listenerPath is refused (it would hand the filter's notification fd "
+                         "to a socket)")
     if obj.get("defaultAction") not in _SECCOMP_ACTIONS:
-        raise ValueError(f"seccomp profile {path}: defaultAction must be one of "
-                         f"{sorted(_SECCOMP_ACTIONS)}, got {obj.get('defaultAction')!r}")
+        raise ValueError("its defaultAction is missing or not one of "
+                         f"{', '.join(sorted(_SECCOMP_ACTIONS))}")
     syscalls = obj.get("syscalls", [])
     if not isinstance(syscalls, list) or not all(
         isinstance(s, dict) and isinstance(s.get("names"), list)
         and s.get("action") in _SECCOMP_ACTIONS for s in syscalls
     ):
-        raise ValueError(f"seccomp profile {path}: syscalls must be a list of "
-                         "{names: [...], action: SCMP_ACT_...}")
+        raise ValueError("its syscalls must be a list of {names: [...], action: SCMP_ACT_...}")
     return {k: v for k, v in obj.items() if k in _SECCOMP_KEYS}
 
 
@@ -139,16 +139,25 @@ def resource_annotations(res: LinuxContainerResources | None) -> dict[str, str]:
 _TTY_GID = 5
 
 
-def cgroups_path(container_id: str, cgroup_parent: str = "") -> str:
-    """The cgroupfs-driver path of the pause container: `<parent or /podfsm>/<container_id>`.
+def cgroup_parent_path(cgroup_parent: str, default: str = DEFAULT_CGROUP_PARENT) -> str:
+    """The cgroup parent of a pod's containers: the pod's, else `default`; absolute, without
+    trailing slashes, and otherwise verbatim (a cgroup's name may end in a space, or in any
+    character the kernel takes: as containerd, podfsm neither strips nor changes it).
 
+    The one spelling of it: what the runtime is given (cgroups_path) and what the teardown
+    removes are the same directories. (A parent stripped of its trailing whitespace for the
+    runtime but not for the teardown left `/podfsm/<name>` in every hierarchy: issue 17.)
     A relative parent would be resolved against the runtime's own cgroup, which differs between
     callers, so the parent is made absolute.
     """
-    parent = cgroup_parent.strip().rstrip("/") or DEFAULT_CGROUP_PARENT
-    if not parent.startswith("/"):
-        parent = "/" + parent
-    return f"{parent}/{container_id}"
+    parent = cgroup_parent.rstrip("/") or default.rstrip("/") or DEFAULT_CGROUP_PARENT
+    return parent if parent.startswith("/") else "/" + parent
+
+
+def cgroups_path(container_id: str, cgroup_parent: str = "") -> str:
+    """The cgroupfs-driver path of the pause container: `<parent or /podfsm>/<container_id>`
+    (the parent as cgroup_parent_path spells it)."""
+    return f"{cgroup_parent_path(cgroup_parent)}/{container_id}"
 
 
 def sysfs_mount(req: PauseRequest) -> dict[str, Any]:

@@ -43,9 +43,16 @@ class SandboxFiles(_Frozen):
     shm_path: str
     shm_mounted: bool = False
     log_directory: str = ""
-    #: the topmost directory of log_directory that podfsm created ("" if none): removed at
-    #: remove, with everything below it it made, when they are empty
+    #: the topmost directory of log_directory that podfsm created for this sandbox ("" if
+    #: none), symlinks resolved
     log_directory_created: str = ""
+    #: log_directory as it was found or made, symlinks resolved
+    log_directory_real: str = ""
+    #: every directory podfsm made for log_directory, symlinks resolved, top first: those this
+    #: sandbox made, and those another sandbox made that it uses too; at remove each goes
+    #: when it is empty and no other sandbox uses it (records of older podfsm versions have
+    #: only log_directory_created: their chain is log_directory up to it)
+    log_directories_made: list[str] = Field(default_factory=list)
 
 
 class NetworkInterface(_Frozen):

@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from podfsm.core import paths
 from podfsm.core.errors import InvalidPodConfig
 
 # Every pattern is matched against the whole string: `\Z`, never `$` (which also matches before
@@ -57,18 +58,18 @@ _DOMAIN_LABEL = r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
 DOMAIN = rf"^{_DOMAIN_LABEL}(\.{_DOMAIN_LABEL})*\.?\Z"
 #: a resolv.conf option as resolv.conf(5) writes them: `ndots:5`, `edns0`, `timeout:2`
 RESOLV_OPTION = r"^[a-z][a-z0-9-]*(:[0-9]{1,4})?\Z"
-#: NAME_MAX: the longest file name (here: path segment) the kernel takes, in bytes
-NAME_MAX = 255
+NAME_MAX = paths.NAME_MAX
 _SEG = f"[^/{UNSAFE}]"
-#: a non-empty path segment other than "..", of at most NAME_MAX characters
-#: (_no_dotdot also counts its bytes)
-PATH_SEGMENT = (rf"(\.|[^/.{UNSAFE}]{_SEG}{{0,254}}|\.[^/.{UNSAFE}]{_SEG}{{0,253}}"
+#: a non-empty path segment other than "." and "..", of at most NAME_MAX characters
+#: (paths.check_host_path also counts its bytes)
+PATH_SEGMENT = (rf"([^/.{UNSAFE}]{_SEG}{{0,254}}|\.[^/.{UNSAFE}]{_SEG}{{0,253}}"
                 rf"|\.\.{_SEG}{{1,253}})")
-#: a cgroup_parent: segments without "..", as _no_dotdot checks it (openapi.py narrows it
-#: to the daemon's cgroup_root)
-CGROUP_PARENT = rf"^{PATH_SEGMENT}?(/{PATH_SEGMENT}?)*\Z"
-#: a log_directory: absolute, not "/" alone, without ".." (as _log_directory checks it)
-LOG_DIRECTORY = rf"^(/({PATH_SEGMENT}?/)*{PATH_SEGMENT}(/{PATH_SEGMENT}?)*)?\Z"
+#: a cgroup_parent: empty, or an absolute path spelled one way only (core.paths), as
+#: paths.check_host_path checks it (openapi.py narrows it to the daemon's cgroup_root)
+CGROUP_PARENT = rf"^(/{PATH_SEGMENT})*\Z"
+#: a log_directory: empty, or an absolute path spelled one way only, not "/" (as
+#: _log_directory checks it; that it lies outside /proc, /sys and /dev is said in words)
+LOG_DIRECTORY = rf"^(/{PATH_SEGMENT})*\Z"
 CPUSET = r"^[0-9,\-]*\Z"
 _SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 ID_SPACE = 1 << 32  # uid_t range
@@ -76,6 +77,13 @@ ID_SPACE = 1 << 32  # uid_t range
 #: run_as_group and supplemental groups as 0-2147483647, and runc refuses more ("uids and gids
 #: must be in range 0-2147483647")
 MAX_ID = (1 << 31) - 1
+
+#: the most labels, and the most annotations, a pod may carry: keys and values in UTF-8
+#: bytes, Kubernetes' cap on an object's annotations (TotalAnnotationSizeLimitB); see
+#: podfsm.core.sizes for why (a record the store reads back, a list a client can receive)
+MAP_BYTES_MAX = 256 << 10
+_MAP_BYTES = (f"at most {MAP_BYTES_MAX} bytes (256 KiB) of keys and values in all, counted in "
+              "UTF-8 as Kubernetes counts annotations; else 422")
 
 Text = Annotated[str, Field(max_length=4096, pattern=TEXT)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=TEXT)]
@@ -124,13 +132,14 @@ def _enum_parser(kind: type[enum.IntEnum]) -> Any:
                 return by_name[value.strip().upper()]
             except KeyError:
                 names = ", ".join(m.name for m in kind)
-                raise ValueError(f"unknown {kind.__name__} {value!r} (one of {names})") from None
+                raise ValueError(
+                    f"unknown {kind.__name__} {_shown(value)} (one of {names})") from None
         if isinstance(value, int) and not isinstance(value, bool):
             try:
                 return kind(value)
             except ValueError:
                 raise ValueError(f"unknown {kind.__name__} number {value}") from None
-        raise ValueError(f"{kind.__name__} must be a name or a number, not {value!r}")
+        raise ValueError(f"{kind.__name__} must be a name or a number, not {_shown(value)}")
 
     return BeforeValidator(parse, json_schema_input_type=Union[  # noqa: UP007
         Literal[tuple(m.name for m in kind)], Literal[tuple(int(m) for m in kind)]])
@@ -385,21 +394,13 @@ def _mode_is(field: str, mode: NamespaceMode) -> JsonDict:
 
 #: PATH_MAX less the NUL: the longest path the kernel takes, in bytes
 LOG_DIRECTORY_MAX = 4095
-_PATH_BYTES = (f"no `..` segment; each segment at most {NAME_MAX} bytes of UTF-8 and the "
-               "whole at most maxLength bytes (the kernel counts bytes, the pattern characters)")
+_PATH_BYTES = (f"an absolute path spelled one way only: no `.`, `..` or empty segment, no "
+               f"trailing `/`; each segment at most {NAME_MAX} bytes of UTF-8 and the whole at "
+               "most maxLength bytes (the kernel counts bytes, the pattern characters)")
+_LOG_PLACES = ("; not inside /proc, /sys or /dev, nor inside the daemon's state, run or netns "
+               "directory, also through a symlink (else 422)")
 
 
-def _no_dotdot(v: str, where: str, most: int) -> str:
-    """`v`, a path, if it has no '..' segment and the kernel takes its length; else refused
-    (as the pattern says, and in bytes, which a pattern cannot count)."""
-    parts = v.split("/")
-    if ".." in parts:
-        raise ValueError(f"{where} {v!r} must not contain '..' components")
-    if any(len(part.encode()) > NAME_MAX for part in parts):
-        raise ValueError(f"{where} has a segment longer than {NAME_MAX} bytes (NAME_MAX)")
-    if len(v.encode()) > most:
-        raise ValueError(f"{where} is longer than {most} bytes")
-    return v
 
 
 def is_ipc_sysctl(name: str) -> bool:
@@ -435,7 +436,7 @@ class LinuxPodSandboxConfig(_Model):
     @classmethod
     def _cgroup_parent(cls, v: Any) -> Any:
         # before the pattern, which says the same less readably
-        return _no_dotdot(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
+        return paths.check_host_path(v, "linux.cgroup_parent", 1024) if isinstance(v, str) else v
 
     @field_validator("sysctls")
     @classmethod
@@ -484,8 +485,8 @@ class PodSandboxMetadata(_Model):
     @classmethod
     def _uid(cls, v: Any) -> Any:
         if isinstance(v, str) and (_UNPRINTABLE_RE.search(v) or any(c in v for c in ";=/")):
-            raise ValueError(f"metadata.uid {v!r} has a control character or one of '/', ';', "
-                             "'=' (CNI_ARGS carries it)")
+            raise ValueError(f"metadata.uid {_shown(v)} has a control character or one of "
+                             "'/', ';', '=' (CNI_ARGS carries it)")
         return v
 
 
@@ -574,25 +575,41 @@ class PodSandboxConfig(_Model):
     metadata: PodSandboxMetadata
     hostname: str = Field(default="", max_length=63, pattern=rf"^({_DNS_LABEL})?\Z")
     log_directory: str = Field(default="", max_length=LOG_DIRECTORY_MAX, pattern=LOG_DIRECTORY,
-                               description=_PATH_BYTES)
+                               description=_PATH_BYTES + _LOG_PLACES)
     dns_config: DNSConfig | None = None
     port_mappings: list[PortMapping] = Field(default_factory=list, max_length=256)
     labels: dict[LabelKey, Annotated[str, Field(max_length=1024, pattern=TEXT)]] = Field(
-        default_factory=dict, max_length=256)
+        default_factory=dict, max_length=256, description=_MAP_BYTES)
     annotations: dict[LabelKey, Annotated[str, Field(max_length=65536, pattern=TEXT)]] = Field(
-        default_factory=dict, max_length=256)
+        default_factory=dict, max_length=256, description=_MAP_BYTES)
     linux: LinuxPodSandboxConfig = Field(default_factory=LinuxPodSandboxConfig)
     windows: Annotated[dict[str, Any] | None, AfterValidator(_no_windows)] = Field(
         default=None, json_schema_extra={"maxProperties": 0})
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _map_bytes(cls, v: dict[str, str]) -> dict[str, str]:
+        total = sum(len(f"{k}{x}".encode("utf-8", "surrogatepass")) for k, x in v.items())
+        if total > MAP_BYTES_MAX:
+            raise ValueError(f"{total} bytes of keys and values in all, more than "
+                             f"{MAP_BYTES_MAX} (256 KiB, Kubernetes' cap on an object's "
+                             "annotations)")
+        return v
 
     @field_validator("log_directory", mode="before")
     @classmethod
     def _log_directory(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        if v and (not v.startswith("/") or v.rstrip("/") == ""):
-            raise ValueError(f"log_directory {v!r} must be an absolute path without '..', not /")
-        return _no_dotdot(v, "log_directory", LOG_DIRECTORY_MAX)
+        v = paths.check_host_path(v, "log_directory", LOG_DIRECTORY_MAX)
+        if v.count("/") > paths.LOG_DIRECTORY_SEGMENTS:
+            raise ValueError(f"log_directory has more than {paths.LOG_DIRECTORY_SEGMENTS} "
+                             "segments")
+        for top in paths.SYSTEM_DIRS:
+            if v and paths.within(v, top):
+                raise ValueError(f"log_directory {_shown(v)} is inside {top}, a kernel "
+                                 "pseudo-filesystem: no place for logs")
+        return v
 
     @model_validator(mode="after")
     def _namespaces(self) -> PodSandboxConfig:
@@ -706,10 +723,12 @@ class PodSandboxConfig(_Model):
         return label[:63].strip("-") or "pod"
 
     @property
-    def reserved_name(self) -> str:
-        """The name that must be unique among sandboxes, as containerd forms it."""
+    def reserved_name(self) -> tuple[str, str, str, int]:
+        """What must be unique among sandboxes: (name, namespace, uid, attempt), the parts
+        containerd joins with '_' into its reservation key. Kept a tuple: joined, `{name:
+        x_y, namespace: z}` and `{name: x, namespace: y_z}` would be one key."""
         m = self.metadata
-        return f"{m.name}_{m.namespace}_{m.uid}_{m.attempt}"
+        return (m.name, m.namespace, m.uid, m.attempt)
 
 
 def parse_pod_config(data: Any) -> PodSandboxConfig:
@@ -729,14 +748,37 @@ _PLAIN = {
 }
 
 
+#: how many refused fields an error names, and how much of a refused value it quotes: a config
+#: of 256 annotations of 64 KiB must not make an answer (a gRPC status travels in a trailer,
+#: under the client's metadata limit) or a log line of megabytes
+SHOWN_PROBLEMS = 8
+SHOWN_VALUE = 64
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if len(text) <= SHOWN_VALUE:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    return f"{text[:SHOWN_VALUE]}... ({size})"
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each refused field (its path, as snake_case or as given) and why."""
+    """One line naming each refused field (its path, as snake_case or as given) and why: the
+    first SHOWN_PROBLEMS of them, each value cut after SHOWN_VALUE characters."""
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:SHOWN_PROBLEMS]:
         loc = ".".join(str(p) for p in err["loc"]) or "pod config"
+        if len(loc) > 2 * SHOWN_VALUE:  # a key is part of the path: 317 characters at most
+            loc = loc[: 2 * SHOWN_VALUE] + "..."
         msg = _PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
         if err["type"] == "string_pattern_mismatch":
             pattern = (err.get("ctx") or {}).get("pattern", "")
-            msg = f"{err['input']!r} {msg} (must match {pattern})"
+            if len(pattern) > 2 * SHOWN_VALUE:
+                pattern = pattern[: 2 * SHOWN_VALUE] + "..."
+            msg = f"{_shown(err['input'])} {msg} (must match {pattern})"
         parts.append(f"{loc}: {msg}")
+    if len(errors) > SHOWN_PROBLEMS:
+        parts.append(f"and {len(errors) - SHOWN_PROBLEMS} more")
     return "invalid pod config: " + "; ".join(parts)

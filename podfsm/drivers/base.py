@@ -8,7 +8,7 @@ runs the same behaviour against both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from podfsm.core.containerrecords import ContainerRecord, Exit
@@ -168,25 +168,39 @@ class HostDriver(Protocol):
         """The names of the entries of `parent`, where the sandboxes' run directories live
         (for orphan collection); none when `parent` is missing or not a directory."""
 
-    async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
+    async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig,
+                          made_by_others: Collection[str] = ()) -> SandboxFiles:
         """Write the files under `sandbox_dir`, mount the /dev/shm tmpfs (unless ipc NODE) and
-        create the log directory. On failure, what this call made is undone."""
+        create the log directory, never through a symlink in what it creates; the directories
+        of `made_by_others` (made by podfsm for other sandboxes) that the log directory lies in
+        are recorded as this sandbox's too. On failure, what this call made is undone."""
 
     async def release_shm(self, shm_path: str) -> None:
         """Unmount the pod's /dev/shm tmpfs at `shm_path` and remove its mount point (the
         host's /dev/shm is left alone). Idempotent."""
 
-    async def remove_files(self, files: SandboxFiles) -> None:
-        """release_shm, remove the written files, and the log directories this sandbox created
-        if they are empty. Idempotent."""
+    async def remove_files(self, files: SandboxFiles, in_use: Collection[str] = (),
+                           named: Collection[str] = ()) -> None:
+        """release_shm, remove the written files, and the log directories podfsm made for
+        this sandbox if they are empty and neither one of `in_use` (other sandboxes' log
+        directories and the directories made for them, symlinks resolved) or of `named` (log
+        directories as named, resolved here) nor above one; each is reached from / without
+        following a symlink. Idempotent."""
 
-    async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str) -> None:
+    async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str,
+                                   in_use: Collection[str] = ()) -> None:
         """rmdir, in every hierarchy, the empty directories from `cgroup_parent` up to (not
-        including) `cgroup_root`: the runtime's delete removes only the container's own."""
+        including) `cgroup_root` that are neither one of `in_use` (other sandboxes' cgroup
+        parents) nor above one: the runtime's delete removes only the container's own."""
+
+    def real_path(self, path: str) -> str:
+        """`path` with the symlinks of its existing part resolved (realpath), at admission."""
 
     def read_seccomp_profile(self, path: str, limit: int) -> bytes:
         """The content of a Localhost seccomp profile, read at admission (so synchronous and
-        bounded): OSError if unreadable, ValueError if not a regular file or over `limit`."""
+        bounded): ValueError, saying why in words that never quote the file nor tell a missing
+        path from a directory, a device or a FIFO, when it is not a readable regular file or
+        is over `limit`. It never makes a terminal the daemon's, nor blocks on a FIFO."""
 
     def sysctl_exists(self, name: str) -> bool:
         """Whether the kernel has the sysctl `name` ("net.ipv4.ip_forward"), at admission."""

@@ -71,6 +71,14 @@ def other_runtimes(cfg: ControllerConfig) -> list[RuntimeDriver]:
     return [runtime(cfg, n) for n in others]
 
 
+def user_namespaces_problem() -> str | None:
+    """None when containers of a user-namespaced pod can have an idmapped rootfs here (the
+    kernel's idmapped mounts, overlay over idmapped layers); else why not."""
+    from podfsm.drivers.idmapmounts import support_problem
+
+    return support_problem()
+
+
 def host(*, mount_shm: bool) -> HostDriver:
     """`mount_shm` False: the files are written but no tmpfs is mounted (no pause will run)."""
     from podfsm.drivers.hostfiles import HostFiles

@@ -14,16 +14,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import logging
 import os
 import shutil
 import socket
 import stat
+from collections.abc import Collection
 from typing import Any
 
+from podfsm.core import paths
 from podfsm.core.ocispec import LOCALHOST_HOSTS, SHM_OPTIONS, resolv_conf
 from podfsm.core.records import CgroupStats, FilesystemUsage, SandboxFiles
 from podfsm.core.spec import PodSandboxConfig
 from podfsm.drivers import linux, sysinfo
+
+log = logging.getLogger(__name__)
 
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 HOST_HOSTS = "/etc/hosts"
@@ -47,32 +52,94 @@ def _read(path: str) -> str:
         return ""
 
 
-def _make_dirs(path: str) -> str:
-    """os.makedirs(path, 0o755); the topmost directory it created, "" if none."""
-    missing = []
-    p = path.rstrip("/")
-    while p and not os.path.isdir(p):
-        missing.append(p)
-        p = os.path.dirname(p)
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    return missing[-1] if missing else ""
+#: a directory reached without following a symlink: O_PATH needs no permission on it and
+#: serves as the dir_fd of mkdirat, openat and unlinkat
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _remove_empty_dirs(leaf: str, top: str) -> None:
-    """rmdir from `leaf` up to and including `top`, stopping at the first that is not empty."""
-    if not top:
-        return
-    p = leaf.rstrip("/")
-    while True:
+def _walk(fd: int, names: list[str]) -> int:
+    """A descriptor of the directory `names` below the one `fd` holds, reached one name at a
+    time without following a symlink (OSError ELOOP or ENOTDIR where one is met). `fd` is
+    closed either way."""
+    try:
+        for name in names:
+            nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_dir_nofollow(path: str) -> int:
+    """A descriptor of directory `path` (absolute, normalised), reached from / without
+    following any symlink on the way."""
+    return _walk(os.open("/", _DIR_FLAGS), [n for n in path.split("/") if n])
+
+
+def make_log_dirs(path: str) -> tuple[str, list[str]]:
+    """Create the log directory `path` (absolute, normalised; 0755 through the umask, as
+    os.makedirs) and the missing directories above it; (the directory with symlinks resolved,
+    the directories made, top first). The part of `path` that exists is followed as the host
+    lays it out (/var/run is a symlink); what is made is made through directory descriptors,
+    each opened with O_NOFOLLOW, so a symlink planted meanwhile is refused rather than
+    followed. On failure what was made is removed."""
+    names = [n for n in path.split("/") if n]
+    have = len(names)
+    while have and not os.path.isdir("/" + "/".join(names[:have])):
+        have -= 1
+    fd = os.open("/" + "/".join(names[:have]), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    made: list[str] = []
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        for name in names[have:]:
+            try:
+                os.mkdir(name, 0o755, dir_fd=fd)
+                fresh = True
+            except FileExistsError:  # made meanwhile by someone else: used, not ours
+                fresh = False
+            nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            real = os.path.join(real, name)
+            if fresh:
+                made.append(real)
+    except BaseException:
+        remove_dirs(made, set())
+        raise
+    finally:
+        os.close(fd)
+    return real, made
+
+
+def remove_dirs(made: list[str], busy: set[str]) -> list[str]:
+    """rmdir the directories `made` (absolute, top first) deepest first, each through a
+    descriptor of its parent reached from / without following a symlink, skipping those in
+    `busy` (another sandbox uses them) and those not empty; what could not be reached (a
+    parent replaced by a symlink, say) is left. The directories left, and why."""
+    left = []
+    for path in reversed(made):
+        if path in busy:
+            continue
+        parent, name = path.rsplit("/", 1)
         try:
-            os.rmdir(p)
+            fd = _open_dir_nofollow(parent)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            left.append(f"{path}: {parent} not reached without a symlink ({exc.strerror})")
+            continue
+        try:
+            os.rmdir(name, dir_fd=fd)
         except FileNotFoundError:
             pass
-        except OSError:
-            return
-        if p == top or len(p) <= len(top):
-            return
-        p = os.path.dirname(p)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+                left.append(f"{path}: {exc.strerror}")
+        finally:
+            os.close(fd)
+    return left
 
 
 class HostFiles:
@@ -102,10 +169,12 @@ class HostFiles:
     # writes or unlinks and a tmpfs mount or unmount (tens of microseconds each), less than
     # the wake-ups of a trip to a thread and back cost (0.1-0.3 ms of CPU on a 2-core VM).
 
-    async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
-        return self._setup(sandbox_dir, pod)
+    async def setup_files(self, sandbox_dir: str, pod: PodSandboxConfig,
+                          made_by_others: Collection[str] = ()) -> SandboxFiles:
+        return self._setup(sandbox_dir, pod, made_by_others)
 
-    def _setup(self, sandbox_dir: str, pod: PodSandboxConfig) -> SandboxFiles:
+    def _setup(self, sandbox_dir: str, pod: PodSandboxConfig,
+               made_by_others: Collection[str]) -> SandboxFiles:
         # network NODE: the host's UTS name and its /etc/hosts, as the pod shares its network
         hostname = pod.hostname or (pod.effective_hostname if pod.pod_netns
                                     else socket.gethostname())
@@ -131,42 +200,52 @@ class HostFiles:
             elif not os.path.isdir(HOST_SHM):
                 raise OSError(errno.ENOENT, "the host has no /dev/shm for ipc NODE", HOST_SHM)
             if pod.log_directory:
-                created = _make_dirs(pod.log_directory)
-                files = files.model_copy(update={"log_directory_created": created})
+                real, made = make_log_dirs(pod.log_directory)
+                # what another sandbox made and this one uses is this one's to remove too,
+                # should it be the last to use it
+                shared = [d for d in dict.fromkeys(made_by_others)
+                          if paths.within(real, d) and d not in made]
+                files = files.model_copy(update={
+                    "log_directory_real": real,
+                    "log_directory_created": made[0] if made else "",
+                    "log_directories_made": sorted(shared + made, key=len)})
         except BaseException:
-            self._remove(files)
+            self._remove(files, ())
             raise
         return files
 
     async def release_shm(self, shm_path: str) -> None:
         _release_shm(shm_path)
 
-    async def remove_files(self, files: SandboxFiles) -> None:
-        self._remove(files)
+    async def remove_files(self, files: SandboxFiles, in_use: Collection[str] = (),
+                           named: Collection[str] = ()) -> None:
+        self._remove(files, in_use, named)
 
-    def _remove(self, files: SandboxFiles) -> None:
+    def _remove(self, files: SandboxFiles, in_use: Collection[str],
+                named: Collection[str] = ()) -> None:
         if files.shm_path != HOST_SHM:
             _release_shm(files.shm_path)
         for path in (files.hostname_path, files.hosts_path, files.resolv_conf_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        if files.log_directory:
-            _remove_empty_dirs(files.log_directory, files.log_directory_created)
+        made = files.log_directories_made or paths.legacy_chain(files.log_directory,
+                                                                 files.log_directory_created)
+        if made:
+            # what other sandboxes use, resolved; those named only, as named and resolved now
+            busy = paths.in_use(made, [*in_use, *named, *(
+                os.path.realpath(p) for p in named if p.startswith("/"))])
+            for problem in remove_dirs(made, busy):
+                log.warning("log directory left: %s", problem)
 
-    async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str) -> None:
-        remove_cgroup_parent(cgroup_parent, cgroup_root)
+    async def remove_cgroup_parent(self, cgroup_parent: str, cgroup_root: str,
+                                   in_use: Collection[str] = ()) -> None:
+        remove_cgroup_parent(cgroup_parent, cgroup_root, in_use)
+
+    def real_path(self, path: str) -> str:
+        return os.path.realpath(path)
 
     def read_seccomp_profile(self, path: str, limit: int) -> bytes:
-        # O_NONBLOCK and a regular file only: a FIFO or a device named by the pod must not
-        # block admission or feed it without end.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"{path} is not a regular file")
-            text = f.read(limit + 1)
-        if len(text) > limit:
-            raise ValueError(f"{path} is larger than {limit} bytes")
-        return text
+        return read_regular_file(path, limit)
 
     def sysctl_exists(self, name: str) -> bool:
         return os.path.exists("/proc/sys/" + name.replace(".", "/"))
@@ -183,6 +262,44 @@ class HostFiles:
 
     def runtime_spec(self, bundle_path: str | None) -> dict[str, Any] | None:
         return sysinfo.read_runtime_spec(bundle_path)
+
+
+class NotARegularFile(ValueError):
+    """A path a pod config names is not a regular file podfsm can read. One error whatever
+    the reason (missing, a directory, a device, a FIFO, a socket, no permission), so that an
+    answer does not tell a client what lies at a path of the daemon's host."""
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The content of `path`, a regular file of at most `limit` bytes, for a path that a pod
+    config names (a seccomp profile). The path is first opened with O_PATH, which opens
+    nothing for I/O: a terminal (/dev/pts/N, /dev/tty*) is not acquired as the daemon's
+    controlling terminal, a FIFO's writer waiting in open(2) is not released, a device's
+    open routine is not run. Only a regular file is then opened for reading, through
+    /proc/self/fd (the same inode, however the path changes meanwhile), with O_NOCTTY and
+    O_NONBLOCK all the same. Raises NotARegularFile (a ValueError) or, for a regular file
+    that is too large, ValueError saying so."""
+    try:
+        ref = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        raise NotARegularFile("it is not a readable regular file") from None
+    try:
+        if not stat.S_ISREG(os.fstat(ref).st_mode):
+            raise NotARegularFile("it is not a readable regular file")
+        try:
+            fd = os.open(f"/proc/self/fd/{ref}",
+                         os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            raise NotARegularFile("it is not a readable regular file") from None
+    finally:
+        os.close(ref)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # never otherwise: the same inode
+            raise NotARegularFile("it is not a readable regular file")
+        text = f.read(limit + 1)
+    if len(text) > limit:
+        raise ValueError(f"it is larger than {limit} bytes")
+    return text
 
 
 def _release_shm(shm_path: str) -> None:
@@ -207,19 +324,23 @@ def _release_shm(shm_path: str) -> None:
         shutil.rmtree(shm_path)
 
 
-def remove_cgroup_parent(cgroup_parent: str, cgroup_root: str) -> None:
+def remove_cgroup_parent(cgroup_parent: str, cgroup_root: str,
+                         in_use: Collection[str] = ()) -> None:
     """rmdir the empty directories from `cgroup_parent` up to (not including) `cgroup_root`
-    in every cgroup hierarchy. Only what lies strictly under the root is touched."""
+    in every cgroup hierarchy, stopping at one that is `in_use` or above one that is (another
+    sandbox's parent, which its runtime may be about to fill). Only what lies strictly under
+    the root is touched."""
     root = "/" + cgroup_root.strip("/")
     parent = "/" + cgroup_parent.strip("/")
     if not parent.startswith(root + "/"):
         return
+    busy = paths.in_use(list(paths.ancestors(parent)), in_use)
     hierarchies = [CGROUP_FS, *glob.glob(os.path.join(CGROUP_FS, "*"))]
     for h in hierarchies:
         if not os.path.isdir(h):
             continue
         p = parent
-        while p != root and p.startswith(root + "/"):
+        while p != root and p.startswith(root + "/") and p not in busy:
             try:
                 os.rmdir(h + p)
             except FileNotFoundError:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import anyio
+
 from podfsm.drivers import PACKAGE_DIR
 from podfsm.drivers.reaper import (
     IDLE_EXIT_SECONDS,
@@ -27,6 +29,22 @@ from podfsm.drivers.reaper import (
 
 #: requests that may be sent again on a new connection when the reaper was lost mid-way
 _IDEMPOTENT_OPS = frozenset({"ping", "watch", "wait_exit", "kill", "forget"})
+
+
+#: requests that run commands: once sent, they run to their end (or their timeout) in the reaper
+_COMMAND_OPS = frozenset({"run", "chain"})
+
+
+async def _wait_for_end(reply: asyncio.Future[dict[str, Any]]) -> None:
+    """A cancelled caller of a command waits for its reply, whatever cancels it meanwhile: the
+    command goes on in the reaper, and what the caller does next (a compensating step: a CNI
+    DEL, a runtime delete) must not run beside it. Bounded by the command's own timeout."""
+    with anyio.CancelScope(shield=True):
+        while not reply.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([reply])
+    if not reply.cancelled():
+        reply.exception()  # the caller is cancelled: nobody else reads it
 
 
 #: Starts `main` with `podfsm` as a bare package: podfsm/__init__.py imports the whole controller
@@ -242,7 +260,14 @@ class ReaperClient:
         self._pending[rid] = fut
         try:
             writer.write(json.dumps({**req, "id": rid}).encode() + b"\n")
-            reply = await fut
+            try:
+                # shielded: a cancelled task cancels the future it awaits, and this one must
+                # stay to tell when the command ended
+                reply = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                if req["op"] in _COMMAND_OPS:
+                    await _wait_for_end(fut)
+                raise
         finally:
             self._pending.pop(rid, None)
         if "error" in reply:

@@ -31,8 +31,10 @@ record that cannot be used is set aside in <state_dir>/corrupt (with a logged er
 other sandbox still recovers: a torn or oversized slot, JSON nested deeper than any record is, a
 file name that is not a sandbox id, a slot that is not a regular file (a symlink is never
 followed), or a record the caller's `check` refuses (the controller checks that every path it
-holds is the one it would use itself). A record written by a NEWER podfsm stops the start
-instead (its sandbox must not be taken for an orphan and torn down by an older podfsm).
+holds is the one it would use itself); so is any other entry of <state_dir>/sandboxes that is
+not a slot file (a directory with a temporary file's name among them: no entry, whoever made it,
+stops a start). A record written by a NEWER podfsm stops the start instead (its sandbox must
+not be taken for an orphan and torn down by an older podfsm).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import aiofiles
 import aiofiles.os
 import anyio
 
+from podfsm.core import sizes
 from podfsm.core.errors import StateDirError
 from podfsm.core.records import SCHEMA_VERSION, SandboxRecord
 from podfsm.core.requests import SetAside
@@ -68,9 +71,10 @@ RecordCheck = Callable[[SandboxRecord], "str | None"]
 #: The sandbox-id format (64 lower-case hex digits, as containerd's ids): a slot file whose name
 #: does not carry one is set aside, so no other name ever reaches a path.
 SANDBOX_ID = re.compile(r"[0-9a-f]{64}")
-#: A record is a few KiB (its history grows by ~150 bytes per transition); anything this large
-#: is not one, and is not read into memory.
-MAX_RECORD_BYTES = 4 << 20
+#: A record is a few KiB (its history grows by ~150 bytes per transition); anything larger than
+#: this is not one, and is not read into memory. Admission keeps every record under it
+#: (podfsm.core.sizes), and `save` refuses to write one it would not read back.
+MAX_RECORD_BYTES = sizes.MAX_RECORD_BYTES
 #: Records nest 6 levels deep (CNI results a few more): json.loads on a deeper document could
 #: exhaust the interpreter's stack (RecursionError), and pydantic or a face would later.
 MAX_JSON_DEPTH = 64
@@ -203,16 +207,8 @@ class FileStore:
         self, check: RecordCheck | None = None
     ) -> tuple[list[SandboxRecord], list[SetAside]]:
         records: list[SandboxRecord] = []
-        set_aside: list[SetAside] = []
         names = os.listdir(self.dir)
-        for name in names:
-            if name.endswith(".tmp"):  # a durable write a crash interrupted: the slot stands
-                try:
-                    os.unlink(os.path.join(self.dir, name))
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    raise StateDirError(f"cannot remove {name}: {_why(exc)}") from None
+        set_aside = self._clear_strays(names)
         ids = sorted({name[: -len(self.SLOTS[0])] for name in names if name.endswith(self.SLOTS)})
         for sid in ids:
             try:
@@ -232,6 +228,47 @@ class FileStore:
             self._seq[sid] = seq
             records.append(rec)
         return records, set_aside
+
+    def _clear_strays(self, names: list[str]) -> list[SetAside]:
+        """Remove the temporary files of durable writes a crash interrupted (their slot
+        stands) and set aside whatever else among `names` is not a slot file, each with a
+        logged reason: no entry, whoever put it there, stops the start."""
+        set_aside = []
+        for name in names:
+            if name.endswith(self.SLOTS):
+                continue  # a record's slot: read, or set aside, with its record
+            path = os.path.join(self.dir, name)
+            try:
+                if name.endswith(".tmp") and not stat.S_ISDIR(os.lstat(path).st_mode):
+                    os.unlink(path)  # a symlink goes as a link, never followed
+                    continue
+                why = "a temporary name that is a directory" if name.endswith(".tmp") else (
+                    "not a record's slot file")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                why = f"a temporary file that cannot be removed ({_why(exc)})"
+            problem = self._move_aside(name, why)
+            log.error(problem)
+            set_aside.append(SetAside(ascii(name)[1:-1], problem))
+        return set_aside
+
+    def _move_aside(self, name: str, why: str) -> str:
+        """Move the entry `name` of the records' directory to the quarantine (under a new
+        name if it holds one already); what was done, for the log."""
+        shown = ascii(name)[1:-1]
+        try:
+            os.makedirs(self.quarantine, mode=0o700, exist_ok=True)
+            dest = os.path.join(self.quarantine, name)
+            for n in itertools.count(1):
+                if not os.path.lexists(dest):
+                    break
+                dest = os.path.join(self.quarantine, f"{name}.{n}")
+            os.rename(os.path.join(self.dir, name), dest)
+        except OSError as move:
+            return (f"unexpected entry {shown} in {self.dir} (cannot set it aside: "
+                    f"{_why(move)}): {why}")
+        return f"unexpected entry {shown} set aside in {self.quarantine}: {why}"
 
     def _load_one(self, sid: str) -> tuple[SandboxRecord, int]:
         """The newest intact slot of `sid` (ValueError naming the problem when none is)."""
@@ -279,7 +316,11 @@ class FileStore:
         power loss. On failure (StateDirError) the previous record stands."""
         seq = self._seq.get(rec.id, -1) + 1
         path = self.paths(rec.id)[seq % 2]
-        data = _frame(seq, rec.model_dump_json().encode())
+        body = rec.model_dump_json().encode()
+        if len(body) > MAX_RECORD_BYTES:  # never written: the next start would set it aside
+            raise StateDirError(f"record of sandbox {rec.id} would take {len(body)} bytes, more "
+                                f"than the {MAX_RECORD_BYTES} the store reads back")
+        data = _frame(seq, body)
         try:
             if durable:
                 # a spare (taken here, on the loop) is the temporary file if one is left

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from podfsm import __version__
 from podfsm.core import failpoints
-from podfsm.core.errors import PodfsmError
+from podfsm.core.errors import PodfsmError, shown_id
 from podfsm.core.records import SandboxStatus, TransitionEvent
 from podfsm.faces import graph, imagecli
 from podfsm.faces.client import ApiError, Client, DaemonUnreachable, resolve_socket
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "DIR/<host>/hosts.toml (default /etc/podfsm/certs.d)")
     p.add_argument("--image-dir", metavar="DIR",
                    help="the image store (default <state-dir>/images)")
+    p.add_argument("--stream-address", default="127.0.0.1", metavar="ADDR",
+                   help="address of the streaming server whose URLs CRI PortForward (and "
+                   "Exec, Attach) answer (default 127.0.0.1: whoever reaches it with a URL "
+                   "gets into a pod)")
+    p.add_argument("--stream-port", type=int, default=0, metavar="PORT",
+                   help="its TCP port (default 0: a free one; -1: no streaming server)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("runp", parents=[client], help="run a sandbox from a pod config file")
@@ -261,6 +267,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise _UsageError("--host needs --port")
     if args.token_file is not None and args.port is None:
         raise _UsageError("--token-file needs --port (the unix socket takes no token)")
+    if args.stream_port > 65535 or args.stream_port < -1:
+        raise _UsageError(f"--stream-port {args.stream_port} is not a port (0: a free one, "
+                          "-1: none)")
     if min(args.header_timeout, args.body_timeout) <= 0 or args.max_event_streams < 1:
         raise _UsageError("--header-timeout, --body-timeout and --max-event-streams must be "
                           "positive")
@@ -279,7 +288,9 @@ def _serve(args: argparse.Namespace) -> int:
                           token_file=args.token_file, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout,
                           max_streams=args.max_event_streams,
-                          cri_socket=args.cri_socket or None))
+                          cri_socket=args.cri_socket or None,
+                          stream_address=args.stream_address,
+                          stream_port=None if args.stream_port < 0 else args.stream_port))
     except PodfsmError as exc:
         print(f"podfsm serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -443,7 +454,7 @@ async def _each(ids: list[str], c: Client, done: str,
             if exc.status == 404:
                 print(f"{done} sandbox {sandbox_id}")
                 continue
-            print(f"podfsm: {given}: {exc.message}", file=sys.stderr)
+            print(f"podfsm: {shown_id(given)}: {exc.message}", file=sys.stderr)
             code = EXIT_FAILED
             continue
         print(f"{done} sandbox {sandbox_id}")

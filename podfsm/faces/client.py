@@ -19,7 +19,7 @@ import anyio
 import httpx
 from pydantic import ValidationError
 
-from podfsm.core.errors import PodfsmError
+from podfsm.core.errors import PodfsmError, id_problem
 from podfsm.core.images import ImageRecord
 from podfsm.core.records import SandboxStatus, TransitionEvent
 from podfsm.faces.wire import DEFAULT_SOCKET, ErrorBody, ImageList, SandboxList
@@ -164,8 +164,12 @@ class Client:
         await self._send("DELETE", f"/v1/images/{image_id}")
 
     async def resolve_id(self, id_or_prefix: str) -> str:
-        """A full sandbox id from a unique prefix of one (as crictl takes them)."""
-        if len(id_or_prefix) == _FULL_ID_LEN or not id_or_prefix:
+        """A full sandbox id from a unique prefix of one (as crictl takes them). What is no
+        id nor a prefix of one is refused before any request (ApiError 400), never echoed."""
+        problem = id_problem(id_or_prefix)
+        if problem is not None:
+            raise ApiError(400, "BadRequest", f"the id given is {problem}")
+        if len(id_or_prefix) == _FULL_ID_LEN:
             return id_or_prefix
         matches = [st.id for st in await self.list_sandboxes() if st.id.startswith(id_or_prefix)]
         if not matches:

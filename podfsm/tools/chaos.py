@@ -2,20 +2,24 @@
 
 Each of N rounds starts a controller in a child process (its own session, as a node daemon
 runs) with random failpoints (`error`, `delay(ms)`, `crash`); several tasks in it run, stop,
-remove and inspect sandboxes of a few names at random. At a random moment a pause process may
-be SIGKILLed (six rounds in ten), then the controller is SIGKILLed (unless a `crash`
-failpoint killed it first). A controller in this process then recovers and the invariants are
-checked: every sandbox Ready or NotReady, its history a path through the transitions table, a
-Ready one's pause process alive in its pinned namespaces, names unique, id ranges disjoint, no
-recovery problem. At the end every sandbox is removed and nothing may be left under the run's
-directories, in the runtime's root or in the IPAM store. The figures (operations, kills, time)
-are reported.
+remove and inspect sandboxes of a few names at random, and give up on some of those calls at a
+random moment, as a CRI client whose deadline passes does (a native `Task.cancel()`, what
+grpc.aio does to its handler). At a random moment a pause process may be SIGKILLed (six rounds
+in ten), then the controller is SIGKILLed (unless a `crash` failpoint killed it first). A
+controller in this process then recovers and the invariants are checked: every sandbox Ready
+or NotReady, its history a path through the transitions table, a Ready one's pause process
+alive in its pinned namespaces, names unique, id ranges disjoint, no recovery problem. At the
+end every sandbox is removed and nothing may be left under the run's directories, in the
+runtime's root, in the IPAM store, in the reaper's exit files or in the NAT table (with port
+mappings, which the pods get when a port range is given). The figures (operations,
+cancellations, kills, time) are reported.
 
 The integration suite runs a short version on runc and crun (tests/integration/test_chaos.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -45,6 +49,9 @@ CNI_STORE = "/var/lib/cni/networks"
 _EDGES = {(t.source.value, t.trigger.value, t.dest.value) for t in TRANSITIONS}
 #: operations a child's tasks choose from, with their weights
 _OPS = {"run": 4, "stop": 2, "remove": 2, "status": 1, "list": 1}
+#: the share of operations whose caller gives up at a random moment, and the latest moment (s)
+CANCEL_SHARE = 0.3
+CANCEL_WITHIN = 0.25
 
 
 @dataclass
@@ -67,10 +74,16 @@ class ChaosReport:
     def total_operations(self) -> int:
         return sum(self.operations.values())
 
+    @property
+    def cancellations(self) -> int:
+        """Operations whose caller gave up (cancelled natively) at a random moment."""
+        return sum(v for k, v in self.operations.items() if k.endswith(" cancelled"))
+
     def summary(self) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.operations.items()))
         return (f"chaos {self.runtime}: {self.rounds} rounds in {self.seconds:.1f} s, "
-                f"{self.total_operations} operations ({ops}); {self.controller_kills} "
+                f"{self.total_operations} operations ({ops}; {self.cancellations} given up "
+                f"by their caller at a random moment); {self.controller_kills} "
                 f"controller SIGKILLs + {self.failpoint_crashes} crash failpoints, "
                 f"{self.pause_kills} pause SIGKILLs; {self.recoveries} recoveries "
                 f"(slowest {self.max_recovery_s:.2f} s); {len(self.violations)} invariant "
@@ -143,7 +156,9 @@ def _ready_problems(st: SandboxStatus) -> list[str]:
 def leftovers(cfg: ControllerConfig, ids: Iterable[str] = ()) -> dict[str, list[str]]:
     """What the controller of `cfg` left on the host (empty lists dropped): pins, run and
     bundle directories, mounts, containers in its runtime root, pause processes, records,
-    addresses in its network's IPAM store, and cgroups of the sandboxes `ids`."""
+    addresses in its network's IPAM store, exit files of its reaper, NAT rules naming its
+    default subnet (a port mapping's DNAT chain, a masquerade rule), and cgroups of the
+    sandboxes `ids`."""
 
     def listing(*parts: str) -> list[str]:
         path = os.path.join(*parts)
@@ -162,9 +177,19 @@ def leftovers(cfg: ControllerConfig, ids: Iterable[str] = ()) -> dict[str, list[
         "records": listing(cfg.state_dir, "sandboxes"),
         "addresses": [n for n in listing(CNI_STORE, cfg.default_network_name)
                       if n != "lock" and not n.startswith("last_reserved_ip")],
+        "exit files": listing(cfg.run_dir, "exits"),
+        "nat rules": nat_rules_naming(cfg.default_subnet),
         "cgroups": [d for sid in sorted(ids) for d in container_cgroup_dirs("", sid)],
     }
     return {k: v for k, v in found.items() if v}
+
+
+def nat_rules_naming(subnet: str) -> list[str]:
+    """The rules of the NAT table that name an address of `subnet` (a /24 or wider)."""
+    prefix = subnet.split("/")[0].rsplit(".", 1)[0] + "."
+    out = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True,
+                         check=False).stdout
+    return [line for line in out.splitlines() if line.startswith("-A ") and prefix in line]
 
 
 # ---------------------------------------------------------------- the run
@@ -184,10 +209,11 @@ def _session(sid: int) -> list[int]:
 async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
                     tasks: int = 4, names: int = 6,
                     round_seconds: tuple[float, float] = (0.3, 2.5),
-                    workdir: str | None = None,
+                    workdir: str | None = None, port_base: int | None = None,
                     progress: Callable[[ChaosReport], None] | None = None) -> ChaosReport:
     """Run `rounds` rounds (see the module's doc) on `cfg`'s directories, then remove every
-    sandbox. Returns the figures, the invariant violations and what was left."""
+    sandbox. Returns the figures, the invariant violations and what was left. With
+    `port_base`, the pod of name k maps 127.0.0.1:`port_base + k` to its port 80."""
     rnd = random.Random(f"{seed}-{cfg.runtime}")
     report = ChaosReport(runtime=cfg.runtime)
     workdir = workdir or os.path.dirname(cfg.state_dir)
@@ -195,7 +221,7 @@ async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
     t0 = time.monotonic()
     for n in range(rounds):
         spec = {"cfg": cfg.model_dump(mode="json"), "seed": rnd.random(), "tasks": tasks,
-                "names": names}
+                "names": names, "port_base": port_base}
         failpoints = random_failpoints(rnd)
         out_path = os.path.join(workdir, f"chaos-{n}.out")
         proc = _start_child(spec, failpoints, out_path)
@@ -304,29 +330,48 @@ async def _child(spec: dict[str, Any]) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
+    def pod(k: int) -> dict[str, Any]:
+        name = f"chaos-{k}"
+        config: dict[str, Any] = {
+            "metadata": {"name": name, "namespace": "podfsm-chaos", "uid": name},
+            "linux": {"security_context": {"namespace_options": {
+                "network": "POD", "userns_options": {"mode": "POD"}}}}}
+        if spec.get("port_base") is not None:
+            config["port_mappings"] = [{"protocol": "TCP", "container_port": 80,
+                                        "host_port": spec["port_base"] + k,
+                                        "host_ip": "127.0.0.1"}]
+        return config
+
+    async def operation(ctl: Controller, op: str) -> None:
+        if op == "run":
+            await ctl.run_sandbox(pod(rnd.randrange(spec["names"])))
+        elif op == "list":
+            await ctl.list_sandboxes()
+        else:
+            sts = await ctl.list_sandboxes()
+            if not sts:
+                return
+            sid = rnd.choice(sts).id
+            if op == "stop":
+                await ctl.stop_sandbox(sid)
+            elif op == "remove":
+                await ctl.remove_sandbox(sid)
+            else:
+                await ctl.sandbox_status(sid)
+
     async def worker(ctl: Controller) -> None:
         while True:
             op = rnd.choices(ops, weights)[0]
             try:
-                if op == "run":
-                    name = f"chaos-{rnd.randrange(spec['names'])}"
-                    await ctl.run_sandbox({
-                        "metadata": {"name": name, "namespace": "podfsm-chaos", "uid": name},
-                        "linux": {"security_context": {"namespace_options": {
-                            "network": "POD", "userns_options": {"mode": "POD"}}}}})
-                elif op == "list":
-                    await ctl.list_sandboxes()
+                if rnd.random() < CANCEL_SHARE:
+                    # the caller gives up at a random moment, natively, as grpc.aio cancels
+                    # the handler of a client whose deadline passed
+                    async with asyncio.timeout(rnd.uniform(0.001, CANCEL_WITHIN)):
+                        await operation(ctl, op)
                 else:
-                    sts = await ctl.list_sandboxes()
-                    if not sts:
-                        continue
-                    sid = rnd.choice(sts).id
-                    if op == "stop":
-                        await ctl.stop_sandbox(sid)
-                    elif op == "remove":
-                        await ctl.remove_sandbox(sid)
-                    else:
-                        await ctl.sandbox_status(sid)
+                    await operation(ctl, op)
+            except TimeoutError:
+                say(f"op {op} cancelled")
             except PodfsmError:
                 say(f"op {op} failed")
             else:

@@ -15,7 +15,9 @@ rule. Negative cases are left as generated: they must stay refused.
   (the one written here); SELinux and AppArmor settings where the host enables them;
 - bytes the kernel counts where the pattern counts characters: path segments of at most 255
   bytes and whole paths of cgroup_parent and log_directory; log_directory is moved below a
-  directory of this run, so that the directories podfsm makes for it stay out of the host's /.
+  directory of this run, so that the directories podfsm makes for it stay out of the host's /;
+- sums: labels, and annotations, of at most MAP_BYTES_MAX bytes of keys and values in all
+  (entries beyond it are dropped).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from schemathesis.core.parameters import ParameterLocation
 #: the ids podfsm allocates when a POD user namespace asks for none
 ALLOCATED = 65536
 NAME_MAX = 255
+#: the most bytes of keys and values of labels, and of annotations (podfsm.core.spec)
+MAP_BYTES_MAX = 256 << 10
 
 _SCRATCH = tempfile.mkdtemp(prefix="podfsm-st-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
@@ -83,7 +87,9 @@ def _fit_path(path: str, prefix: str, most: int) -> str:
     parts = [p if len(p.encode()) <= NAME_MAX else p.encode()[:NAME_MAX].decode(errors="ignore")
              for p in path.split("/")]
     out = prefix + "/".join(parts)
-    while len(out.encode()) > most or out.rsplit("/", 1)[-1] == "..":
+    # cut to length, never leaving an empty, '.' or '..' last segment (a trailing '/'), which
+    # the pattern refuses as the daemon does
+    while out and (len(out.encode()) > most or out.rsplit("/", 1)[-1] in ("", ".", "..")):
         out = out[:-1]
     return out
 
@@ -97,6 +103,16 @@ def map_case(context: Any, case: Any) -> Any:
 
 def repair_pod_config(body: dict[str, Any], pool_end: int) -> None:
     """Make a schema-valid pod config keep the rules the schema cannot state (in place)."""
+    for field in ("labels", "annotations"):
+        entries = _dict(body, field)
+        if entries is not None:
+            kept, total = {}, 0
+            for k, v in entries.items():
+                total += len(f"{k}{v}".encode("utf-8", "surrogatepass"))
+                if total > MAP_BYTES_MAX:
+                    break
+                kept[k] = v
+            body[field] = kept
     if isinstance(body.get("log_directory"), str) and body["log_directory"]:
         body["log_directory"] = _fit_path(body["log_directory"], LOG_ROOT, 4095)
     linux = _dict(body, "linux")

@@ -1,6 +1,7 @@
-"""The chaos run, short: random operations, failpoints and SIGKILLs of the controller and of
-pause processes on the real drivers; after every recovery the invariants hold and at the end
-nothing is left. `podfsm bench --chaos N` is the long one (figures in docs/security.md)."""
+"""The chaos run, short: random operations (with port mappings), callers that give up at random
+moments, failpoints and SIGKILLs of the controller and of pause processes on the real drivers;
+after every recovery the invariants hold and at the end nothing is left (no NAT rule, no exit
+file either). `podfsm bench --chaos N` is the long one (figures in docs/security.md)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,25 @@ import os
 import pytest
 
 from podfsm.tools.chaos import leftovers, run_chaos
-from tests.integration.conftest import destroy_env, make_env, pod
+from tests.integration.conftest import destroy_env, make_env, pod, portmap_chains_removed_if_new
+from tests.integration.test_cancel import remove_nat_of
 
 pytestmark = pytest.mark.integration
 
 ROUNDS = int(os.environ.get("PODFSM_CHAOS_ROUNDS", "6"))
+NAMES = 6
 
 
 async def test_chaos_keeps_every_invariant_and_leaves_nothing(runtime: str) -> None:
     env = make_env(runtime)
+    # beside test_cancel's ports of the same slot (a slot is one session's at a time)
+    port_base = 20000 + env.slot * 40 + 20
+    ports = [port_base + k for k in range(NAMES)]
     try:
-        report = await run_chaos(env.cfg, ROUNDS, seed=os.environ.get("PODFSM_CHAOS_SEED", 1),
-                                 workdir=env.tmp)
+        with portmap_chains_removed_if_new():
+            report = await run_chaos(env.cfg, ROUNDS,
+                                     seed=os.environ.get("PODFSM_CHAOS_SEED", 1),
+                                     workdir=env.tmp, names=NAMES, port_base=port_base)
         print(report.summary())
         assert report.violations == []
         assert report.leftovers == {}
@@ -28,7 +36,9 @@ async def test_chaos_keeps_every_invariant_and_leaves_nothing(runtime: str) -> N
         assert report.rounds == ROUNDS
         assert report.controller_kills + report.failpoint_crashes == ROUNDS
         assert report.operations.get("run ok", 0) > 0
+        assert report.operations.get("run cancelled", 0) > 0
     finally:
+        remove_nat_of(env, ports)
         destroy_env(env)
 
 

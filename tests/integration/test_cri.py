@@ -227,8 +227,13 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
         assert (v.runtime_name, v.runtime_api_version) == ("podfsm", "v1")
         s = rt.Status(pb.StatusRequest(verbose=True), timeout=30)
         assert all(cond.status for cond in s.status.conditions)
+        # both handlers run user-namespaced containers on podfsm's own idmapped mounts (see
+        # test_idmap.py); the default one is listed again under "", as containerd does
         assert sorted((h.name, h.features.user_namespaces) for h in s.runtime_handlers) == [
-            ("crun", True), ("runc", True)]
+            ("", True), ("crun", True), ("runc", True)]
+        default = next(h for h in s.runtime_handlers if h.name == env.cfg.runtime)
+        assert next(h for h in s.runtime_handlers if h.name == "") == pb.RuntimeHandler(
+            name="", features=default.features)
         assert json.loads(s.info["lastCNILoadStatus"]) == "OK"
         assert rt.RuntimeConfig(pb.RuntimeConfigRequest(), timeout=30
                                 ).linux.cgroup_driver == pb.CGROUPFS
@@ -297,9 +302,11 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
                 assert grpc_code(fn, req)[0] is grpc.StatusCode.NOT_FOUND
             for fn, req in ((rt.Exec, pb.ExecRequest()),
                             (rt.Attach, pb.AttachRequest()),
-                            (rt.PortForward, pb.PortForwardRequest())):
+                            ):
                 code, msg = grpc_code(fn, req)
                 assert code is grpc.StatusCode.UNIMPLEMENTED and "later issue" in msg
+            code, msg = grpc_code(rt.PortForward, pb.PortForwardRequest(pod_sandbox_id="f" * 64))
+            assert code is grpc.StatusCode.NOT_FOUND, msg  # served: see test_streaming.py
 
             # stop twice, remove twice; a Ready one is stopped by its remove
             for _ in range(2):

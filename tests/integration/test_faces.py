@@ -138,9 +138,10 @@ class Daemon:
 
 def start_daemon(env: Env, *, port: int | None = None, host: str | None = None,
                  socket_path: str | None = None, options: Sequence[str] = (),
-                 until_socket_file: bool = False) -> Daemon:
+                 until_socket_file: bool = False, new_session: bool = False) -> Daemon:
     """Start `podfsm serve` on the env and wait until /healthz answers 200 (or, as scripts
-    do, only until its socket file exists)."""
+    do, only until its socket file exists). `new_session`: in a session of its own (setsid),
+    whose leader it is, without a controlling terminal, as an init system starts it."""
     sock = socket_path or os.path.join(env.tmp, "podfsm.sock")
     extra = ([] if port is None else ["--port", str(port)]) + ([] if host is None
                                                                else ["--host", host])
@@ -148,7 +149,8 @@ def start_daemon(env: Env, *, port: int | None = None, host: str | None = None,
     log = Path(env.tmp, f"serve-{next(_logs)}.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(serve_argv(env, sock, *extra), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=new_session)
     d = Daemon(env, sock, proc, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -243,6 +245,14 @@ def tcp_listeners(pid: int) -> list[tuple[str, int]]:
                 words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
                 found.append((str(ipaddress.ip_address(words)), int(port, 16)))
     return found
+
+
+def stream_port(d: Daemon) -> int:
+    """The port of the daemon's streaming server (with the CRI socket), from its log line."""
+    m = re.search(r"streaming server \(exec, attach, port-forward\) on http://127\.0\.0\.1:(\d+)",
+                  d.log_text())
+    assert m, "no streaming server in the log"
+    return int(m.group(1))
 
 
 def svg_current(svg: bytes) -> list[str]:
@@ -353,11 +363,12 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
     use_env_network(env)
     subnet = ipaddress.ip_network(env.subnet)
     with serving(env) as d, d.client() as c:
-        # the socket: a socket, root's, mode 0660; and no TCP listener unless asked
+        # the socket: a socket, root's, mode 0660; and no TCP listener unless asked but the
+        # streaming server's, on loopback (docs/streaming.md)
         sst = os.stat(d.socket)
         assert stat.S_ISSOCK(sst.st_mode) and stat.S_IMODE(sst.st_mode) == 0o660
         assert sst.st_uid == 0
-        assert tcp_listeners(d.proc.pid) == []
+        assert tcp_listeners(d.proc.pid) == [("127.0.0.1", stream_port(d))]
 
         health = c.get("/healthz")
         assert health.status_code == 200
@@ -613,7 +624,8 @@ def test_tcp_needs_the_token_a_listening_name_and_the_pages_origin(tmp_path: Pat
         use_env_network(env)
         with serving(env, port=0) as d:
             assert d.tcp_port is not None
-            assert tcp_listeners(d.proc.pid) == [("127.0.0.1", d.tcp_port)]
+            assert sorted(tcp_listeners(d.proc.pid)) == sorted(
+                [("127.0.0.1", d.tcp_port), ("127.0.0.1", stream_port(d))])
             token_file = Path(env.tmp, "http-token")
             assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
             assert token_file.stat().st_uid == 0 and len(d.token) >= 32

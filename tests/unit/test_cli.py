@@ -201,8 +201,8 @@ async def test_the_client_gives_up_on_a_daemon_that_stays_unavailable(served: Se
 
 # ---------------------------------------------------------------------- finding the daemon
 
-@pytest.mark.parametrize("verb", [["pods"], ["inspectp", "x"], ["stopp", "x"], ["rmp", "x"],
-                                  ["events"], ["graph", "x"]])
+@pytest.mark.parametrize("verb", [["pods"], ["inspectp", "ab"], ["stopp", "ab"], ["rmp", "ab"],
+                                  ["events"], ["graph", "ab"]])
 def test_no_daemon_exits_2_naming_the_socket(tmp_path: Path, verb: list[str],
                                              capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "none.sock")
@@ -342,6 +342,7 @@ def test_debug_failpoints_lists_every_name(capsys: pytest.CaptureFixture[str]) -
     ([], 2), (["nope"], 2), (["--help"], 0), (["pods", "-o", "yaml"], 2),
     (["serve", "--host", "0.0.0.0"], 2), (["bench", "--runtime", "docker"], 2),
     (["bench", "-n", "0"], 2), (["debug"], 2),
+    (["serve", "--stream-port", "70000"], 2), (["serve", "--stream-port", "-2"], 2),
 ])
 def test_usage_errors_exit_2(argv: list[str], code: int,
                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -126,6 +126,23 @@ async def test_same_name_namespace_attempt_is_reserved(rig: Rig) -> None:
     rig.nothing_left()
 
 
+async def test_names_joined_alike_do_not_collide(rig: Rig) -> None:
+    # containerd's key joins the parts with '_': {x_y, z} and {x, y_z} would be one name
+    a = dict(pod("x_y"), metadata={"name": "x_y", "namespace": "z"})
+    b = dict(pod("x"), metadata={"name": "x", "namespace": "y_z"})
+    async with rig.controller() as ctl:
+        first = await ctl.run_sandbox(a)
+        second = await ctl.run_sandbox(b)
+        with pytest.raises(NameReserved) as refused:
+            await ctl.run_sandbox(b)
+        assert str(refused.value) == (
+            "pod sandbox name 'x' in namespace 'y_z' (uid '', attempt 0) is reserved for "
+            f"sandbox {second.id}")
+        for st in (first, second):
+            await ctl.remove_sandbox(st.id)
+    rig.nothing_left()
+
+
 async def test_overlapping_explicit_mapping_is_refused_before_anything_is_made(rig: Rig) -> None:
     m = [{"host_id": 2000000, "container_id": 0, "length": 65536}]
     async with rig.controller() as ctl:
@@ -251,4 +268,29 @@ async def test_a_record_whose_pin_path_lies_elsewhere_is_set_aside_untouched(
         (problem,) = ctl.recovery_problems
         assert st.id in problem and str(precious) in problem and "not the one" in problem
     assert precious.read_text() == "keep me"
+    rig.nothing_left()
+
+
+async def test_a_running_sandbox_whose_record_is_set_aside_is_kept_until_removed(
+        rig: Rig) -> None:
+    async with rig.controller() as ctl:
+        st = await ctl.run_sandbox(pod())
+    pause = rig.rt.containers[st.id]
+    rec = rig.store.records[st.id]
+    rig.store.records[st.id] = rec.evolve(planned_netns_path="/elsewhere")  # refused at load
+    for _restart in range(2):  # the stand-in is written: a second start keeps it too
+        async with rig.controller() as ctl:
+            (kept,) = await ctl.list_sandboxes()
+            assert (kept.id, kept.state, kept.name, kept.namespace) == (
+                st.id, State.NOT_READY, f"set-aside-{st.id[:12]}", "podfsm")
+            assert kept.labels == {"podfsm.io/set-aside": "true"}
+            assert kept.last_error is not None and "set aside at start-up" in kept.last_error
+            assert "/elsewhere" in kept.last_error and "remove the sandbox" in kept.last_error
+            assert any(st.id in p and "kept as found" in p for p in ctl.recovery_problems)
+            # nothing of it was torn down: its pause runs, its namespaces and address stay
+            assert rig.rt.containers.get(st.id) is pause and pause.returncode is None
+            assert rig.ns.pinned and rig.net.reserved
+    async with rig.controller() as ctl:
+        await ctl.remove_sandbox(st.id)
+        assert await ctl.list_sandboxes() == []
     rig.nothing_left()

@@ -31,6 +31,7 @@ from podfsm.core.errors import (
 from podfsm.core.states import State, lifecycle_kind
 from podfsm.drivers.base import NetworkDriver
 from podfsm.faces.cri import CriServer
+from podfsm.faces.stream import PortForwardRequest, StreamServer
 from tests.fakes import FakeRuntime, Rig
 
 
@@ -63,8 +64,8 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def serving(rig: Rig, sock_dir: str,
-                  network: NetworkDriver | None = None) -> AsyncIterator[World]:
+async def serving(rig: Rig, sock_dir: str, network: NetworkDriver | None = None,
+                  stream: StreamServer | None = None) -> AsyncIterator[World]:
     """The CRI server over an entered Controller on the rig's fakes (and `network`, when
     given), with a second runtime handler; not a fixture: the Controller's task group must be
     entered and left in one task."""
@@ -73,7 +74,7 @@ async def serving(rig: Rig, sock_dir: str,
                      runtimes=[other], store=rig.store)
     path = os.path.join(sock_dir, "cri.sock")
     async with ctl:
-        server = CriServer(ctl, path)
+        server = CriServer(ctl, path, stream)
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
@@ -90,6 +91,17 @@ async def serving(rig: Rig, sock_dir: str,
     assert other.containers == {}
 
 
+async def test_status_says_user_namespaces_false_for_a_handler_that_cannot_idmap(
+        rig: Rig, sock_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(rig, sock_dir) as world:
+        monkeypatch.setattr(world.ctl, "user_namespaces_problem",
+                            lambda name: "kernel 5.15 is older than 5.19" if name == "fake"
+                            else None)
+        s = await world.rt.Status(pb.StatusRequest())
+        assert [(h.name, h.features.user_namespaces) for h in s.runtime_handlers] == [
+            ("fake", False), ("", False), ("fake2", True)]
+
+
 async def test_version_status_runtime_config_and_image_fs(rig: Rig, sock_dir: str) -> None:
     async with serving(rig, sock_dir) as world:
         v = await world.rt.Version(pb.VersionRequest(version="v1"))
@@ -97,8 +109,9 @@ async def test_version_status_runtime_config_and_image_fs(rig: Rig, sock_dir: st
         s = await world.rt.Status(pb.StatusRequest(verbose=True))
         conds = {c.type: c.status for c in s.status.conditions}
         assert conds == {"RuntimeReady": True, "NetworkReady": True}
+        # the default handler is listed again under "", as containerd does
         assert [(h.name, h.features.user_namespaces) for h in s.runtime_handlers] == [
-            ("fake", True), ("fake2", True)]
+            ("fake", True), ("", True), ("fake2", True)]
         assert json.loads(s.info["runtimeHandlers"]) == ["fake", "fake2"]
         assert json.loads(s.info["config"])["state_dir"] == world.ctl.config.state_dir
         rc = await world.rt.RuntimeConfig(pb.RuntimeConfigRequest())
@@ -236,8 +249,7 @@ async def test_every_error_code(rig: Rig, sock_dir: str) -> None:
         assert "create_container" in msg and "fake runtime.create failure" in msg
         rig.faults.fail.clear()
         assert [s.name for s in await world.ctl.list_sandboxes()] == ["dup"]  # nothing of "f"
-        for call in (rt.Exec(pb.ExecRequest()), rt.Attach(pb.AttachRequest()),
-                     rt.PortForward(pb.PortForwardRequest())):
+        for call in (rt.Exec(pb.ExecRequest()), rt.Attach(pb.AttachRequest())):
             code, msg = await code_of(call)
             assert code is grpc.StatusCode.UNIMPLEMENTED and "later issue" in msg
         # a container config without metadata and image is refused naming them
@@ -460,3 +472,41 @@ def test_serve_refuses_a_cri_socket_another_server_answers_on(rig: Rig, sock_dir
             asyncio.run(daemon.run())
         assert os.listdir(sock_dir) == ["cri.sock"]  # its own socket is gone, the other's kept
     os.unlink(cri)
+
+
+async def test_port_forward_answers_a_single_use_url_for_a_ready_sandbox(
+        rig: Rig, sock_dir: str) -> None:
+    stream = StreamServer()
+    await stream.start()
+    try:
+        async with serving(rig, sock_dir, stream=stream) as world:
+            rt = world.rt
+            sid = (await rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cri_pod("pf")))
+                   ).pod_sandbox_id
+            url = (await rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=sid[:13],
+                                                              port=[80]))).url
+            assert url.startswith(f"http://127.0.0.1:{stream.port}/portforward/")
+            token = url.rsplit("/", 1)[1]
+            request = stream.cache.consume(token)
+            assert request == PortForwardRequest(sid, (80,))
+            assert stream.cache.consume(token) is None  # once
+            code, msg = await code_of(rt.PortForward(pb.PortForwardRequest(
+                pod_sandbox_id=sid, port=[0])))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and "[0]" in msg
+            code, _ = await code_of(rt.PortForward(pb.PortForwardRequest(
+                pod_sandbox_id="f" * 64)))
+            assert code is grpc.StatusCode.NOT_FOUND
+            await rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
+            code, msg = await code_of(rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=sid)))
+            assert code is grpc.StatusCode.FAILED_PRECONDITION and "not running" in msg
+            assert len(stream.cache) == 0
+    finally:
+        await stream.stop()
+
+
+async def test_port_forward_without_a_streaming_server_is_unimplemented(
+        rig: Rig, sock_dir: str) -> None:
+    async with serving(rig, sock_dir) as world:
+        code, msg = await code_of(world.rt.PortForward(pb.PortForwardRequest(
+            pod_sandbox_id="x")))
+        assert code is grpc.StatusCode.UNIMPLEMENTED and "streaming server" in msg

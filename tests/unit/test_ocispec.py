@@ -159,6 +159,9 @@ def test_pause_args_can_be_chosen() -> None:
         ("/kubepods/besteffort/pod1", "/kubepods/besteffort/pod1/c0ffee"),
         ("/kubepods/", "/kubepods/c0ffee"),
         ("kubepods", "/kubepods/c0ffee"),
+        # verbatim: the teardown removes the parent by the same name (issue 17, item 13)
+        ("/podfsm/x ", "/podfsm/x /c0ffee"),
+        ("/podfsm/x\u3000//", "/podfsm/x\u3000/c0ffee"),
     ],
 )
 def test_cgroups_path(parent: str, expected: str) -> None:

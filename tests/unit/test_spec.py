@@ -92,7 +92,9 @@ REFUSALS = {
         {"host_id": 4294967295, "container_id": 0, "length": 1}], "gids": ONE}), "past"),
     "host sysctl": (dict(pod(), linux={"sysctls": {"kernel.nope": "1"}}), "not namespaced"),
     "empty sysctl": (dict(pod(), linux={"sysctls": {"": ""}}), "not a sysctl name"),
-    "cgroup parent escaping": (dict(pod(), linux={"cgroup_parent": "../../../x"}), "'..'"),
+    "cgroup parent escaping": (dict(pod(), linux={"cgroup_parent": "../../../x"}),
+                               "must be an absolute path"),
+    "cgroup parent with ..": (dict(pod(), linux={"cgroup_parent": "/podfsm/../x"}), "'..'"),
 }
 
 
@@ -110,7 +112,7 @@ def test_mode_numbers_map_to_cri_enum() -> None:
 
 def test_model_validate_is_the_library_entry_point() -> None:
     cfg = PodSandboxConfig.model_validate(pod({"mode": "POD"}))
-    assert cfg.reserved_name == "web_default_u1_0"
+    assert cfg.reserved_name == ("web", "default", "u1", 0)
     assert cfg.effective_hostname == "web"
 
 

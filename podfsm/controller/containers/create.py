@@ -182,9 +182,9 @@ class CreateContainer(ContainerBase):
         if ref:
             try:
                 localhost = seccomp_from_profile(
-                    self._host.read_seccomp_profile(ref, SECCOMP_PROFILE_LIMIT), ref)
+                    self._host.read_seccomp_profile(ref, SECCOMP_PROFILE_LIMIT))
             except (OSError, ValueError) as exc:
-                raise InvalidContainerConfig(f"seccomp profile: {exc}") from None
+                raise InvalidContainerConfig(f"seccomp profile {ref!r}: {exc}") from None
         pod_ns = pod.linux.security_context.namespace_options
         ns = sb.record.namespaces
         assert sb.record.task is not None

@@ -6,9 +6,10 @@ RemovePodSandbox, PodSandboxStatus, ListPodSandbox, PodSandboxStats, ListPodSand
 GetContainerEvents (sandbox and container events), the container RPCs (faces/cri/containers.py:
 CreateContainer, StartContainer, StopContainer, RemoveContainer, ListContainers,
 ContainerStatus, ContainerStats, ListContainerStats, UpdateContainerResources,
-ReopenContainerLog, ExecSync; see docs/containers.md) and the whole ImageService (PullImage,
-ListImages, ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md). Every other RPC (Exec,
-Attach, PortForward: streaming arrives later) answers UNIMPLEMENTED.
+ReopenContainerLog, ExecSync; see docs/containers.md), the whole ImageService (PullImage,
+ListImages, ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md) and, with a streaming
+server, PortForward (its URL; see docs/streaming.md). Every other RPC (Exec, Attach: not wired
+yet) answers UNIMPLEMENTED.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
@@ -17,10 +18,16 @@ the step's error; a bad image reference INVALID_ARGUMENT, a failed pull UNKNOWN 
 failed (a digest that did not match), a pull past its deadline DEADLINE_EXCEEDED, an image in
 use FAILED_PRECONDITION. Stop and remove of an unknown id succeed (they are idempotent), and so
 does the removal of an unknown image.
+
+Every RPC runs as a call of a CallGroup (podfsm.controller.calls): the native cancellation
+grpc.aio gives a handler whose client's deadline passed reaches the RPC's work only through an
+anyio scope, so a run is unwound as a failed run is and a stop or remove is finished; the
+handler returns once the call has ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -37,6 +44,7 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from podfsm import __version__
 from podfsm.controller import Controller
+from podfsm.controller.calls import CallGroup
 from podfsm.core.errors import (
     ContainerNotFound,
     ImageInUse,
@@ -44,15 +52,19 @@ from podfsm.core.errors import (
     InvalidImageReference,
     InvalidPodConfig,
     NameReserved,
+    NodeFull,
     PodfsmError,
     PrerequisiteMissing,
     SandboxNotFound,
     StateDirError,
 )
 from podfsm.core.registryhosts import auth_from_cri
+from podfsm.core.states import State
 from podfsm.faces.cri import convert
 from podfsm.faces.cri.containers import ContainerRpcs
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
+from podfsm.faces.stream import PortForwardRequest, StreamServer
+from podfsm.faces.stream.tokens import CacheFull
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +82,8 @@ Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
+    if isinstance(exc, NodeFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, InvalidPodConfig | InvalidImageReference):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
@@ -84,7 +98,13 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
 
 
 def _rpc(fn: Rpc[R]) -> Rpc[R]:
-    """Refuse while the controller is not serving; turn podfsm errors into gRPC statuses."""
+    """Refuse while the controller is not serving; run the RPC as a call of the service's
+    CallGroup; turn podfsm errors into gRPC statuses.
+
+    grpc.aio cancels the handler natively when its client's deadline passes or the client
+    goes; the RPC's work runs in a task of its own, which that cancellation reaches only
+    through an anyio cancel scope, so the controller's shields hold: a run is unwound as a
+    failed run is, a stop or remove once begun is finished (podfsm.controller.calls)."""
 
     @functools.wraps(fn)
     async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
@@ -92,10 +112,16 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
         if ctl.recovering or not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "podfsm is not ready: recovering or shutting down")
+        calls: CallGroup = self.calls
         try:
-            return await fn(self, request, context)
+            return await calls.run(fn, self, request, context)
         except PodfsmError as exc:
             code, message = status_code(exc), str(exc)
+        except asyncio.CancelledError:
+            log.info("CRI %s: its client gave up (deadline passed or gone); the call has "
+                     "ended (a run unwound unless past its last step, a stop or remove "
+                     "finished)", fn.__name__)
+            raise
         log.info("CRI %s: %s: %s", fn.__name__, code.name, message)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
@@ -106,9 +132,13 @@ def _rpc(fn: Rpc[R]) -> Rpc[R]:
 class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
     """runtime.v1.RuntimeService: pod sandboxes here, containers in ContainerRpcs."""
 
-    def __init__(self, ctl: Controller) -> None:
+    def __init__(self, ctl: Controller, stream: StreamServer | None = None) -> None:
         self.ctl = ctl
         self.serving = True
+        #: the RPCs in flight, each in a task its client's cancellation cannot cut short
+        self.calls = CallGroup("CRI runtime service")
+        #: the streaming server whose URLs PortForward (and Exec, Attach) answer
+        self.stream = stream
         self._streams: set[anyio.CancelScope] = set()
         #: the pod CIDRs the kubelet gave in UpdateRuntimeConfig (reported, not applied)
         self.pod_cidrs: list[str] = []
@@ -125,9 +155,16 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
         ctl = self.ctl
         conditions = [pb.RuntimeCondition(type=c.type, status=c.status, reason=c.reason,
                                           message=c.message) for c in ctl.conditions()]
-        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
-            user_namespaces=True, recursive_read_only_mounts=False))
-            for name in ctl.runtime_handlers]
+        handlers: list[pb.RuntimeHandler] = []
+        for name in ctl.runtime_handlers:
+            features = pb.RuntimeHandlerFeatures(
+                user_namespaces=ctl.user_namespaces_problem(name) is None,
+                recursive_read_only_mounts=False)
+            handlers.append(pb.RuntimeHandler(name=name, features=features))
+            if name == ctl.runtime_handlers[0]:
+                # the default handler again under "", as containerd lists it: a client that
+                # asks for no handler (critest without --runtime-handler) looks up ""
+                handlers.append(pb.RuntimeHandler(name="", features=features))
         info: dict[str, str] = {}
         if request.verbose:
             net = next(c for c in ctl.conditions() if c.type == "NetworkReady")
@@ -230,6 +267,32 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
                 out.append(convert.sandbox_stats(st, await self.ctl.sandbox_stats(st.id)))
         return pb.ListPodSandboxStatsResponse(stats=out)
 
+    @_rpc
+    async def PortForward(self, request: pb.PortForwardRequest,
+                          context: grpc.aio.ServicerContext) -> pb.PortForwardResponse:
+        """A single-use URL of the streaming server for the sandbox's network namespace
+        (as containerd: the sandbox must be ready; ports, if named, must be ports)."""
+        stream = self.stream
+        if stream is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "PortForward: podfsm serve runs without a streaming server")
+            raise AssertionError("unreachable: abort raises")
+        sid = self.ctl.resolve_id(request.pod_sandbox_id)
+        st = await self.ctl.sandbox_status(sid)
+        if st.state is not State.READY:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"sandbox {sid} is {st.state.value}, not running: no port "
+                                "forwarding")
+        bad = [p for p in request.port if not 0 < p < 65536]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"ports {bad} are not TCP ports (1-65535)")
+        try:
+            url = stream.url_for(PortForwardRequest(sid, tuple(request.port)))
+        except CacheFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return pb.PortForwardResponse(url=url)
+
     async def GetContainerEvents(self, request: pb.GetEventsRequest,
                                  context: grpc.aio.ServicerContext) -> None:
         """Sandbox lifecycle events from now on, until the client goes or the server stops
@@ -265,6 +328,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
     def __init__(self, ctl: Controller) -> None:
         self.ctl = ctl
         self.serving = True
+        self.calls = CallGroup("CRI image service")
 
     @_rpc
     async def PullImage(self, request: pb.PullImageRequest,
@@ -343,13 +407,16 @@ class CriServer:
 
     `start()` binds a temporary name beside `socket_path`, narrows its mode to 0660 and renames
     it into place, so the socket appears only when it answers; call it after the Controller
-    has recovered. `stop()` ends open streams after `grace` seconds and removes the socket.
+    has recovered. `stop()` ends open streams, gives RPCs in flight `grace` seconds, then
+cancels their calls (a run unwinds, a stop or remove is finished) and waits for them, and
+removes the socket.
     """
 
-    def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET) -> None:
+    def __init__(self, ctl: Controller, socket_path: str = DEFAULT_CRI_SOCKET,
+                 stream: StreamServer | None = None) -> None:
         self.ctl = ctl
         self.socket_path = os.path.abspath(socket_path)
-        self._runtime = RuntimeService(ctl)
+        self._runtime = RuntimeService(ctl, stream)
         self._image = ImageService(ctl)
         self._server: grpc.aio.Server | None = None
         self._inode: int | None = None
@@ -391,6 +458,10 @@ class CriServer:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
+        # RPCs whose handlers grpc cancelled at the end of the grace: their calls end now
+        # (unwound or finished), before the controller closes under them.
+        await self._runtime.calls.aclose()
+        await self._image.calls.aclose()
         if self._inode is not None:
             unlink_if_ours(self.socket_path, self._inode)
             self._inode = None

@@ -172,14 +172,14 @@ class Shim:
             return await self._on_crash(request, exc)
         if isinstance(exc, PodfsmError) and not isinstance(exc, ServiceUnavailable | BadRequest):
             log.log(logging.ERROR if isinstance(exc, SandboxRunError) else logging.INFO,
-                    "%s %s: %s", request.method, request.url.path, exc)
+                    "%s %s: %s", request.method, _shown_path(request), exc)
         return error_response(exc)
 
     async def _on_crash(self, request: Request, exc: Exception) -> Response:
         # The text of an unexpected exception may name host paths and internals: it goes to
         # the log, under an incident number that the answer gives.
         incident = secrets.token_hex(4)
-        log.error("%s %s: incident %s", request.method, request.url.path, incident,
+        log.error("%s %s: incident %s", request.method, _shown_path(request), incident,
                   exc_info=exc)
         return json_response(ErrorBody(
             error=f"internal error (incident {incident}: the daemon's log has the details)",
@@ -188,7 +188,7 @@ class Shim:
     async def _on_http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = http.HTTPStatus(exc.status_code).phrase.replace(" ", "")
-        return json_response(ErrorBody(error=f"{request.method} {request.url.path}: "
+        return json_response(ErrorBody(error=f"{request.method} {_shown_path(request)}: "
                                        f"{exc.detail}", kind=kind),
                              exc.status_code, dict(exc.headers or {}))
 
@@ -325,7 +325,10 @@ class _MalformedImageId:
 def _sandbox_id(request: Request) -> str:
     sandbox_id: str = request.path_params["sandbox_id"]
     if not re.fullmatch(SANDBOX_ID_PATTERN.strip("^$"), sandbox_id):
-        raise BadRequest(f"{sandbox_id!r} is not a sandbox id (64 lower-case hex digits)")
+        # never echoed: it may be of any length (up to what h11 takes) and hold anything
+        what = "empty" if not sandbox_id else f"{len(sandbox_id)} characters"
+        raise BadRequest(f"the id in the path is not a sandbox id ({what}; an id is 64 "
+                         "lower-case hex digits)")
     return sandbox_id
 
 
@@ -335,6 +338,19 @@ def _image_id(request: Request) -> str:
         raise BadRequest(f"{image_id!r} is not an image id (sha256: and 64 lower-case hex "
                          "digits, or the digits alone)")
     return image_id if image_id.startswith("sha256:") else f"sha256:{image_id}"
+
+
+#: the longest request path an error or a log line shows whole
+SHOWN_PATH_MAX = 160
+
+
+def _shown_path(request: Request) -> str:
+    """The request's path for an error or a log line: cut after SHOWN_PATH_MAX characters
+    (a path may be as long as h11 takes, ~16 KiB), saying how long it was."""
+    path = request.url.path
+    if len(path) <= SHOWN_PATH_MAX:
+        return path
+    return f"{path[:SHOWN_PATH_MAX]}... ({len(path)} characters)"
 
 
 def _require_json(request: Request, *, empty_too: bool) -> None:

@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import uvicorn
@@ -27,6 +27,9 @@ from podfsm.faces.http.guard import TcpGuard, listening_names, load_or_create_to
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
 from podfsm.faces.wire import DEFAULT_SOCKET
 
+if TYPE_CHECKING:
+    from podfsm.faces.stream import StreamServer
+
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
@@ -36,6 +39,28 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 30.0
 #: the token file's name beside the unix socket, unless --token-file says otherwise
 TOKEN_FILE = "http-token"
+#: the longest request path uvicorn's access log shows whole (h11 takes ~16 KiB)
+ACCESS_PATH_MAX = 160
+
+
+class _ClipPath(logging.Filter):
+    """Cut the path of uvicorn's access log lines after ACCESS_PATH_MAX characters: a client
+    chooses it (an id of any length), and one request must not make a 16 KB log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) \
+                and len(args[2]) > ACCESS_PATH_MAX:
+            path = args[2]
+            record.args = (*args[:2], f"{path[:ACCESS_PATH_MAX]}... ({len(path)} characters)",
+                           *args[3:])
+        return True
+
+
+def _clip_access_paths() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _ClipPath) for f in access.filters):
+        access.addFilter(_ClipPath())
 
 
 class _Server(uvicorn.Server):
@@ -130,7 +155,8 @@ class Daemon:
                  header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT,
                  max_streams: int = DEFAULT_MAX_STREAMS,
-                 cri_socket: str | None = None) -> None:
+                 cri_socket: str | None = None,
+                 stream_address: str = "127.0.0.1", stream_port: int | None = 0) -> None:
         if host is not None and port is None:
             raise DaemonError("a host to listen on needs a port (--port)")
         self.cfg = cfg
@@ -143,6 +169,12 @@ class Daemon:
         #: where the CRI face (podfsm.faces.cri) listens, from recovery done until shutdown;
         #: None: no CRI socket
         self.cri_socket = cri_socket
+        #: where the streaming server (exec, attach, port-forward URLs) listens, with the CRI
+        #: socket; port 0 picks a free one, None: no streaming server
+        self.stream_address = stream_address
+        self.stream_port = stream_port
+        #: the streaming server, while it runs
+        self.stream: StreamServer | None = None
         self._heartbeat = heartbeat
         self._graceful_timeout = graceful_timeout
         self._protocol = type("BoundedH11", (_BoundedH11,), {
@@ -170,6 +202,7 @@ class Daemon:
         _clear_stale_socket(self.socket_path)  # refuse at once if another daemon answers
         ctl = self._ctl or Controller(self.cfg)
         shim = Shim(ctl, ready=False, heartbeat=self._heartbeat, max_streams=self._max_streams)
+        _clip_access_paths()
         config = uvicorn.Config(shim.app, http=self._protocol, interface="asgi3", ws="none",
                                 lifespan="off",
                                 log_config=None, timeout_graceful_shutdown=self._graceful_timeout)
@@ -212,14 +245,32 @@ class Daemon:
         if self.cri_socket is None:
             yield
             return
+        from podfsm.drivers.netnsdial import NetnsDialer
         from podfsm.faces.cri import CriServer
+        from podfsm.faces.stream import StreamServer
+        from podfsm.faces.stream.pods import SandboxDial
 
-        server = CriServer(ctl, self.cri_socket)
-        await server.start()
-        try:
-            yield
-        finally:
-            await server.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            stream = None
+            if self.stream_port is not None:
+                dialer = NetnsDialer()
+                stack.push_async_callback(dialer.close)
+                stream = StreamServer(self.stream_address, self.stream_port,
+                                      dial=SandboxDial(ctl, dialer))
+                try:
+                    await stream.start()
+                except OSError as exc:
+                    raise DaemonError(f"cannot listen for streaming on {self.stream_address}:"
+                                      f"{self.stream_port}: {exc.strerror or exc}") from None
+                stack.push_async_callback(stream.stop)
+                self.stream = stream
+            server = CriServer(ctl, self.cri_socket, stream)
+            await server.start()
+            try:
+                yield
+            finally:
+                await server.stop()
+                self.stream = None
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

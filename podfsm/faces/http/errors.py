@@ -17,6 +17,7 @@ from podfsm.core.errors import (
     InvalidImageReference,
     InvalidPodConfig,
     NameReserved,
+    NodeFull,
     PodfsmError,
     SandboxNotFound,
     SandboxRunError,
@@ -65,6 +66,7 @@ _STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (UnpackError, 502),
     (NameReserved, 409),
     (IdRangeUnavailable, 409),  # before InvalidPodConfig, which it is too
+    (NodeFull, 409),  # likewise
     (InvalidPodConfig, 422),
     (ValidationError, 422),
     (BadRequest, 400),

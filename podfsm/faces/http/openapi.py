@@ -47,9 +47,10 @@ ERRORS: dict[int, str] = {
     404: "no sandbox (or image) with that id",
     409: ("a conflict with the sandboxes that exist (nothing was created): one with that name, "
           "namespace, uid and attempt exists (`NameReserved`), or the host id range asked for "
-          "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`); "
-          "the same request may succeed once they are removed; an image in use by a "
-          "container (`ImageInUse`)"),
+          "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`), "
+          "or the sandboxes there are already take what one list answer may carry "
+          "(`NodeFull`); the same request may succeed once they are removed; an image in use "
+          "by a container (`ImageInUse`)"),
     413: "the body is over 1 MiB",
     415: "the body is not `application/json`",
     422: ("the pod config is refused (nothing was created): `InvalidPodConfig` names the field "
@@ -272,13 +273,14 @@ def _id_pool(config: ControllerConfig) -> dict[str, Any]:
 
 def _cgroup_parent(config: ControllerConfig, prop: dict[str, Any]) -> None:
     """Narrow linux.cgroup_parent's schema `prop` to what the daemon takes, as the controller
-    checks it at admission: empty (or slashes only: the root), its cgroup_root, or below it.
-    The pattern replaces the model's (a narrower one; two patterns at once would make a
-    generator filter one's strings by the other)."""
+    checks it at admission: empty (the root), its cgroup_root, or below it. The pattern
+    replaces the model's (a narrower one; two patterns at once would make a generator filter
+    one's strings by the other)."""
     root = "".join("\\" + c if c in ".+" else c for c in config.cgroup_root)
-    prop["pattern"] = _ecma(rf"^(/*|{root}(/{PATH_SEGMENT}?)*)\Z")
+    prop["pattern"] = _ecma(rf"^({root}(/{PATH_SEGMENT})*)?\Z")
     prop["description"] = (f"empty (this daemon's cgroup_root, {config.cgroup_root}), "
-                           f"{config.cgroup_root} or a path below it; "
+                           f"{config.cgroup_root} or a path below it, not inside another "
+                           "sandbox's cgroup (`<its parent>/<its id>`, else 422); "
                            + prop.get("description", ""))
 
 
