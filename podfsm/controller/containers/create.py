@@ -132,7 +132,8 @@ class CreateContainer(ContainerBase):
             task, monitor = await cd.create(
                 c.record.runtime, cid, c.record.config.metadata.name,
                 c.record.log_path or os.path.join(c.record.dir, "container.log"),
-                tty=c.record.config.tty, stdin=c.record.config.stdin)
+                tty=c.record.config.tty, stdin=c.record.config.stdin,
+                stdin_once=c.record.config.stdin_once)
         await self._csave(c, ContainerTrigger.CREATE, pending=None, task=task, monitor=monitor,
                           done=[*c.record.done, CreateStep.START_MONITOR.value])
 
