@@ -305,6 +305,8 @@ def test_a_client_that_vanishes_mid_exec_leaves_nothing(env: Env, daemon: Daemon
         finally:
             os.killpg(client.pid, signal.SIGKILL)
             client.wait()
+            assert client.stdin is not None
+            client.stdin.close()
         _wait_for("the exec'd processes gone", lambda n=n: not (  # type: ignore[misc]
             _pids_running("sleep", str(n)) or _pids_running("sleep", str(n + 1))))
         _wait_for("the runtime's exec reaped", lambda: set(_children(podfsm)) <= children)
