@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
@@ -222,6 +223,24 @@ def test_crictl_exec_attach_and_port_forward_on_containers(env: Env, daemon: Dae
     assert r.returncode == 0 and r.stdout == b"attached\n" and b"to-err" in r.stderr, r
     st = cri.wait_exited(once)
     assert (st.state, st.exit_code) == (pb.CONTAINER_EXITED, 0)
+
+    # refusals, each naming the problem: no URL for an exited container, a request whose
+    # streams make no sense, an empty command
+    for req, code, words in (
+            (pb.ExecRequest(container_id=once, cmd=["true"], stdout=True),
+             grpc.StatusCode.FAILED_PRECONDITION, "not Running"),
+            (pb.ExecRequest(container_id=cid, cmd=["true"], tty=True, stderr=True),
+             grpc.StatusCode.INVALID_ARGUMENT, "tty and stderr"),
+            (pb.ExecRequest(container_id=cid, cmd=["true"]),
+             grpc.StatusCode.INVALID_ARGUMENT, "one of stdin, stdout, or stderr"),
+            (pb.ExecRequest(container_id=cid, stdout=True),
+             grpc.StatusCode.INVALID_ARGUMENT, "cmd is empty")):
+        with pytest.raises(grpc.RpcError) as err:
+            cri.rt.Exec(req, timeout=30)
+        assert err.value.code() is code and words in str(err.value.details()), err.value
+    with pytest.raises(grpc.RpcError) as err:
+        cri.rt.Attach(pb.AttachRequest(container_id=once, stdout=True), timeout=30)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION, err.value
 
     # without stdin_once the container's stdin stays open for the next client
     keep = _container(cri, pod, "keep", ["sh"], stdin=True)

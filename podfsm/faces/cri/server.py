@@ -49,8 +49,10 @@ from podfsm.core.errors import (
     ContainerNotFound,
     ImageInUse,
     ImageNotFound,
+    ImageNotInRegistry,
     InvalidImageReference,
     InvalidPodConfig,
+    InvalidPullRequest,
     NameReserved,
     NodeFull,
     PodfsmError,
@@ -83,11 +85,12 @@ def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
     if isinstance(exc, NodeFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, InvalidPodConfig | InvalidImageReference):
+    if isinstance(exc, InvalidPodConfig | InvalidPullRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound | ImageNotFound | ContainerNotFound):
+    if isinstance(exc, SandboxNotFound | ImageNotFound | ImageNotInRegistry
+                  | ContainerNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION
@@ -295,10 +298,13 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
     @_rpc
     async def Exec(self, request: pb.ExecRequest,
                    context: grpc.aio.ServicerContext) -> pb.ExecResponse:
-        """A single-use URL whose session runs `cmd` in the running container (checked as
-        kubelet's streaming server checks the request; the container as containerd)."""
+        """A single-use URL whose session runs `cmd` in the running container (the request
+        checked as kubelet's streaming server checks it; the container as containerd)."""
+        stream = await self._streaming(context, "Exec", request)
+        if not request.cmd:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cmd is empty")
         cid = self.ctl.check_exec(request.container_id, tuple(request.cmd))
-        url = await self._stream_url(context, "Exec", request, ExecRequest(
+        url = await self._url(context, stream, ExecRequest(
             cid, tuple(request.cmd), tty=request.tty, stdin=request.stdin,
             stdout=request.stdout, stderr=request.stderr))
         return pb.ExecResponse(url=url)
@@ -307,15 +313,17 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
     async def Attach(self, request: pb.AttachRequest,
                      context: grpc.aio.ServicerContext) -> pb.AttachResponse:
         """A single-use URL whose session is attached to the running container's stdio."""
+        stream = await self._streaming(context, "Attach", request)
         cid = self.ctl.check_exec(request.container_id)
-        url = await self._stream_url(context, "Attach", request, AttachRequest(
+        url = await self._url(context, stream, AttachRequest(
             cid, tty=request.tty, stdin=request.stdin, stdout=request.stdout,
             stderr=request.stderr))
         return pb.AttachResponse(url=url)
 
-    async def _stream_url(self, context: grpc.aio.ServicerContext, rpc: str,
-                          request: pb.ExecRequest | pb.AttachRequest,
-                          stream_request: ExecRequest | AttachRequest) -> str:
+    async def _streaming(self, context: grpc.aio.ServicerContext, rpc: str,
+                         request: pb.ExecRequest | pb.AttachRequest) -> StreamServer:
+        """The streaming server (UNIMPLEMENTED without one), once the request's streams
+        make sense (INVALID_ARGUMENT otherwise, as kubelet's server answers)."""
         stream = self.stream
         if stream is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -327,8 +335,13 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
         if not (request.stdin or request.stdout or request.stderr):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "one of stdin, stdout, or stderr must be set")
+        return stream
+
+    @staticmethod
+    async def _url(context: grpc.aio.ServicerContext, stream: StreamServer,
+                   request: ExecRequest | AttachRequest) -> str:
         try:
-            return stream.url_for(stream_request)
+            return stream.url_for(request)
         except CacheFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             raise AssertionError("unreachable: abort raises") from None
