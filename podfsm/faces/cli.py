@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", metavar="DIR",
                    help="the image store (default <state-dir>/images)")
     p.add_argument("--stream-address", default="127.0.0.1", metavar="ADDR",
-                   help="address of the streaming server whose URLs CRI PortForward (and "
-                   "Exec, Attach) answer (default 127.0.0.1: whoever reaches it with a URL "
+                   help="address of the streaming server whose URLs CRI Exec, Attach and "
+                   "PortForward answer (default 127.0.0.1: whoever reaches it with a URL "
                    "gets into a pod)")
     p.add_argument("--stream-port", type=int, default=0, metavar="PORT",
                    help="its TCP port (default 0: a free one; -1: no streaming server)")
