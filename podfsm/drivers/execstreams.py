@@ -6,9 +6,10 @@ The exec'd process gets a spec built as the container's own process (the control
 config.json's `process`: user, env, cwd, capabilities, noNewPrivileges, rlimits, AppArmor and
 SELinux labels) with the command and `terminal` changed. Its stdio:
 
-- without a tty, pipes (stdin /dev/null unless asked for): the runtime starts the process
-  without a session of its own, so it stays in the process group of the runtime command,
-  which podfsm starts as a session of its own;
+- without a tty, pipes (stdin /dev/null unless asked for). The process is not in the
+  runtime command's process group (measured: runc makes it a session leader, crun puts it in
+  the session and group of a helper process of its own), so closing the session looks for
+  its session and group itself (below);
 - with a tty, as CRI-O does: podfsm opens a pty, makes its slave the controlling terminal of
   the runtime command (`setsid -c`) and runs `exec --tty` in the foreground; the runtime
   makes the container's own pty (on the container's /dev/pts), puts the host one in raw mode
