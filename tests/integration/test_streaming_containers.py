@@ -254,6 +254,15 @@ def test_crictl_exec_attach_and_port_forward_on_containers(env: Env, daemon: Dae
             time.sleep(0.5)
         assert cri.status(keep).status.state == pb.CONTAINER_RUNNING
 
+    # attach -it to a tty container under script: the typed line reaches it, its pty has the
+    # client's size (resized through conmon's control FIFO), the output comes back
+    tty = _container(cri, pod, "tty", ["sh", "-c", "read x; sleep 1; stty size; echo got:$x"],
+                     stdin=True, tty=True)
+    r = _crictl(c, "attach", "-it", tty, stdin=b"typed\n", under_script=True)
+    assert b"got:typed" in r.stdout and b"40 100" in r.stdout, r
+    st = cri.wait_exited(tty)
+    assert (st.state, st.exit_code) == (pb.CONTAINER_EXITED, 0)
+
     # port-forward: 20 requests through one crictl port-forward reach the pod's web server
     web = _container(cri, pod, "web", ["/bin/sh", "-c", "exec httpd -f -p 80 -h /tmp"])
     assert _crictl(c, "exec", web, "sh", "-c", "echo pod-page > /tmp/index.html").returncode == 0
