@@ -205,6 +205,10 @@ def test_crictl_exec_attach_and_port_forward_on_containers(env: Env, daemon: Dae
     assert r.returncode != 0 and r.stdout == b"out\n" and b"err\n" in r.stderr, r
     assert b"command terminated with exit code 5" in r.stderr, r  # crictl 1.26 exits 1
 
+    # a command the container lacks: the runtime's error names it, and the exit is not 0
+    r = _crictl(c, "exec", cid, "no-such-command")
+    assert r.returncode != 0 and b"no-such-command" in r.stderr, r
+
     # 1 MiB arrives whole
     r = _crictl(c, "exec", cid, "sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' x")
     assert r.returncode == 0 and r.stdout == b"x" * (1 << 20), (r.returncode, len(r.stdout))
