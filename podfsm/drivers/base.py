@@ -33,6 +33,7 @@ from podfsm.core.requests import (
     SetAside,
 )
 from podfsm.core.spec import IDMapping, PodSandboxConfig
+from podfsm.drivers.procstreams import ProcessStreams as ProcessStreams
 
 
 class NamespaceDriver(Protocol):
@@ -387,8 +388,10 @@ class ContainerDriver(Protocol):
         """Bytes and inodes of the container's writable layer."""
 
     async def create(self, runtime: str, container_id: str, name: str, log_path: str, *,
-                     tty: bool, stdin: bool) -> tuple[TaskInfo, TaskInfo]:
-        """Start the monitor, which runs the runtime's create: (init, monitor) processes."""
+                     tty: bool, stdin: bool, stdin_once: bool = False
+                     ) -> tuple[TaskInfo, TaskInfo]:
+        """Start the monitor, which runs the runtime's create: (init, monitor) processes.
+        `stdin_once`: the first attached client's end of stdin closes the container's."""
 
     async def start(self, runtime: str, container_id: str) -> None:
         """Runtime start."""
@@ -426,6 +429,14 @@ class ContainerDriver(Protocol):
     async def exec_sync(self, runtime: str, container_id: str, process: dict[str, Any],
                         timeout: float) -> tuple[int, str, str]:
         """Run `process` in the container: (exit code, stdout, stderr); ExecTimeout."""
+
+    async def exec_stream(self, runtime: str, container_id: str, process: dict[str, Any], *,
+                          tty: bool, stdin: bool) -> ProcessStreams:
+        """Start `process` in the container for a streaming session (stdio on pipes, or a
+        tty); closing it kills and reaps whatever of it still runs."""
+
+    async def attach_stream(self, container_id: str) -> ProcessStreams:
+        """Attach to the container's stdio through its monitor; OSError if it has none."""
 
     async def update(self, runtime: str, container_id: str, resources: dict[str, Any]
                      ) -> None:

@@ -17,8 +17,10 @@ from podfsm.core.records import TaskInfo
 from podfsm.core.secctx import ALL_CAPS
 from podfsm.drivers import idmapmounts
 from podfsm.drivers.containerfs import ContainerFiles
+from podfsm.drivers.execstreams import attach
 from podfsm.drivers.layers import LayerStore
 from podfsm.drivers.monitor import CONMON, ContainerRuntime
+from podfsm.drivers.procstreams import ProcessStreams
 
 
 class LocalContainers:
@@ -116,9 +118,11 @@ class LocalContainers:
 
     # runtime and monitor
     async def create(self, runtime: str, container_id: str, name: str, log_path: str, *,
-                     tty: bool, stdin: bool) -> tuple[TaskInfo, TaskInfo]:
+                     tty: bool, stdin: bool, stdin_once: bool = False
+                     ) -> tuple[TaskInfo, TaskInfo]:
         return await self._rt(runtime).create(container_id, name, self.dir(container_id),
-                                              log_path, tty=tty, stdin=stdin)
+                                              log_path, tty=tty, stdin=stdin,
+                                              stdin_once=stdin_once)
 
     async def start(self, runtime: str, container_id: str) -> None:
         await self._rt(runtime).start(container_id)
@@ -160,6 +164,15 @@ class LocalContainers:
                         timeout: float) -> tuple[int, str, str]:
         return await self._rt(runtime).exec_sync(container_id, process,
                                                  self.dir(container_id), timeout)
+
+    async def exec_stream(self, runtime: str, container_id: str, process: dict[str, Any], *,
+                          tty: bool, stdin: bool) -> ProcessStreams:
+        return await self._rt(runtime).exec_stream(container_id, process,
+                                                   self.dir(container_id), tty=tty,
+                                                   stdin=stdin)
+
+    async def attach_stream(self, container_id: str) -> ProcessStreams:
+        return await attach(self.dir(container_id))
 
     async def update(self, runtime: str, container_id: str, resources: dict[str, Any]
                      ) -> None:

@@ -39,6 +39,7 @@ from podfsm.core.containerrecords import Exit
 from podfsm.core.errors import ExecTimeout, PrerequisiteMissing, StepFailed
 from podfsm.core.records import TaskInfo
 from podfsm.drivers import linux
+from podfsm.drivers.execstreams import RuntimeExec
 from podfsm.drivers.reaper import ReaperError
 from podfsm.drivers.reaperclient import ReaperClient
 from podfsm.drivers.runtime import wait_process_exit
@@ -84,9 +85,14 @@ class ContainerRuntime:
     # -- create ------------------------------------------------------------------------------
 
     async def create(self, container_id: str, name: str, bundle: str, log_path: str, *,
-                     tty: bool, stdin: bool) -> tuple[TaskInfo, TaskInfo]:
+                     tty: bool, stdin: bool, stdin_once: bool = False
+                     ) -> tuple[TaskInfo, TaskInfo]:
         """Start conmon, which runs `create`; the container's init and conmon's TaskInfo.
-        StepFailed with the runtime's message when create fails (conmon then exits)."""
+        StepFailed with the runtime's message when create fails (conmon then exits).
+
+        With `stdin`, conmon holds a pipe to the container's stdin for attached clients; as
+        CRI-O does, `--leave-stdin-open` keeps it open when a client ends its stdin unless
+        `stdin_once` (then the first attached client's end of stdin is the container's)."""
         exit_dir = os.path.join(bundle, "exit")
         os.makedirs(exit_dir, mode=0o700, exist_ok=True)
         sync = os.path.join(bundle, "sync")
@@ -109,6 +115,8 @@ class ContainerRuntime:
                 argv.append("-t")
             if stdin:
                 argv.append("-i")
+                if not stdin_once:
+                    argv.append("--leave-stdin-open")
             try:
                 res = await self.reaper.run(
                     argv, env={"PATH": _PATH, "_OCI_SYNCPIPE": "3"},
@@ -209,6 +217,13 @@ class ContainerRuntime:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         return res.rc, res.stdout, res.stderr
+
+    async def exec_stream(self, container_id: str, process: dict[str, Any], bundle: str, *,
+                          tty: bool, stdin: bool) -> RuntimeExec:
+        """Start `process` in the container for a streaming session (podfsm.drivers.
+        execstreams): the caller pumps its stdio and closes it."""
+        return await RuntimeExec.run(self._argv(), container_id, process, bundle, tty=tty,
+                                     stdin=stdin)
 
     async def update(self, container_id: str, resources: dict[str, Any], bundle: str) -> None:
         """`update --resources`: the container's cgroup limits, changed in place."""

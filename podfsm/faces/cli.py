@@ -113,17 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cri-socket", default="/run/podfsm/cri.sock", metavar="PATH",
                    help="unix socket of the CRI v1 gRPC face, mode 0660, there once recovery "
                    "is done (default /run/podfsm/cri.sock; '' for none)")
-    p.add_argument("--stream-address", default="127.0.0.1", metavar="ADDR",
-                   help="address of the streaming server whose URLs CRI PortForward (and "
-                   "Exec, Attach) answer (default 127.0.0.1: whoever reaches it with a URL "
-                   "gets into a pod)")
-    p.add_argument("--stream-port", type=int, default=0, metavar="PORT",
-                   help="its TCP port (default 0: a free one; -1: no streaming server)")
     p.add_argument("--registry-config-dir", metavar="DIR",
                    help="registry hosts configuration, containerd's certs.d format: "
                    "DIR/<host>/hosts.toml (default /etc/podfsm/certs.d)")
     p.add_argument("--image-dir", metavar="DIR",
                    help="the image store (default <state-dir>/images)")
+    p.add_argument("--stream-address", default="127.0.0.1", metavar="ADDR",
+                   help="address of the streaming server whose URLs CRI Exec, Attach and "
+                   "PortForward answer (default 127.0.0.1: whoever reaches it with a URL "
+                   "gets into a pod)")
+    p.add_argument("--stream-port", type=int, default=0, metavar="PORT",
+                   help="its TCP port (default 0: a free one; -1: no streaming server)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("runp", parents=[client], help="run a sandbox from a pod config file")

@@ -356,10 +356,9 @@ async def _child(spec: dict[str, Any]) -> None:
         name = f"chaos-{k}"
         config: dict[str, Any] = {
             "metadata": {"name": name, "namespace": "podfsm-chaos", "uid": name},
+            **({"log_directory": chaosctr.log_directory(cfg)} if image else {}),
             "linux": {"security_context": {"namespace_options": {
                 "network": "POD", "userns_options": {"mode": "POD"}}}}}
-        if image:
-            config["log_directory"] = chaosctr.log_directory(cfg)
         if spec.get("port_base") is not None:
             config["port_mappings"] = [{"protocol": "TCP", "container_port": 80,
                                         "host_port": spec["port_base"] + k,

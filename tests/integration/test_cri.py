@@ -311,11 +311,11 @@ def test_every_rpc_and_error_code_over_grpc(env: Env, daemon: Daemon) -> None:
                             (rt.PodSandboxStats, pb.PodSandboxStatsRequest(
                                 pod_sandbox_id="f" * 64))):
                 assert grpc_code(fn, req)[0] is grpc.StatusCode.NOT_FOUND
-            for fn, req in ((rt.Exec, pb.ExecRequest()),
-                            (rt.Attach, pb.AttachRequest()),
-                            (rt.Exec, pb.ExecRequest())):
-                code, msg = grpc_code(fn, req)
-                assert code is grpc.StatusCode.UNIMPLEMENTED and "later issue" in msg
+            for fn, req in ((rt.Exec, pb.ExecRequest(container_id="f" * 64, cmd=["true"],
+                                                      stdout=True)),
+                            (rt.Attach, pb.AttachRequest(container_id="f" * 64, stdout=True))):
+                code, msg = grpc_code(fn, req)  # served: see test_streaming_containers.py
+                assert code is grpc.StatusCode.NOT_FOUND and "not found" in msg, msg
             code, msg = grpc_code(rt.PortForward, pb.PortForwardRequest(pod_sandbox_id="f" * 64))
             assert code is grpc.StatusCode.NOT_FOUND, msg  # served: see test_streaming.py
 

@@ -185,7 +185,8 @@ class CreateContainer(ContainerBase):
             task, monitor = await cd.create(
                 c.record.runtime, cid, c.record.config.metadata.name,
                 c.record.log_path or os.path.join(c.record.dir, "container.log"),
-                tty=c.record.config.tty, stdin=c.record.config.stdin)
+                tty=c.record.config.tty, stdin=c.record.config.stdin,
+                stdin_once=c.record.config.stdin_once)
         await self._csave(c, ContainerTrigger.CREATE, pending=None, task=task, monitor=monitor,
                           done=[*c.record.done, CreateStep.START_MONITOR.value])
 
@@ -240,9 +241,11 @@ class CreateContainer(ContainerBase):
         if choice.kind == "localhost":
             try:
                 localhost = self._host.read_seccomp_profile(choice.path, SECCOMP_PROFILE_LIMIT)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError):
+                # one answer whatever the path is (as for a pod's profile: docs/security.md)
                 raise InvalidContainerConfig(
-                    f"seccomp: the Localhost profile {choice.path}: {exc}") from None
+                    f"seccomp: the Localhost profile {choice.path!r} cannot be used: it is not "
+                    "a readable regular file") from None
         machine, kernel = self._cd.platform()
         pod_ns = pod.linux.security_context.namespace_options
         ns = sb.record.namespaces

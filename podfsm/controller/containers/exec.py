@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from podfsm.core.containerrecords import ContainerRecord
 from podfsm.core.containerstates import ContainerState
 from podfsm.core.errors import ContainerPrecondition, StepFailed
 from podfsm.core.spec import LinuxContainerResources
+from podfsm.drivers.base import ProcessStreams
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,49 @@ class ExecContainers(QueryContainers):
         if not cmd:
             raise ContainerPrecondition("exec needs a command")
         rec = self._running(container_id, "exec")
+        process = self._exec_process(rec, cmd, tty=False)
+        rc, out, err = await self._cd.exec_sync(rec.runtime, rec.id, process, timeout)
+        return ExecResult(rc, out, err)
+
+    def _exec_process(self, rec: ContainerRecord, cmd: Sequence[str], *, tty: bool
+                      ) -> dict[str, Any]:
+        """The OCI process of an exec: the container's own (user, env, cwd, capabilities,
+        noNewPrivileges, rlimits, AppArmor and SELinux labels) running `cmd`."""
         spec = self._cd.read_spec(rec.id)
         if spec is None or not isinstance(spec.get("process"), dict):
             raise StepFailed("exec", f"container {rec.id} has no readable OCI spec")
         process = dict(spec["process"])
-        process.update(args=list(cmd), terminal=False)
+        process.update(args=list(cmd), terminal=tty)
         process.pop("oomScoreAdj", None)
-        rc, out, err = await self._cd.exec_sync(rec.runtime, rec.id, process, timeout)
-        return ExecResult(rc, out, err)
+        process.pop("consoleSize", None)
+        return process
+
+    def check_exec(self, container_id: str, cmd: Sequence[str] | None = None) -> str:
+        """The id of the container an exec (`cmd`) or attach (None) may reach now: it
+        exists (ContainerNotFound) and runs (ContainerPrecondition); an exec names a
+        command."""
+        if cmd is not None and not cmd:
+            raise ContainerPrecondition("exec needs a command")
+        return self._running(container_id, "exec" if cmd is not None else "attach").id
+
+    async def exec_stream(self, container_id: str, cmd: Sequence[str], *, tty: bool,
+                          stdin: bool, stdout: bool, stderr: bool) -> ProcessStreams:
+        """Start `cmd` in the running container for a streaming session (the streaming
+        face's ContainerStreams): on a tty or pipes; the session's close() kills and reaps
+        whatever of it still runs."""
+        rec = self._ctr(self.check_exec(container_id, cmd)).record
+        process = self._exec_process(rec, cmd, tty=tty)
+        return await self._cd.exec_stream(rec.runtime, rec.id, process, tty=tty, stdin=stdin)
+
+    async def attach_stream(self, container_id: str, *, tty: bool, stdin: bool, stdout: bool,
+                            stderr: bool) -> ProcessStreams:
+        """Attach to the running container's stdio through its conmon (the first client to
+        end its stdin closes the container's when it was created with stdin_once)."""
+        rec = self._ctr(self.check_exec(container_id)).record
+        try:
+            return await self._cd.attach_stream(rec.id)
+        except OSError as exc:
+            raise StepFailed("attach", f"container {rec.id}: {exc}") from exc
 
     async def reopen_container_log(self, container_id: str) -> None:
         """Reopen the log at its path (after the kubelet rotated it); the container must be

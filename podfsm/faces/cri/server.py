@@ -8,8 +8,8 @@ CreateContainer, StartContainer, StopContainer, RemoveContainer, ListContainers,
 ContainerStatus, ContainerStats, ListContainerStats, UpdateContainerResources,
 ReopenContainerLog, ExecSync; see docs/containers.md), the whole ImageService (PullImage,
 ListImages, ImageStatus, RemoveImage, ImageFsInfo; see docs/images.md) and, with a streaming
-server, PortForward (its URL; see docs/streaming.md). Every other RPC (Exec, Attach) answers
-UNIMPLEMENTED.
+server, Exec, Attach and PortForward (their URLs; see docs/streaming.md). Every other RPC
+(checkpoints, metrics) answers UNIMPLEMENTED.
 
 Errors, as containerd maps them: a refused config INVALID_ARGUMENT, a name in use
 ALREADY_EXISTS, an unknown id (status, stats) NOT_FOUND, a missing prerequisite
@@ -65,7 +65,7 @@ from podfsm.core.states import State
 from podfsm.faces.cri import convert
 from podfsm.faces.cri.containers import ContainerRpcs
 from podfsm.faces.sockets import stale_socket_problem, unlink_if_ours
-from podfsm.faces.stream import PortForwardRequest, StreamServer
+from podfsm.faces.stream import AttachRequest, ExecRequest, PortForwardRequest, StreamServer
 from podfsm.faces.stream.tokens import CacheFull
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ SOCKET_MODE = 0o660
 #: The CRI API version this server speaks (VersionResponse.version is the kubelet API's).
 KUBELET_API_VERSION = "0.1.0"
 RUNTIME_NAME = "podfsm"
-ONLY_SANDBOXES = ("podfsm does not serve {rpc} yet (streaming: Exec and Attach "
-                  "arrive with a later issue)")
+ONLY_SANDBOXES = "podfsm does not serve {rpc} (not implemented)"
 
 R = TypeVar("R")
 Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
@@ -295,6 +294,57 @@ class RuntimeService(ContainerRpcs, pb_grpc.RuntimeServiceServicer):
         except CacheFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pb.PortForwardResponse(url=url)
+
+    @_rpc
+    async def Exec(self, request: pb.ExecRequest,
+                   context: grpc.aio.ServicerContext) -> pb.ExecResponse:
+        """A single-use URL whose session runs `cmd` in the running container (the request
+        checked as kubelet's streaming server checks it; the container as containerd)."""
+        stream = await self._streaming(context, "Exec", request)
+        if not request.cmd:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cmd is empty")
+        cid = self.ctl.check_exec(request.container_id, tuple(request.cmd))
+        url = await self._url(context, stream, ExecRequest(
+            cid, tuple(request.cmd), tty=request.tty, stdin=request.stdin,
+            stdout=request.stdout, stderr=request.stderr))
+        return pb.ExecResponse(url=url)
+
+    @_rpc
+    async def Attach(self, request: pb.AttachRequest,
+                     context: grpc.aio.ServicerContext) -> pb.AttachResponse:
+        """A single-use URL whose session is attached to the running container's stdio."""
+        stream = await self._streaming(context, "Attach", request)
+        cid = self.ctl.check_exec(request.container_id)
+        url = await self._url(context, stream, AttachRequest(
+            cid, tty=request.tty, stdin=request.stdin, stdout=request.stdout,
+            stderr=request.stderr))
+        return pb.AttachResponse(url=url)
+
+    async def _streaming(self, context: grpc.aio.ServicerContext, rpc: str,
+                         request: pb.ExecRequest | pb.AttachRequest) -> StreamServer:
+        """The streaming server (UNIMPLEMENTED without one), once the request's streams
+        make sense (INVALID_ARGUMENT otherwise, as kubelet's server answers)."""
+        stream = self.stream
+        if stream is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"{rpc}: podfsm serve runs without a streaming server")
+            raise AssertionError("unreachable: abort raises")
+        if request.tty and request.stderr:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "tty and stderr cannot both be true")
+        if not (request.stdin or request.stdout or request.stderr):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "one of stdin, stdout, or stderr must be set")
+        return stream
+
+    @staticmethod
+    async def _url(context: grpc.aio.ServicerContext, stream: StreamServer,
+                   request: ExecRequest | AttachRequest) -> str:
+        try:
+            return stream.url_for(request)
+        except CacheFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise AssertionError("unreachable: abort raises") from None
 
     async def GetContainerEvents(self, request: pb.GetEventsRequest,
                                  context: grpc.aio.ServicerContext) -> None:

@@ -255,7 +255,7 @@ class Daemon:
             if self.stream_port is not None:
                 dialer = NetnsDialer()
                 stack.push_async_callback(dialer.close)
-                stream = StreamServer(self.stream_address, self.stream_port,
+                stream = StreamServer(self.stream_address, self.stream_port, containers=ctl,
                                       dial=SandboxDial(ctl, dialer))
                 try:
                     await stream.start()
