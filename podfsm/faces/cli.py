@@ -10,6 +10,8 @@
     podfsm rmp ID...                    remove sandboxes
     podfsm events [--since N]           stream transitions until the daemon stops
     podfsm pull | images | inspecti | rmi   images, as crictl's verbs (faces/imagecli.py)
+    podfsm create | start | stop | rm | ps | inspect | logs | exec -s | stats
+                                        containers, as crictl's verbs (faces/containercli.py)
     podfsm graph [ID] [-o FILE]         a diagram: .mmd .dot .svg .png (Mermaid on stdout)
     podfsm debug failpoints             the failpoint names for PODFSM_FAILPOINTS
     podfsm demo | bench                 see their --help
@@ -37,7 +39,7 @@ from podfsm import __version__
 from podfsm.core import failpoints
 from podfsm.core.errors import PodfsmError
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.faces import graph, imagecli
+from podfsm.faces import containercli, graph, imagecli
 from podfsm.faces.client import ApiError, Client, DaemonUnreachable, resolve_socket
 
 EXIT_OK = 0
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_client_verb(_inspectp))
 
     imagecli.add_verbs(sub, client, _client_verb)
+    containercli.add_verbs(sub, client, _client_verb)
 
     p = sub.add_parser("stopp", parents=[client], help="stop sandboxes (NotReady)")
     p.add_argument("ids", metavar="ID", nargs="+")
