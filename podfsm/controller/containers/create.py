@@ -79,7 +79,6 @@ class CreateContainer(ContainerBase):
         self._containers[cid] = c
         async with c.lock:
             try:
-                await self._csave(c)
                 await self._create_steps(c, sb, image_config, [
                     self._cd.layer_path(chain) for chain in reversed(img.chain_ids)])
             except BaseException as exc:
@@ -122,11 +121,13 @@ class CreateContainer(ContainerBase):
             except OSError as exc:
                 raise StepFailed(CreateStep.MOUNT_ROOTFS.value,
                                  f"cannot mount the rootfs: {exc}") from exc
-        await self._csave(c, done=[*c.record.done, CreateStep.MOUNT_ROOTFS.value])
+        # what is done is written with the next step's pending (one write a step: an
+        # unwinding undoes every step whatever `done` says, each undo being idempotent)
+        c.record = c.record.evolve(done=[*c.record.done, CreateStep.MOUNT_ROOTFS.value])
         async with await self._step(c, CreateStep.WRITE_BUNDLE):
             spec = await self._spec(c, sb, image_config, rootfs)
             await cd.write_spec(cid, spec)
-        await self._csave(c, done=[*c.record.done, CreateStep.WRITE_BUNDLE.value])
+        c.record = c.record.evolve(done=[*c.record.done, CreateStep.WRITE_BUNDLE.value])
         async with await self._step(c, CreateStep.START_MONITOR):
             task, monitor = await cd.create(
                 c.record.runtime, cid, c.record.config.metadata.name,
