@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from podfsm.controller import Controller
 from podfsm.core.errors import (
+    ExecTimeout,
     ImagePullError,
     InvalidImageReference,
     InvalidPodConfig,
@@ -171,7 +172,7 @@ class Shim(ContainerRoutes):
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, PodfsmError) and error_response(exc).status_code >= 500 and not (
                 isinstance(exc, SandboxRunError | ServiceUnavailable | ImagePullError
-                           | UnpackError | StepFailed)):
+                           | UnpackError | StepFailed | ExecTimeout)):
             return await self._on_crash(request, exc)
         if isinstance(exc, PodfsmError) and not isinstance(exc, ServiceUnavailable | BadRequest):
             log.log(logging.ERROR if isinstance(exc, SandboxRunError) else logging.INFO,
