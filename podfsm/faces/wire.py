@@ -171,7 +171,8 @@ class ContainersQuery(_Query):
         "only the containers of the sandbox whose id starts with this"))
     state: ContainerState | None = Field(default=None, description="only containers in this "
                                          "state")
-    label: str = Field(default="", max_length=4096, description=(
+    label: str = Field(default="", max_length=4096,
+                       pattern=r"^([^=,]+=[^,]*(,[^=,]+=[^,]*)*)?$", description=(
         "only containers with these labels: `key=value`, several joined by commas"))
 
 

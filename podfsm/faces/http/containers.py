@@ -78,6 +78,7 @@ class ContainerRoutes:
                                                                 sandbox_id):
             raise InvalidContainerConfig("sandbox_id: not a sandbox id (64 lower-case hex "
                                          "digits)")
+        await ctl.sandbox_status(sandbox_id)  # no such sandbox: 404 whatever the config says
         cfg = parse_container_config(body["config"])
         cid = await ctl.create_container(sandbox_id, cfg)
         return json_response(await ctl.container_status(cid), 201,
@@ -88,9 +89,7 @@ class ContainerRoutes:
         q = parse_query(ContainersQuery, request)
         labels: dict[str, str] = {}
         for part in filter(None, q.label.split(",")):
-            key, eq, value = part.partition("=")
-            if not eq or not key:
-                raise BadRequest(f"bad query parameter: label: {part!r} is not key=value")
+            key, _, value = part.partition("=")  # the query model's pattern: key=value,...
             labels[key] = value
         items = await ctl.list_containers(
             id_prefix=q.id or None, sandbox_id=q.sandbox_id or None,
