@@ -176,8 +176,6 @@ class FakeContainers:
         pass
 
     async def read_lines(self, path: str, offset: int) -> tuple[list[str], int]:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
+        data = (await anyio.Path(path).read_bytes())[offset:]
         end = data.rfind(b"\n") + 1
         return data[:end].decode().splitlines(), offset + end

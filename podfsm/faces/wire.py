@@ -155,6 +155,14 @@ class GraphQuery(_Query):
     format: GraphFormat = Field(default="svg", description="the diagram's format")
 
 
+class MachineGraphQuery(GraphQuery):
+    """GET /v1/graph."""
+
+    machine: Literal["sandbox", "container"] = Field(default="sandbox", description=(
+        "which machine, the sandbox's or the container's (a sandbox's diagram shows its "
+        "containers' machines beside its own)"))
+
+
 class ImagesQuery(_Query):
     """GET /v1/images."""
 

@@ -167,6 +167,7 @@ def test_exec_logs_and_stats(client: httpx.Client, rig: ContainerRig) -> None:
                                                              "timeout": 1})
     assert resp.status_code == 504 and error_of(resp).kind == "ExecTimeout"
     assert time.monotonic() - t0 < 10
+    bad: dict[str, Any]
     for bad in ({"cmd": []}, {"cmd": "ls"}, {"cmd": ["ls"], "timeout": -1},
                 {"cmd": ["ls"], "extra": 1}):
         resp = client.post(f"/v1/containers/{st.id}/exec", json=bad)

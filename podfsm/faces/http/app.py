@@ -40,7 +40,7 @@ from podfsm.core.errors import (
 )
 from podfsm.core.registryhosts import auth_from_cri
 from podfsm.core.spec import describe_validation_error, parse_pod_config
-from podfsm.faces import graph
+from podfsm.faces import graph, podgraph
 from podfsm.faces.http.containers import ContainerRoutes, MalformedContainerId
 from podfsm.faces.http.errors import (
     BadRequest,
@@ -65,6 +65,7 @@ from podfsm.faces.wire import (
     Health,
     ImageList,
     ImagesQuery,
+    MachineGraphQuery,
     PullBody,
     RunQuery,
     SandboxList,
@@ -256,15 +257,19 @@ class Shim(ContainerRoutes):
         ctl = self.controller()
         fmt = parse_query(GraphQuery, request).format
         st = await ctl.sandbox_status(_sandbox_id(request))
-        body = await anyio.to_thread.run_sync(graph.render, fmt, st)
+        ctrs = await ctl.list_containers(sandbox_id=st.id)
+        body = await (anyio.to_thread.run_sync(podgraph.render_pod, fmt, st, ctrs) if ctrs
+                      else anyio.to_thread.run_sync(graph.render, fmt, st))
         return Response(body, media_type=graph.MEDIA_TYPES[fmt],
                         headers={"cache-control": "no-store"})
 
     async def machine_graph(self, request: Request) -> Response:
-        fmt = parse_query(GraphQuery, request).format
-        body = self._machine_graphs.get(fmt)
+        query = parse_query(MachineGraphQuery, request)
+        fmt, key = query.format, f"{query.format}/{query.machine}"
+        body = self._machine_graphs.get(key)
         if body is None:
-            body = self._machine_graphs[fmt] = await anyio.to_thread.run_sync(graph.render, fmt)
+            render = podgraph.render_containers if query.machine == "container" else graph.render
+            body = self._machine_graphs[key] = await anyio.to_thread.run_sync(render, fmt)
         return Response(body, media_type=graph.MEDIA_TYPES[fmt])
 
 
