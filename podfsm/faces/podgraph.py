@@ -155,7 +155,8 @@ def _dot_machine(m: _Machine, node_id: str, cluster: bool) -> list[str]:
            f"    {q(m.key + ':__initial')} {attrs(shape='point', width=0.18, label='')};"]
     visited = m.visited() if m.current is not None else set()
     for s in m.states:
-        a: dict[str, str | float] = {"id": f"{node_id}-state-{s}", "label": s, "tooltip": s,
+        a: dict[str, str | float] = {"id": f"{node_id}-state-{s}" if node_id else f"state-{s}",
+                                     "label": s, "tooltip": s,
                                      "class": "state"}
         if s == m.current:
             a.update(fillcolor="#ffd54f", color="#e65100", penwidth=3,
@@ -209,7 +210,7 @@ def pod_dot(sandbox: SandboxStatus, containers: Sequence[ContainerStatus]) -> st
 def container_dot() -> str:
     """The container machine alone, as DOT."""
     return _digraph("podfsm container state machine",
-                    _dot_machine(_container_machine(None), "state", cluster=False))
+                    _dot_machine(_container_machine(None), "", cluster=False))
 
 
 def render_pod(fmt: str, sandbox: SandboxStatus, containers: Sequence[ContainerStatus]

@@ -5,6 +5,7 @@ container test."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import threading
@@ -18,7 +19,7 @@ import pytest
 
 from podfsm import Controller
 from podfsm.core.containerrecords import ContainerStatus
-from podfsm.faces import containercli
+from podfsm.faces import containercli, podgraph
 from podfsm.faces.cli import main
 from podfsm.faces.wire import ContainerList, ContainerStatsBody, ExecResponse
 from tests.fakecontainers import FakeContainers
@@ -432,3 +433,49 @@ def test_sizes_and_log_lines_as_crictl_reads_them() -> None:
     assert containercli.parse_log_line("2024-01-01T00:00:00Z stdout F") == (
         "2024-01-01T00:00:00Z", "stdout", True, "")
     assert containercli.parse_log_line("garbage") is None
+
+
+# ---------------------------------------------------------------------- diagrams
+
+def test_a_pods_diagram_shows_its_containers_machines(client: httpx.Client,
+                                                      rig: ContainerRig) -> None:
+    sid = run_pod(client, rig)
+    alone = client.get(f"/v1/sandboxes/{sid}/graph", params={"format": "mmd"}).text
+    assert "state \"" not in alone  # without containers: the sandbox's diagram as it was
+    run = create(client, sid, name="run")
+    client.post(f"/v1/containers/{run.id}/start")
+    made = create(client, sid, name="made")
+    mmd = client.get(f"/v1/sandboxes/{sid}/graph", params={"format": "mmd"}).text
+    assert f'state "sandbox default/web {sid[:13]}: Ready" as sandbox {{' in mmd
+    assert f'state "container run {run.id[:13]}: Running" as c1 {{' in mmd
+    assert "        c1_Unknown --> c1_Created : create (1)" in mmd
+    assert "        c1_Created --> c1_Running : start (2)" in mmd
+    assert "class c1_Running current" in mmd and "class c1_Created visited" in mmd
+    assert f'state "container made {made.id[:13]}: Created" as c2 {{' in mmd
+    assert "class c2_Created current" in mmd and "class Ready current" in mmd
+    dot = client.get(f"/v1/sandboxes/{sid}/graph", params={"format": "dot"}).text
+    assert 'subgraph "cluster_c2"' in dot
+    assert re.search(rf'id="container-{run.id[:13]}-state-Running"[^]]*class="state current"',
+                     dot)
+    svg = html.unescape(client.get(f"/v1/sandboxes/{sid}/graph").text)  # dot writes &#45;
+    assert svg.lstrip().startswith("<?xml")
+    assert f'id="container-{made.id[:13]}-state-Created"' in svg
+    assert 'id="sandbox-state-Ready"' in svg
+    resp = client.get("/v1/graph", params={"format": "mmd", "machine": "container"})
+    assert resp.text == podgraph.container_mermaid()
+    assert "Running --> Exited : exit / stop" in resp.text
+    assert client.get("/v1/graph", params={"machine": "pod"}).status_code == 400
+
+
+def test_graph_of_the_container_machine_and_of_a_pod(cli: Cli, client: httpx.Client,
+                                                     rig: ContainerRig, tmp_path: Path) -> None:
+    code, out, _ = cli("graph", "--containers")
+    assert (code, out) == (0, podgraph.container_mermaid())
+    code, _, err = cli("graph", "--containers", "abc")
+    assert code == 2 and "give no ID" in err
+    sid = run_pod(client, rig)
+    cid = cli_create(cli, rig, sid)
+    code, out, _ = cli("graph", sid[:8])
+    assert code == 0 and f'state "container app {cid[:13]}: Created" as c1 {{' in out
+    assert cli("graph", "--containers", "-o", str(tmp_path / "c.dot"))[0] == 0
+    assert (tmp_path / "c.dot").read_text() == podgraph.container_dot()
