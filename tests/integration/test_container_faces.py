@@ -135,3 +135,77 @@ def test_a_busybox_container_through_the_cli(env: Env, daemon: Daemon, runtime: 
     assert ok(d, "ps", "-a", "-q") == ""
     assert ok(d, "stopp", sid) == f"Stopped sandbox {sid}\n"
     assert ok(d, "rmp", sid) == f"Removed sandbox {sid}\n"
+
+
+def test_the_page_shows_a_pods_containers_live(tmp_path: Path, registry: ik.Registry) -> None:
+    """The web page in headless chromium (tests/integration/test_browser.py's): a container
+    made through the API appears under its pod, Running with its machine drawn beside the
+    pod's, then Exited, then gone while the pod stays."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.integration.conftest import destroy_env, make_env
+    from tests.integration.test_browser import chromium
+
+    env = make_env("runc")
+    try:
+        use_env_network(env)
+        certs = os.path.join(env.tmp, "certs.d")
+        ik.hosts_toml(certs, "registry.k8s.io", registry.url)
+        with serving(env, port=0, options=["--registry-config-dir", certs]) as d, \
+                d.client(timeout=60) as api, chromium(tmp_path) as browser:
+            wait = WebDriverWait(browser, 20, poll_frequency=0.05)
+            browser.get(f"http://127.0.0.1:{d.tcp_port}/?token={d.token}")
+
+            def present(css: str) -> bool:
+                return bool(browser.find_elements(By.CSS_SELECTOR, css))
+
+            def until(css: str, what: str, *, gone: bool = False) -> None:
+                try:
+                    wait.until(lambda _: present(css) != gone)
+                except TimeoutException:
+                    pods = browser.find_element(By.ID, "pods").get_attribute("outerHTML")
+                    pods = re.sub(r"<svg.*?</svg>", "<svg>...</svg>", pods or "", flags=re.S)
+                    raise AssertionError(f"the page never showed {what}:\n{pods}") from None
+
+            until("#conn.live", "the event stream live")
+            until("#cmachine svg g#state-Running", "the container machine")
+            assert api.post("/v1/images", json={"image": BUSYBOX}).status_code == 201
+            sid = api.post("/v1/sandboxes", json={"metadata": {"name": "page", "namespace": "t",
+                                                               "uid": "page"}}).json()["id"]
+            card = f'section.pod[data-id="{sid}"]'
+            until(f'{card} .state[data-state="Ready"]', "the pod Ready")
+            assert not browser.find_element(By.CSS_SELECTOR, f"{card} .ctrs").is_displayed()
+            r = api.post("/v1/containers", json={"sandbox_id": sid, "config": {
+                "metadata": {"name": "web"}, "image": {"image": BUSYBOX},
+                "command": ["sleep", "1000"]}})
+            assert r.status_code == 201, r.text
+            cid = r.json()["id"]
+            row = f'{card} tr.ctr[data-id="{cid}"]'
+            until(f'{row} .state[data-state="Created"]', "the container Created")
+            assert api.post(f"/v1/containers/{cid}/start").status_code == 200
+            until(f'{row} .state[data-state="Running"]', "the container Running")
+            until(f"{card} .diagram svg g.current#container-{cid[:13]}-state-Running",
+                  "its machine at Running")
+            current = browser.execute_script(
+                "return [...document.querySelectorAll(arguments[0])].map((g) => g.id)",
+                f"{card} .diagram svg g.current")
+            assert current == ["sandbox-state-Ready", f"container-{cid[:13]}-state-Running"]
+            cells = browser.find_element(By.CSS_SELECTOR, row).text.split()
+            assert cells[:3] == ["web", "Running", cid[:13]]
+            assert api.post(f"/v1/containers/{cid}/stop").status_code == 200
+            until(f'{row} .state[data-state="Exited"]', "the container Exited")
+            assert "137 Error" in browser.find_element(By.CSS_SELECTOR, row).text
+            assert api.delete(f"/v1/containers/{cid}").status_code == 204
+            until(row, "the container gone", gone=True)
+            until(f'{card} .state[data-state="Ready"]', "the pod still there")
+            until(f"{card} .diagram svg g.current#state-Ready", "the pod's diagram alone again")
+            log = browser.find_element(By.ID, "log").text
+            assert f"container {cid[:13]}  Created -> Running  (start)" in log
+            assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
+            until(card, "the pod gone", gone=True)
+            assert d.terminate(timeout=15) == 0, d.log_text()
+        assert env.leftovers() == {}
+    finally:
+        destroy_env(env)
