@@ -341,11 +341,11 @@ class Controller(Containers, Recovery):
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             return
-        with anyio.CancelScope(shield=True):
-            await self._stop_pod_containers(sandbox_id)  # the containers first
         async with self._limiter, sb.lock:
             if not sb.removed:
                 with anyio.CancelScope(shield=True):  # once begun, a stop is finished
+                    # the containers first, under the sandbox's lock: no create slips in
+                    await self._stop_pod_containers(sandbox_id)
                     await self._stop(sb)
 
     async def remove_sandbox(self, sandbox_id: str) -> None:
@@ -353,11 +353,10 @@ class Controller(Containers, Recovery):
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             return
-        with anyio.CancelScope(shield=True):
-            await self._remove_pod_containers(sandbox_id)  # the containers first
         async with self._limiter, sb.lock:
             if not sb.removed:
                 with anyio.CancelScope(shield=True):
+                    await self._remove_pod_containers(sandbox_id)  # the containers first
                     await self._remove(sb)
 
     async def events(self, since: int | None = None) -> AsyncIterator[TransitionEvent]:

@@ -111,3 +111,18 @@ def lifecycle_kind(trigger: ContainerTrigger, source: ContainerState,
     if dest is S.EXITED and source is not S.EXITED:
         return "stopped"
     return None
+
+
+def markdown_table() -> str:
+    """The table as docs/containers.md shows it (a unit test keeps the two the same)."""
+    rows = ["| trigger | from | to | what it does |", "| --- | --- | --- | --- |"]
+    rows += [f"| {t.trigger.value} | {t.source.value} | {t.dest.value} | {t.doc} |"
+             for t in TRANSITIONS]
+    return "\n".join(rows) + "\n"
+
+
+def mermaid() -> str:
+    """A mermaid state diagram of the table (docs/containers.md carries it)."""
+    lines = ["stateDiagram-v2", f"    [*] --> {INITIAL.value}"]
+    lines += [f"    {t.source.value} --> {t.dest.value}: {t.trigger.value}" for t in TRANSITIONS]
+    return "\n".join(lines) + "\n"

@@ -88,7 +88,12 @@ class UnsafeDirectory(StateDirError):
     directory, is owned by another user, or is writable by group or others."""
 
 
-class InvalidImageReference(PodfsmError, ValueError):
+class InvalidPullRequest(PodfsmError, ValueError):
+    """A pull request that cannot be served as given (its reference, its credentials); nothing
+    was fetched."""
+
+
+class InvalidImageReference(InvalidPullRequest):
     """An image reference (or digest) that does not parse; nothing was fetched."""
 
 
@@ -106,6 +111,10 @@ class ImageNotFound(PodfsmError, KeyError):
 class ImagePullError(PodfsmError):
     """A pull failed: the registry refused or lacked something, a document was malformed, or
     content did not match its digest. Nothing of the failed pull is kept."""
+
+
+class ImageNotInRegistry(ImagePullError):
+    """Every registry endpoint asked answered that it has no such manifest (404)."""
 
 
 class DigestMismatch(ImagePullError):

@@ -22,8 +22,8 @@ DEFAULT_TAG = "latest"
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 #: the longest name distribution accepts
 MAX_NAME = 255
@@ -103,7 +103,8 @@ def parse_reference(text: str, *, default_tag: bool = True) -> ImageReference:
     first, sep, remainder = name.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost"):
         domain, path = first, remainder
-        if not _DOMAIN.fullmatch(domain):
+        port = domain.rpartition(":")[2] if not domain.endswith("]") else ""
+        if not _DOMAIN.fullmatch(domain) or (":" in domain and int(port or 0) > 65535):
             raise InvalidImageReference(f"image reference {text!r}: bad domain {domain!r}")
     else:
         domain, path = DOCKER_HUB, name

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from podfsm.core.errors import ImagePullError
+from podfsm.core.errors import InvalidPullRequest
 from podfsm.core.imageref import DOCKER_HUB, DOCKER_HUB_API
 
+#: what a token may hold: it goes into an HTTP header or form as it is
+TOKEN = re.compile(r"[\x21-\x7e]*")
 CAPABILITIES = frozenset({"pull", "resolve", "push"})
 DEFAULT_CAPABILITIES = ("pull", "resolve", "push")
 _KEYS = {"server", "capabilities", "skip_verify", "ca", "client", "header", "override_path",
@@ -210,7 +213,12 @@ def auth_from_cri(username: str = "", password: str = "", auth: str = "",
     config.json), used when username/password are not given."""
     if auth and not username:
         try:
-            username, _, password = base64.b64decode(auth, validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            raise ImagePullError("auth config: `auth` is not base64 of user:password") from None
+            text = base64.b64decode(auth, validate=True).decode(errors="replace")
+        except ValueError:
+            raise InvalidPullRequest("auth config: `auth` is not base64 of user:password"
+                                     ) from None
+        username, _, password = text.partition(":")
+    for name, token in (("identity_token", identity_token), ("registry_token", registry_token)):
+        if not TOKEN.fullmatch(token):
+            raise InvalidPullRequest(f"auth config: {name} is not printable ASCII")
     return RegistryAuth(username, password, identity_token, registry_token)

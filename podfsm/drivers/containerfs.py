@@ -48,7 +48,9 @@ class ContainerFiles:
     # -- records -----------------------------------------------------------------------------
 
     def load_all(self) -> tuple[list[ContainerRecord], list[str]]:
-        """Every readable record, and what was wrong with the others (their ids named)."""
+        """Every readable record, and what was wrong with the others (their ids named). A
+        directory without a record (its first save or its removal was cut short) is left to
+        the orphan collection."""
         recs: list[ContainerRecord] = []
         problems: list[str] = []
         try:
@@ -61,7 +63,8 @@ class ContainerFiles:
                 with open(path, "rb") as f:
                     recs.append(ContainerRecord.model_validate_json(f.read()))
             except FileNotFoundError:
-                problems.append(f"container directory {name} has no record")
+                # a save or a removal cut short: the directory is collected as an orphan
+                continue
             except (OSError, ValueError) as exc:
                 problems.append(f"container record {path} is unreadable: {exc}")
         return recs, problems

@@ -160,6 +160,7 @@ class LayerStore:
             os.mkdir(os.path.join(tmp, FS), 0o755)
             root_fd = os.open(os.path.join(tmp, FS), untar.DIR_FLAGS)
             try:
+                os.fchmod(root_fd, 0o755)  # whatever the umask; a `./` entry may change it
                 with open(blob_path, "rb", buffering=0) as blob:
                     done = untar.extract(decompress(blob), root_fd, devices=self._devices)
                 got = chain_id_for(parent_chain_id, done.diff_id)

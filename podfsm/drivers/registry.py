@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import httpx
 
-from podfsm.core.errors import ImagePullError
+from podfsm.core.errors import ImageNotInRegistry, ImagePullError
 from podfsm.core.imageref import ImageReference, registry_host_dirs
 from podfsm.core.imagespec import MANIFEST_ACCEPT, MAX_DOCUMENT_BYTES, Descriptor
 from podfsm.core.registryhosts import (
@@ -58,7 +58,12 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 class _Refused(Exception):
-    """This endpoint cannot serve the request; the next one may."""
+    """This endpoint cannot serve the request; the next one may. `status`: its HTTP answer,
+    when it gave one."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Registry:
@@ -163,7 +168,7 @@ class Registry:
             else:
                 basic = (auth.username, auth.password) if auth.username else None
                 resp = await client.get(realm, params=query, auth=basic)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _Refused(f"token server {realm}: {exc}") from None
         if resp.status_code != 200:
             raise _Refused(f"token server {realm}: HTTP {resp.status_code}")
@@ -185,11 +190,11 @@ class Registry:
             try:
                 if resp.status_code != 200:
                     text = _error_text(await _small(resp))
-                    raise _Refused(f"{url}: HTTP {resp.status_code} {text}")
+                    raise _Refused(f"{url}: HTTP {resp.status_code} {text}", resp.status_code)
                 body = await _small(resp)
             finally:
                 await resp.aclose()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _Refused(f"{url}: {type(exc).__name__}: {exc}") from None
         return (body, resp.headers.get("content-type", ""),
                 resp.headers.get("docker-content-digest", ""))
@@ -202,17 +207,19 @@ class Registry:
         eps = [e for e in self.endpoints(ref.api_host) if e.can("resolve")]
         if not eps:
             raise ImagePullError(f"no endpoint of {ref.domain} may resolve (capabilities)")
-        failures = []
+        failures: list[_Refused] = []
         for ep in eps:
             try:
                 body, ctype, header = await self._document(ep, ref, ref.pull_ref, auth)
             except _Refused as exc:
-                failures.append(str(exc))
+                failures.append(exc)
                 continue
             digest = ref.digest or header or _sha(body)
             check_document(digest, None, body)
             return body, ctype, digest, ep
-        raise ImagePullError(f"pulling {ref}: " + "; ".join(failures))
+        error = (ImageNotInRegistry if all(f.status == 404 for f in failures)
+                 else ImagePullError)
+        raise error(f"pulling {ref}: " + "; ".join(map(str, failures)))
 
     async def fetch_manifest(self, ref: ImageReference, desc: Descriptor, first: Endpoint,
                              auth: RegistryAuth) -> tuple[bytes, str]:
@@ -257,7 +264,7 @@ class Registry:
             except _Refused as exc:
                 failures.append(str(exc))
                 continue
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 failures.append(f"{url}: {type(exc).__name__}: {exc}")
                 continue
             return

@@ -5,7 +5,7 @@ headers (ustar, GNU long names, PAX) parsed out of one large buffer.
 Nothing here touches the file system but the blob it reads; the extractor (untar.py) decides
 what each entry becomes. `tarfile` is not used to read: its stream reader re-slices its whole
 buffer on every read (quadratic with the large buffers that make extraction fast) and its
-header decoder cost 100 us an entry, more than laying the entry down. Decompression and
+header decoder took more time than laying the entry down. Decompression and
 hashing run in a thread of their own (zlib, zstd and sha256 release the GIL), as GNU tar runs
 gzip in a process of its own.
 """
@@ -55,6 +55,13 @@ BLOCKDEV = tarfile.BLKTYPE
 DIRECTORY = tarfile.DIRTYPE
 FIFO = tarfile.FIFOTYPE
 _PAX = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
+_EXTENDED = (*_PAX, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+#: the most an extended header (PAX records, a GNU long name) may hold: names and xattrs of
+#: real layers take a few KiB; a hostile header must not make the reader buffer gigabytes
+MAX_EXTENDED = 1 << 20
+#: ids are 32-bit, (uid_t)-1 meaning "unchanged" to chown: refused; sizes as tar's 64-bit
+_MAX_ID = (1 << 32) - 1
+_MAX_SIZE = 1 << 63
 _HEADER_ONLY = (HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO)
 
 
@@ -301,8 +308,10 @@ def _header(block: bytes, where: int) -> Header:
             text = _str(prefix) + "/" + text
         if kind == tarfile.AREGTYPE and text.endswith("/"):
             kind = tarfile.DIRTYPE  # an old tar's directory
+        device = kind in (CHARDEV, BLOCKDEV)
         return (text, kind, _num(mode), _num(uid), _num(gid), _num(size), _num(mtime),
-                _str(linkname), _num(devmajor), _num(devminor))
+                _str(linkname), _num(devmajor) if device else 0,
+                _num(devminor) if device else 0)
     except ValueError as exc:
         raise UnpackError("", f"not a tar header at byte {where}: {exc}") from None
 
@@ -345,7 +354,6 @@ def _text(value: bytes) -> str:
 def entries(reader: TarReader) -> Iterator[Entry]:
     """The archive's entries in order. The consumer reads (copy/skip) at most `size` bytes of
     an entry's data before asking for the next one; the rest and the padding are skipped."""
-    pax_global: dict[str, bytes] = {}
     longname: str | None = None
     longlink: str | None = None
     pax: dict[str, bytes] = {}
@@ -359,6 +367,9 @@ def entries(reader: TarReader) -> Iterator[Entry]:
         (hname, kind, mode, uid, gid, size, mtime, hlink, devmajor, devminor
          ) = _header(block, where)
         padded = -(-size // BLOCK) * BLOCK
+        if kind in _EXTENDED and size > MAX_EXTENDED:
+            raise UnpackError(longname or hname, f"an extended header of {size} bytes at byte "
+                                                 f"{where} (at most {MAX_EXTENDED})")
         if kind in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
             text = _text(reader.read(padded)[:size].split(b"\0", 1)[0])
             if kind == tarfile.GNUTYPE_LONGNAME:
@@ -370,25 +381,34 @@ def entries(reader: TarReader) -> Iterator[Entry]:
             pax.update(_parse_pax(reader.read(padded)[:size], where))
             continue
         if kind == tarfile.XGLTYPE:
-            pax_global.update(_parse_pax(reader.read(padded)[:size], where))
+            # ignored, as containerd ignores them (git archive writes its commit id in one)
+            _parse_pax(reader.read(padded)[:size], where)
             continue
-        ext = {**pax_global, **pax} if pax_global else pax
+        ext = pax
         name = _text(ext["path"]) if "path" in ext else longname or hname
         if any(k.startswith("GNU.sparse.") for k in ext) or kind == tarfile.GNUTYPE_SPARSE:
             raise UnpackError(name, "a sparse file (GNU sparse entries are not supported)")
-        mtime_ns = _ns(ext["mtime"]) if "mtime" in ext else mtime * 1_000_000_000
-        if "size" in ext:
-            size = int(ext["size"])
+        try:
+            mtime_ns = _ns(ext["mtime"]) if "mtime" in ext else mtime * 1_000_000_000
+            if "size" in ext:
+                size = int(ext["size"])
+            if "uid" in ext:
+                uid = int(ext["uid"])
+            if "gid" in ext:
+                gid = int(ext["gid"])
+            atime_ns = _ns(ext["atime"]) if "atime" in ext else mtime_ns
+        except ValueError:
+            raise UnpackError(name, f"a malformed number in the PAX header at byte {where}"
+                              ) from None
+        for what, number in (("size", size), ("uid", uid), ("gid", gid)):
+            if number < 0 or number >= (_MAX_SIZE if what == "size" else _MAX_ID):
+                raise UnpackError(name, f"a {what} of {number}")
         if kind in _HEADER_ONLY:
             size = 0  # whatever the size field says, as Go's archive/tar reads it
         padded = -(-size // BLOCK) * BLOCK
         entry = Entry(
-            name=name, type=kind, mode=mode & 0o7777,
-            uid=int(ext["uid"]) if "uid" in ext else uid,
-            gid=int(ext["gid"]) if "gid" in ext else gid,
-            mtime_ns=mtime_ns,
-            atime_ns=_ns(ext["atime"]) if "atime" in ext else mtime_ns,
-            size=size,
+            name=name, type=kind, mode=mode & 0o7777, uid=uid, gid=gid,
+            mtime_ns=mtime_ns, atime_ns=atime_ns, size=size,
             linkname=_text(ext["linkpath"]) if "linkpath" in ext else longlink or hlink,
             devmajor=devmajor, devminor=devminor,
         )

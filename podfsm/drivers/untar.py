@@ -112,6 +112,7 @@ class Extractor:
                                       ) from None
                 os.mkdir(comp, 0o755, dir_fd=fd)
                 nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
+                os.fchmod(nfd, 0o755)  # whatever the process's umask
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
@@ -147,7 +148,7 @@ class Extractor:
         except OSError as exc:
             raise UnpackError(e.name, os.strerror(exc.errno) if exc.errno else str(exc)
                               ) from None
-        except ValueError as exc:  # e.g. a NUL byte in a link target or an xattr name
+        except (ValueError, OverflowError) as exc:  # a NUL in a link target, a time past 2^63
             raise UnpackError(e.name, str(exc)) from None
 
     def _apply(self, e: ts.Entry, reader: ts.TarReader) -> None:

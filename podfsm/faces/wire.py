@@ -52,6 +52,19 @@ class ImageList(BaseModel):
     items: list[ImageRecord]
 
 
+_LABEL = "[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_PORT = "(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: what an image reference looks like in the document: [domain/]path[:tag][@sha256:hex], the
+#: domain holding a dot or a port, the path's first component without dots (so that it is never
+#: taken for a domain); the daemon takes a little more (IPv6 domains, see core/imageref.py)
+IMAGE_REFERENCE_PATTERN = (
+    f"^(?:(?:{_LABEL}(?:\\.{_LABEL})+(?::{_PORT})?|{_LABEL}:{_PORT})/)?"
+    "[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    "(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_TOKEN = "^[\\x21-\\x7e]*$"
+
+
 class RegistryAuthBody(BaseModel):
     """Credentials for a pull, as the CRI's AuthConfig carries them."""
 
@@ -59,9 +72,12 @@ class RegistryAuthBody(BaseModel):
 
     username: str = Field(default="", max_length=4096)
     password: str = Field(default="", max_length=4096)
-    auth: str = Field(default="", max_length=8192, description="base64 of user:password")
-    identity_token: str = Field(default="", max_length=8192)
-    registry_token: str = Field(default="", max_length=8192)
+    auth: str = Field(default="", max_length=8192, pattern=_BASE64,
+                      description="base64 of user:password")
+    identity_token: str = Field(default="", max_length=8192, pattern=_TOKEN, description=(
+        "an OAuth2 refresh token for the registry's token server"))
+    registry_token: str = Field(default="", max_length=8192, pattern=_TOKEN, description=(
+        "a bearer token sent to the registry as it is"))
 
 
 class PullBody(BaseModel):
@@ -69,7 +85,8 @@ class PullBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(min_length=1, max_length=4096, description=(
+    image: str = Field(min_length=1, max_length=255, pattern=IMAGE_REFERENCE_PATTERN,
+                       description=(
         "an image reference: `busybox`, `name:tag`, `name@sha256:<hex>`, as Docker "
         "normalizes it"))
     auth: RegistryAuthBody | None = None

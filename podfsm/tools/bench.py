@@ -581,7 +581,8 @@ def main(args: argparse.Namespace) -> int:
         print("podfsm bench: must run as root", file=sys.stderr)
         return 2
     if getattr(args, "chaos", 0):
-        return chaos_main(runtimes, args.chaos, as_json=args.json)
+        return chaos_main(runtimes, args.chaos, as_json=args.json,
+                          containers=getattr(args, "containers", False))
     if getattr(args, "containers", False):
         from podfsm.tools.containerbench import main as containers_main
 
@@ -603,7 +604,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def chaos_main(runtimes: list[str], rounds: int, *, as_json: bool = False) -> int:
+def chaos_main(runtimes: list[str], rounds: int, *, as_json: bool = False,
+               containers: bool = False) -> int:
     """`podfsm bench --chaos N`: the chaos run of podfsm.tools.chaos on each runtime, in the
     bench's own world; 1 when an invariant was broken or something was left."""
     from podfsm.tools.chaos import run_chaos
@@ -617,7 +619,7 @@ def chaos_main(runtimes: list[str], rounds: int, *, as_json: bool = False) -> in
     for rt in runtimes:
         with bench_world(rt) as cfg:
             reports.append(asyncio.run(run_chaos(cfg, rounds, seed=time.time_ns(),
-                                                 progress=progress)))
+                                                 containers=containers, progress=progress)))
     if as_json:
         print(json.dumps({"chaos": [{**vars(r), "total_operations": r.total_operations}
                                     for r in reports]}, indent=2))

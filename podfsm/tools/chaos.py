@@ -40,6 +40,7 @@ from podfsm.core.records import SandboxStatus
 from podfsm.core.states import TRANSITIONS, State
 from podfsm.drivers import linux
 from podfsm.drivers.runtime import container_cgroup_dirs, pause_pids
+from podfsm.tools import chaoscontainers as chaosctr
 
 CNI_STORE = "/var/lib/cni/networks"
 _EDGES = {(t.source.value, t.trigger.value, t.dest.value) for t in TRANSITIONS}
@@ -77,12 +78,14 @@ class ChaosReport:
                 f"violations; leftovers: {self.leftovers or 'none'}")
 
 
-def random_failpoints(rnd: random.Random) -> str:
-    """A PODFSM_FAILPOINTS value: none a third of the time, else one or two random points."""
+def random_failpoints(rnd: random.Random, containers: bool = False) -> str:
+    """A PODFSM_FAILPOINTS value: none a third of the time, else one or two random points
+    (the containers' too, with `containers`)."""
     if rnd.random() < 1 / 3:
         return ""
     entries = []
-    for name in rnd.sample(fp.SANDBOX_NAMES, rnd.choice((1, 2))):
+    names = fp.SANDBOX_NAMES + (chaosctr.NAMES if containers else ())
+    for name in rnd.sample(names, rnd.choice((1, 2))):
         action = rnd.choices(
             (f"{rnd.randint(1, 3)}*error", f"delay({rnd.randint(20, 400)})", "1*crash"),
             weights=(4, 4, 2))[0]
@@ -184,19 +187,26 @@ def _session(sid: int) -> list[int]:
 async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
                     tasks: int = 4, names: int = 6,
                     round_seconds: tuple[float, float] = (0.3, 2.5),
-                    workdir: str | None = None,
+                    workdir: str | None = None, containers: bool = False,
                     progress: Callable[[ChaosReport], None] | None = None) -> ChaosReport:
     """Run `rounds` rounds (see the module's doc) on `cfg`'s directories, then remove every
-    sandbox. Returns the figures, the invariant violations and what was left."""
+    sandbox. Returns the figures, the invariant violations and what was left. With
+    `containers`, writer containers are created, stopped and removed too (see
+    podfsm.tools.chaoscontainers)."""
     rnd = random.Random(f"{seed}-{cfg.runtime}")
     report = ChaosReport(runtime=cfg.runtime)
     workdir = workdir or os.path.dirname(cfg.state_dir)
     seen: set[str] = set()  # every sandbox id a recovery found
     t0 = time.monotonic()
+    image = ""
+    if containers:
+        from podfsm.tools.localimage import import_busybox
+
+        image = await import_busybox(cfg)
     for n in range(rounds):
         spec = {"cfg": cfg.model_dump(mode="json"), "seed": rnd.random(), "tasks": tasks,
-                "names": names}
-        failpoints = random_failpoints(rnd)
+                "names": names, "image": image}
+        failpoints = random_failpoints(rnd, containers)
         out_path = os.path.join(workdir, f"chaos-{n}.out")
         proc = _start_child(spec, failpoints, out_path)
         try:
@@ -222,6 +232,9 @@ async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
             sts = await ctl.list_sandboxes()
             seen.update(st.id for st in sts)
             found = violations(ctl, sts)
+            if containers:
+                found += chaosctr.violations(ctl, {st.id for st in sts},
+                                             await ctl.list_containers())
         if found:
             tail = _read(out_path + ".err")[-2000:].decode(errors="replace")
             report.violations += [f"round {n} (failpoints {failpoints!r}): {v}" for v in found]
@@ -237,7 +250,11 @@ async def run_chaos(cfg: ControllerConfig, rounds: int, *, seed: int | str = 0,
                 await ctl.remove_sandbox(st.id)
             except PodfsmError as exc:
                 report.violations.append(f"final remove of {st.id}: {exc}")
+        if containers:
+            await ctl.remove_image(image)
     report.leftovers = leftovers(cfg, seen)
+    if containers:
+        report.leftovers.update(chaosctr.leftovers(cfg))
     report.seconds = time.monotonic() - t0
     return report
 
@@ -298,7 +315,11 @@ async def _child(spec: dict[str, Any]) -> None:
     """A controller whose tasks do random operations until it is killed."""
     cfg = ControllerConfig.model_validate(spec["cfg"])
     rnd = random.Random(spec["seed"])
-    ops, weights = list(_OPS), list(_OPS.values())
+    image = spec.get("image", "")
+    all_ops = {**_OPS, **(chaosctr.OPS if image else {})}
+    ops, weights = list(all_ops), list(all_ops.values())
+    # containers are refused in a pod with a user namespace: those pods have none
+    userns = "NODE" if image else "POD"
 
     def say(line: str) -> None:
         sys.stdout.write(line + "\n")
@@ -312,8 +333,11 @@ async def _child(spec: dict[str, Any]) -> None:
                     name = f"chaos-{rnd.randrange(spec['names'])}"
                     await ctl.run_sandbox({
                         "metadata": {"name": name, "namespace": "podfsm-chaos", "uid": name},
+                        **({"log_directory": chaosctr.log_directory(cfg)} if image else {}),
                         "linux": {"security_context": {"namespace_options": {
-                            "network": "POD", "userns_options": {"mode": "POD"}}}}})
+                            "network": "POD", "userns_options": {"mode": userns}}}}})
+                elif op in chaosctr.OPS:
+                    await chaosctr.operation(ctl, op, rnd, image)
                 elif op == "list":
                     await ctl.list_sandboxes()
                 else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import tempfile
 from typing import Any
@@ -134,3 +135,13 @@ def repair_pod_config(body: dict[str, Any], pool_end: int) -> None:
             wrapper["value"] %= lengths[kind]  # a container id the mapping holds
     if isinstance(sc.get("supplemental_groups"), list):
         sc["supplemental_groups"] = [g % lengths["gids"] for g in sc["supplemental_groups"]]
+
+
+@schemathesis.hook.apply_to(operation_id="imageStatus")
+def map_path_parameters(context: Any, path_parameters: dict[str, Any] | None) -> Any:
+    """Half of the positive cases ask for the image the test pulled before the run (its id is
+    SCHEMATHESIS_IMAGE_ID): a random id names no image."""
+    held = os.environ.get("SCHEMATHESIS_IMAGE_ID")
+    if held and path_parameters is not None and random.random() < 0.5:
+        path_parameters["image_id"] = held
+    return path_parameters

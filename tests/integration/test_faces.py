@@ -38,6 +38,7 @@ from podfsm.core import cniconf
 from podfsm.core.records import SandboxStatus
 from podfsm.core.states import STATES, TRANSITIONS
 from podfsm.drivers import linux
+from tests.integration.anyregistry import any_registry
 from tests.integration.conftest import Env, destroy_env, make_env
 
 pytestmark = pytest.mark.integration
@@ -367,7 +368,14 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
         assert set(doc["paths"]) == {
             "/healthz", "/v1/sandboxes", "/v1/sandboxes/{sandbox_id}",
             "/v1/sandboxes/{sandbox_id}/stop", "/v1/sandboxes/{sandbox_id}/graph",
-            "/v1/graph", "/v1/events"}
+            "/v1/graph", "/v1/events", "/v1/images", "/v1/images/{image_id}"}
+        # images (tests/integration/test_images*.py pull for real): this daemon's every
+        # registry is a closed port of 127.0.0.1 (serve_argv)
+        assert c.get("/v1/images").json() == {"items": []}
+        failed = c.post("/v1/images", json={"image": "busybox"})
+        assert failed.status_code == 502 and "127.0.0.1:9" in failed.json()["error"]
+        assert c.get(f"/v1/images/{'f' * 64}").status_code == 404
+        assert c.delete(f"/v1/images/{'f' * 64}").status_code == 204
         page = c.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert 'id="conn"' in page.text and 'id="log"' in page.text
@@ -907,15 +915,21 @@ def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
     env = make_env("runc")
     try:
         use_env_network(env)
-        with serving(env, port=0) as d:
+        certs = tmp_path / "certs.d"
+        with any_registry(certs), serving(env, port=0, options=[
+                "--registry-config-dir", str(certs)]) as d:
             assert d.tcp_port is not None
+            with d.client() as c:  # an image for imageStatus' cases (schemathesis_hooks.py)
+                pulled = c.post("/v1/images", json={"image": "example.com/held:1"})
+                assert pulled.status_code == 201, pulled.text
             report = tmp_path / "schemathesis.ndjson"
             started = time.monotonic()
             run = subprocess.run(schemathesis_argv(d.tcp_port, d.token, SCHEMATHESIS_EXAMPLES,
                                                    report), capture_output=True, text=True,
                                  timeout=600, cwd=tmp_path, check=False,
                                  env={**os.environ, "NO_COLOR": "1",
-                                      "SCHEMATHESIS_HOOKS": str(SCHEMATHESIS_HOOKS)})
+                                      "SCHEMATHESIS_HOOKS": str(SCHEMATHESIS_HOOKS),
+                                      "SCHEMATHESIS_IMAGE_ID": pulled.json()["id"]})
             took = time.monotonic() - started
             out = run.stdout + run.stderr
             print(out[-3000:], f"\nschemathesis took {took:.1f}s")
@@ -937,6 +951,8 @@ def test_schemathesis_against_a_real_daemon(tmp_path: Path) -> None:
             with d.client() as c:
                 for item in c.get("/v1/sandboxes").json()["items"]:
                     assert c.delete(f"/v1/sandboxes/{item['id']}").status_code == 204
+                for item in c.get("/v1/images").json()["items"]:
+                    assert c.delete(f"/v1/images/{item['id']}").status_code == 204
             assert d.terminate() == 0
             assert "Traceback" not in d.log_text(), d.log_text()
         assert env.leftovers() == {}

@@ -81,12 +81,17 @@ def test_a_crictl_image_session(env: Env, daemon: Daemon) -> None:
     assert info["status"]["id"] == image_id
     assert info["status"]["repoTags"] == ["registry.k8s.io/pause:3.9"]
     assert info["info"]["imageSpec"]["config"]["Cmd"] == ["/bin/sleep"]
-    fs = json.loads(c.ok("imagefsinfo"))["status"]
+    print(f"$ crictl pull registry.k8s.io/pause:3.9\n{out}$ crictl images\n{listed}"
+          f"$ crictl inspecti registry.k8s.io/pause:3.9 | head -12\n"
+          + "\n".join(json.dumps(info, indent=2).splitlines()[:12]))
+    fsinfo = c.ok("imagefsinfo")
+    print(f"$ crictl imagefsinfo\n{fsinfo}")
+    fs = json.loads(fsinfo)["status"]
     assert int(fs["usedBytes"]["value"]) > 1_000_000  # busybox is in the store
     assert int(fs["inodesUsed"]["value"]) > 0
     bad = c.run("pull", "registry.k8s.io/nothere:1")
     assert bad.returncode != 0 and "MANIFEST_UNKNOWN" in bad.stderr, bad.stderr
-    c.ok("rmi", image_id[7:19])  # by id prefix
+    print(f"$ crictl rmi {image_id[7:19]}\n" + c.ok("rmi", image_id[7:19]))  # by id prefix
     assert "registry.k8s.io/pause" not in c.ok("images")
     store = _store(env)
     assert not os.listdir(store / "blobs/sha256") and not os.listdir(store / "layers")
@@ -141,5 +146,6 @@ def test_critest_image_manager(env: Env, daemon: Daemon) -> None:
                         "--ginkgo.skip=with digest"],
                        capture_output=True, text=True, timeout=600, cwd=env.tmp, check=False)
     out = r.stdout + r.stderr
+    print("\n".join(line for line in out.splitlines() if "Ran " in line or "Passed" in line))
     assert r.returncode == 0, out
     assert "Ran 6 of " in out and "SUCCESS! -- 6 Passed | 0 Failed" in out, out

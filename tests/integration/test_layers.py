@@ -10,10 +10,15 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from podfsm.core import failpoints as fp
 from podfsm.core.errors import StepFailed, UnpackError
@@ -337,3 +342,133 @@ def test_tar_types_podfsm_does_not_lay_down_are_refused(work: Path) -> None:
     layer = lt.write_layer(str(work), [item])
     with pytest.raises(UnpackError, match="'vol': a sparse file"):
         store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
+
+
+def test_a_sigkill_in_the_middle_of_an_unpack_leaves_only_what_recover_removes(
+        work: Path) -> None:
+    """The blob is a fifo the test feeds: half the layer, then SIGKILL while the child waits
+    for the rest, with files already laid down in its temporary directory."""
+    layer = lt.write_layer(str(work), [lt.file(f"d/f{i}", b"y" * 4096) for i in range(200)],
+                           media_type=lt.TAR)
+    raw = Path(layer.blob).read_bytes()
+    fifo = work / "blob.fifo"
+    os.mkfifo(fifo)
+    root = str(work / "layers")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, root, "", layer.chain_id,
+                              str(fifo), layer.media_type])
+    try:
+        with open(fifo, "wb") as feed:
+            feed.write(raw[: len(raw) // 2])
+            feed.flush()
+            tmp = None
+            for _ in range(500):
+                names = [n for n in os.listdir(root) if n.startswith(".tmp-")]
+                if names and (Path(root, names[0], "fs", "d", "f10")).exists():
+                    tmp = names[0]
+                    break
+                time.sleep(0.01)
+            assert tmp is not None, "the child laid nothing down"
+            child.kill()
+            assert child.wait(10) == -9
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    store = LayerStore(root)
+    store.recover()
+    assert os.listdir(root) == []
+    fs = store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
+    assert Path(fs, "d/f199").read_bytes() == b"y" * 4096
+
+
+def test_implied_directories_are_0755_whatever_the_umask(work: Path) -> None:
+    store = _store(work)
+    layer = lt.write_layer(str(work), [lt.file("usr/lib/x", b"1", mode=0o644)])
+    old = os.umask(0o077)
+    try:
+        fs = Path(store.ensure(layer.chain_id, None, layer.blob, layer.media_type))
+    finally:
+        os.umask(old)
+    for path in (fs, fs / "usr", fs / "usr/lib"):
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0), path
+    assert stat.S_IMODE((fs / "usr/lib/x").stat().st_mode) == 0o644
+
+
+_FUZZ_SAMPLE = lt.tar_bytes([
+    lt.directory("d", mode=0o750), lt.file("d/f", b"0123456789" * 50, xattrs={"user.x": b"y"}),
+    lt.symlink("d/s", "/etc"), lt.hardlink("d/h", "d/f"), lt.file("d/.wh.g"), lt.fifo("p"),
+    lt.file("e/" + "n" * 120, b"z", mode=0o4755),
+])
+
+
+def _header_offsets(raw: bytes) -> list[int]:
+    """Where the archive's header blocks start (PAX headers included)."""
+    out, pos = [], 0
+    while raw[pos:pos + 512].strip(b"\0"):
+        out.append(pos)
+        size = tarfile.TarInfo.frombuf(raw[pos:pos + 512], "utf-8", "strict").size
+        pos += 512 + -(-size // 512) * 512
+    return out
+
+
+_FUZZ_HEADERS = _header_offsets(_FUZZ_SAMPLE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_FUZZ_SAMPLE) - 1), st.integers(0, 255)),
+                min_size=1, max_size=6))
+def test_a_corrupted_layer_is_unpacked_inside_or_refused_leaving_nothing(
+        edits: list[tuple[int, int]]) -> None:
+    data = bytearray(_FUZZ_SAMPLE)
+    for pos, value in edits:  # into the headers, their checksums then made right again
+        block = _FUZZ_HEADERS[pos % len(_FUZZ_HEADERS)]
+        data[block + pos % 512] = value
+    for block in _FUZZ_HEADERS:
+        data[block + 148:block + 156] = b" " * 8
+        data[block + 148:block + 156] = b"%06o\0 " % sum(data[block:block + 512])
+    with tempfile.TemporaryDirectory(prefix="podfsm-fuzz-") as tmp:
+        work = Path(tmp)
+        (work / "sentinel").mkdir()
+        layer = lt.write_layer(tmp, bytes(data), media_type=lt.TAR)
+        store = LayerStore(str(work / "layers"))
+        try:
+            fs = store.ensure(layer.chain_id, None, layer.blob, layer.media_type)
+        except UnpackError:
+            assert os.listdir(store.root) == []
+        else:
+            assert Path(fs).is_dir()
+            store.remove(layer.chain_id)
+        assert sorted(os.listdir(tmp)) == sorted(["sentinel", "layers",
+                                                  os.path.basename(layer.blob)])
+        assert os.listdir(work / "sentinel") == []
+
+
+def test_xattrs_land_on_directories_symlinks_fifos_and_hard_links(work: Path) -> None:
+    store = _store(work)
+    d = lt.directory("d")
+    d.info.pax_headers["SCHILY.xattr.user.d"] = "1"
+    s = lt.symlink("s", "/nowhere")
+    s.info.pax_headers["SCHILY.xattr.trusted.s"] = "2"  # user.* is not allowed on symlinks
+    p = lt.fifo("p")
+    p.info.pax_headers["SCHILY.xattr.trusted.p"] = "3"
+    h = lt.hardlink("h", "f", mode=0o600)
+    h.info.pax_headers["SCHILY.xattr.user.h"] = "4"
+    layer = lt.write_layer(str(work), [d, s, p, lt.file("f", b"f"), h])
+    fs = Path(store.ensure(layer.chain_id, None, layer.blob, layer.media_type))
+    assert os.getxattr(fs / "d", "user.d") == b"1"
+    assert os.getxattr(fs / "s", "trusted.s", follow_symlinks=False) == b"2"
+    assert os.getxattr(fs / "p", "trusted.p") == b"3"
+    assert os.getxattr(fs / "f", "user.h") == b"4"  # the shared inode
+    assert stat.S_IMODE((fs / "f").stat().st_mode) == 0o600
+
+
+def test_concurrent_ensures_of_one_layer_give_one_layer(work: Path) -> None:
+    store = _store(work)
+    layer = lt.write_layer(str(work), [lt.file(f"d{i}/f", b"x" * 5000) for i in range(300)])
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: store.ensure(layer.chain_id, None, layer.blob,
+                                                     layer.media_type), range(4)))
+    assert len(set(paths)) == 1
+    assert os.listdir(store.root) == [layer.chain_id.removeprefix("sha256:")]
+    assert Path(paths[0], "d299/f").read_bytes() == b"x" * 5000

@@ -205,3 +205,11 @@ def test_runtime_default_is_containerds_profile_for_the_capabilities() -> None:
         pod_name="p", pod_namespace="n", pod_uid="u", files=None, cgroup_parent="",
         user=User()))
     assert spec["linux"]["seccomp"] == plain
+
+
+def test_containers_md_shows_the_table_and_diagram_the_code_makes() -> None:
+    from podfsm.core.containerstates import markdown_table, mermaid
+
+    text = (DOCS / "containers.md").read_text()
+    assert markdown_table() in text
+    assert "```mermaid\n" + mermaid() + "```" in text

@@ -105,6 +105,8 @@ async def test_http_images(rig: Rig) -> None:
                 f"{NAME}:v1"]
             r = await c.post("/v1/images", json={"image": f"{NAME}:nope"})
             assert r.status_code == 502 and r.json()["kind"] == "ImagePullError"
+            r = await c.post("/v1/images", json={"image": NAME, "auth": {"auth": "!"}})
+            assert r.status_code == 422 and "auth" in r.json()["error"]
             r = await c.post("/v1/images", json={"image": "Bad Ref"})
             assert r.status_code == 422 and r.json()["kind"] == "InvalidImageReference"
             assert (await c.get(f"/v1/images/sha256:{'f' * 64}")).status_code == 404

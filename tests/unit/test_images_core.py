@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from podfsm.core.errors import ImagePullError, InvalidImageReference
+from podfsm.core.errors import ImagePullError, InvalidImageReference, InvalidPullRequest
 from podfsm.core.imageref import parse_reference, registry_host_dirs
 from podfsm.core.images import ImageRecord, LayerRecord, garbage, place, resolve
 from podfsm.core.imagespec import (
@@ -58,7 +58,8 @@ def test_a_digest_reference_pulls_the_digest_and_has_no_tag() -> None:
 
 
 @pytest.mark.parametrize(("text", "problem"), [
-    ("", "empty"), ("Busybox", "lower case"), ("busybox@sha256:abc", "digest"),
+    ("", "empty"), ("Busybox", "lower case"), ("a:70000/b", "bad domain"),
+    ("busybox@sha256:abc", "digest"),
     ("a/b:bad tag", "bad tag .bad tag."), ("a//b", "path component"), ("busybox:-x", "bad tag"),
 ])
 def test_bad_references_are_refused_naming_the_problem(text: str, problem: str) -> None:
@@ -187,8 +188,10 @@ def test_cri_auth_decodes_the_auth_field() -> None:
     a = auth_from_cri(auth=base64.b64encode(b"me:se:cret").decode())
     assert (a.username, a.password) == ("me", "se:cret")
     assert auth_from_cri(username="u", password="p", auth="garbage!").username == "u"
-    with pytest.raises(ImagePullError, match="not base64"):
+    with pytest.raises(InvalidPullRequest, match="not base64"):
         auth_from_cri(auth="garbage!")
+    with pytest.raises(InvalidPullRequest, match="registry_token is not printable ASCII"):
+        auth_from_cri(registry_token="tok en")
 
 
 def _rec(cfg: str, tags: tuple[str, ...], digests: tuple[str, ...], layers: list[str],

@@ -3,6 +3,7 @@ in every format a layer is written in, checked against what tarfile wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -12,6 +13,8 @@ import zlib
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from podfsm.core.errors import UnpackError
 from podfsm.drivers import tarstream as ts
@@ -79,13 +82,13 @@ def test_pax_records_give_xattrs_binary_values_times_and_paths() -> None:
     assert entry.mtime_ns == 1_700_000_000_250_000_000 and entry.atime_ns == -1_500_000_000
 
 
-def test_a_global_pax_header_applies_to_the_entries_after_it() -> None:
+def test_a_global_pax_header_is_ignored_as_containerd_ignores_it() -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
-                      pax_headers={"uid": "4242"}) as tf:
-        tf.addfile(lt.file("a").info, io.BytesIO(b""))
+                      pax_headers={"uid": "4242", "path": "everything"}) as tf:
+        tf.addfile(lt.file("a", uid=7).info, io.BytesIO(b""))
     [(entry, _)], _ = _read(buf.getvalue())
-    assert entry.uid == 4242
+    assert (entry.name, entry.uid) == ("a", 7)
 
 
 @pytest.mark.parametrize("media_type", [lt.GZIP, lt.ZSTD, lt.DOCKER_GZIP, lt.TAR])
@@ -138,6 +141,17 @@ def test_bad_streams_are_refused_saying_why() -> None:
         _read(b"garbage" * 100, lt.ZSTD)
     with pytest.raises(UnpackError, match="not a layer media type"):
         ts.decompressor("application/vnd.oci.image.manifest.v1+json")
+    huge = lt.file("h", b"")
+    huge.info.pax_headers["SCHILY.xattr.user.big"] = "x" * (2 << 20)
+    with pytest.raises(UnpackError, match=r"an extended header of \d+ bytes at byte 0"):
+        _read(lt.tar_bytes([huge]))
+    for key, value, why in (("uid", "abc", "malformed number"), ("mtime", "1.x", "malformed"),
+                            ("gid", "-1", "a gid of -1"), ("size", "-5", "a size of -5"),
+                            ("uid", "4294967295", "a uid of 4294967295")):
+        bad_pax = lt.file("p", b"")
+        bad_pax.info.pax_headers[key] = value
+        with pytest.raises(UnpackError, match=why):
+            _read(lt.tar_bytes([bad_pax]))
     sparse = lt.file("s", b"")
     sparse.info.pax_headers["GNU.sparse.major"] = "1"
     with pytest.raises(UnpackError, match="sparse"):
@@ -149,3 +163,21 @@ def test_chain_ids_follow_the_oci_definition() -> None:
     d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
     assert chain_id_for(None, d1) == d1
     assert chain_id_for(d1, d2) == "sha256:" + hashlib.sha256(f"{d1} {d2}".encode()).hexdigest()
+
+
+_SAMPLE = lt.tar_bytes([
+    lt.directory("d"), lt.file("d/f", b"0123456789" * 100, xattrs={"user.x": b"y"}),
+    lt.symlink("d/s", "/abs"), lt.hardlink("d/h", "d/f"), lt.file("n" * 150, b"z"),
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)),
+                min_size=1, max_size=8))
+def test_a_corrupted_tar_is_read_or_refused_with_an_unpack_error(
+        edits: list[tuple[int, int]]) -> None:
+    data = bytearray(_SAMPLE)
+    for pos, value in edits:
+        data[pos] = value
+    with contextlib.suppress(UnpackError):
+        _read(bytes(data))

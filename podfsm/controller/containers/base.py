@@ -99,7 +99,10 @@ class ContainerBase(ControllerBase):
         entries: list[HistoryEntry] = []
         state = c.record.state
         for trig in triggers:
-            dest = next_state(state, trig)
+            try:
+                dest = next_state(state, trig)
+            except ValueError as exc:  # a move the table does not have
+                raise ContainerPrecondition(f"container {c.record.id}: {exc}") from None
             entries.append(HistoryEntry(source=state.value, dest=dest.value,
                                         trigger=trig.value, at=now(), error=error))
             state = dest

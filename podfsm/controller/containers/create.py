@@ -9,6 +9,8 @@ import os
 import secrets
 from typing import Any
 
+import anyio
+
 from podfsm.controller.base import Sandbox, describe, now
 from podfsm.controller.containers.base import Container, ContainerBase
 from podfsm.core.containeroci import (
@@ -37,6 +39,8 @@ from podfsm.core.states import State
 
 #: a file of at most this size is read as a Localhost seccomp profile
 SECCOMP_PROFILE_LIMIT = 1 << 20
+#: how long a removal waits for the container's monitor to exit once the runtime deleted it
+MONITOR_EXIT_WAIT = 5.0
 
 
 class CreateContainer(ContainerBase):
@@ -53,6 +57,14 @@ class CreateContainer(ContainerBase):
         sb = self._sandboxes.get(sandbox_id)
         if sb is None or sb.removed:
             raise SandboxNotFound(sandbox_id)
+        # under the sandbox's lock: its stop or remove (which stop and remove its containers
+        # under the same lock) waits until this container is Created or unwound
+        async with sb.lock:
+            if sb.removed:
+                raise SandboxNotFound(sandbox_id)
+            return await self._create_in(sb, cfg)
+
+    async def _create_in(self, sb: Sandbox, cfg: ContainerConfig) -> str:
         self._check_pod(sb)
         img = self._imgs.find(cfg.image.image)
         if img is None:
@@ -220,6 +232,11 @@ class CreateContainer(ContainerBase):
         cid, cd, rt = c.record.id, self._cd, c.record.runtime
         # the monitor step may have got as far as the runtime's create: undo it in any case
         await cd.delete(rt, cid)
+        monitor = c.record.monitor
+        if monitor is not None:
+            # conmon writes the exit file into the directory as it goes: let it finish first
+            with anyio.move_on_after(MONITOR_EXIT_WAIT):
+                await cd.wait_exit(monitor)
         cd.remove_spec(cid)
         await cd.unmount_rootfs(cid)
         await cd.remove_dir(cid)

@@ -41,8 +41,10 @@ from podfsm.core.errors import (
     ContainerNotFound,
     ImageInUse,
     ImageNotFound,
+    ImageNotInRegistry,
     InvalidImageReference,
     InvalidPodConfig,
+    InvalidPullRequest,
     NameReserved,
     PodfsmError,
     PrerequisiteMissing,
@@ -70,11 +72,12 @@ Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 def status_code(exc: PodfsmError) -> grpc.StatusCode:
     """The gRPC status of a podfsm error."""
-    if isinstance(exc, InvalidPodConfig | InvalidImageReference):
+    if isinstance(exc, InvalidPodConfig | InvalidPullRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NameReserved):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, SandboxNotFound | ImageNotFound | ContainerNotFound):
+    if isinstance(exc, SandboxNotFound | ImageNotFound | ImageNotInRegistry
+                  | ContainerNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, PrerequisiteMissing | ImageInUse):
         return grpc.StatusCode.FAILED_PRECONDITION

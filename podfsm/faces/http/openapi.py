@@ -55,7 +55,8 @@ ERRORS: dict[int, str] = {
     400: "a malformed parameter (a sandbox id is 64 lower-case hex digits)",
     401: "TCP only: no valid token (`Authorization: Bearer TOKEN` or the page's cookie)",
     403: "TCP only: a Host that is not one of the listening names, or a foreign Origin",
-    404: "no sandbox (or image, or container) with that id",
+    404: ("no sandbox (or image, or container) with that id; for a pull: no registry endpoint "
+          "has that image (`ImageNotInRegistry`)"),
     409: ("a conflict with the sandboxes that exist (nothing was created): one with that name, "
           "namespace, uid and attempt exists (`NameReserved`), or the host id range asked for "
           "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`); "
@@ -69,9 +70,9 @@ ERRORS: dict[int, str] = {
     422: ("the pod config is refused (nothing was created): `InvalidPodConfig` names the field "
           "and the rule, one the schema states or one its descriptions say (a sysctl, a seccomp "
           "profile file or a security module of this host; ids that the pod's mappings must "
-          "hold); an unknown runtime_handler; a malformed image reference "
-          "(`InvalidImageReference`); a refused container config (`InvalidContainerConfig` "
-          "names the field)"),
+          "hold); an unknown runtime_handler; a malformed image reference or credentials "
+          "(`InvalidImageReference`, `InvalidPullRequest`); a refused container config "
+          "(`InvalidContainerConfig` names the field)"),
     500: "the run failed: `step` says which step, `leftovers` what unwinding left",
     502: ("the pull failed (nothing of it was kept): no registry endpoint served it "
           "(`ImagePullError` gives each one's answer), content did not match its digest "
@@ -177,7 +178,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/v1/images", "pullImage",
               "Pull an image from its registry (or the mirrors of --registry-config-dir), "
               "verify and unpack it", "pull_image", {201: ("pulled", "ImageRecord")},
-              (413, 415, 422, 502), body=PullBody,
+              (404, 413, 415, 422, 502), body=PullBody,
               body_description="the reference, and credentials when the registry wants some",
               links={"GetImage": _per_image("imageStatus"),
                      "RemoveImage": _per_image("removeImage")}),
