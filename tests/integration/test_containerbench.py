@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import glob
 import json
-import subprocess
+import os
+from pathlib import Path
 
 import pytest
 
@@ -15,9 +16,16 @@ pytestmark = pytest.mark.integration
 
 
 def _conmons() -> list[str]:
-    out = subprocess.run(["pgrep", "-a", "conmon"], capture_output=True, text=True,
-                         check=False).stdout
-    return [line for line in out.splitlines() if "podfsm-bench-" in line]
+    """Command lines of live conmons of a bench's directories."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if argv.startswith("/usr/bin/conmon") and "podfsm-bench-" in argv:
+            found.append(argv)
+    return found
 
 
 def test_bench_containers_prints_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
