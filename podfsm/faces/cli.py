@@ -10,7 +10,12 @@
     podfsm rmp ID...                    remove sandboxes
     podfsm events [--since N]           stream transitions until the daemon stops
     podfsm pull | images | inspecti | rmi   images, as crictl's verbs (faces/imagecli.py)
-    podfsm graph [ID] [-o FILE]         a diagram: .mmd .dot .svg .png (Mermaid on stdout)
+    podfsm create | start | stop | rm | ps | inspect | logs | exec -s | stats
+                                        containers, as crictl's verbs (faces/containercli.py)
+    podfsm graph [ID] [--containers] [-o FILE]
+                                        a diagram: .mmd .dot .svg .png (Mermaid on stdout); of
+                                        a pod: its machine and its containers'
+
     podfsm debug failpoints             the failpoint names for PODFSM_FAILPOINTS
     podfsm demo | bench                 see their --help
 
@@ -37,7 +42,7 @@ from podfsm import __version__
 from podfsm.core import failpoints
 from podfsm.core.errors import PodfsmError, shown_id
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.faces import graph, imagecli
+from podfsm.faces import containercli, graph, imagecli, podgraph
 from podfsm.faces.client import ApiError, Client, DaemonUnreachable, resolve_socket
 
 EXIT_OK = 0
@@ -146,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_client_verb(_inspectp))
 
     imagecli.add_verbs(sub, client, _client_verb)
+    containercli.add_verbs(sub, client, _client_verb)
 
     p = sub.add_parser("stopp", parents=[client], help="stop sandboxes (NotReady)")
     p.add_argument("ids", metavar="ID", nargs="+")
@@ -163,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("graph", parents=[client], help="draw the state machine, or a sandbox's")
     p.add_argument("id", metavar="ID", nargs="?",
-                   help="a sandbox (from the daemon); without it, the machine (no daemon needed)")
+                   help="a sandbox (from the daemon): its machine and its containers'; "
+                   "without it, the machine (no daemon needed)")
+    p.add_argument("--containers", action="store_true",
+                   help="without ID: the container state machine instead of the sandbox's")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write here, format by extension: .mmd .dot .svg .png "
                    "(default: Mermaid text on stdout)")
@@ -327,10 +336,14 @@ def _graph(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     if args.id is not None:
+        if args.containers:
+            raise _UsageError("--containers draws the container machine: give no ID (a "
+                              "sandbox's diagram shows its containers already)")
         fetch = _client_verb(lambda c, a: _fetch_graph(c, a, fmt))
         return fetch(args)
     try:
-        _write(args.output, graph.render(fmt))
+        _write(args.output, podgraph.render_containers(fmt) if args.containers
+               else graph.render(fmt))
     except (PodfsmError, OSError) as exc:
         print(f"podfsm graph: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -19,10 +19,19 @@ import anyio
 import httpx
 from pydantic import ValidationError
 
+from podfsm.core.containerrecords import ContainerStatus
 from podfsm.core.errors import PodfsmError, id_problem
 from podfsm.core.images import ImageRecord
 from podfsm.core.records import SandboxStatus, TransitionEvent
-from podfsm.faces.wire import DEFAULT_SOCKET, ErrorBody, ImageList, SandboxList
+from podfsm.faces.wire import (
+    DEFAULT_SOCKET,
+    ContainerList,
+    ContainerStatsBody,
+    ErrorBody,
+    ExecResponse,
+    ImageList,
+    SandboxList,
+)
 
 __all__ = ["DEFAULT_SOCKET", "ApiError", "Client", "DaemonUnreachable", "resolve_socket"]
 SOCKET_ENV = "PODFSM_SOCKET"
@@ -177,6 +186,96 @@ class Client:
         if len(matches) > 1:
             raise ApiError(409, "AmbiguousId",
                            f"{id_or_prefix!r} is the start of {len(matches)} sandbox ids")
+        return matches[0]
+
+    # ------------------------------------------------------------------ containers
+
+    async def create_container(self, sandbox_id: str, config: Mapping[str, Any]
+                               ) -> ContainerStatus:
+        """Create a container (a CRI ContainerConfig, decoded JSON) in the sandbox; its
+        status, Created."""
+        resp = await self._send("POST", "/v1/containers",
+                                json={"sandbox_id": sandbox_id, "config": dict(config)})
+        return ContainerStatus.model_validate_json(resp.content)
+
+    async def list_containers(self, *, id_prefix: str = "", sandbox_id: str = "",
+                              state: str | None = None,
+                              labels: Mapping[str, str] | None = None
+                              ) -> list[ContainerStatus]:
+        """The containers, oldest first, filtered as the CRI's ContainerFilter."""
+        params = {k: v for k, v in (("id", id_prefix), ("sandbox_id", sandbox_id),
+                                    ("state", state or ""),
+                                    ("label", ",".join(f"{k}={v}" for k, v in
+                                                       (labels or {}).items()))) if v}
+        resp = await self._send("GET", "/v1/containers", params=params)
+        return ContainerList.model_validate_json(resp.content).items
+
+    async def container_status(self, container_id: str) -> ContainerStatus:
+        resp = await self._send("GET", f"/v1/containers/{container_id}")
+        return ContainerStatus.model_validate_json(resp.content)
+
+    async def container_info(self, container_id: str) -> dict[str, Any]:
+        """The verbose status's info: pid, the OCI spec, the record's history."""
+        resp = await self._send("GET", f"/v1/containers/{container_id}/info")
+        info: dict[str, Any] = resp.json()
+        return info
+
+    async def start_container(self, container_id: str) -> ContainerStatus:
+        resp = await self._send("POST", f"/v1/containers/{container_id}/start")
+        return ContainerStatus.model_validate_json(resp.content)
+
+    async def stop_container(self, container_id: str, timeout: int = 0) -> ContainerStatus:
+        """Stop it: the stop signal, SIGKILL after `timeout` s; its status, Exited."""
+        resp = await self._send("POST", f"/v1/containers/{container_id}/stop",
+                                params={"timeout": str(timeout)})
+        return ContainerStatus.model_validate_json(resp.content)
+
+    async def remove_container(self, container_id: str) -> None:
+        """Remove it (a running one is killed); an unknown id is removed already."""
+        await self._send("DELETE", f"/v1/containers/{container_id}")
+
+    async def exec_sync(self, container_id: str, cmd: list[str], timeout: int = 0
+                        ) -> ExecResponse:
+        """Run `cmd` in the container to its end: its exit code, stdout and stderr."""
+        resp = await self._send("POST", f"/v1/containers/{container_id}/exec",
+                                json={"cmd": cmd, "timeout": timeout},
+                                timeout=httpx.Timeout(None if timeout == 0 else timeout + 30,
+                                                      connect=5.0))
+        return ExecResponse.model_validate_json(resp.content)
+
+    async def container_stats(self, container_id: str) -> ContainerStatsBody:
+        resp = await self._send("GET", f"/v1/containers/{container_id}/stats")
+        return ContainerStatsBody.model_validate_json(resp.content)
+
+    async def container_logs(self, container_id: str, *, follow: bool = False,
+                             tail: int = -1) -> AsyncIterator[str]:
+        """The lines of the container's CRI log (`<time> <stream> <P|F> <text>`); with
+        `follow`, new ones until the container has exited."""
+        await self._ready()
+        params = {"follow": "true" if follow else "false", "tail": str(tail)}
+        try:
+            async with self._http.stream("GET", f"/v1/containers/{container_id}/logs",
+                                         params=params,
+                                         timeout=httpx.Timeout(None, connect=5.0)) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise _api_error(resp)
+                async for line in resp.aiter_lines():
+                    yield line
+        except httpx.TransportError as exc:
+            raise DaemonUnreachable(self.socket_path, _reason(exc)) from None
+
+    async def resolve_container_id(self, id_or_prefix: str) -> str:
+        """A full container id from a unique prefix of one (as crictl takes them)."""
+        if len(id_or_prefix) == _FULL_ID_LEN:
+            return id_or_prefix
+        matches = [st.id for st in await self.list_containers(id_prefix=id_or_prefix)] \
+            if id_or_prefix and all(ch in "0123456789abcdef" for ch in id_or_prefix) else []
+        if not matches:
+            raise ApiError(404, "ContainerNotFound", f"container {id_or_prefix!r} not found")
+        if len(matches) > 1:
+            raise ApiError(409, "AmbiguousId",
+                           f"{id_or_prefix!r} is the start of {len(matches)} container ids")
         return matches[0]
 
     # ------------------------------------------------------------------ plumbing

@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from podfsm.core.containerrecords import ContainerStatus
+from podfsm.core.containerspec import ContainerConfig
+from podfsm.core.containerstates import ContainerState
 from podfsm.core.images import ImageRecord
 from podfsm.core.records import SandboxStatus
 
@@ -19,6 +22,12 @@ MAX_SEQ = (1 << 53) - 1
 SANDBOX_ID_PATTERN = "^[0-9a-f]{64}$"
 #: an image id in a path, with or without `sha256:` (the CLI resolves names and prefixes)
 IMAGE_ID_PATTERN = "^(sha256:)?[0-9a-f]{64}$"
+#: a container id as the server takes it (the CLI expands prefixes)
+CONTAINER_ID_PATTERN = "^[0-9a-f]{64}$"
+#: exec_sync's timeout, at most a day (0: none)
+MAX_EXEC_TIMEOUT = 86400
+#: a command line exec_sync takes: at most this many arguments
+MAX_EXEC_ARGS = 4096
 
 
 class ErrorBody(BaseModel):
@@ -83,6 +92,57 @@ class PullBody(BaseModel):
     auth: RegistryAuthBody | None = None
 
 
+class ContainerList(BaseModel):
+    """GET /v1/containers."""
+
+    items: list[ContainerStatus]
+
+
+class CreateContainerBody(BaseModel):
+    """POST /v1/containers: the sandbox the container goes in and its config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sandbox_id: str = Field(pattern=SANDBOX_ID_PATTERN, description=(
+        "the sandbox's id (64 hex digits; the CLI expands prefixes)"))
+    config: ContainerConfig = Field(description=(
+        "the CRI ContainerConfig as `crictl create` reads it"))
+
+
+class ExecBody(BaseModel):
+    """POST /v1/containers/{container_id}/exec: a command to run to its end."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cmd: list[str] = Field(min_length=1, max_length=MAX_EXEC_ARGS, description=(
+        "the command and its arguments (run as the container's process runs: user, env, "
+        "working dir, capabilities)"))
+    timeout: int = Field(default=0, ge=0, le=MAX_EXEC_TIMEOUT, description=(
+        "seconds until the command is killed and the call answers 504 (0: no timeout)"))
+
+
+class ExecResponse(BaseModel):
+    """What an exec's process did: its exit code and its whole output."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+class ContainerStatsBody(BaseModel):
+    """GET /v1/containers/{container_id}/stats: as the CRI's ContainerStats. The cgroup's
+    figures are None when the container is not running."""
+
+    id: str
+    name: str
+    timestamp_ns: int
+    cpu_usage_ns: int | None = None
+    memory_working_set_bytes: int | None = None
+    memory_usage_bytes: int | None = None
+    writable_bytes: int
+    writable_inodes: int
+
+
 class Health(BaseModel):
     """GET /healthz. It answers without a token, so it says no more than this (recovery
     problems go to the daemon's log)."""
@@ -112,11 +172,49 @@ class GraphQuery(_Query):
     format: GraphFormat = Field(default="svg", description="the diagram's format")
 
 
+class MachineGraphQuery(GraphQuery):
+    """GET /v1/graph."""
+
+    machine: Literal["sandbox", "container"] = Field(default="sandbox", description=(
+        "which machine, the sandbox's or the container's (a sandbox's diagram shows its "
+        "containers' machines beside its own)"))
+
+
 class ImagesQuery(_Query):
     """GET /v1/images."""
 
     image: str = Field(default="", max_length=4096, description=(
         "only the image this names (a tag, a digest, a short name, an id or id prefix)"))
+
+
+class ContainersQuery(_Query):
+    """GET /v1/containers: the CRI's ContainerFilter."""
+
+    id: str = Field(default="", max_length=64, pattern="^[0-9a-f]*$", description=(
+        "only containers whose id starts with this"))
+    sandbox_id: str = Field(default="", max_length=64, pattern="^[0-9a-f]*$", description=(
+        "only the containers of the sandbox whose id starts with this"))
+    state: ContainerState | None = Field(default=None, description="only containers in this "
+                                         "state")
+    label: str = Field(default="", max_length=4096,
+                       pattern=r"^([^=,]+=[^,]*(,[^=,]+=[^,]*)*)?$", description=(
+        "only containers with these labels: `key=value`, several joined by commas"))
+
+
+class StopQuery(_Query):
+    """POST /v1/containers/{container_id}/stop."""
+
+    timeout: int = Field(default=0, ge=0, le=MAX_EXEC_TIMEOUT, description=(
+        "seconds between the stop signal and SIGKILL (0: SIGKILL at once)"))
+
+
+class LogsQuery(_Query):
+    """GET /v1/containers/{container_id}/logs."""
+
+    follow: bool = Field(default=False, description=(
+        "keep the answer open and send new lines until the container has exited"))
+    tail: int = Field(default=-1, ge=-1, le=1 << 31, description=(
+        "only the last this many lines of what is there (-1: all)"))
 
 
 class EventsQuery(_Query):

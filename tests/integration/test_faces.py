@@ -379,7 +379,13 @@ def test_every_endpoint_and_verb_against_a_real_daemon(env: Env, tmp_path: Path)
         assert set(doc["paths"]) == {
             "/healthz", "/v1/sandboxes", "/v1/sandboxes/{sandbox_id}",
             "/v1/sandboxes/{sandbox_id}/stop", "/v1/sandboxes/{sandbox_id}/graph",
-            "/v1/graph", "/v1/events", "/v1/images", "/v1/images/{image_id}"}
+            "/v1/graph", "/v1/events", "/v1/images", "/v1/images/{image_id}",
+            *(f"/v1/containers{tail}" for tail in (
+                "", "/{container_id}", "/{container_id}/info", "/{container_id}/start",
+                "/{container_id}/stop", "/{container_id}/exec", "/{container_id}/logs",
+                "/{container_id}/stats"))}
+        # containers (tests/integration/test_container_faces.py runs real ones): none yet
+        assert c.get("/v1/containers").json() == {"items": []}
         # images (tests/integration/test_images*.py pull for real): this daemon's every
         # registry is a closed port of 127.0.0.1 (serve_argv)
         assert c.get("/v1/images").json() == {"items": []}

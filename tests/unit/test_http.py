@@ -519,7 +519,7 @@ def test_the_openapi_document_describes_every_route(client: httpx.Client, rig: R
                   for m in item if m != "parameters"}
     routes = {r.path for r in Shim(rig.controller()).starlette.routes if isinstance(r, Route)}
     assert routes - {"/", "/openapi.json", "/v1/sandboxes/{sandbox_id:path}",
-                     "/v1/images/{image_id:path}"} == {
+                     "/v1/images/{image_id:path}", "/v1/containers/{container_id:path}"} == {
         path for path, _ in documented}
     assert {(p, m) for p, ms in ALLOWED.items() for m in ms if m != "HEAD"} == documented
     # links lead from the id a run returns to every operation that takes one

@@ -28,17 +28,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from podfsm.controller import Controller
 from podfsm.core.errors import (
+    ExecTimeout,
     ImagePullError,
     InvalidImageReference,
     InvalidPodConfig,
     PodfsmError,
     SandboxNotFound,
     SandboxRunError,
+    StepFailed,
     UnpackError,
 )
 from podfsm.core.registryhosts import auth_from_cri
 from podfsm.core.spec import describe_validation_error, parse_pod_config
-from podfsm.faces import graph
+from podfsm.faces import graph, podgraph
+from podfsm.faces.http.containers import ContainerRoutes, MalformedContainerId
 from podfsm.faces.http.errors import (
     BadRequest,
     Forbidden,
@@ -62,6 +65,7 @@ from podfsm.faces.wire import (
     Health,
     ImageList,
     ImagesQuery,
+    MachineGraphQuery,
     PullBody,
     RunQuery,
     SandboxList,
@@ -76,7 +80,7 @@ DEFAULT_HEARTBEAT = 15.0
 PAGE = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-class Shim:
+class Shim(ContainerRoutes):
     """The HTTP face of one Controller. `app` is the ASGI application.
 
     `ready` False answers 503 to everything that needs the controller (as does a controller
@@ -105,6 +109,7 @@ class Shim:
         # what no route above takes under /v1/sandboxes/ ("%2F", "a/b", "") has a malformed id
         routes.append(Route("/v1/sandboxes/{sandbox_id:path}", _MalformedId()))
         routes.append(Route("/v1/images/{image_id:path}", _MalformedImageId()))
+        routes.append(Route("/v1/containers/{container_id:path}", MalformedContainerId()))
         self.starlette = Starlette(
             routes=routes,
             exception_handlers={
@@ -168,7 +173,7 @@ class Shim:
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, PodfsmError) and error_response(exc).status_code >= 500 and not (
                 isinstance(exc, SandboxRunError | ServiceUnavailable | ImagePullError
-                           | UnpackError)):
+                           | UnpackError | StepFailed | ExecTimeout)):
             return await self._on_crash(request, exc)
         if isinstance(exc, PodfsmError) and not isinstance(exc, ServiceUnavailable | BadRequest):
             log.log(logging.ERROR if isinstance(exc, SandboxRunError) else logging.INFO,
@@ -193,6 +198,15 @@ class Shim:
                              exc.status_code, dict(exc.headers or {}))
 
     # ------------------------------------------------------------------ endpoints
+
+    async def read_json(self, request: Request) -> Any:
+        """The request's body, decoded JSON (application/json, at most MAX_BODY)."""
+        _require_json(request, empty_too=True)
+        body = await _read_body(request)
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"the request body is not JSON: {exc}") from None
 
     async def page(self, request: Request) -> Response:
         return HTMLResponse(PAGE, headers={"cache-control": "no-cache"})
@@ -249,15 +263,19 @@ class Shim:
         ctl = self.controller()
         fmt = parse_query(GraphQuery, request).format
         st = await ctl.sandbox_status(_sandbox_id(request))
-        body = await anyio.to_thread.run_sync(graph.render, fmt, st)
+        ctrs = await ctl.list_containers(sandbox_id=st.id)
+        body = await (anyio.to_thread.run_sync(podgraph.render_pod, fmt, st, ctrs) if ctrs
+                      else anyio.to_thread.run_sync(graph.render, fmt, st))
         return Response(body, media_type=graph.MEDIA_TYPES[fmt],
                         headers={"cache-control": "no-store"})
 
     async def machine_graph(self, request: Request) -> Response:
-        fmt = parse_query(GraphQuery, request).format
-        body = self._machine_graphs.get(fmt)
+        query = parse_query(MachineGraphQuery, request)
+        fmt, key = query.format, f"{query.format}/{query.machine}"
+        body = self._machine_graphs.get(key)
         if body is None:
-            body = self._machine_graphs[fmt] = await anyio.to_thread.run_sync(graph.render, fmt)
+            render = podgraph.render_containers if query.machine == "container" else graph.render
+            body = self._machine_graphs[key] = await anyio.to_thread.run_sync(render, fmt)
         return Response(body, media_type=graph.MEDIA_TYPES[fmt])
 
 

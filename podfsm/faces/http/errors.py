@@ -10,6 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from podfsm.core.errors import (
+    ContainerNotFound,
+    ContainerPrecondition,
+    ExecTimeout,
     IdRangeUnavailable,
     ImageInUse,
     ImageNotFound,
@@ -60,6 +63,9 @@ class DaemonError(PodfsmError):
 
 _STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (SandboxNotFound, 404),
+    (ContainerNotFound, 404),
+    (ContainerPrecondition, 409),  # the CRI's FAILED_PRECONDITION: wrong state, pod not Ready
+    (ExecTimeout, 504),
     (ImageNotFound, 404),
     (ImageInUse, 409),
     (ImageNotInRegistry, 404),

@@ -17,22 +17,33 @@ from pydantic.json_schema import models_json_schema
 
 from podfsm import __version__
 from podfsm.config import ControllerConfig
+from podfsm.core.containerrecords import ContainerStatus
 from podfsm.core.images import ImageRecord
 from podfsm.core.records import HostFacts, SandboxStatus, TransitionEvent
 from podfsm.core.spec import ID_SPACE, PATH_SEGMENT, PodSandboxConfig
 from podfsm.faces import graph
 from podfsm.faces.wire import (
+    CONTAINER_ID_PATTERN,
     IMAGE_ID_PATTERN,
     SANDBOX_ID_PATTERN,
+    ContainerList,
+    ContainersQuery,
+    ContainerStatsBody,
+    CreateContainerBody,
     ErrorBody,
     EventsQuery,
+    ExecBody,
+    ExecResponse,
     GraphQuery,
     Health,
     ImageList,
     ImagesQuery,
+    LogsQuery,
+    MachineGraphQuery,
     PullBody,
     RunQuery,
     SandboxList,
+    StopQuery,
 )
 
 REF = "#/components/schemas/{model}"
@@ -44,27 +55,32 @@ ERRORS: dict[int, str] = {
     400: "a malformed parameter (a sandbox id is 64 lower-case hex digits)",
     401: "TCP only: no valid token (`Authorization: Bearer TOKEN` or the page's cookie)",
     403: "TCP only: a Host that is not one of the listening names, or a foreign Origin",
-    404: ("no sandbox (or image) with that id; for a pull: no registry endpoint has that "
-          "image (`ImageNotInRegistry`)"),
+    404: ("no sandbox (or image, or container) with that id; for a pull: no registry endpoint "
+          "has that image (`ImageNotInRegistry`)"),
     409: ("a conflict with the sandboxes that exist (nothing was created): one with that name, "
           "namespace, uid and attempt exists (`NameReserved`), or the host id range asked for "
           "overlaps another sandbox's or the id pool has no free range (`IdRangeUnavailable`), "
           "or the sandboxes there are already take what one list answer may carry "
           "(`NodeFull`); the same request may succeed once they are removed; an image in use "
-          "by a container (`ImageInUse`)"),
+          "by a container (`ImageInUse`); a container name reserved in its pod "
+          "(`ContainerNameReserved`); a container or its pod in the wrong state for this "
+          "(`ContainerPrecondition`: the pod is not Ready, the container is not Created to "
+          "start or Running to exec)"),
     413: "the body is over 1 MiB",
     415: "the body is not `application/json`",
     422: ("the pod config is refused (nothing was created): `InvalidPodConfig` names the field "
           "and the rule, one the schema states or one its descriptions say (a sysctl, a seccomp "
           "profile file or a security module of this host; ids that the pod's mappings must "
           "hold); an unknown runtime_handler; a malformed image reference or credentials "
-          "(`InvalidImageReference`, `InvalidPullRequest`)"),
+          "(`InvalidImageReference`, `InvalidPullRequest`); a refused container config "
+          "(`InvalidContainerConfig` names the field)"),
     500: "the run failed: `step` says which step, `leftovers` what unwinding left",
     502: ("the pull failed (nothing of it was kept): no registry endpoint served it "
           "(`ImagePullError` gives each one's answer), content did not match its digest "
           "(`DigestMismatch` names it) or a layer was hostile (`UnpackError` names the "
           "entry)"),
     503: "the controller is starting, recovering or shutting down; retry",
+    504: "the exec'd command outlived its timeout and was killed (`ExecTimeout`)",
 }
 #: answered by every operation that needs the controller (503) or, on TCP, a token (401, 403)
 _GUARDED = (401, 403, 503)
@@ -107,7 +123,22 @@ _RUN_LINKS = {"GetSandbox": _per_sandbox("sandboxStatus"),
               "SandboxGraph": _per_sandbox("sandboxGraph"),
               "RemoveSandbox": _per_sandbox("removeSandbox")}
 _SANDBOX = "/v1/sandboxes/{sandbox_id}"
+_CONTAINER = "/v1/containers/{container_id}"
 _IMAGE = "/v1/images/{image_id}"
+
+
+def _per_container(operation_id: str) -> dict[str, Any]:
+    return {"operationId": operation_id,
+            "parameters": {"container_id": "$response.body#/id"}}
+
+
+_CONTAINER_LINKS = {"GetContainer": _per_container("containerStatus"),
+                    "StartContainer": _per_container("startContainer"),
+                    "StopContainer": _per_container("stopContainer"),
+                    "ContainerLogs": _per_container("containerLogs"),
+                    "RemoveContainer": _per_container("removeContainer")}
+_LOG_LINES = {"text/plain": {"schema": {"type": "string", "description": (
+    "the CRI log's lines: `<RFC 3339 time> stdout|stderr P|F <text>`")}}}
 
 
 def _per_image(operation_id: str) -> dict[str, Any]:
@@ -158,8 +189,50 @@ OPERATIONS: tuple[Operation, ...] = (
               "Remove the image (every name of it) and the content only it needed "
               "(idempotent)", "remove_image",
               {204: ("removed, or there was no such image", None)}, (400, 409)),
+    Operation("get", "/v1/containers", "listContainers", "Every container, oldest first, "
+              "filtered as the CRI's ContainerFilter", "list_containers",
+              {200: ("the containers", "ContainerList")}, (400,), query=ContainersQuery),
+    Operation("post", "/v1/containers", "createContainer",
+              "Create a container in a Ready sandbox (Created: its process exists, not "
+              "started)", "create_container", {201: ("Created", "ContainerStatus")},
+              (400, 404, 409, 413, 415, 422, 500), body=CreateContainerBody,
+              body_description="the sandbox and the CRI ContainerConfig",
+              links=_CONTAINER_LINKS),
+    Operation("get", _CONTAINER, "containerStatus", "One container's status",
+              "container_status", {200: ("its status", "ContainerStatus")}, (400, 404)),
+    Operation("delete", _CONTAINER, "removeContainer",
+              "Kill it if it runs, delete it, its rootfs and directory (idempotent: an "
+              "unknown id is removed already)", "remove_container",
+              {204: ("removed, or there was no such container", None)}, (400, 500)),
+    Operation("get", f"{_CONTAINER}/info", "containerInfo",
+              "The verbose status's info: pid, monitor pid, the OCI spec, the config, "
+              "the history", "container_info",
+              {200: ("its info", {"application/json": {"schema": {"type": "object"}}})},
+              (400, 404)),
+    Operation("post", f"{_CONTAINER}/start", "startContainer",
+              "Start a Created container", "start_container",
+              {200: ("its status, Running (or Exited at once)", "ContainerStatus")},
+              (400, 404, 409, 500)),
+    Operation("post", f"{_CONTAINER}/stop", "stopContainer",
+              "The stop signal, then SIGKILL after the timeout: Exited (idempotent for an "
+              "Exited container)", "stop_container",
+              {200: ("its status, Exited", "ContainerStatus")}, (400, 404, 500),
+              query=StopQuery),
+    Operation("post", f"{_CONTAINER}/exec", "execSync",
+              "Run a command in the running container to its end (as the CRI's ExecSync)",
+              "exec_sync", {200: ("what the command did", "ExecResponse")},
+              (400, 404, 409, 413, 415, 500, 504), body=ExecBody,
+              body_description="the command, and a timeout"),
+    Operation("get", f"{_CONTAINER}/logs", "containerLogs",
+              "The container's CRI log; with follow, streamed until it has exited",
+              "container_logs", {200: ("the log's lines", _LOG_LINES)}, (400, 404, 409),
+              query=LogsQuery),
+    Operation("get", f"{_CONTAINER}/stats", "containerStats",
+              "CPU and memory of its cgroup, bytes and inodes of its writable layer",
+              "container_stats", {200: ("its figures", "ContainerStatsBody")}, (400, 404)),
     Operation("get", "/v1/graph", "machineGraph", "The state machine's diagram",
-              "machine_graph", {200: ("the diagram", _DIAGRAM)}, (400,), query=GraphQuery),
+              "machine_graph", {200: ("the diagram", _DIAGRAM)}, (400,),
+              query=MachineGraphQuery),
     Operation("get", "/v1/events", "events",
               "Transitions as Server-Sent Events; `data:` is a TransitionEvent", "events",
               {200: ("the event stream", {"text/event-stream": {"schema": _SSE_EVENT}})},
@@ -331,7 +404,10 @@ def openapi_document(runtime_handlers: list[str] | None = None,
          (SandboxList, "serialization"), (TransitionEvent, "serialization"),
          (ErrorBody, "serialization"), (Health, "serialization"),
          (ImageRecord, "serialization"), (ImageList, "serialization"),
-         (PullBody, "validation")],
+         (PullBody, "validation"), (ContainerStatus, "serialization"),
+         (ContainerList, "serialization"), (CreateContainerBody, "validation"),
+         (ExecBody, "validation"), (ExecResponse, "serialization"),
+         (ContainerStatsBody, "serialization")],
         ref_template=REF, by_alias=False,
     )
     sandbox_id = {"name": "sandbox_id", "in": "path", "required": True,
@@ -341,6 +417,10 @@ def openapi_document(runtime_handlers: list[str] | None = None,
                 "description": "the image's id, `sha256:` and 64 hex digits or the digits "
                                "alone (the CLI resolves names and prefixes)",
                 "schema": {"type": "string", "pattern": IMAGE_ID_PATTERN}}
+    container_id = {"name": "container_id", "in": "path", "required": True,
+                    "description": "the container's id (64 hex digits; the CLI expands "
+                                   "prefixes)",
+                    "schema": {"type": "string", "pattern": CONTAINER_ID_PATTERN}}
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
         item = paths.setdefault(op.path, {})
@@ -348,6 +428,8 @@ def openapi_document(runtime_handlers: list[str] | None = None,
             item["parameters"] = [sandbox_id]
         if "{image_id}" in op.path:
             item["parameters"] = [image_id]
+        if "{container_id}" in op.path:
+            item["parameters"] = [container_id]
         item[op.method] = _operation(op)
         for param in item[op.method].get("parameters", []):
             if param["name"] == "runtime_handler" and runtime_handlers is not None:
