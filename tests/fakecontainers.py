@@ -56,10 +56,27 @@ class FakeContainers:
     def layer_path(self, chain_id: str) -> str:
         return f"/nonexistent/layers/{chain_id}"
 
-    async def mount_rootfs(self, container_id: str, lowers: list[str]) -> str:
+    async def mount_rootfs(self, container_id: str, lowers: list[str],
+                           userns_path: str | None = None) -> str:
         rootfs = self.root / container_id / "rootfs"
         rootfs.mkdir(parents=True, exist_ok=True)
         return str(rootfs)
+
+    async def mount_volume(self, container_id: str, index: int, src: str, userns_path: str,
+                           readonly: bool) -> str:
+        return src  # no idmapping in the fake: the spec binds the source itself
+
+    def idmap_problem(self) -> str | None:
+        return "the fake container driver mounts nothing"
+
+    def held_capabilities(self) -> list[str]:
+        return ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SYS_ADMIN"]
+
+    def host_devices(self) -> dict[str, tuple[str, int, int, int, int, int]]:
+        return {}
+
+    def platform(self) -> tuple[str, tuple[int, int]]:
+        return "x86_64", (6, 1)
 
     async def unmount_rootfs(self, container_id: str) -> None:
         pass
@@ -94,7 +111,8 @@ class FakeContainers:
     # -- the runtime under a monitor ---------------------------------------------------------
 
     async def create(self, runtime: str, container_id: str, name: str, log_path: str, *,
-                     tty: bool, stdin: bool) -> tuple[TaskInfo, TaskInfo]:
+                     tty: bool, stdin: bool, stdin_once: bool = False
+                     ) -> tuple[TaskInfo, TaskInfo]:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).touch()
         self.logs[container_id] = log_path
