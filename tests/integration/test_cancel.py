@@ -375,7 +375,8 @@ async def test_runtime_commands_killed_at_their_timeout_leave_no_orphan(env: Env
             assert exit_files(env) == [], timeout
             assert cgroups_left(env) == [], timeout
             assert env.leftovers() == {}, timeout
-        # some `create` was killed at its timeout (the point of the test)
-        assert any("create failed" in o and "timeout after" in o for o in outcomes), outcomes
+        # some command was killed at its timeout (the point of the test); which one depends on
+        # the machine's speed (`create` on a quiet one, a CNI plugin on a loaded one)
+        assert any("timeout after" in o or "(killed)" in o for o in outcomes), outcomes
     finally:
         remove_cgroups(env)
