@@ -26,6 +26,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -51,14 +52,25 @@ class Sizes:
 
 @dataclass
 class Timings:
-    runs: list[float]
+    runs: list[float]  # wall seconds
+    cpu: list[float]  # CPU seconds of this process (the registry's are not counted)
 
     @property
     def p50(self) -> float:
         return statistics.median(self.runs)
 
+    @property
+    def cpu_p50(self) -> float:
+        return statistics.median(self.cpu)
+
     def as_dict(self) -> dict[str, float]:
-        return {"p50_s": self.p50, "min_s": min(self.runs), "max_s": max(self.runs)}
+        return {"p50_s": self.p50, "min_s": min(self.runs), "max_s": max(self.runs),
+                "cpu_p50_s": self.cpu_p50}
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 @dataclass
@@ -125,28 +137,30 @@ def _downloads(mgr: ImageManager) -> int:
 
 async def _pulls(reference: str, work: str, runs: int) -> tuple[Timings, Timings]:
     certs = os.path.join(work, "certs.d")  # none: a loopback registry is plain HTTP
-    cold: list[float] = []
+    cold = Timings([], [])
     for n in range(runs):
         store = os.path.join(work, f"cold-{n}")
         async with _manager(store, certs) as mgr:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu()
             await mgr.pull(reference)
-            cold.append(time.perf_counter() - start)
+            cold.runs.append(time.perf_counter() - start)
+            cold.cpu.append(_cpu() - cpu)
         shutil.rmtree(store)
-    warm: list[float] = []
+    warm = Timings([], [])
     store = os.path.join(work, "warm")
     async with _manager(store, certs) as mgr:
         first = await mgr.pull(reference)
         done = _downloads(mgr)
         for _ in range(runs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu()
             again = await mgr.pull(reference)
-            warm.append(time.perf_counter() - start)
+            warm.runs.append(time.perf_counter() - start)
+            warm.cpu.append(_cpu() - cpu)
             if again.id != first.id or _downloads(mgr) != done:
                 raise RuntimeError("a warm re-pull downloaded again: "
                                    f"{dict(mgr.fetches)}")
     shutil.rmtree(store)
-    return Timings(cold), Timings(warm)
+    return cold, warm
 
 
 def run(runs: int = 5, sizes: Sizes | None = None, directory: str | None = None) -> PullResult:
@@ -165,9 +179,10 @@ def run(runs: int = 5, sizes: Sizes | None = None, directory: str | None = None)
 def report(r: PullResult, runs: int) -> str:
     lines = [f"image: 3 layers, {r.image_mb:.1f} MB gzip, {r.tar_mb:.1f} MB tar; {runs} runs",
              f"cold pull   p50 {r.cold.p50:7.3f} s (min {min(r.cold.runs):.3f}, max "
-             f"{max(r.cold.runs):.3f})  {r.image_mb / r.cold.p50:.1f} MB/s of gzip",
+             f"{max(r.cold.runs):.3f})  {r.image_mb / r.cold.p50:.1f} MB/s of gzip, "
+             f"CPU {r.cold.cpu_p50:.3f} s",
              f"warm pull   p50 {r.warm.p50:7.3f} s (min {min(r.warm.runs):.3f}, max "
-             f"{max(r.warm.runs):.3f})",
+             f"{max(r.warm.runs):.3f})  CPU {r.warm.cpu_p50:.3f} s",
              "",
              f"{'layer':<8} {'tar MB':>7} {'gz MB':>6} {'entries':>7} {'podfsm MB/s':>12} "
              f"{'tar -x MB/s':>12} {'tar+sync MB/s':>14} {'time ratio':>11}"]
@@ -182,7 +197,12 @@ def report(r: PullResult, runs: int) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that the registry is stopped and the work removed
+
+
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     runs = getattr(args, "pull_runs", 5)
     sizes = Sizes(small=getattr(args, "pull_small", Sizes.small),
                   big=getattr(args, "pull_big", Sizes.big),

@@ -60,6 +60,7 @@ def test_pull_bench_smoke_run_prints_sane_figures_and_leaves_nothing(tmp_path: P
     cold, warm = r["cold_pull"], r["warm_pull"]
     for t in (cold, warm):
         assert 0 < t["min_s"] <= t["p50_s"] <= t["max_s"] < 60
+        assert 0 < t["cpu_p50_s"] < 60
     assert warm["p50_s"] < cold["p50_s"]  # nothing downloaded nor unpacked again
     assert r["cold_pull_mbps"] == pytest.approx(r["image_mb"] / cold["p50_s"])
     assert [la["layer"] for la in r["layers"]] == ["busybox", "small", "big"]
