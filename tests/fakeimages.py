@@ -97,7 +97,7 @@ class FakeImages:
         return self.blobs[digest]
 
     async def fetch_blob(self, ref: ImageReference, desc: Descriptor, first: Endpoint,
-                         auth: RegistryAuth, diff_id: str | None) -> None:
+                         auth: RegistryAuth) -> None:
         self.fetched.append(desc.digest)
         if self.fetch_delay:
             await anyio.sleep(self.fetch_delay)

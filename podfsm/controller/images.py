@@ -180,12 +180,12 @@ class ImageManager:
         man = parse_manifest(mbody, manifest_digest)
         blobs = [*docs, man.config.digest, *(layer.digest for layer in man.layers)]
         async with self._busy(blobs, ()):
-            await self._blob(ref, man.config, ep, auth, None)
+            await self._blob(ref, man.config, ep, auth)
             cfg = parse_config(await drv.read_blob(man.config.digest), man.config.digest,
                                len(man.layers))
             chains = chain_ids(cfg.rootfs.diff_ids)
             async with self._busy((), chains):
-                await self._layers(ref, man.layers, cfg.rootfs.diff_ids, chains, ep, auth)
+                await self._layers(ref, man.layers, chains, ep, auth)
                 for digest, data in docs.items():
                     if not await drv.has_blob(digest, len(data)):
                         await drv.put_document(digest, data)
@@ -226,18 +226,17 @@ class ImageManager:
             return placement.record
 
     async def _layers(self, ref: ImageReference, layers: list[Descriptor],
-                      diff_ids: list[str], chains: list[str], ep: Endpoint,
-                      auth: RegistryAuth) -> None:
+                      chains: list[str], ep: Endpoint, auth: RegistryAuth) -> None:
         limiter = anyio.Semaphore(PARALLEL_DOWNLOADS)
 
-        async def one(desc: Descriptor, diff_id: str) -> None:
+        async def one(desc: Descriptor) -> None:
             async with limiter:
-                await self._blob(ref, desc, ep, auth, diff_id)
+                await self._blob(ref, desc, ep, auth)
 
         try:
             async with anyio.create_task_group() as tg:
-                for desc, diff in zip(layers, diff_ids, strict=True):
-                    tg.start_soon(one, desc, diff)
+                for desc in layers:
+                    tg.start_soon(one, desc)
         except BaseExceptionGroup as group:
             raise _first(group) from None
         parent: str | None = None
@@ -255,7 +254,7 @@ class ImageManager:
         return unpack
 
     async def _blob(self, ref: ImageReference, desc: Descriptor, ep: Endpoint,
-                    auth: RegistryAuth, diff_id: str | None) -> None:
+                    auth: RegistryAuth) -> None:
         if await self.driver.has_blob(desc.digest, desc.size):
             return
 
@@ -264,7 +263,7 @@ class ImageManager:
                 return
             async with self._failpoints("fetch_blob"):
                 self.fetches[desc.digest] += 1
-                await self.driver.fetch_blob(ref, desc, ep, auth, diff_id)
+                await self.driver.fetch_blob(ref, desc, ep, auth)
 
         await self._once(desc.digest, fetch)
 

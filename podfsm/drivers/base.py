@@ -294,13 +294,17 @@ class ImageDriver(Protocol):
         """A small blob's bytes."""
 
     async def fetch_blob(self, ref: ImageReference, desc: Descriptor, first: Endpoint,
-                         auth: RegistryAuth, diff_id: str | None) -> None:
-        """Download blob `desc` into the store, verified against its digest and size (and
-        `diff_id`, when cheap); DigestMismatch names it, and nothing of it is kept."""
+                         auth: RegistryAuth) -> None:
+        """Download blob `desc` into the store, verified against its digest and size;
+        DigestMismatch names it, and nothing of it is kept. (A layer's diff id is verified
+        where it is decompressed anyway: by `unpack`.)"""
 
     async def unpack(self, chain_id: str, parent: str | None, digest: str,
                      media_type: str) -> str:
-        """Unpack layer blob `digest` once as layer `chain_id`; its directory."""
+        """Unpack layer blob `digest` once as layer `chain_id`; its directory. The blob's
+        uncompressed content must give that chain id above `parent`: DigestMismatch names the
+        blob when it does not (or is not a readable stream); UnpackError names a hostile
+        entry."""
 
     async def save_image(self, rec: ImageRecord) -> None:
         """Write the image's record atomically."""

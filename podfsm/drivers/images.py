@@ -6,6 +6,7 @@ store, fsync, unpacking, walking the store for its usage) runs in worker threads
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform as _platform
 import re
@@ -15,17 +16,19 @@ from typing import Protocol
 
 import anyio
 
+from podfsm.core.errors import DigestMismatch, UnpackError
 from podfsm.core.failpoints import Failpoint
 from podfsm.core.imageref import ImageReference
-from podfsm.core.images import ImageRecord
-from podfsm.core.imagespec import LAYER_TYPES, Descriptor, Platform, host_platform
+from podfsm.core.images import ImageRecord, garbage
+from podfsm.core.imagespec import Descriptor, Platform, host_platform
 from podfsm.core.records import FilesystemUsage
 from podfsm.core.registryhosts import Endpoint, RegistryAuth
 from podfsm.drivers import sysinfo
 from podfsm.drivers.imagestore import ImageStore, check_document
-from podfsm.drivers.layers import LayerStore
+from podfsm.drivers.layers import LayerInfo, LayerStore
 from podfsm.drivers.registry import Registry
 
+log = logging.getLogger(__name__)
 _CHAIN_DIR = re.compile(r"[0-9a-f]{64}")
 
 
@@ -33,6 +36,8 @@ class Layers(Protocol):
     """What the image driver uses of drivers.layers.LayerStore (tests may hand another)."""
 
     def recover(self) -> None: ...
+
+    def info(self, chain: str) -> LayerInfo | None: ...
 
     def ensure(self, chain_id: str, parent_chain_id: str | None, blob_path: str,
                media_type: str) -> str: ...
@@ -77,7 +82,38 @@ class LocalImages:
         images, stale = self.store.recover(names)
         for chain in stale:
             layers.remove(chain)
+        dropped = [img for img in list(images.values()) if not self._repair(img)]
+        for img in dropped:
+            self.store.delete_image(img.id)
+            del images[img.id]
+        blobs, chains = garbage(images.values(), dropped)
+        for chain in chains:
+            layers.remove(chain)
+        self.store.remove_blobs(blobs)
         return images
+
+    def _repair(self, img: ImageRecord) -> bool:
+        """Unpack again, from its blob, each layer of `img` whose directory is gone (a layer
+        directory without its layer.json was removed by the layer store's recover()); False
+        (logged) when that cannot be done and the image must be dropped. A record never
+        names a missing blob here: the store dropped those already."""
+        parent: str | None = None
+        for layer in img.layers:
+            if self.layers.info(layer.chain_id) is None:
+                log.warning("image %s (%s): layer %s is not unpacked: unpacking it again from "
+                            "blob %s", img.id, ", ".join(img.names()) or "no name",
+                            layer.chain_id, layer.digest)
+                try:
+                    self.layers.ensure(layer.chain_id, parent,
+                                       self.store.blob_path(layer.digest), layer.media_type)
+                except (OSError, UnpackError) as exc:
+                    log.error("image %s (%s) removed: its layer %s cannot be unpacked again "
+                              "from blob %s (%s); pull the image again", img.id,
+                              ", ".join(img.names()) or "no name", layer.chain_id,
+                              layer.digest, exc)
+                    return False
+            parent = layer.chain_id
+        return True
 
     async def close(self) -> None:
         await self.registry.aclose()
@@ -105,9 +141,8 @@ class LocalImages:
         return await anyio.to_thread.run_sync(self.store.read_blob, digest)
 
     async def fetch_blob(self, ref: ImageReference, desc: Descriptor, first: Endpoint,
-                         auth: RegistryAuth, diff_id: str | None) -> None:
-        ingest = self.store.ingest(desc.digest, desc.size, diff_id=diff_id,
-                                   compression=LAYER_TYPES.get(desc.media_type, ""))
+                         auth: RegistryAuth) -> None:
+        ingest = self.store.ingest(desc.digest, desc.size)
         try:
             await self.registry.fetch_blob(ref, desc, first, auth, ingest.write, ingest.reset)
             with anyio.CancelScope(shield=True):  # a rename is not left half done
@@ -118,9 +153,16 @@ class LocalImages:
     async def unpack(self, chain_id: str, parent: str | None, digest: str,
                      media_type: str) -> str:
         path = self.store.blob_path(digest)
-        with anyio.CancelScope(shield=True):  # the unpacker finishes or undoes its own work
-            out: str = await anyio.to_thread.run_sync(self.layers.ensure, chain_id, parent, path,
-                                                  media_type, limiter=self._limiter)
+        try:
+            with anyio.CancelScope(shield=True):  # the unpacker finishes or undoes its work
+                out: str = await anyio.to_thread.run_sync(
+                    self.layers.ensure, chain_id, parent, path, media_type,
+                    limiter=self._limiter)
+        except UnpackError as exc:
+            if exc.entry:  # a hostile or unrepresentable entry: the error names it
+                raise
+            # the stream's fault (its diff id, its compression, its tar format): the blob
+            raise DigestMismatch(digest, f"as layer {chain_id}: {exc.reason}") from None
         return out
 
     async def save_image(self, rec: ImageRecord) -> None:

@@ -6,8 +6,7 @@
     <image_dir>/layers/<chain hex>/     unpacked layers (drivers.layers.LayerStore)
     <image_dir>/images.lock             held by the controller that owns the directory
 
-A blob is written to `ingest/` while its sha256 (and, for a layer whose uncompressed digest is
-known and cheap to compute, the diff id) is taken, checked against its digest and size,
+A blob is written to `ingest/` while its sha256 is taken, checked against its digest and size,
 fsynced and renamed into `blobs/`, then the directory is fsynced: a blob under `blobs/` is
 always whole and verified. A record is written the same way (temporary file, fsync, rename),
 after every blob and layer it needs is in place, so a record never names missing content.
@@ -23,7 +22,6 @@ import json
 import logging
 import os
 import secrets
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,12 +53,9 @@ class Ingest:
     """One blob being written: feed `write`, then `commit` (verifies, fsyncs, renames) or
     `abort`. `reset` starts over (another endpoint)."""
 
-    def __init__(self, store: ImageStore, digest: str, size: int, diff_id: str | None,
-                 compression: str) -> None:
+    def __init__(self, store: ImageStore, digest: str, size: int) -> None:
         self.digest = digest
         self.size = size
-        self.diff_id = diff_id if compression in ("", "gzip") else None
-        self.compression = compression
         self._store = store
         self.path = os.path.join(store.ingest_dir, f"{_hex(digest)}.{secrets.token_hex(4)}")
         self._fd = -1
@@ -75,9 +70,6 @@ class Ingest:
             os.lseek(self._fd, 0, os.SEEK_SET)
         self.written = 0
         self._sha = hashlib.sha256()
-        self._diff = hashlib.sha256() if self.diff_id else None
-        self._inflate = zlib.decompressobj(31) if self.diff_id and self.compression else None
-        self._gzip_error = ""
 
     def write(self, chunk: bytes) -> None:
         self.written += len(chunk)
@@ -85,15 +77,6 @@ class Ingest:
             raise DigestMismatch(self.digest, f"more than the {self.size} bytes its "
                                               "descriptor gives")
         self._sha.update(chunk)
-        if self._diff is not None:
-            if self._inflate is not None:
-                if not self._gzip_error:  # a bad stream is reported once the digest is known
-                    try:
-                        self._diff.update(self._inflate.decompress(chunk))
-                    except zlib.error as exc:
-                        self._gzip_error = str(exc)
-            else:
-                self._diff.update(chunk)
         view = memoryview(chunk)
         while view:
             view = view[os.write(self._fd, view):]
@@ -106,15 +89,6 @@ class Ingest:
         got = "sha256:" + self._sha.hexdigest()
         if got != self.digest:
             raise DigestMismatch(self.digest, f"it hashes to {got}")
-        if self._gzip_error:
-            raise DigestMismatch(self.digest, f"not gzip: {self._gzip_error}")
-        if self._diff is not None:
-            if self._inflate is not None:
-                self._diff.update(self._inflate.flush())
-            diff = "sha256:" + self._diff.hexdigest()
-            if diff != self.diff_id:
-                raise DigestMismatch(self.digest, f"its uncompressed content hashes to {diff}, "
-                                                  f"the config's diff_id is {self.diff_id}")
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -173,9 +147,8 @@ class ImageStore:
         with open(self.blob_path(digest), "rb") as f:
             return f.read()
 
-    def ingest(self, digest: str, size: int, *, diff_id: str | None = None,
-               compression: str = "") -> Ingest:
-        return Ingest(self, digest, size, diff_id, compression)
+    def ingest(self, digest: str, size: int) -> Ingest:
+        return Ingest(self, digest, size)
 
     def put_blob(self, digest: str, data: bytes) -> None:
         """Store a small document already verified in memory."""

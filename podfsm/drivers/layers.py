@@ -165,8 +165,9 @@ class LayerStore:
                     done = untar.extract(decompress(blob), root_fd, devices=self._devices)
                 got = chain_id_for(parent_chain_id, done.diff_id)
                 if got != chain_id:
-                    raise UnpackError("", f"the blob's diff id {done.diff_id} gives chain id "
-                                          f"{got}, not the {chain_id} asked for")
+                    raise UnpackError("", f"its uncompressed content hashes to {done.diff_id}, "
+                                          f"which gives chain id {got}, not the {chain_id} "
+                                          "of the config's diff_id")
                 usage_bytes, inodes = _usage(root_fd)
                 info = LayerInfo(chain_id=chain_id, parent=parent_chain_id,
                                  diff_id=done.diff_id, media_type=media_type,

@@ -218,7 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: pod + one container (busybox sleep) created, started, stopped "
                         "and removed, beside the pods-only baseline (see docs/containers.md)")
     p.add_argument("--unpack-dir", metavar="DIR",
-                   help="with --unpack: unpack under DIR (default: the temporary directory)")
+                   help="with --unpack or --pull: work under DIR (default: the temporary "
+                   "directory)")
+    p.add_argument("--pull", action="store_true",
+                   help="instead: cold and warm pulls of a 3-layer image from a registry on "
+                   "127.0.0.1, and its unpacking next to GNU tar's (see docs/performance.md)")
+    p.add_argument("--pull-runs", type=_positive, default=5, metavar="N",
+                   help="with --pull: runs of each (default 5)")
+    p.add_argument("--pull-small", type=_positive, default=12000, metavar="N",
+                   help="with --pull: small files in the second layer (default 12000)")
+    p.add_argument("--pull-big", type=_positive, default=4, metavar="N",
+                   help="with --pull: big files in the third layer (default 4)")
+    p.add_argument("--pull-big-mb", type=_positive, default=8, metavar="MB",
+                   help="with --pull: MiB of each big file (default 8)")
     p.set_defaults(run=_bench)
     return parser
 

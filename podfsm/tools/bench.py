@@ -592,6 +592,10 @@ def main(args: argparse.Namespace) -> int:
         from podfsm.tools.unpackbench import main as unpack_main
 
         return unpack_main(args)
+    if getattr(args, "pull", False):
+        from podfsm.tools.pullbench import main as pull_main
+
+        return pull_main(args)
     try:
         results = [asyncio.run(bench_runtime(rt, args)) for rt in runtimes]
     except PodfsmError as exc:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,32 @@ def test_bench_smoke_run_prints_every_figure_and_leaves_nothing() -> None:
     assert "podfsm c=2" in out.stderr and "cri    c=2" in out.stderr  # progress was shown
     assert not os.path.exists(f"/sys/class/net/{BENCH_BRIDGE}")
     assert not os.path.exists(f"/var/lib/cni/networks/{BENCH_NETWORK}")
+
+
+def test_pull_bench_smoke_run_prints_sane_figures_and_leaves_nothing(tmp_path: Path) -> None:
+    """`podfsm bench --pull` with a small image: a real registry on 127.0.0.1, real pulls into
+    real stores, the layer store and GNU tar on the same layers."""
+    out = subprocess.run(
+        [sys.executable, "-m", "podfsm", "bench", "--pull", "--pull-runs", "3",
+         "--pull-small", "300", "--pull-big", "1", "--pull-big-mb", "2",
+         "--unpack-dir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["runs"] == 3
+    assert 2 < r["image_mb"] < r["tar_mb"] < 10  # busybox + 300 small files + 2 MiB
+    cold, warm = r["cold_pull"], r["warm_pull"]
+    for t in (cold, warm):
+        assert 0 < t["min_s"] <= t["p50_s"] <= t["max_s"] < 60
+        assert 0 < t["cpu_p50_s"] < 60
+    assert warm["p50_s"] < cold["p50_s"]  # nothing downloaded nor unpacked again
+    assert r["cold_pull_mbps"] == pytest.approx(r["image_mb"] / cold["p50_s"])
+    assert [la["layer"] for la in r["layers"]] == ["busybox", "small", "big"]
+    assert [la["entries"] for la in r["layers"]][1:] == [303, 1]  # files + dirs; the big one
+    for la in r["layers"]:
+        assert la["podfsm_mbps"] > 0 and la["tar_mbps"] > 0
+    unpack = r["unpack"]
+    assert unpack["ratio"] == pytest.approx(
+        sum(la["podfsm_s"] for la in r["layers"]) / sum(la["tar_s"] for la in r["layers"]))
+    assert 0 < unpack["ratio"] < 10  # sane; docs/performance.md has the figures at full size
+    assert os.listdir(tmp_path) == []  # the stores, the registry's blobs: all removed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -405,3 +406,68 @@ async def test_a_pull_past_its_deadline_stops_and_keeps_nothing(world: World) ->
         assert time.monotonic() - started < 2
         assert await ctl.list_images() == []
     assert world.empty(), world.files()
+
+
+def _three_layers(label: str) -> ik.Image:
+    mid = ik.make_layer([Entry("etc", "dir", mode=0o755), Entry("etc/motd", data=b"hi\n")])
+    top = ik.make_layer([Entry("etc", "dir", mode=0o755), Entry("etc/.wh.motd"),
+                         Entry(f"{label}.txt", data=label.encode())])
+    return ik.build_image([ik.busybox_layer(), mid, top], label=label)
+
+
+async def test_vanished_layer_directories_are_unpacked_again_at_start(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    img = _three_layers("vanish")
+    world.reg.push_image("t/vanish", img, "v1")
+    async with world.ctl() as ctl:
+        rec = await ctl.pull_image(world.name("t/vanish:v1"))
+    layers = world.store / "layers"
+    base, mid, top = (layers / c[7:] for c in rec.chain_ids)
+    before = {p.name: (p / "layer.json").read_text() for p in (base, mid, top)}
+    shutil.rmtree(mid)  # gone whole
+    (top / "layer.json").unlink()  # half there: the layer store's recovery removes it
+    (top / "fs" / "vanish.txt").unlink()
+    async with world.ctl() as ctl:
+        assert [i.id for i in await ctl.list_images()] == [img.id]
+        assert sorted(world.files()["layers"]) == sorted(p.name for p in (base, mid, top))
+        assert {p.name: (p / "layer.json").read_text() for p in (base, mid, top)} == before
+        assert (mid / "fs/etc/motd").read_bytes() == b"hi\n"
+        assert (top / "fs/vanish.txt").read_bytes() == b"vanish"
+        assert stat.S_ISCHR(os.lstat(top / "fs/etc/motd").st_mode)  # the whiteout again
+        assert sorted(world.files()["blobs/sha256"]) == sorted(b[7:] for b in rec.blobs)
+        await ctl.remove_image(img.id)
+    assert world.empty(), world.files()
+    again = [r.getMessage() for r in caplog.records if "unpacking it again" in r.getMessage()]
+    assert len(again) == 2 and all(img.id in m for m in again), again
+    assert any(rec.chain_ids[1] in m and img.layers[1].digest in m for m in again), again
+
+
+@pytest.mark.parametrize("blob", ["missing", "corrupt"])
+async def test_an_image_whose_vanished_layer_cannot_be_unpacked_again_is_dropped(
+        world: World, caplog: pytest.LogCaptureFixture, blob: str) -> None:
+    keep, lost = _image("keep", layers=2), _three_layers("lost")  # they share the base layer
+    world.reg.push_image("t/keep", keep, "v1")
+    world.reg.push_image("t/lost", lost, "v1")
+    async with world.ctl() as ctl:
+        kept = await ctl.pull_image(world.name("t/keep:v1"))
+        rec = await ctl.pull_image(world.name("t/lost:v1"))
+    assert kept.chain_ids[0] == rec.chain_ids[0]
+    top = rec.layers[2]
+    shutil.rmtree(world.store / "layers" / top.chain_id[7:])
+    top_blob = world.store / "blobs/sha256" / top.digest[7:]
+    if blob == "missing":
+        top_blob.unlink()
+    else:
+        top_blob.write_bytes(b"not a gzip stream")
+    async with world.ctl() as ctl:
+        assert [i.id for i in await ctl.list_images()] == [keep.id]
+        # what only the dropped image needed is gone; the shared base layer stays
+        assert sorted(world.files()["blobs/sha256"]) == sorted(b[7:] for b in kept.blobs)
+        assert sorted(world.files()["layers"]) == sorted(c[7:] for c in kept.chain_ids)
+        assert world.files()["images"] == [f"{keep.id[7:]}.json"]
+        await ctl.remove_image(keep.id)
+    assert world.empty(), world.files()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and top.digest in errors[0], errors
+    if blob == "corrupt":
+        assert lost.id in errors[0] and top.chain_id in errors[0] and "gzip" in errors[0]
