@@ -19,6 +19,7 @@ import anyio
 from podfsm.core.containerrecords import ContainerRecord, Exit
 from podfsm.core.errors import ExecTimeout
 from podfsm.core.records import TaskInfo
+from podfsm.drivers.procstreams import ProcessStreams, SubprocessStreams
 
 
 def log_line(stream: str, text: str, *, full: bool = True) -> str:
@@ -188,6 +189,14 @@ class FakeContainers:
             raise ExecTimeout(f"command timed out after {timeout:g}s") from None
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
+
+    async def exec_stream(self, runtime: str, container_id: str, process: dict[str, Any], *,
+                          tty: bool, stdin: bool) -> ProcessStreams:
+        # as exec_sync: the command runs on the host, on pipes or a pty
+        return await SubprocessStreams.start(process["args"], tty=tty, stdin=stdin)
+
+    async def attach_stream(self, container_id: str) -> ProcessStreams:
+        raise OSError(f"container {container_id} has no monitor to attach to (fake driver)")
 
     async def update(self, runtime: str, container_id: str, resources: dict[str, Any]
                      ) -> None:
