@@ -158,6 +158,7 @@ class _Model(BaseModel):
         regex_engine="python-re",
     )
 
+
 def _mode_enum(*modes: NamespaceMode) -> JsonDict:
     """A JSON schema `enum` of these modes, by name and by number (as the field takes them)."""
     return {"enum": [x for m in modes for x in (m.name, int(m))]}
@@ -215,11 +216,11 @@ _LOG_PLACES = ("; not inside /proc, /sys or /dev, nor inside the daemon's state,
                "directory, also through a symlink (else 422)")
 
 
-
-
 def is_ipc_sysctl(name: str) -> bool:
     """True for the sysctls of the ipc namespace (kernel.shm*/msg*/sem, fs.mqueue.*)."""
     return name in IPC_SYSCTLS or name.startswith("fs.mqueue.")
+
+
 #: an IPv4 or IPv6 address, as JSON Schema's formats say it and _ip checks it
 _IP_ADDRESS: list[JsonDict] = [{"type": "string", "format": "ipv4"},
                                {"type": "string", "format": "ipv6"}]
@@ -236,6 +237,7 @@ def _ip(v: str, where: str) -> str:
     except ValueError:
         raise ValueError(f"{where} {v!r} is not an IP address") from None
 
+
 #: what the daemon checks of a port mapping's host_ip at admission (with the network)
 HOST_IP_RULE = ("empty (every address of the host), an unspecified address (0.0.0.0 or ::: "
                 "every address of that family) or an address of this host (else 422): of a "
@@ -244,10 +246,13 @@ HOST_IP_RULE = ("empty (every address of the host), an unspecified address (0.0.
 #: the host_ip texts that the model refuses, as patterns of the normalised text (ipv4
 #: multicast 224-239.x and the limited broadcast; ipv6 multicast ff00::/8)
 _NOT_HOST_IP = (r"^2(2[4-9]|3[0-9])\.", r"^255\.255\.255\.255$", r"^[fF][fF][0-9a-fA-F]{2}:")
+
+
 def _no_windows(v: dict[str, Any] | None) -> dict[str, Any] | None:
     if v:
         raise ValueError("windows settings are refused: podfsm is a Linux runtime")
     return v
+
 
 _PLAIN = {
     "extra_forbidden": "unknown field: not part of the CRI PodSandboxConfig",
