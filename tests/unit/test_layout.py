@@ -107,3 +107,13 @@ def test_the_controller_makes_no_system_call_of_its_own() -> None:
                   and node.func.id == "open"):
                 bad.add(f"{path.name}: open()")
     assert not bad, f"system calls in podfsm/controller (use a driver): {sorted(bad)}"
+
+
+#: The house's limit on a module's length: past it, a module is split into cohesive parts.
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_over_600_lines() -> None:
+    long = {str(path.relative_to(_PACKAGE)): n for path in sorted(_PACKAGE.rglob("*.py"))
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them): {long}"
