@@ -337,7 +337,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from podfsm.tools.bench import main as bench_main
+    from podfsm.tools.benchmain import main as bench_main
 
     return bench_main(args)
 

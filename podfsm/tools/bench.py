@@ -513,33 +513,9 @@ def report(results: list[dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `podfsm bench`."""
-    runtimes = _split(args.runtime, str) or ["runc", "crun"]
-    args.concurrency = _split(args.concurrency, int) or [1, 4, 16]
-    args.exit_samples = getattr(args, "exit_samples", None) or 20
-    args.ready = getattr(args, "ready", 0) or 0
-    args.soak = getattr(args, "soak", 0) or 0
-    args.cri = getattr(args, "cri", False)
-    args.run_on_disk = getattr(args, "run_on_disk", False)
-    if os.geteuid() != 0:
-        print("podfsm bench: must run as root", file=sys.stderr)
-        return 2
-    if getattr(args, "chaos", 0):
-        return chaos_main(runtimes, args.chaos, as_json=args.json,
-                          containers=getattr(args, "containers", False))
-    if getattr(args, "containers", False):
-        from podfsm.tools.containerbench import main as containers_main
-
-        args.runtime = runtimes
-        return containers_main(args)
-    if getattr(args, "unpack", False):
-        from podfsm.tools.unpackbench import main as unpack_main
-
-        return unpack_main(args)
-    if getattr(args, "pull", False):
-        from podfsm.tools.pullbench import main as pull_main
-
-        return pull_main(args)
+    """The lifecycle bench (`podfsm bench` without a kind), its arguments as
+    podfsm.tools.benchmain.prepare leaves them."""
+    runtimes: list[str] = args.runtime
     try:
         results = [asyncio.run(bench_runtime(rt, args)) for rt in runtimes]
     except PodfsmError as exc:

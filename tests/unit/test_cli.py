@@ -387,9 +387,9 @@ def test_demo_and_bench_options_and_delegation(monkeypatch: pytest.MonkeyPatch) 
         seen.append(("demo", args.runtime))
         return 5
 
-    module = types.ModuleType("podfsm.tools.bench")
+    module = types.ModuleType("podfsm.tools.benchmain")
     module.main = fake_bench  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "podfsm.tools.bench", module)
+    monkeypatch.setitem(sys.modules, "podfsm.tools.benchmain", module)
     monkeypatch.setattr("podfsm.tools.demo.main", fake_demo)
     assert main(["bench", "-n", "2"]) == 7
     assert main(["demo", "--runtime", "runc"]) == 5
